@@ -1,0 +1,243 @@
+"""Settings for every service, from the environment only (prefix ``SCALEODM_``).
+
+One tree grouped by concern: the infrastructure groups (``nats``, ``mongo``, ``s3``, ``local``) are
+nested models set with a double underscore (``SCALEODM_NATS__URL``); a service's own fields sit flat
+on its class (``SCALEODM_GATEWAY_PORT``, ``SCALEODM_TOKEN``), because the NodeODM-facing names are part
+of our contract. Settings are built in cached factories called from ``main()``/lifespans, never at
+import time, so tests can set the environment first.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEV_CREDENTIAL = "scaleodm-dev-secret"
+
+
+class NatsSettings(BaseModel):
+    """NATS JetStream connection."""
+
+    url: str = Field("nats://127.0.0.1:4222", description="NATS server URL(s), comma separated.")
+    publish_timeout_s: float = Field(5.0, description="Timeout of one JetStream publish.")
+    connect_timeout_s: float = Field(5.0, description="Timeout of the initial connection.")
+
+    def servers(self) -> list[str]:
+        return [s.strip() for s in self.url.split(",") if s.strip()]
+
+
+class MongoSettings(BaseModel):
+    """MongoDB connection (MongoDB 6+ or a wire-compatible server)."""
+
+    url: str = Field("mongodb://127.0.0.1:27017", description="MongoDB connection string.")
+    database: str = Field("scaleodm", description="Database holding tasks, events and deliveries.")
+    server_selection_timeout_ms: int = Field(5000, description="serverSelectionTimeoutMS.")
+
+
+class S3Settings(BaseModel):
+    """S3-compatible object storage for task inputs and outputs."""
+
+    endpoint_url: str | None = Field(
+        None, description="S3 endpoint (MinIO, moto, ...). Unset means AWS."
+    )
+    region: str = Field("us-east-1", description="S3 region.")
+    access_key_id: str = Field(DEV_CREDENTIAL, description="S3 access key id.")
+    secret_access_key: SecretStr = Field(
+        SecretStr(DEV_CREDENTIAL), description="S3 secret access key."
+    )
+    bucket: str = Field("scaleodm", description="Bucket holding task inputs and outputs.")
+    create_bucket: bool = Field(
+        False, description="Create the bucket at start-up if missing (development)."
+    )
+    connect_timeout_s: float = Field(5.0, description="S3 connect timeout.")
+    read_timeout_s: float = Field(60.0, description="S3 read timeout.")
+    part_size_bytes: int = Field(
+        8 * 1024 * 1024, description="Multipart upload part size (>= 5 MiB)."
+    )
+
+
+class LocalRunSettings(BaseModel):
+    """Local runs (no Kubernetes): where the scheduler's runner and the watcher meet."""
+
+    runs_dir: Path = Field(
+        Path("/tmp/scaleodm/runs"),
+        description="Directory holding one sub-directory per local run (shared by scheduler and "
+        "watcher, which must run on the same host).",
+    )
+
+
+class Environment(enum.StrEnum):
+    DEVELOPMENT = "development"
+    PRODUCTION = "production"
+
+
+class BaseServiceSettings(BaseSettings):
+    """Settings every service has."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SCALEODM_",
+        env_nested_delimiter="__",
+        extra="ignore",
+        case_sensitive=False,
+    )
+
+    environment: Environment = Field(
+        Environment.DEVELOPMENT,
+        description="`production` refuses development credentials; `development` warns.",
+    )
+    log_level: str = Field("INFO", description="Log level (DEBUG, INFO, WARNING, ERROR).")
+    log_json: bool = Field(True, description="JSON log lines (false: human-readable console).")
+    health_host: str = Field("0.0.0.0", description="Bind address of health/readiness endpoints.")
+    health_port: int = Field(8080, description="Port of /healthz and /readyz (non-gateway).")
+    failpoints: str = Field(
+        "",
+        description="Fault injection for tests and chaos runs: `name=action` pairs separated by "
+        "commas (e.g. `scheduler.create.before_ack=hang`). Empty in production.",
+    )
+    nats: NatsSettings = Field(default_factory=NatsSettings)  # type: ignore[arg-type]
+    mongo: MongoSettings = Field(default_factory=MongoSettings)  # type: ignore[arg-type]
+    s3: S3Settings = Field(default_factory=S3Settings)  # type: ignore[arg-type]
+
+    def insecure_defaults(self) -> list[str]:
+        """Names of settings still holding development credentials."""
+        found = []
+        if self.s3.secret_access_key.get_secret_value() == DEV_CREDENTIAL:
+            found.append("s3.secret_access_key")
+        return found
+
+
+class GatewaySettings(BaseServiceSettings):
+    """The NodeODM-compatible HTTP gateway."""
+
+    gateway_host: str = Field("0.0.0.0", description="Bind address of the gateway.")
+    gateway_port: int = Field(3000, description="Gateway port (NodeODM's default is 3000).")
+    token: SecretStr | None = Field(
+        None, description="When set, every API route requires `?token=<token>` (NodeODM)."
+    )
+    max_images: int | None = Field(
+        None, description="Most images per task; unset = unlimited (`maxImages: null`)."
+    )
+    max_parallel_tasks: int = Field(
+        1, description="Reported as `maxParallelTasks` in /info (runs the cluster admits at once)."
+    )
+    zipurl_schemes: list[str] = Field(
+        default_factory=lambda: ["http", "https", "s3"],
+        description="URL schemes accepted for `zipurl`.",
+    )
+
+    @field_validator("max_images")
+    @classmethod
+    def _no_zero_max_images(cls, v: int | None) -> int | None:
+        # NodeODM §3.1: maxImages is null when unlimited, never 0.
+        return v if v else None
+
+
+class EngineKind(enum.StrEnum):
+    AUTO = "auto"
+    DOCKER = "docker"
+    TEST = "test"
+    COMMAND = "command"
+
+
+class ExecutorKind(enum.StrEnum):
+    LOCAL = "local"
+    ARGO = "argo"
+
+
+class SchedulerSettings(BaseServiceSettings):
+    """Turns task commands into runs."""
+
+    executor: ExecutorKind = Field(ExecutorKind.LOCAL, description="Where runs go: local | argo.")
+    engine: EngineKind = Field(
+        EngineKind.AUTO,
+        description="Local runs: `docker` (opendronemap/odm), `test` (the ODM test double, never "
+        "for production), `command` (`engine_command`), `auto` (docker when a docker engine "
+        "answers, else refuse to start).",
+    )
+    engine_command: str = Field(
+        "",
+        description="Engine command template for `engine=command`; placeholders {options}, "
+        "{project_path}, {project_name}.",
+    )
+    odm_image: str = Field("opendronemap/odm:3.6.0", description="ODM image for docker runs.")
+    test_engine_seconds: float = Field(
+        3.0, description="Run length of the ODM test double (engine=test)."
+    )
+    local: LocalRunSettings = Field(default_factory=LocalRunSettings)  # type: ignore[arg-type]
+    ack_wait_s: float = Field(60.0, description="JetStream ack_wait of the command consumer.")
+    max_deliver: int = Field(10, description="Deliveries of one command before it is given up.")
+    zip_max_bytes: int = Field(
+        50 * 1024**3, description="Largest input archive a local run downloads."
+    )
+    fetch_timeout_s: float = Field(60.0, description="Read timeout when fetching zipurl inputs.")
+
+
+class WatcherSettings(BaseServiceSettings):
+    """Follows runs, turns them into events, projects events into MongoDB."""
+
+    local: LocalRunSettings = Field(default_factory=LocalRunSettings)  # type: ignore[arg-type]
+    poll_interval_s: float = Field(0.25, description="How often local runs are polled.")
+    output_batch_lines: int = Field(200, description="Most console lines in one output event.")
+    run_start_grace_s: float = Field(
+        30.0, description="A local run with no live runner after this long is failed."
+    )
+    outbox_interval_s: float = Field(5.0, description="How often unpublished events are resent.")
+    outbox_min_age_s: float = Field(5.0, description="Age before an unpublished event is resent.")
+
+
+class NotifierSettings(BaseServiceSettings):
+    """Delivers webhooks on terminal task events."""
+
+    webhook: str | None = Field(
+        None, description="Node-level webhook called for every finished task (NodeODM --webhook)."
+    )
+    webhook_timeout_s: float = Field(10.0, description="Timeout of one webhook attempt.")
+    webhook_max_attempts: int = Field(8, description="Attempts per delivery before giving up.")
+    webhook_backoff_base_s: float = Field(1.0, description="First retry delay; doubles each time.")
+    webhook_backoff_max_s: float = Field(300.0, description="Longest retry delay.")
+
+
+ServiceName = Literal["gateway", "scheduler", "watcher", "notifier"]
+SETTINGS_CLASSES: dict[str, type[BaseServiceSettings]] = {
+    "gateway": GatewaySettings,
+    "scheduler": SchedulerSettings,
+    "watcher": WatcherSettings,
+    "notifier": NotifierSettings,
+}
+
+
+def env_names(cls: type[BaseModel], prefix: str = "SCALEODM_") -> dict[str, Any]:
+    """Every environment variable a settings class reads, mapped to its field info."""
+    names: dict[str, Any] = {}
+    for name, field in cls.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel) and not issubclass(ann, SecretStr):
+            names.update(env_names(ann, f"{prefix}{name.upper()}__"))
+        else:
+            names[f"{prefix}{name.upper()}"] = field
+    return names
+
+
+@functools.cache
+def get_gateway_settings() -> GatewaySettings:
+    return GatewaySettings()
+
+
+@functools.cache
+def get_scheduler_settings() -> SchedulerSettings:
+    return SchedulerSettings()
+
+
+@functools.cache
+def get_watcher_settings() -> WatcherSettings:
+    return WatcherSettings()
+
+
+@functools.cache
+def get_notifier_settings() -> NotifierSettings:
+    return NotifierSettings()

@@ -1,0 +1,1 @@
+"""Persistence: the MongoDB task store and event log, and S3 access."""

@@ -1,0 +1,256 @@
+"""The MongoDB task store: ``tasks`` (one document per task) and ``events`` (the event log).
+
+``events`` is append-only: ``_id`` is the event id (a redelivered event is recognised) and
+``(task_id, seq)`` is unique, which is also how ``seq`` is allocated: a writer inserts at
+``last + 1`` and retries on conflict, so concurrent writers never share or skip a number.
+``tasks`` is a projection of the log, changed only by ``apply_event`` (see ``projection``), which
+every writer uses: the gateway for read-your-writes, the watcher for runs and for whatever reaches
+the bus without being applied. Console lines live in ``output`` events, never in the task document.
+
+Only standard MongoDB 6+ operations; no upserts with ``$setOnInsert`` (the stand-in servers
+disagree about it) and no ``$slice`` projections.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+from pymongo import ASCENDING, DESCENDING, AsyncMongoClient
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import DuplicateKeyError
+
+from scaleodm.common.contracts import events
+from scaleodm.common.domain.status import ACTIVE_STATES, TaskState
+from scaleodm.common.logging import get_logger
+from scaleodm.common.settings import MongoSettings
+from scaleodm.common.store import projection
+
+log = get_logger(__name__)
+
+Doc = dict[str, Any]
+_SEQ_RETRIES = 50
+
+
+class TaskExistsError(Exception):
+    """A task with this uuid already exists."""
+
+
+class Outcome(enum.Enum):
+    APPLIED = "applied"  # recorded now
+    DUPLICATE = "duplicate"  # recorded before (redelivery, or a second writer)
+    IGNORED = "ignored"  # not for this task's current attempt/state, or unknown task
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    outcome: Outcome
+    seq: int | None = None
+    changed: bool = False
+
+    @property
+    def recorded(self) -> bool:
+        return self.outcome is not Outcome.IGNORED
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class TaskStore:
+    """Task documents and the event log on one MongoDB database."""
+
+    def __init__(self, db: AsyncDatabase[Doc]) -> None:
+        self.db = db
+        self.tasks = db["tasks"]
+        self.events = db["events"]
+
+    async def ensure_indexes(self) -> None:
+        await self.events.create_index(
+            [("task_id", ASCENDING), ("seq", ASCENDING)], unique=True, name="task_seq"
+        )
+        await self.events.create_index(
+            [("task_id", ASCENDING), ("attempt", ASCENDING), ("kind", ASCENDING),
+             ("line_end", ASCENDING)],
+            name="task_output",
+        )
+        await self.events.create_index(
+            [("published", ASCENDING), ("recorded_at", ASCENDING)], name="outbox"
+        )
+        await self.tasks.create_index(
+            [("removed", ASCENDING), ("state", ASCENDING)], name="state"
+        )
+        await self.tasks.create_index([("created_at", ASCENDING)], name="created")
+
+    # -- tasks -------------------------------------------------------------------------------
+
+    async def create_task(self, doc: Doc, queued: events.TaskQueued) -> ApplyResult:
+        """Insert a new task (attempt 1, queued) and record its ``queued`` event."""
+        now = _now()
+        full = {
+            "attempt": 1,
+            "state": TaskState.QUEUED.value,
+            "progress": 0.0,
+            "output_lines": 0,
+            "started_at_ms": None,
+            "finished_at_ms": None,
+            "error_message": None,
+            "removed": False,
+            "created_at": now,
+            **doc,
+        }
+        try:
+            await self.tasks.insert_one(full)
+        except DuplicateKeyError as exc:
+            raise TaskExistsError(doc["_id"]) from exc
+        return await self.apply_event(queued)
+
+    async def get_task(self, task_id: str, *, include_removed: bool = False) -> Doc | None:
+        doc = await self.tasks.find_one({"_id": task_id})
+        if doc is None or (doc.get("removed") and not include_removed):
+            return None
+        return doc
+
+    async def list_task_ids(self) -> list[str]:
+        cursor = self.tasks.find({"removed": False}, {"_id": 1}).sort("created_at", ASCENDING)
+        return [d["_id"] async for d in cursor]
+
+    async def count_active(self) -> int:
+        return await self.tasks.count_documents(
+            {"removed": False, "state": {"$in": [s.value for s in ACTIVE_STATES]}}
+        )
+
+    async def delete_task(self, task_id: str) -> None:
+        """Physically delete a removed task's documents."""
+        await self.events.delete_many({"task_id": task_id})
+        await self.tasks.delete_one({"_id": task_id, "removed": True})
+
+    # -- events ------------------------------------------------------------------------------
+
+    async def apply_event(self, ev: events.TaskEvent) -> ApplyResult:
+        """Record ``ev`` in the log (once) and project it onto the task document (idempotent)."""
+        doc = await self.tasks.find_one(
+            {"_id": ev.task_id}, {"attempt": 1, "state": 1, "removed": 1}
+        )
+        if doc is None:
+            return ApplyResult(Outcome.IGNORED)
+        snap = projection.Snapshot(
+            attempt=doc["attempt"], state=TaskState(doc["state"]), removed=doc.get("removed", False)
+        )
+        step = projection.plan(snap, ev)
+        if step is None:
+            existing = await self.events.find_one({"_id": ev.event_id}, {"seq": 1})
+            if existing is not None:  # a redelivery after the state moved on
+                return ApplyResult(Outcome.DUPLICATE, existing["seq"])
+            return ApplyResult(Outcome.IGNORED)
+        seq, fresh = await self._record(ev)
+        changed = False
+        if step.update:
+            update = {**step.update}
+            update.setdefault("$set", {})
+            update["$set"] = {**update["$set"], "updated_at": _now()}
+            res = await self.tasks.update_one({"_id": ev.task_id, **step.guard}, update)
+            changed = res.modified_count > 0
+        return ApplyResult(Outcome.APPLIED if fresh else Outcome.DUPLICATE, seq, changed)
+
+    async def _record(self, ev: events.TaskEvent) -> tuple[int, bool]:
+        body = ev.model_dump(mode="json", exclude={"seq"})
+        extra: Doc = {}
+        if isinstance(ev, events.TaskOutput):
+            extra = {"line_start": ev.line_start, "line_end": ev.line_start + len(ev.lines)}
+        for _ in range(_SEQ_RETRIES):
+            last = await self.events.find_one(
+                {"task_id": ev.task_id}, {"seq": 1}, sort=[("seq", DESCENDING)]
+            )
+            seq = (last["seq"] if last else 0) + 1
+            try:
+                await self.events.insert_one(
+                    {
+                        "_id": ev.event_id,
+                        "task_id": ev.task_id,
+                        "attempt": ev.attempt,
+                        "kind": ev.kind,
+                        "seq": seq,
+                        "recorded_at": _now(),
+                        "published": False,
+                        "body": body,
+                        **extra,
+                    }
+                )
+                return seq, True
+            except DuplicateKeyError:
+                existing = await self.events.find_one({"_id": ev.event_id}, {"seq": 1})
+                if existing is not None:
+                    return int(existing["seq"]), False
+                # another writer took this seq: read the new last one and try again
+        raise RuntimeError(f"could not allocate a seq for {ev.event_id}")
+
+    async def mark_published(self, event_id: str) -> None:
+        await self.events.update_one({"_id": event_id}, {"$set": {"published": True}})
+
+    async def unpublished_events(self, older_than: dt.datetime, limit: int = 500) -> list[Doc]:
+        cursor = (
+            self.events.find({"published": False, "recorded_at": {"$lt": older_than}})
+            .sort("recorded_at", ASCENDING)
+            .limit(limit)
+        )
+        return await cursor.to_list(None)
+
+    async def event_seen(self, event_id: str) -> bool:
+        return await self.events.find_one({"_id": event_id}, {"_id": 1}) is not None
+
+    async def output_end(self, task_id: str, attempt: int) -> int:
+        """Number of console lines recorded for an attempt (where a follower resumes)."""
+        last = await self.events.find_one(
+            {"task_id": task_id, "attempt": attempt, "kind": "output"},
+            {"line_end": 1},
+            sort=[("line_end", DESCENDING)],
+        )
+        return int(last["line_end"]) if last else 0
+
+    async def read_output(self, task_id: str, attempt: int, start: int, total: int) -> list[str]:
+        """Console lines ``[start, total)`` of an attempt (NodeODM slices are resolved by callers)."""
+        if start >= total:
+            return []
+        cursor = self.events.find(
+            {"task_id": task_id, "attempt": attempt, "kind": "output", "line_end": {"$gt": start}},
+            {"line_start": 1, "body": 1},
+        ).sort("line_start", ASCENDING)
+        lines: list[str] = []
+        async for chunk in cursor:
+            first = chunk["line_start"]
+            body_lines = chunk["body"]["lines"]
+            lines.extend(body_lines[max(0, start - first):])
+        return lines[: total - start]
+
+    async def read_events(self, task_id: str, after_seq: int = 0) -> list[Doc]:
+        cursor = self.events.find({"task_id": task_id, "seq": {"$gt": after_seq}}).sort(
+            "seq", ASCENDING
+        )
+        return await cursor.to_list(None)
+
+
+@dataclass
+class MongoHandle:
+    client: AsyncMongoClient[Doc]
+    store: TaskStore
+
+    async def ping(self) -> None:
+        await self.client.admin.command("ping")
+
+    async def close(self) -> None:
+        await self.client.close()
+
+
+async def open_store(settings: MongoSettings, appname: str) -> MongoHandle:
+    client: AsyncMongoClient[Doc] = AsyncMongoClient(
+        settings.url,
+        tz_aware=True,
+        serverSelectionTimeoutMS=settings.server_selection_timeout_ms,
+        appname=appname,
+    )
+    store = TaskStore(client[settings.database])
+    await store.ensure_indexes()
+    return MongoHandle(client, store)

@@ -1,0 +1,1 @@
+"""The NodeODM-compatible HTTP gateway: stores tasks, publishes commands, reads task state."""

@@ -1,0 +1,64 @@
+"""NodeODM's error transport (nodeodm-api §1.1): application errors are HTTP 200 + ``{"error"}``.
+
+Only unknown routes answer 404 (HTML ``Cannot GET /path``, as Express does). Validation problems
+and unexpected exceptions are logged and turned into ``{"error": ...}`` — never a 500 or a traceback.
+"""
+
+from __future__ import annotations
+
+import html
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from scaleodm.common.logging import get_logger
+
+log = get_logger(__name__)
+
+
+class NodeOdmError(Exception):
+    """An error answered as HTTP 200 with this JSON body."""
+
+    def __init__(self, error: str, **extra: Any) -> None:
+        super().__init__(error)
+        self.body: dict[str, Any] = {**({"success": False} if extra.pop("action", False) else {}),
+                                     "error": error, **extra}
+
+
+def not_found(task_id: str) -> NodeOdmError:
+    return NodeOdmError(f"{task_id} not found")
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(NodeOdmError)
+    async def _nodeodm(request: Request, exc: NodeOdmError) -> Response:
+        log.info("request refused", path=request.url.path, error=exc.body.get("error"))
+        return JSONResponse(exc.body)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> Response:
+        detail = "; ".join(
+            f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors()
+        )
+        log.info("invalid request", path=request.url.path, error=detail)
+        return JSONResponse({"error": f"Invalid request: {detail}"})
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code in (404, 405):
+            path = html.escape(request.url.path)
+            return HTMLResponse(
+                f"<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+                f"<title>Error</title>\n</head>\n<body>\n<pre>Cannot {request.method} {path}</pre>\n"
+                f"</body>\n</html>\n",
+                status_code=404,
+            )
+        return JSONResponse({"error": str(exc.detail)})
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> Response:
+        log.exception("unhandled error", path=request.url.path)
+        return JSONResponse({"error": f"Internal error: {type(exc).__name__}"})

@@ -1,0 +1,95 @@
+"""Gateway process: FastAPI app factory, lifespan (MongoDB, S3, NATS), uvicorn entry point."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+import uvicorn
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.routing import APIRoute
+from faststream.nats import NatsBroker
+
+from scaleodm.common.contracts import streams
+from scaleodm.common.emitting import Emitter
+from scaleodm.common.logging import configure_logging, get_logger
+from scaleodm.common.settings import Environment, GatewaySettings, get_gateway_settings
+from scaleodm.common.store.s3 import S3
+from scaleodm.common.store.tasks import open_store
+from scaleodm.gateway import errors
+from scaleodm.gateway.deps import Resources
+from scaleodm.gateway.routes import health, nodeodm
+
+log = get_logger(__name__)
+
+
+def _operation_id(route: APIRoute) -> str:
+    return f"{route.tags[0]}-{route.name}" if route.tags else route.name
+
+
+def create_app(settings: GatewaySettings | None = None) -> FastAPI:
+    settings = settings or get_gateway_settings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        _check_secrets(settings)
+        async with contextlib.AsyncExitStack() as stack:
+            mongo = await open_store(settings.mongo, "gateway")
+            stack.push_async_callback(mongo.close)
+            s3 = await stack.enter_async_context(S3.open(settings.s3))
+            broker = NatsBroker(
+                settings.nats.servers(),
+                connect_timeout=settings.nats.connect_timeout_s,
+                logger=get_logger("faststream"),
+            )
+            conn = await broker.connect()
+            stack.push_async_callback(broker.stop)
+            await streams.ensure_streams(conn.jetstream())
+            app.state.resources = Resources(
+                settings, mongo, s3, broker,
+                Emitter(mongo.store, broker, settings.nats.publish_timeout_s),
+            )
+            log.info("gateway ready", port=settings.gateway_port)
+            yield
+            log.info("gateway stopping")
+
+    app = FastAPI(
+        title="ScaleODM",
+        summary="NodeODM-compatible processing API for OpenDroneMap",
+        version="0.1.0",
+        lifespan=lifespan,
+        generate_unique_id_function=_operation_id,
+    )
+    app.add_middleware(
+        CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"]
+    )
+    errors.install(app)
+    app.include_router(health.router)
+    app.include_router(nodeodm.router)
+    return app
+
+
+def _check_secrets(settings: GatewaySettings) -> None:
+    insecure = settings.insecure_defaults()
+    if not insecure:
+        return
+    if settings.environment is Environment.PRODUCTION:
+        raise RuntimeError(f"development credentials in production: {', '.join(insecure)}")
+    log.warning("development credentials in use", settings=insecure)
+
+
+def main() -> None:
+    settings = get_gateway_settings()
+    configure_logging("gateway", settings.log_level, settings.log_json)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.gateway_host,
+        port=settings.gateway_port,
+        log_config=None,
+        timeout_graceful_shutdown=20,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The notifier: delivers NodeODM webhooks when tasks end."""

@@ -1,0 +1,1 @@
+"""The scheduler: turns task commands into runs (local processes or, later, Argo Workflows)."""

@@ -1,0 +1,89 @@
+"""Command handling: idempotent, retried with back-off, never a lost task.
+
+A create/restart is acked only after its run exists (the executor's start is idempotent), so a
+scheduler that dies in between leaves the command unacked and JetStream redelivers it to another
+replica, whose start then finds the run and changes nothing. The task document is checked first:
+a command for an attempt that is no longer current, or already canceled, starts nothing.
+"""
+
+from __future__ import annotations
+
+from scaleodm.common import failpoints
+from scaleodm.common.contracts import commands, events
+from scaleodm.common.domain.status import ACTIVE_STATES, TaskState
+from scaleodm.common.emitting import Emitter
+from scaleodm.common.logging import bind_task, get_logger
+from scaleodm.common.store.s3 import S3, parse_s3_url, task_prefix
+from scaleodm.common.store.tasks import TaskStore
+from scaleodm.scheduler.executors.base import Executor, StartOutcome
+
+log = get_logger(__name__)
+
+
+def backoff_s(delivered: int) -> float:
+    """Delay before redelivery number ``delivered + 1``: 1, 2, 4 ... 60 s."""
+    return float(min(2 ** max(0, delivered - 1), 60))
+
+
+class CommandHandler:
+    def __init__(
+        self,
+        store: TaskStore,
+        executor: Executor,
+        emitter: Emitter,
+        s3: S3,
+        points: failpoints.Failpoints,
+        *,
+        bucket: str,
+        max_deliver: int,
+    ) -> None:
+        self.store = store
+        self.executor = executor
+        self.emitter = emitter
+        self.s3 = s3
+        self.points = points
+        self.bucket = bucket
+        self.max_deliver = max_deliver
+
+    async def handle(self, cmd: commands.AnyCommand, delivered: int) -> None:
+        with bind_task(cmd.task_id, attempt=cmd.attempt, verb=cmd.verb, delivered=delivered):
+            try:
+                await self._dispatch(cmd)
+            except Exception as exc:
+                if delivered >= self.max_deliver and isinstance(
+                    cmd, commands.CreateTask | commands.RestartTask
+                ):
+                    log.error("giving up on command", error=repr(exc))
+                    await self.emitter.emit(events.failed(
+                        cmd.task_id, cmd.attempt, f"Could not start the run: {exc}"
+                    ))
+                    return
+                raise
+
+    async def _dispatch(self, cmd: commands.AnyCommand) -> None:
+        if isinstance(cmd, commands.CreateTask | commands.RestartTask):
+            await self._start(cmd)
+        elif isinstance(cmd, commands.CancelTask):
+            signalled = await self.executor.cancel(cmd.task_id, cmd.attempt)
+            log.info("run canceled", signalled=signalled)
+        elif isinstance(cmd, commands.RemoveTask):
+            await self.executor.remove(cmd.task_id, cmd.attempt)
+            await self.s3.delete_prefix(task_prefix(self.bucket, cmd.task_id))
+            await self.store.delete_task(cmd.task_id)
+            log.info("task removed")
+
+    async def _start(self, spec: commands.CreateTask | commands.RestartTask) -> None:
+        doc = await self.store.get_task(spec.task_id)
+        if doc is None or doc["attempt"] != spec.attempt:
+            log.info("command is not for the current attempt; skipped")
+            return
+        if TaskState(doc["state"]) not in ACTIVE_STATES:
+            log.info("task already ended; no run started", state=doc["state"])
+            return
+        parse_s3_url(spec.output_prefix)  # a malformed command fails here, not in the run
+        await self.points.hit("scheduler.create.before_start")
+        outcome = await self.executor.start(spec)
+        log.info("run requested", outcome=outcome.value)
+        await self.points.hit("scheduler.create.before_ack")
+        if outcome is StartOutcome.EXISTS:
+            log.info("redelivered command: run already exists, nothing changed")

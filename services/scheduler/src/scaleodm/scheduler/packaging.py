@@ -1,0 +1,77 @@
+"""Results of a finished run: ``all.zip`` in ODM's layout and the outputs in S3 (NodeODM §7.1)."""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+from scaleodm.common.domain.progress import clean_line
+from scaleodm.common.store.s3 import S3, S3Url
+
+DEFAULT_OUTPUTS = (
+    "odm_orthophoto/odm_orthophoto.tif",
+    "odm_orthophoto/odm_orthophoto.tfw",
+    "odm_orthophoto/odm_orthophoto.png",
+    "odm_orthophoto/odm_orthophoto.wld",
+    "odm_orthophoto/odm_orthophoto.mbtiles",
+    "odm_orthophoto/odm_orthophoto.kmz",
+    "odm_orthophoto/odm_orthophoto_extent.dxf",
+    "odm_orthophoto/cutline.gpkg",
+    "odm_georeferencing",
+    "odm_texturing",
+    "odm_dem/dsm.tif",
+    "odm_dem/dtm.tif",
+    "dsm_tiles",
+    "dtm_tiles",
+    "odm_dem/dsm.euclideand.tif",
+    "odm_dem/dtm.euclideand.tif",
+    "orthophoto_tiles",
+    "potree_pointcloud",
+    "entwine_pointcloud",
+    "3d_tiles",
+    "images.json",
+    "cameras.json",
+    "task_output.txt",
+    "log.json",
+    "odm_report",
+)
+
+
+def write_task_output(console: Path, project: Path) -> None:
+    """``task_output.txt``: the console as clients saw it, one cleaned line per line."""
+    lines = []
+    if console.exists():
+        with console.open("r", errors="replace") as fh:
+            lines = [clean_line(raw) for raw in fh]
+    (project / "task_output.txt").write_text("\n".join(lines))
+
+
+def collect(project: Path, outputs: list[str] | None) -> list[Path]:
+    """Files to ship, in list order; directories recursively; missing entries skipped."""
+    files: list[Path] = []
+    for rel in outputs or DEFAULT_OUTPUTS:
+        path = (project / rel).resolve()
+        if not path.is_relative_to(project.resolve()):
+            continue
+        if path.is_dir():
+            files.extend(sorted(p for p in path.rglob("*") if p.is_file()))
+        elif path.is_file():
+            files.append(path)
+    return files
+
+
+def build_zip(project: Path, files: list[Path], dest: Path) -> None:
+    """No top-level folder in the archive; deflate level 1 as NodeODM's zip fallback."""
+    with zipfile.ZipFile(dest, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
+        for path in files:
+            zf.write(path, path.relative_to(project.resolve()).as_posix())
+
+
+async def upload_outputs(
+    s3: S3, prefix: S3Url, project: Path, files: list[Path], archive: Path
+) -> None:
+    root = project.resolve()
+    for path in files:
+        rel = path.relative_to(root).as_posix()
+        await s3.upload_file(path, S3Url(prefix.bucket, prefix.key + rel))
+    await s3.upload_file(archive, S3Url(prefix.bucket, prefix.key + "all.zip"))

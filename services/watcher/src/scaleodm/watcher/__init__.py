@@ -1,0 +1,1 @@
+"""The watcher: follows runs, turns them into task events, and projects events into MongoDB."""

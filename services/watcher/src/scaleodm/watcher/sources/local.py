@@ -1,0 +1,215 @@
+"""Following local runs: status, console and result files -> task events.
+
+Every event id is derived from the run (``output:<first line>``, ``progress:<line>``,
+``running``, ``completed``...), so a watcher restarted mid-run re-derives the same ids: it
+resumes at the last recorded console line (read from the event log) and emits neither a gap nor
+a duplicate. The run directory is only read, never written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from scaleodm.common import localruns
+from scaleodm.common.contracts import events
+from scaleodm.common.domain.progress import (
+    PACKAGING_PROGRESS,
+    UPLOADING_PROGRESS,
+    ProgressTracker,
+    clean_line,
+)
+from scaleodm.common.domain.status import TaskState
+from scaleodm.common.emitting import Emitter
+from scaleodm.common.logging import bind_task, get_logger
+from scaleodm.common.store.tasks import TaskStore
+
+log = get_logger(__name__)
+READ_CHUNK = 4 * 1024 * 1024
+PHASE_PROGRESS = {"packaging": PACKAGING_PROGRESS, "uploading": UPLOADING_PROGRESS}
+
+
+@dataclass
+class Follower:
+    rd: localruns.RunDir
+    task_id: str
+    attempt: int
+    skip: int  # console lines already recorded (resume after a restart)
+    tracker: ProgressTracker
+    running_sent: bool
+    offset: int = 0
+    next_line: int = 0
+    partial: bytes = b""
+    phases_sent: set[str] = field(default_factory=set)
+
+
+class LocalRunSource:
+    def __init__(
+        self,
+        runs_dir: Path,
+        store: TaskStore,
+        emitter: Emitter,
+        *,
+        poll_interval_s: float,
+        batch_lines: int,
+        start_grace_s: float,
+    ) -> None:
+        self.runs_dir = runs_dir
+        self.store = store
+        self.emitter = emitter
+        self.poll_interval_s = poll_interval_s
+        self.batch_lines = batch_lines
+        self.start_grace_s = start_grace_s
+        self.followers: dict[str, Follower] = {}
+        self.finished: set[str] = set()
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.poll_once()
+            except Exception:
+                log.exception("local run poll failed")
+            await asyncio.sleep(self.poll_interval_s)
+
+    async def poll_once(self) -> None:
+        for rd in localruns.runs(self.runs_dir):
+            name = rd.path.name
+            if name in self.finished:
+                continue
+            follower = self.followers.get(name)
+            if follower is None:
+                follower = await self._attach(rd)
+                if follower is None:
+                    continue
+                self.followers[name] = follower
+            with bind_task(follower.task_id, attempt=follower.attempt, run=name):
+                if await self._step(follower):
+                    self.finished.add(name)
+                    del self.followers[name]
+
+    async def _attach(self, rd: localruns.RunDir) -> Follower | None:
+        run = rd.run
+        if run is None:
+            if self._age(rd) > self.start_grace_s:
+                self.finished.add(rd.path.name)  # a bare claim (e.g. cancel before create)
+            return None
+        task_id, attempt = run["spec"]["task_id"], int(run["spec"]["attempt"])
+        doc = await self.store.get_task(task_id)
+        if doc is None or doc["attempt"] != attempt:
+            self.finished.add(rd.path.name)
+            return None
+        recorded = await self.store.output_end(task_id, attempt)
+        state = TaskState(doc["state"])
+        return Follower(
+            rd=rd, task_id=task_id, attempt=attempt, skip=recorded,
+            tracker=ProgressTracker(float(doc.get("progress", 0.0))),
+            running_sent=state is not TaskState.QUEUED,
+        )
+
+    @staticmethod
+    def _age(rd: localruns.RunDir) -> float:
+        try:
+            return time.time() - rd.path.stat().st_mtime
+        except OSError:
+            return 0.0
+
+    async def _step(self, f: Follower) -> bool:
+        """One poll of one run; True when the run is over and fully reported."""
+        alive = f.rd.runner_alive()  # before reading the result: a runner writes it, then exits
+        result = f.rd.result
+        if not f.running_sent and f.rd.runner_started:
+            await self.emitter.emit(events.running(f.task_id, f.attempt))
+            f.running_sent = True
+        await self._read_console(f, final=result is not None)
+        phase = f.rd.phase
+        if phase in PHASE_PROGRESS and phase not in f.phases_sent and result is None:
+            f.phases_sent.add(phase)
+            if PHASE_PROGRESS[phase] > f.tracker.current:
+                f.tracker.current = PHASE_PROGRESS[phase]
+                await self.emitter.emit(
+                    events.progressed(f.task_id, f.attempt, PHASE_PROGRESS[phase], phase)
+                )
+        if result is not None:
+            await self._finish(f, result)
+            return True
+        if f.rd.runner_started and not alive:
+            if f.rd.result is None:  # re-check: it may have finished meanwhile
+                await self.emitter.emit(events.failed(
+                    f.task_id, f.attempt, "The run's process ended without a result"
+                ))
+                return True
+        elif not f.rd.runner_started and self._age(f.rd) > self.start_grace_s:
+            if f.rd.cancel_requested:
+                await self.emitter.emit(events.canceled(f.task_id, f.attempt))
+            else:
+                await self.emitter.emit(events.failed(f.task_id, f.attempt, "The run did not start"))
+            return True
+        return False
+
+    async def _finish(self, f: Follower, result: dict[str, object]) -> None:
+        outcome = result.get("outcome")
+        if outcome == "completed":
+            await self.emitter.emit(events.completed(f.task_id, f.attempt))
+        elif outcome == "canceled":
+            await self.emitter.emit(events.canceled(f.task_id, f.attempt))
+        else:
+            message = str(result.get("error_message") or "Processing failed")
+            await self.emitter.emit(events.failed(f.task_id, f.attempt, message))
+        log.info("run over", outcome=outcome)
+
+    async def _read_console(self, f: Follower, *, final: bool) -> None:
+        path = f.rd.file(localruns.CONSOLE_FILE)
+        while True:
+            try:
+                with path.open("rb") as fh:
+                    fh.seek(f.offset)
+                    data = fh.read(READ_CHUNK)
+            except FileNotFoundError:
+                return
+            if not data and not (final and f.partial):
+                return
+            f.offset += len(data)
+            raw = f.partial + data
+            pieces = raw.split(b"\n")
+            f.partial = pieces.pop()
+            if final and len(data) < READ_CHUNK and f.partial:
+                pieces.append(f.partial)
+                f.partial = b""
+            await self._emit_lines(f, pieces)
+            if len(data) < READ_CHUNK:
+                return
+
+    async def _emit_lines(self, f: Follower, pieces: list[bytes]) -> None:
+        batch: list[str] = []
+        start = f.next_line
+        marks: list[tuple[int, float]] = []
+        for piece in pieces:
+            line = clean_line(piece.decode("utf-8", errors="replace"))
+            if not line:
+                continue
+            index = f.next_line
+            f.next_line += 1
+            value = f.tracker.feed(line)
+            if index < f.skip:  # recorded before a restart; its progress may not have been
+                if value is not None:
+                    await self.emitter.emit(events.progressed(f.task_id, f.attempt, value, index))
+                continue
+            if not batch:
+                start = index
+            batch.append(line)
+            if value is not None:
+                marks.append((index, value))
+            if len(batch) >= self.batch_lines:
+                await self._flush(f, start, batch, marks)
+                batch, marks = [], []
+        if batch:
+            await self._flush(f, start, batch, marks)
+
+    async def _flush(
+        self, f: Follower, start: int, lines: list[str], marks: list[tuple[int, float]]
+    ) -> None:
+        await self.emitter.emit(events.output(f.task_id, f.attempt, start, list(lines)))
+        for index, value in marks:
+            await self.emitter.emit(events.progressed(f.task_id, f.attempt, value, index))

@@ -1,0 +1,86 @@
+"""Session fixtures: real servers on 127.0.0.1, the four services, an HTTP fixture server.
+
+Everything is started and stopped here; nothing leaves loopback. MongoDB is the nx-27017 wire
+server unless ``SCALEODM_TEST_MONGODB_URL`` points at a real MongoDB; the store's own tests also
+run on mongoeco (see ``tests/integration/test_store.py``).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.harness import servers
+from tests.harness.httpfixture import HttpFixture
+from tests.harness.stack import Stack, running_stack
+
+
+@pytest.fixture(scope="session")
+def session_tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("scaleodm")
+
+
+@pytest.fixture(scope="session")
+def nats(session_tmp: Path) -> Iterator[servers.Nats]:
+    with servers.nats_server(session_tmp / "nats") as n:
+        yield n
+
+
+@pytest.fixture(scope="session")
+def mongo_url(session_tmp: Path) -> Iterator[str]:
+    with servers.mongo_server("nx", session_tmp / "mongo") as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def s3(session_tmp: Path) -> Iterator[servers.S3Endpoint]:  # noqa: ARG001
+    with servers.s3_server() as endpoint:
+        yield endpoint
+
+
+@pytest.fixture(scope="session")
+def http_fixture(session_tmp: Path) -> Iterator[HttpFixture]:
+    fixture = HttpFixture(root=session_tmp / "www")
+    fixture.root.mkdir()
+    fixture.start()
+    yield fixture
+    fixture.stop()
+
+
+@pytest.fixture(scope="session")
+def stack(
+    session_tmp: Path, nats: servers.Nats, mongo_url: str, s3: servers.S3Endpoint
+) -> Iterator[Stack]:
+    """The whole system, shared by the integration tests (tasks never collide: fresh uuids)."""
+    base = Stack(tmp=session_tmp / "stack", nats_url=nats.url, mongo_url=mongo_url, s3=s3,
+                 database="scaleodm_it")
+    base.tmp.mkdir()
+    with running_stack(base) as running:
+        yield running
+
+
+@pytest.fixture
+def fresh_stack(
+    tmp_path: Path, mongo_url: str, s3: servers.S3Endpoint
+) -> Iterator[tuple[Stack, servers.Nats]]:
+    """A stack of its own (own NATS, own database), for tests that kill or reconfigure services.
+
+    Services are not started: the test starts them, with whatever settings it needs.
+    """
+    with servers.nats_server(tmp_path / "nats") as n:
+        own = Stack(tmp=tmp_path, nats_url=n.url, mongo_url=mongo_url, s3=s3,
+                    database=f"t_{uuid.uuid4().hex[:12]}")
+        try:
+            yield own, n
+        finally:
+            own.stop()
+
+
+@pytest.fixture
+async def client(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=stack.gateway_url, timeout=30) as c:
+        yield c

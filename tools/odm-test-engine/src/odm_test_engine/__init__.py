@@ -1,0 +1,75 @@
+"""odm-test-engine — a TEST DOUBLE of OpenDroneMap (ODM).
+
+This program does **no photogrammetry at all**. It imitates the observable behaviour of ODM 3.x's
+``run.py`` (the console markers, the UDP progress datagrams, the exit codes and the output directory
+layout) so that ScaleODM's services, workflows and tests can be exercised without the multi-gigabyte
+ODM image. It plays the same role as NodeODM's ``--test`` mode. Every file it writes is a small,
+syntactically valid *placeholder*; never deploy it as a substitute for ODM in production.
+
+Command line (mimics ODM's ``run.py``)::
+
+    odm-test-engine [ODM options...] --project-path <dir> <project-name>
+    python -m odm_test_engine [ODM options...] --project-path <dir> <project-name>
+
+Any ODM option is accepted. Parsing is lenient: ``--name=value`` is an option with a value; a known
+ODM boolean option never takes a value; any other ``--name`` followed by a token that does not look
+like a flag takes that token as its value, otherwise it is a boolean. The last token is the project
+name (default ``code``, as in ODM) unless it is the value of a known valued option such as
+``--project-path``. Options that change behaviour:
+
+``--fast-orthophoto``
+    the ``openmvs`` stage is not run.
+``--end-with <stage>``
+    stop after ``<stage>`` (``[INFO]    No more stages to run``); an unknown stage name is a usage
+    error (exit 2).
+``--dsm`` / ``--dtm``
+    write ``odm_dem/dsm.tif`` / ``odm_dem/dtm.tif`` (ODM writes DEMs only when asked).
+``--skip-orthophoto`` / ``--skip-report``
+    no orthophoto / no report outputs.
+``--pc-ept`` / ``--3d-tiles``
+    write ``entwine_pointcloud/`` / ``3d_tiles/``.
+
+Test-double controls (environment variables):
+
+``ODM_TEST_ENGINE_SECONDS``
+    total run time in seconds (float >= 0, default ``3``), spread over the executed stages in
+    proportion to their ODM progress weights (scaleodm.md §11). ``0`` runs without any pause.
+``ODM_TEST_ENGINE_FAIL``
+    integer exit code 1-255 (e.g. ``1``, ``137``): the run fails half-way through the failure stage,
+    printing ODM's ``===== Dumping Info for Geeks ...`` block and an ``[ERROR]`` explanation, then
+    exits with that code. Unset, empty or ``0`` means no failure.
+``ODM_TEST_ENGINE_FAIL_STAGE``
+    stage at which to fail (default ``opensfm``). If that stage is not executed
+    (``--fast-orthophoto`` with ``openmvs``, or a stage after ``--end-with``) the run succeeds.
+``ODM_TEST_ENGINE_PROGRESS_PORT``
+    UDP port for the ``PGUP/<pid>/<project-name>/<percent>`` progress datagrams (default ``6367``,
+    ODM's port; always sent to ``127.0.0.1``, best effort).
+``no_ansiesc``
+    when set to a non-empty value, log lines are printed without ANSI colour codes (as in ODM).
+
+Input and outputs: images are read from ``<project-path>/<project-name>/images/`` (jpg, jpeg, tif,
+tiff, png; case-insensitive). Placeholder outputs are written under
+``<project-path>/<project-name>/`` in ODM's layout as the stages finish: ``images.json`` (dataset);
+``cameras.json``, ``opensfm/reconstruction.json`` (opensfm); ``odm_filterpoints/point_cloud.ply``;
+``odm_meshing/odm_mesh.ply``; ``odm_texturing/odm_textured_model_geo.obj`` (+ ``.mtl``, texture,
+``.glb``); ``odm_georeferencing/odm_georeferenced_model.laz`` (+ ``entwine_pointcloud/`` with
+``--pc-ept``); ``odm_dem/dsm.tif``/``dtm.tif`` (only with ``--dsm``/``--dtm``);
+``odm_orthophoto/odm_orthophoto.tif`` and ``.png``; ``odm_report/shots.geojson`` and ``report.pdf``;
+``3d_tiles/`` (with ``--3d-tiles``); and finally ``log.json``. The layout is simplified: unlike ODM,
+the 3D model outputs are written even with ``--fast-orthophoto``.
+
+Invalid test-double settings are reported on stderr and the program exits with 2 before printing
+anything else.
+
+Exit codes: 0 success; 1 no images (``[ERROR]   Not enough supported images in ...``); the
+``ODM_TEST_ENGINE_FAIL`` code on injected failure; 2 usage/configuration error; 143 on SIGTERM and
+130 on SIGINT (the program stops at once and writes no further output files; no ``log.json`` is
+written in that case); 141 when stdout is closed by its reader (as if killed by SIGPIPE).
+"""
+
+__version__ = "0.1.0"
+
+#: The ODM release whose console output is imitated.
+ODM_VERSION = "3.6.0"
+
+__all__ = ["ODM_VERSION", "__version__"]
