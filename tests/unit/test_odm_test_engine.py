@@ -333,15 +333,6 @@ def test_lenient_options_and_interpreted_flags(
     assert not (project / "opensfm/undistorted/openmvs").exists()
 
 
-def test_unknown_flag_right_before_project_name_stays_boolean(
-    project_path: Path, udp_listener: socket.socket
-) -> None:
-    result = run_engine(project_path, udp_listener, "--mystery-flag")
-    assert result.code == 0, result.stderr
-    assert "[INFO]    mystery_flag: True" in result.lines
-    assert f"[INFO]    name: {PROJECT}" in result.lines
-
-
 def test_end_with_stops_after_that_stage(project_path: Path, udp_listener: socket.socket) -> None:
     result = run_engine(project_path, udp_listener, "--end-with", "odm_dem", "--dsm")
     assert result.code == 0, result.stderr
@@ -357,20 +348,27 @@ def test_end_with_stops_after_that_stage(project_path: Path, udp_listener: socke
     assert not (project / "odm_report").exists()
 
 
-def test_skip_orthophoto_and_skip_report(project_path: Path, udp_listener: socket.socket) -> None:
-    result = run_engine(project_path, udp_listener, "--skip-orthophoto", "--skip-report")
+def test_skip_flags_trailing_unknown_flag_and_no_ansiesc(
+    project_path: Path, udp_listener: socket.socket
+) -> None:
+    # one run for three cheap checks (keeps the module fast)
+    result = run_engine(
+        project_path,
+        udp_listener,
+        "--skip-orthophoto",
+        "--skip-report",
+        "--mystery-flag",  # unknown and right before the project name: stays a boolean
+        no_ansiesc="1",
+    )
     assert result.code == 0, result.stderr
+    assert "\x1b" not in result.raw
+    assert "[INFO]    Running dataset stage\n" in result.raw
+    assert "[INFO]    mystery_flag: True" in result.lines
+    assert f"[INFO]    name: {PROJECT}" in result.lines
     project = project_path / PROJECT
     assert not (project / "odm_orthophoto/odm_orthophoto.tif").exists()
     assert not (project / "odm_report/report.pdf").exists()
     assert (project / "odm_report/shots.geojson").is_file()
-
-
-def test_no_ansiesc_removes_colour_codes(project_path: Path, udp_listener: socket.socket) -> None:
-    result = run_engine(project_path, udp_listener, no_ansiesc="1")
-    assert result.code == 0
-    assert "\x1b" not in result.raw
-    assert "[INFO]    Running dataset stage\n" in result.raw
 
 
 @pytest.mark.parametrize("create_dir", [True, False], ids=["empty-images", "missing-project"])

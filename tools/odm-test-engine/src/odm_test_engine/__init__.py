@@ -38,6 +38,9 @@ Test-double controls (environment variables):
     integer exit code 1-255 (e.g. ``1``, ``137``): the run fails half-way through the failure stage,
     printing ODM's ``===== Dumping Info for Geeks ...`` block and an ``[ERROR]`` explanation, then
     exits with that code. Unset, empty or ``0`` means no failure.
+
+    Per run, an input image named ``odm-test-engine-fail-<code>.<ext>`` (e.g.
+    ``odm-test-engine-fail-137.jpg``) does the same for that run only, so one task of many fails.
 ``ODM_TEST_ENGINE_FAIL_STAGE``
     stage at which to fail (default ``opensfm``). If that stage is not executed
     (``--fast-orthophoto`` with ``openmvs``, or a stage after ``--end-with``) the run succeeds.

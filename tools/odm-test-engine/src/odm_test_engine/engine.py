@@ -9,7 +9,9 @@ exits like ODM would.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
 import signal
 import sys
 import time
@@ -56,6 +58,21 @@ class Interrupted(BaseException):
     def __init__(self, signum: int) -> None:
         super().__init__(signum)
         self.signum = signum
+
+
+FAIL_MARKER = re.compile(r"^odm-test-engine-fail-(\d{1,3})\.", re.IGNORECASE)
+
+
+def failure_marker(paths: list[Path]) -> int | None:
+    """Per-run failure trigger: an input image named ``odm-test-engine-fail-<code>.<ext>``.
+
+    Lets one task of many fail (the environment variable fails every run of a process).
+    """
+    for path in paths:
+        match = FAIL_MARKER.match(path.name)
+        if match and 0 < int(match.group(1)) <= 255:
+            return int(match.group(1))
+    return None
 
 
 class InjectedFailure(Exception):
@@ -224,6 +241,9 @@ class Engine:
                 success=False, error={"code": 1, "message": "Not enough supported images"}
             )
             return 1
+        marked = failure_marker(list_images(images_dir))
+        if marked is not None:
+            self.config = dataclasses.replace(self.config, fail_code=marked)
         context = Context(
             self.invocation, self.project_dir, Scene.from_images(images), self.started
         )

@@ -61,6 +61,10 @@ def configure_logging(service: str, level: str = "INFO", json_lines: bool = True
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # FastStream's own "faststream" logger prints coloured text through its own handler.
+    fs = logging.getLogger("faststream")
+    fs.handlers[:] = []
+    fs.propagate = True
     for noisy in ("botocore", "aiobotocore", "urllib3", "httpx", "httpcore", "pymongo"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
     structlog.contextvars.bind_contextvars(service=service)

@@ -31,7 +31,7 @@ def make_broker(settings: BaseServiceSettings) -> NatsBroker:
         settings.nats.servers(),
         connect_timeout=settings.nats.connect_timeout_s,
         graceful_timeout=GRACEFUL_TIMEOUT_S,
-        logger=get_logger("faststream"),
+        logger=get_logger("scaleodm.bus"),
     )
 
 
@@ -67,7 +67,7 @@ def make_app(
             ("/healthz", make_ping_asgi(broker, timeout=2, include_in_schema=False)),
             ("/readyz", _readiness(ready_checks)),
         ],
-        logger=get_logger("faststream.app"),
+        logger=get_logger("scaleodm.app"),
         on_startup=on_startup,
         after_startup=after_startup,
         on_shutdown=on_shutdown,

@@ -41,7 +41,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             broker = NatsBroker(
                 settings.nats.servers(),
                 connect_timeout=settings.nats.connect_timeout_s,
-                logger=get_logger("faststream"),
+                logger=get_logger("scaleodm.bus"),
             )
             conn = await broker.connect()
             stack.push_async_callback(broker.stop)

@@ -1,0 +1,391 @@
+"""The MongoDB task store (``TaskStore``, ``DeliveryStore``) against real wire servers.
+
+Every test runs on both stand-ins — nx-27017 (fast, lenient) and mongoeco (strict like MongoDB) —
+or twice on a real MongoDB when ``SCALEODM_TEST_MONGODB_URL`` is set; each test gets a fresh
+database.
+
+Covered: task creation and duplicate uuids; idempotent ``apply_event`` (same seq, one log entry);
+gap-free ``seq`` allocation under concurrent writers; the lifecycle projection (monotonic
+progress, terminal states stick, ``canceled`` wins); restarts (attempt + 1 only from a terminal
+state, old-attempt events ignored afterwards); console output slices per attempt; removal and
+physical deletion; the outbox (``unpublished_events``/``mark_published``); ``count_active``;
+webhook delivery records.
+
+Left out: the pure transition table (``tests/unit/test_projection.py``), ``open_store`` settings
+handling, ``read_events`` paging beyond one call, and anything about NATS or the services.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+from pymongo import AsyncMongoClient
+
+from scaleodm.common.contracts import events
+from scaleodm.common.store.deliveries import DeliveryStore
+from scaleodm.common.store.tasks import Outcome, TaskExistsError, TaskStore
+from tests.harness import servers
+
+pytestmark = pytest.mark.integration
+
+Doc = dict[str, Any]
+
+
+@pytest.fixture(scope="module", params=list(servers.MONGO_KINDS))
+def store_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+                 ) -> Iterator[str]:
+    """A MongoDB URL served by the wire server named by the param."""
+    kind: str = request.param
+    if kind == "mongoeco":
+        reason = servers.mongoeco_available()
+        if reason is not None:
+            pytest.skip(reason)
+    with servers.mongo_server(kind, tmp_path_factory.mktemp(f"store-{kind}")) as url:
+        yield url
+
+
+@pytest.fixture
+async def client(store_server: str) -> AsyncIterator[AsyncMongoClient[Doc]]:
+    c: AsyncMongoClient[Doc] = AsyncMongoClient(store_server, tz_aware=True,
+                                                serverSelectionTimeoutMS=5000)
+    try:
+        yield c
+    finally:
+        await c.close()
+
+
+@pytest.fixture
+async def db_name(client: AsyncMongoClient[Doc]) -> AsyncIterator[str]:
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    yield name
+    await client.drop_database(name)  # keeps the in-memory servers small (mongoeco slows down)
+
+
+@pytest.fixture
+async def store(client: AsyncMongoClient[Doc], db_name: str) -> TaskStore:
+    s = TaskStore(client[db_name])
+    await s.ensure_indexes()
+    return s
+
+
+@pytest.fixture
+async def deliveries(client: AsyncMongoClient[Doc], db_name: str) -> DeliveryStore:
+    d = DeliveryStore(client[db_name])
+    await d.ensure_indexes()
+    return d
+
+
+def _tid() -> str:
+    return str(uuid.uuid4())
+
+
+async def _create(store: TaskStore, task_id: str | None = None, **extra: Any) -> str:
+    task_id = task_id or _tid()
+    doc = {"_id": task_id, "name": "t", "date_created_ms": 1_000, "options": [], **extra}
+    res = await store.create_task(doc, events.queued(task_id, 1))
+    assert res.outcome is Outcome.APPLIED
+    assert res.seq == 1
+    return task_id
+
+
+async def _task(store: TaskStore, task_id: str) -> Doc:
+    doc = await store.get_task(task_id, include_removed=True)
+    assert doc is not None
+    return doc
+
+
+async def _n_events(store: TaskStore, task_id: str) -> int:
+    return await store.events.count_documents({"task_id": task_id})
+
+
+# -- tasks -----------------------------------------------------------------------------------
+
+
+async def test_create_then_get_and_duplicate_create_fails(store: TaskStore) -> None:
+    task_id = await _create(store, name="first")
+    doc = await store.get_task(task_id)
+    assert doc is not None
+    assert doc["_id"] == task_id
+    assert doc["name"] == "first"
+    assert (doc["attempt"], doc["state"], doc["progress"], doc["output_lines"]) == (
+        1, "queued", 0.0, 0
+    )
+    assert doc["removed"] is False
+    assert doc["created_at"].tzinfo is not None
+
+    with pytest.raises(TaskExistsError):
+        await store.create_task({"_id": task_id, "name": "second"}, events.queued(task_id, 1))
+    assert (await _task(store, task_id))["name"] == "first"
+    assert await store.tasks.count_documents({"_id": task_id}) == 1
+    assert await _n_events(store, task_id) == 1
+    assert await store.get_task(_tid()) is None
+
+
+async def test_apply_event_twice_is_a_duplicate_with_the_same_seq(store: TaskStore) -> None:
+    task_id = await _create(store)
+    ev = events.running(task_id, 1)
+    first = await store.apply_event(ev)
+    second = await store.apply_event(ev)
+    assert first.outcome is Outcome.APPLIED
+    assert first.seq == 2
+    assert first.changed is True
+    assert second.outcome is Outcome.DUPLICATE
+    assert second.seq == first.seq
+    assert second.changed is False
+    assert await store.events.count_documents({"_id": ev.event_id}) == 1
+    assert await _n_events(store, task_id) == 2
+
+    # The same after the state moved on (the plan is None by then): still recognised.
+    assert (await store.apply_event(events.completed(task_id, 1))).outcome is Outcome.APPLIED
+    again = await store.apply_event(ev)
+    assert (again.outcome, again.seq) == (Outcome.DUPLICATE, 2)
+    assert await _n_events(store, task_id) == 3
+
+
+async def test_unknown_task_is_ignored(store: TaskStore) -> None:
+    task_id = _tid()
+    res = await store.apply_event(events.running(task_id, 1))
+    assert res.outcome is Outcome.IGNORED
+    assert res.recorded is False
+    assert await _n_events(store, task_id) == 0
+
+
+async def test_concurrent_writers_get_gap_free_unique_seqs(store: TaskStore) -> None:
+    task_id = await _create(store)
+    n = 30
+    evs = [events.output(task_id, 1, i, [f"line {i}"]) for i in range(n)]
+    results = await asyncio.gather(*(store.apply_event(ev) for ev in evs))
+    assert all(r.outcome is Outcome.APPLIED for r in results), results
+    assert sorted(r.seq for r in results if r.seq is not None) == list(range(2, n + 2))
+    seqs = [d["seq"] async for d in store.events.find({"task_id": task_id}, {"seq": 1})]
+    assert sorted(seqs) == list(range(1, n + 2))
+    assert (await _task(store, task_id))["output_lines"] == n
+    assert await store.read_output(task_id, 1, 0, n) == [f"line {i}" for i in range(n)]
+
+
+# -- lifecycle -------------------------------------------------------------------------------
+
+
+async def test_lifecycle_progress_rises_terminal_sticks_cancel_wins(store: TaskStore) -> None:
+    task_id = await _create(store)
+    assert (await store.apply_event(events.running(task_id, 1))).changed
+    doc = await _task(store, task_id)
+    assert doc["state"] == "running"
+    assert isinstance(doc["started_at_ms"], int)
+
+    await store.apply_event(events.progressed(task_id, 1, 50, "a"))
+    lower = await store.apply_event(events.progressed(task_id, 1, 30, "b"))
+    assert lower.outcome is Outcome.APPLIED  # recorded in the log, but cannot lower progress
+    assert (await _task(store, task_id))["progress"] == 50
+
+    done = await store.apply_event(events.completed(task_id, 1))
+    assert (done.outcome, done.changed) == (Outcome.APPLIED, True)
+    doc = await _task(store, task_id)
+    assert doc["state"] == "completed"
+    assert doc["progress"] == 100
+    assert isinstance(doc["finished_at_ms"], int)
+    finished = doc["finished_at_ms"]
+
+    late_fail = await store.apply_event(events.failed(task_id, 1, "boom"))
+    assert late_fail.outcome is Outcome.IGNORED
+    late_progress = await store.apply_event(events.progressed(task_id, 1, 10, "c"))
+    assert late_progress.outcome is Outcome.IGNORED
+    doc = await _task(store, task_id)
+    assert (doc["state"], doc["error_message"], doc["progress"]) == ("completed", None, 100)
+    assert await store.event_seen(events.failed(task_id, 1, "boom").event_id) is False
+
+    cancel = await store.apply_event(events.canceled(task_id, 1))
+    assert (cancel.outcome, cancel.changed) == (Outcome.APPLIED, True)
+    doc = await _task(store, task_id)
+    assert doc["state"] == "canceled"
+    assert doc["finished_at_ms"] >= finished
+    kinds = [d["body"]["kind"] for d in await store.read_events(task_id)]
+    assert kinds == ["queued", "running", "progress", "progress", "completed", "canceled"]
+
+
+async def test_canceled_then_failed_stays_canceled(store: TaskStore) -> None:
+    task_id = await _create(store)
+    await store.apply_event(events.running(task_id, 1))
+    assert (await store.apply_event(events.canceled(task_id, 1))).changed
+    res = await store.apply_event(events.failed(task_id, 1, "killed"))
+    assert res.outcome is Outcome.IGNORED
+    doc = await _task(store, task_id)
+    assert doc["state"] == "canceled"
+    assert doc["error_message"] is None
+    assert doc["progress"] == 100  # a canceled run ends at 100 (NodeODM §4.4)
+
+
+async def test_restart_opens_next_attempt_and_ignores_the_old_one(store: TaskStore) -> None:
+    task_id = await _create(store)
+    for ev in (
+        events.running(task_id, 1),
+        events.progressed(task_id, 1, 70, "a"),
+        events.output(task_id, 1, 0, ["x", "y"]),
+        events.completed(task_id, 1),
+    ):
+        await store.apply_event(ev)
+
+    opts = [{"name": "dsm", "value": True}]
+    res = await store.apply_event(
+        events.queued(task_id, 2, options=opts, date_created_ms=2_000)
+    )
+    assert (res.outcome, res.changed) == (Outcome.APPLIED, True)
+    doc = await _task(store, task_id)
+    assert (doc["attempt"], doc["state"], doc["progress"], doc["output_lines"]) == (
+        2, "queued", 0, 0
+    )
+    assert doc["options"] == opts
+    assert doc["date_created_ms"] == 2_000
+    assert doc["started_at_ms"] is None
+    assert doc["finished_at_ms"] is None
+    n_events = await _n_events(store, task_id)
+
+    for stale in (
+        events.running(task_id, 1),  # a redelivery: recorded before, so a duplicate
+        events.progressed(task_id, 1, 90, "late"),
+        events.output(task_id, 1, 2, ["z"]),
+        events.failed(task_id, 1, "late"),
+        events.canceled(task_id, 1),
+    ):
+        out = await store.apply_event(stale)
+        assert out.outcome in (Outcome.IGNORED, Outcome.DUPLICATE), stale.kind
+        assert out.changed is False, stale.kind
+    assert await store.event_seen(events.canceled(task_id, 1).event_id) is False
+    assert await _n_events(store, task_id) == n_events
+    assert await _task(store, task_id) == doc
+
+    # Attempt 2 runs normally.
+    await store.apply_event(events.running(task_id, 2))
+    assert (await _task(store, task_id))["state"] == "running"
+
+
+async def test_restart_while_running_is_ignored(store: TaskStore) -> None:
+    task_id = await _create(store)
+    await store.apply_event(events.running(task_id, 1))
+    res = await store.apply_event(events.queued(task_id, 2, options=[{"name": "x", "value": 1}]))
+    assert res.outcome is Outcome.IGNORED
+    doc = await _task(store, task_id)
+    assert (doc["attempt"], doc["state"], doc["options"]) == (1, "running", [])
+    assert await store.event_seen(events.queued(task_id, 2).event_id) is False
+
+
+# -- output ----------------------------------------------------------------------------------
+
+
+async def test_output_slices_per_attempt(store: TaskStore) -> None:
+    task_id = await _create(store)
+    await store.apply_event(events.running(task_id, 1))
+    # Recorded out of order on purpose: slices are ordered by line_start, not by seq.
+    await store.apply_event(events.output(task_id, 1, 3, ["l3", "l4"]))
+    await store.apply_event(events.output(task_id, 1, 0, ["l0", "l1", "l2"]))
+    assert await store.output_end(task_id, 1) == 5
+    assert (await _task(store, task_id))["output_lines"] == 5
+    assert await store.read_output(task_id, 1, 0, 5) == ["l0", "l1", "l2", "l3", "l4"]
+    assert await store.read_output(task_id, 1, 2, 5) == ["l2", "l3", "l4"]
+    assert await store.read_output(task_id, 1, 4, 5) == ["l4"]
+    assert await store.read_output(task_id, 1, 1, 4) == ["l1", "l2", "l3"]
+    assert await store.read_output(task_id, 1, 5, 5) == []
+
+    await store.apply_event(events.completed(task_id, 1))
+    await store.apply_event(events.queued(task_id, 2))
+    assert await store.output_end(task_id, 2) == 0
+    assert await store.read_output(task_id, 2, 0, 5) == []
+    await store.apply_event(events.output(task_id, 2, 0, ["n0"]))
+    assert await store.read_output(task_id, 2, 0, 1) == ["n0"]
+    assert await store.output_end(task_id, 2) == 1
+    assert await store.read_output(task_id, 1, 0, 5) == ["l0", "l1", "l2", "l3", "l4"]
+
+
+# -- removal, outbox, counts -----------------------------------------------------------------
+
+
+async def test_removed_hides_the_task_and_delete_removes_everything(store: TaskStore) -> None:
+    kept = await _create(store)
+    gone = await _create(store)
+    await store.apply_event(events.output(gone, 1, 0, ["a"]))
+    assert await store.count_active() == 2
+    assert await store.list_task_ids() == [kept, gone]
+
+    res = await store.apply_event(events.removed(gone, 1))
+    assert (res.outcome, res.changed) == (Outcome.APPLIED, True)
+    assert await store.get_task(gone) is None
+    hidden = await store.get_task(gone, include_removed=True)
+    assert hidden is not None
+    assert hidden["removed"] is True
+    assert isinstance(hidden["removed_at_ms"], int)
+    assert await store.list_task_ids() == [kept]
+    assert await store.count_active() == 1
+    assert (await store.apply_event(events.running(gone, 1))).outcome is Outcome.IGNORED
+
+    await store.delete_task(gone)
+    assert await store.get_task(gone, include_removed=True) is None
+    assert await _n_events(store, gone) == 0
+    assert await store.get_task(kept) is not None
+    assert await _n_events(store, kept) == 1
+
+
+async def test_outbox_lists_events_until_published(store: TaskStore) -> None:
+    task_id = await _create(store)
+    await store.apply_event(events.running(task_id, 1))
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=5)
+    earlier = dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)
+
+    pending = await store.unpublished_events(later)
+    assert [d["_id"] for d in pending] == [f"{task_id}:1:queued", f"{task_id}:1:running"]
+    assert pending[0]["seq"] == 1
+    assert pending[0]["recorded_at"].tzinfo is not None
+    assert await store.unpublished_events(earlier) == []
+    assert len(await store.unpublished_events(later, limit=1)) == 1
+
+    await store.mark_published(f"{task_id}:1:queued")
+    assert [d["_id"] for d in await store.unpublished_events(later)] == [f"{task_id}:1:running"]
+    await store.mark_published(f"{task_id}:1:running")
+    assert await store.unpublished_events(later) == []
+    assert await store.event_seen(f"{task_id}:1:running") is True
+
+
+async def test_count_active_counts_queued_and_running_only(store: TaskStore) -> None:
+    assert await store.count_active() == 0
+    ids = [await _create(store) for _ in range(5)]
+    await store.apply_event(events.running(ids[1], 1))
+    await store.apply_event(events.completed(ids[2], 1))
+    await store.apply_event(events.failed(ids[3], 1, "x"))
+    await store.apply_event(events.canceled(ids[4], 1))
+    assert await store.count_active() == 2
+    await store.apply_event(events.completed(ids[1], 1))
+    assert await store.count_active() == 1
+    assert await store.list_task_ids() == ids
+
+
+# -- webhook deliveries ----------------------------------------------------------------------
+
+
+async def test_delivery_open_twice_and_record_attempts(deliveries: DeliveryStore) -> None:
+    task_id = _tid()
+    did = f"{task_id}:1:https://hook.example/x"
+    first = await deliveries.open(did, task_id=task_id, attempt=1, url="https://hook.example/x")
+    second = await deliveries.open(did, task_id=task_id, attempt=1, url="https://other/")
+    assert first == second
+    assert (first["status"], first["attempts"], first["url"]) == (
+        "pending", [], "https://hook.example/x"
+    )
+    assert await deliveries.deliveries.count_documents({"_id": did}) == 1
+
+    await deliveries.record_attempt(did, status="retrying", status_code=503, latency_ms=12,
+                                    error="HTTP 503")
+    await deliveries.record_attempt(did, status="delivered", status_code=200, latency_ms=7,
+                                    error=None)
+    doc = await deliveries.get(did)
+    assert doc is not None
+    assert doc["status"] == "delivered"
+    assert [(a["status_code"], a["latency_ms"], a["error"]) for a in doc["attempts"]] == [
+        (503, 12, "HTTP 503"), (200, 7, None)
+    ]
+    assert all(a["at"].tzinfo is not None for a in doc["attempts"])
+    assert [d["_id"] for d in await deliveries.for_task(task_id)] == [did]
+    assert await deliveries.for_task(_tid()) == []

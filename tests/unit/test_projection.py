@@ -1,0 +1,268 @@
+"""The projection rules (``scaleodm.common.store.projection.plan``): pure, no I/O.
+
+Covered, table-driven over every event kind and the relevant snapshot states:
+- events of the current attempt: which (kind, state) pairs produce an update and which are ignored
+  (never backwards, terminal completed/failed stick, ``canceled`` wins over everything but itself,
+  progress via ``$max``, output lines via ``$max``);
+- stale attempts are ignored; future attempts are ignored except ``queued`` for attempt + 1 from a
+  terminal state (the restart), whose update resets the attempt's fields;
+- ``removed`` always applies (even to removed tasks and other attempts); a removed task ignores
+  everything else;
+- the exact guard (preconditions repeated in the filter) and update documents.
+
+Left out: applying the plans to MongoDB (``tests/integration/test_store.py``), event log / seq
+allocation, and the NodeODM status mapping (``domain.status``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from scaleodm.common.contracts import events
+from scaleodm.common.domain.status import TaskState
+from scaleodm.common.store.projection import Plan, Snapshot, plan
+
+TID = "3f2b8f4e-1c2d-4a5b-8c9d-0e1f2a3b4c5d"
+AT = dt.datetime(2024, 5, 6, 7, 8, 9, 123000, tzinfo=dt.UTC)
+AT_MS = int(AT.timestamp() * 1000)
+
+Q, R, C, F, X = (
+    TaskState.QUEUED,
+    TaskState.RUNNING,
+    TaskState.COMPLETED,
+    TaskState.FAILED,
+    TaskState.CANCELED,
+)
+ALL_STATES = (Q, R, C, F, X)
+ACTIVE_IN = {"$in": ["queued", "running"]}
+TERMINAL_IN = {"$in": ["canceled", "completed", "failed"]}
+
+EventFactory = Callable[[int], events.TaskEvent]
+
+
+def _at(ev: events.TaskEvent) -> events.TaskEvent:
+    return ev.model_copy(update={"occurred_at": AT})
+
+
+# Every kind, built for a given attempt.
+KINDS: dict[str, EventFactory] = {
+    "queued": lambda a: _at(events.queued(TID, a)),
+    "running": lambda a: _at(events.running(TID, a)),
+    "progress": lambda a: _at(events.progressed(TID, a, 42.5, "k")),
+    "output": lambda a: _at(events.output(TID, a, 3, ["a", "b"])),
+    "completed": lambda a: _at(events.completed(TID, a)),
+    "failed": lambda a: _at(events.failed(TID, a, "Cannot process dataset")),
+    "canceled": lambda a: _at(events.canceled(TID, a)),
+    "removed": lambda a: _at(events.removed(TID, a)),
+}
+
+
+def _expected_same_attempt(kind: str, state: TaskState) -> Plan | None:
+    """The plan for an event of the snapshot's attempt (2), spelled out per (kind, state)."""
+    same = {"attempt": 2}
+    if kind == "removed":
+        return Plan(update={"$set": {"removed": True, "removed_at_ms": AT_MS}})
+    if kind == "queued":
+        return Plan()
+    if kind == "output":
+        return Plan(guard=same, update={"$max": {"output_lines": 5}})
+    if kind == "running":
+        if state not in (Q, R):
+            return None
+        return Plan(
+            guard={**same, "state": "queued"},
+            update={"$set": {"state": "running", "started_at_ms": AT_MS}},
+        )
+    if kind == "progress":
+        if state not in (Q, R):
+            return None
+        return Plan(guard={**same, "state": ACTIVE_IN}, update={"$max": {"progress": 42.5}})
+    if kind in ("completed", "failed"):
+        if state not in (Q, R):
+            return None
+        values: dict[str, Any] = {"state": kind, "progress": 100.0, "finished_at_ms": AT_MS}
+        if kind == "failed":
+            values["error_message"] = "Cannot process dataset"
+        return Plan(guard={**same, "state": ACTIVE_IN}, update={"$set": values})
+    assert kind == "canceled"
+    if state == X:
+        return None
+    values = {"state": "canceled", "finished_at_ms": AT_MS}
+    if state == R:
+        values["progress"] = 100.0
+    return Plan(guard={**same, "state": {"$ne": "canceled"}}, update={"$set": values})
+
+
+SAME_ATTEMPT_CASES = [
+    pytest.param(kind, state, _expected_same_attempt(kind, state), id=f"{kind}-from-{state}")
+    for kind in KINDS
+    for state in ALL_STATES
+]
+
+
+@pytest.mark.parametrize(("kind", "state", "expected"), SAME_ATTEMPT_CASES)
+def test_event_of_current_attempt(kind: str, state: TaskState, expected: Plan | None) -> None:
+    assert plan(Snapshot(attempt=2, state=state), KINDS[kind](2)) == expected
+
+
+# The rules in words, independently of the table above (guards against a table copying the code).
+@pytest.mark.parametrize(
+    ("kind", "state", "applies"),
+    [
+        pytest.param("running", Q, True, id="queued-to-running"),
+        pytest.param("running", C, False, id="no-running-after-completed"),
+        pytest.param("running", F, False, id="no-running-after-failed"),
+        pytest.param("running", X, False, id="no-running-after-canceled"),
+        pytest.param("progress", C, False, id="no-progress-after-completed"),
+        pytest.param("completed", F, False, id="failed-sticks-against-completed"),
+        pytest.param("failed", C, False, id="completed-sticks-against-failed"),
+        pytest.param("completed", X, False, id="canceled-sticks-against-completed"),
+        pytest.param("failed", X, False, id="canceled-sticks-against-failed"),
+        pytest.param("completed", R, True, id="running-to-completed"),
+        pytest.param("failed", Q, True, id="queued-to-failed"),
+        pytest.param("canceled", Q, True, id="cancel-queued"),
+        pytest.param("canceled", R, True, id="cancel-running"),
+        pytest.param("canceled", C, True, id="cancel-wins-over-completed"),
+        pytest.param("canceled", F, True, id="cancel-wins-over-failed"),
+        pytest.param("canceled", X, False, id="cancel-twice"),
+        pytest.param("output", C, True, id="late-output-of-same-attempt"),
+    ],
+)
+def test_transition_rules(kind: str, state: TaskState, applies: bool) -> None:
+    step = plan(Snapshot(attempt=1, state=state), KINDS[kind](1))
+    assert (step is not None) is applies
+    if step is not None and kind != "output":
+        assert step.update, "an applied state change must update the document"
+
+
+@pytest.mark.parametrize(
+    ("kind", "state"),
+    [
+        pytest.param(kind, state, id=f"{kind}-attempt1-vs-{state}-attempt2")
+        for kind in KINDS
+        if kind != "removed"
+        for state in ALL_STATES
+    ],
+)
+def test_stale_attempt_is_ignored(kind: str, state: TaskState) -> None:
+    assert plan(Snapshot(attempt=2, state=state), KINDS[kind](1)) is None
+
+
+@pytest.mark.parametrize(
+    ("kind", "state"),
+    [
+        pytest.param(kind, state, id=f"{kind}-attempt3-vs-{state}-attempt2")
+        for kind in KINDS
+        if kind not in ("removed", "queued")
+        for state in ALL_STATES
+    ],
+)
+def test_future_attempt_is_ignored(kind: str, state: TaskState) -> None:
+    assert plan(Snapshot(attempt=2, state=state), KINDS[kind](3)) is None
+
+
+@pytest.mark.parametrize(
+    ("state", "attempt", "applies"),
+    [
+        pytest.param(C, 3, True, id="next-after-completed"),
+        pytest.param(F, 3, True, id="next-after-failed"),
+        pytest.param(X, 3, True, id="next-after-canceled"),
+        pytest.param(Q, 3, False, id="next-while-queued"),
+        pytest.param(R, 3, False, id="next-while-running"),
+        pytest.param(C, 4, False, id="skip-an-attempt"),
+        pytest.param(X, 4, False, id="skip-an-attempt-canceled"),
+        pytest.param(C, 1, False, id="older-attempt"),
+    ],
+)
+def test_restart_only_next_attempt_from_terminal(
+    state: TaskState, attempt: int, applies: bool
+) -> None:
+    step = plan(Snapshot(attempt=2, state=state), KINDS["queued"](attempt))
+    assert (step is not None) is applies
+
+
+def test_restart_plan_resets_the_attempt_and_carries_new_options() -> None:
+    opts = [{"name": "dsm", "value": True}]
+    ev = events.queued(TID, 3, options=opts, date_created_ms=1_700_000_000_000)
+    step = plan(Snapshot(attempt=2, state=F), ev)
+    assert step == Plan(
+        guard={"attempt": 2, "state": TERMINAL_IN},
+        update={
+            "$set": {
+                "attempt": 3,
+                "state": "queued",
+                "progress": 0.0,
+                "output_lines": 0,
+                "started_at_ms": None,
+                "finished_at_ms": None,
+                "error_message": None,
+                "options": opts,
+                "date_created_ms": 1_700_000_000_000,
+            }
+        },
+    )
+
+
+def test_restart_without_options_keeps_them() -> None:
+    step = plan(Snapshot(attempt=1, state=X), events.queued(TID, 2))
+    assert step is not None
+    assert step.guard == {"attempt": 1, "state": TERMINAL_IN}
+    assert "options" not in step.update["$set"]
+    assert "date_created_ms" not in step.update["$set"]
+    assert step.update["$set"]["attempt"] == 2
+
+
+@pytest.mark.parametrize(
+    ("snap_attempt", "state", "removed", "ev_attempt"),
+    [
+        pytest.param(1, Q, False, 1, id="queued"),
+        pytest.param(2, R, False, 2, id="running"),
+        pytest.param(2, C, False, 1, id="stale-attempt"),
+        pytest.param(1, F, False, 2, id="future-attempt"),
+        pytest.param(1, X, True, 1, id="already-removed"),
+    ],
+)
+def test_removed_always_applies(
+    snap_attempt: int, state: TaskState, removed: bool, ev_attempt: int
+) -> None:
+    snap = Snapshot(attempt=snap_attempt, state=state, removed=removed)
+    step = plan(snap, KINDS["removed"](ev_attempt))
+    assert step == Plan(guard={}, update={"$set": {"removed": True, "removed_at_ms": AT_MS}})
+
+
+@pytest.mark.parametrize(
+    ("kind", "ev_attempt"),
+    [pytest.param(kind, 1, id=kind) for kind in KINDS if kind != "removed"]
+    + [pytest.param("queued", 2, id="restart")],
+)
+def test_removed_task_ignores_everything_else(kind: str, ev_attempt: int) -> None:
+    snap = Snapshot(attempt=1, state=C, removed=True)
+    assert plan(snap, KINDS[kind](ev_attempt)) is None
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [pytest.param(k, id=k) for k in ("running", "progress", "output", "completed", "failed",
+                                      "canceled")],
+)
+def test_every_update_guards_the_attempt(kind: str) -> None:
+    step = plan(Snapshot(attempt=7, state=Q), KINDS[kind](7))
+    assert step is not None
+    assert step.guard["attempt"] == 7
+
+
+def test_cancel_of_queued_does_not_touch_progress() -> None:
+    step = plan(Snapshot(attempt=1, state=Q), KINDS["canceled"](1))
+    assert step is not None
+    assert "progress" not in step.update["$set"]
+
+
+def test_output_lines_come_from_line_start_plus_count() -> None:
+    ev = events.output(TID, 1, 10, ["x"] * 4)
+    step = plan(Snapshot(attempt=1, state=R), ev)
+    assert step is not None
+    assert step.update == {"$max": {"output_lines": 14}}
