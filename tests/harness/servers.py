@@ -72,15 +72,15 @@ class Nats:
 
 
 @contextlib.contextmanager
-def nats_server(tmp: Path) -> Iterator[Nats]:
-    port, mport = free_port(), free_port()
+def nats_server(tmp: Path, port: int | None = None) -> Iterator[Nats]:
+    port, mport = port or free_port(), free_port()
     store = tmp / "jetstream"
     store.mkdir(parents=True, exist_ok=True)
     log = (tmp / "nats.log").open("ab")
     proc = subprocess.Popen(
         [str(BIN / "nats-server"), "-js", "-a", "127.0.0.1", "-p", str(port), "-m", str(mport),
          "-sd", str(store)],
-        stdout=log, stderr=subprocess.STDOUT,
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     try:
         wait_http(f"http://127.0.0.1:{mport}/healthz", proc=proc)
@@ -127,8 +127,11 @@ def mongoeco_available() -> str | None:
 
 
 @contextlib.contextmanager
-def mongo_server(kind: str, tmp: Path) -> Iterator[str]:
-    """A MongoDB URL: the real one from the environment, else a wire server of ``kind``."""
+def mongo_server(kind: str, tmp: Path, *, data_dir: Path | None = None) -> Iterator[str]:
+    """A MongoDB URL: the real one from the environment, else a wire server of ``kind``.
+
+    ``data_dir`` keeps nx-27017's data on disk (one SQLite file per database) across restarts.
+    """
     real = os.environ.get("SCALEODM_TEST_MONGODB_URL")
     if real:
         yield real
@@ -136,7 +139,8 @@ def mongo_server(kind: str, tmp: Path) -> Iterator[str]:
     port = free_port()
     tmp.mkdir(parents=True, exist_ok=True)
     if kind == "nx":
-        cmd = [str(BIN / "nx-27017"), "--host", "127.0.0.1", "-p", str(port), "--db", "memory",
+        storage = ["--data-dir", str(data_dir)] if data_dir else ["--db", "memory"]
+        cmd = [str(BIN / "nx-27017"), "--host", "127.0.0.1", "-p", str(port), *storage,
                "--pid-file", str(tmp / "nx.pid"), "--log-file", str(tmp / "nx.log")]
     elif kind == "mongoeco":
         cmd = ["uv", "run", "--frozen", "--project", str(ROOT / "tests" / "mongoeco-server"),
@@ -145,7 +149,7 @@ def mongo_server(kind: str, tmp: Path) -> Iterator[str]:
     else:
         raise ValueError(kind)
     log = (tmp / f"{kind}.out").open("ab")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"mongodb://127.0.0.1:{port}/?directConnection=true"
     try:
         _wait_mongo(url, proc)

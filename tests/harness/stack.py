@@ -27,6 +27,7 @@ class Stack:
     database: str
     bucket: str = "scaleodm"
     extra_env: dict[str, str] = field(default_factory=dict)
+    console: bool = False  # services log to this terminal instead of files
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     ports: dict[str, int] = field(default_factory=dict)
 
@@ -63,16 +64,20 @@ class Stack:
         env.update(extra or {})
         return env
 
-    def start(self, service: str, extra: dict[str, str] | None = None) -> None:
-        port = free_port()
+    def start(self, service: str, extra: dict[str, str] | None = None,
+              port: int | None = None) -> None:
+        port = port or free_port()
         self.ports[service] = port
         env = self.env(service, extra)
         env["SCALEODM_GATEWAY_PORT" if service == "gateway" else "SCALEODM_HEALTH_PORT"] = str(port)
-        log = (self.tmp / f"{service}.log").open("ab")
+        out = None if self.console else (self.tmp / f"{service}.log").open("ab")
         proc = subprocess.Popen(
             [sys.executable, "-m", f"scaleodm.{service}.main"],
-            env=env, stdout=log, stderr=subprocess.STDOUT,
+            env=env, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True,  # Ctrl-C reaches the launcher only, which stops in order
         )
+        if out is not None:
+            out.close()
         self.procs[service] = proc
         wait_http(f"http://127.0.0.1:{port}/readyz", timeout_s=60, proc=proc)
 

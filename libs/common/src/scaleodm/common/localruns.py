@@ -89,8 +89,8 @@ class RunDir:
 
     def runner_alive(self) -> bool:
         """True while a runner holds the lock (checked by trying to take it)."""
-        try:
-            fd = os.open(self.file(LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # read-only: a reader must never create the lock file a runner will open
+            fd = os.open(self.file(LOCK_FILE), os.O_RDONLY)
         except OSError:
             return False
         try:

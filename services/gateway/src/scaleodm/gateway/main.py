@@ -44,7 +44,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
                 logger=get_logger("scaleodm.bus"),
             )
             conn = await broker.connect()
-            stack.push_async_callback(broker.stop)
+            stack.push_async_callback(_stop_broker, broker)
             await streams.ensure_streams(conn.jetstream())
             app.state.resources = Resources(
                 settings, mongo, s3, broker,
@@ -68,6 +68,14 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(nodeodm.router)
     return app
+
+
+async def _stop_broker(broker: NatsBroker) -> None:
+    """Drain the connection; a connection already lost is not an error at shutdown."""
+    try:
+        await broker.stop()
+    except Exception as exc:
+        log.warning("NATS connection did not drain cleanly", error=repr(exc))
 
 
 def _check_secrets(settings: GatewaySettings) -> None:
