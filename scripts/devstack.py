@@ -23,7 +23,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from scaleodm.scheduler.engines import docker_answers  # noqa: E402
-
 from tests.harness import servers  # noqa: E402
 from tests.harness.stack import Stack  # noqa: E402
 
@@ -36,7 +35,7 @@ def main() -> int:
     data.mkdir(parents=True, exist_ok=True)
     stop_requested = False
 
-    def request_stop(signum: int, _frame: object) -> None:
+    def request_stop(_signum: int, _frame: object) -> None:
         nonlocal stop_requested
         stop_requested = True
         raise KeyboardInterrupt

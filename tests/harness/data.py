@@ -7,7 +7,11 @@ import zipfile
 from pathlib import Path
 
 # A tiny JPEG-shaped payload (SOI ... EOI); the ODM test double only needs image files.
-JPEG = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00" + b"\x00" * 64 + b"\xff\xd9"
+JPEG = (
+    b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00"
+    + b"\x00" * 64
+    + b"\xff\xd9"
+)
 
 
 def image_names(n: int) -> list[str]:

@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from scaleodm.common import localruns
-
 from tests.harness.servers import S3Endpoint, free_port, stop_process, wait_http
 
 SERVICES = ("gateway", "scheduler", "watcher", "notifier")

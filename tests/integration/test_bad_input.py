@@ -1,4 +1,4 @@
-"""Bad input to the skeleton's endpoints: a clear NodeODM-style error, never a 500, nothing else lost.
+"""Bad input to the skeleton's endpoints: a clear NodeODM-style error, never a 500, no loss.
 
 Synchronous problems answer HTTP 200 ``{"error": ...}`` (NodeODM §1.1); problems found while
 fetching inputs end the task 30 with an ``errorMessage``. A healthy task submitted alongside must

@@ -39,7 +39,8 @@ async def serve(args: argparse.Namespace) -> None:
         loop.add_signal_handler(sig, stop.set)
     await proxy.start()
     try:
-        print(f"READY {proxy.address.uri}", flush=True)
+        sys.stdout.write(f"READY {proxy.address.uri}\n")
+        sys.stdout.flush()
         await stop.wait()
     finally:
         await proxy.close()

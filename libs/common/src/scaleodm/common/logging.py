@@ -72,7 +72,7 @@ def configure_logging(service: str, level: str = "INFO", json_lines: bool = True
 
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:
-    return structlog.stdlib.get_logger(name)  # type: ignore[no-any-return]
+    return structlog.stdlib.get_logger(name)
 
 
 @contextlib.contextmanager

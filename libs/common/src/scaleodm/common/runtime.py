@@ -29,7 +29,7 @@ GRACEFUL_TIMEOUT_S = 15.0
 def make_broker(settings: BaseServiceSettings) -> NatsBroker:
     return NatsBroker(
         settings.nats.servers(),
-        connect_timeout=settings.nats.connect_timeout_s,
+        connect_timeout=int(settings.nats.connect_timeout_s),
         graceful_timeout=GRACEFUL_TIMEOUT_S,
         logger=get_logger("scaleodm.bus"),
     )

@@ -1,10 +1,10 @@
 """Settings for every service, from the environment only (prefix ``SCALEODM_``).
 
-One tree grouped by concern: the infrastructure groups (``nats``, ``mongo``, ``s3``, ``local``) are
-nested models set with a double underscore (``SCALEODM_NATS__URL``); a service's own fields sit flat
-on its class (``SCALEODM_GATEWAY_PORT``, ``SCALEODM_TOKEN``), because the NodeODM-facing names are part
-of our contract. Settings are built in cached factories called from ``main()``/lifespans, never at
-import time, so tests can set the environment first.
+One tree grouped by concern: the infrastructure groups (``nats``, ``mongo``, ``s3``, ``local``)
+are nested models set with a double underscore (``SCALEODM_NATS__URL``); a service's own fields
+sit flat on its class (``SCALEODM_GATEWAY_PORT``, ``SCALEODM_TOKEN``), because those names are
+part of our contract. Settings are built in cached factories called from ``main()`` or lifespans,
+never at import time, so tests can set the environment first.
 """
 
 from __future__ import annotations
@@ -99,9 +99,9 @@ class BaseServiceSettings(BaseSettings):
         description="Fault injection for tests and chaos runs: `name=action` pairs separated by "
         "commas (e.g. `scheduler.create.before_ack=hang`). Empty in production.",
     )
-    nats: NatsSettings = Field(default_factory=NatsSettings)  # type: ignore[arg-type]
-    mongo: MongoSettings = Field(default_factory=MongoSettings)  # type: ignore[arg-type]
-    s3: S3Settings = Field(default_factory=S3Settings)  # type: ignore[arg-type]
+    nats: NatsSettings = Field(default_factory=NatsSettings)
+    mongo: MongoSettings = Field(default_factory=MongoSettings)
+    s3: S3Settings = Field(default_factory=S3Settings)
 
     def insecure_defaults(self) -> list[str]:
         """Names of settings still holding development credentials."""
@@ -168,7 +168,7 @@ class SchedulerSettings(BaseServiceSettings):
     test_engine_seconds: float = Field(
         3.0, description="Run length of the ODM test double (engine=test)."
     )
-    local: LocalRunSettings = Field(default_factory=LocalRunSettings)  # type: ignore[arg-type]
+    local: LocalRunSettings = Field(default_factory=LocalRunSettings)
     ack_wait_s: float = Field(60.0, description="JetStream ack_wait of the command consumer.")
     max_deliver: int = Field(10, description="Deliveries of one command before it is given up.")
     zip_max_bytes: int = Field(
@@ -180,7 +180,7 @@ class SchedulerSettings(BaseServiceSettings):
 class WatcherSettings(BaseServiceSettings):
     """Follows runs, turns them into events, projects events into MongoDB."""
 
-    local: LocalRunSettings = Field(default_factory=LocalRunSettings)  # type: ignore[arg-type]
+    local: LocalRunSettings = Field(default_factory=LocalRunSettings)
     poll_interval_s: float = Field(0.25, description="How often local runs are polled.")
     output_batch_lines: int = Field(200, description="Most console lines in one output event.")
     run_start_grace_s: float = Field(

@@ -1,7 +1,8 @@
 """NodeODM's error transport (nodeodm-api §1.1): application errors are HTTP 200 + ``{"error"}``.
 
 Only unknown routes answer 404 (HTML ``Cannot GET /path``, as Express does). Validation problems
-and unexpected exceptions are logged and turned into ``{"error": ...}`` — never a 500 or a traceback.
+and unexpected exceptions are logged and turned into ``{"error": ...}``: never a 500, never a
+traceback.
 """
 
 from __future__ import annotations
@@ -51,9 +52,9 @@ def install(app: FastAPI) -> None:
         if exc.status_code in (404, 405):
             path = html.escape(request.url.path)
             return HTMLResponse(
-                f"<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
-                f"<title>Error</title>\n</head>\n<body>\n<pre>Cannot {request.method} {path}</pre>\n"
-                f"</body>\n</html>\n",
+                "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+                "<title>Error</title>\n</head>\n<body>\n"
+                f"<pre>Cannot {request.method} {path}</pre>\n</body>\n</html>\n",
                 status_code=404,
             )
         return JSONResponse({"error": str(exc.detail)})

@@ -40,7 +40,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             s3 = await stack.enter_async_context(S3.open(settings.s3))
             broker = NatsBroker(
                 settings.nats.servers(),
-                connect_timeout=settings.nats.connect_timeout_s,
+                connect_timeout=int(settings.nats.connect_timeout_s),
                 logger=get_logger("scaleodm.bus"),
             )
             conn = await broker.connect()

@@ -19,7 +19,7 @@ def safe_basename(filename: str) -> str:
 
 
 def unique_name(name: str, taken: set[str]) -> str:
-    """NodeODM §3.4: ``a.jpg`` -> ``a_.jpg`` -> ``a__.jpg``; ``body.json`` is stored as ``_body.json``."""
+    """NodeODM §3.4: ``a.jpg`` -> ``a_.jpg`` -> ``a__.jpg``; ``body.json`` -> ``_body.json``."""
     if name == "body.json":
         name = "_body.json"
     while name in taken:

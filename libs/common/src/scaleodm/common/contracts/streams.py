@@ -127,6 +127,7 @@ def durables(*, ack_wait_s: float = 60.0, max_deliver: int = 10) -> tuple[Durabl
 async def ensure_streams(js: JetStreamContext) -> None:
     """Create or update both streams to the declared config (idempotent)."""
     for cfg in STREAMS:
+        assert cfg.name is not None
         try:
             await js.stream_info(cfg.name)
         except nats.js.errors.NotFoundError:
@@ -136,7 +137,9 @@ async def ensure_streams(js: JetStreamContext) -> None:
             await js.update_stream(cfg)
 
 
-async def ensure_consumers(js: JetStreamContext, *, only: str | None = None, **tuning: float) -> None:
+async def ensure_consumers(
+    js: JetStreamContext, *, only: str | None = None, **tuning: float
+) -> None:
     """Create the durables (or update their mutable fields) before anyone binds to them."""
     for durable in durables(**tuning):  # type: ignore[arg-type]
         if only is not None and durable.config.durable_name != only:

@@ -211,7 +211,7 @@ class TaskStore:
         return int(last["line_end"]) if last else 0
 
     async def read_output(self, task_id: str, attempt: int, start: int, total: int) -> list[str]:
-        """Console lines ``[start, total)`` of an attempt (NodeODM slices are resolved by callers)."""
+        """Console lines ``[start, total)`` of an attempt (callers resolve NodeODM slices)."""
         if start >= total:
             return []
         cursor = self.events.find(

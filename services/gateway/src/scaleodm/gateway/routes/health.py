@@ -28,7 +28,8 @@ async def read_readiness(res: ResourcesDep) -> Any:
         checks["mongo"] = "ok"
     except Exception as exc:
         checks["mongo"] = repr(exc)
-    checks["nats"] = "ok" if res.broker.connection and res.broker.connection.is_connected else "down"
+    conn = res.broker.connection
+    checks["nats"] = "ok" if conn and conn.is_connected else "down"
     try:
         await asyncio.wait_for(res.s3.ping(), 2)
         checks["s3"] = "ok"

@@ -144,7 +144,9 @@ class LocalRunSource:
             if f.rd.cancel_requested:
                 await self.emitter.emit(events.canceled(f.task_id, f.attempt))
             else:
-                await self.emitter.emit(events.failed(f.task_id, f.attempt, "The run did not start"))
+                await self.emitter.emit(
+                    events.failed(f.task_id, f.attempt, "The run did not start")
+                )
             return True
         return False
 
