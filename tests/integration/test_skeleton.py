@@ -78,6 +78,22 @@ async def test_zipurl_task_reaches_40_with_stage_progress_and_webhook(
     assert posts[0].headers["Content-Type"] == "application/json"
 
 
+async def test_s3_prefix_with_images_and_zips(client: httpx.AsyncClient, stack: Stack) -> None:
+    s3 = boto3.client("s3", endpoint_url=stack.s3.url, aws_access_key_id="testing",
+                      aws_secret_access_key="testing", region_name="us-east-1")
+    prefix = f"drone-uploads/{uuid.uuid4()}/"
+    for name in data.image_names(2):
+        s3.put_object(Bucket=stack.bucket, Key=prefix + name, Body=data.JPEG)
+    s3.put_object(Bucket=stack.bucket, Key=prefix + "more.zip", Body=data.zip_bytes(
+        {f"sub/EXTRA_{i}.JPG": data.JPEG for i in range(3)} | {"notes.pdf": b"%PDF"}))
+    s3.put_object(Bucket=stack.bucket, Key=prefix + "readme.md", Body=b"not an image")
+    created = await api.create(client, zipurl=f"s3://{stack.bucket}/{prefix}")
+    final = await api.poll_until(client, created["uuid"], api.status_is(30, 40, 50))
+    assert final["status"] == {"code": 40}, final
+    out = await api.info(client, created["uuid"], with_output=0)
+    assert any("Found 5 usable images" in line for line in out["output"]), out["output"][:20]
+
+
 async def test_uploaded_images_task_completes(client: httpx.AsyncClient) -> None:
     files = [(name, data.JPEG) for name in data.image_names(3)] + [("DJI_0001.JPG", data.JPEG)]
     created = await api.create(client, files=files, name="upload")

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -36,22 +38,36 @@ pytestmark = pytest.mark.integration
 Doc = dict[str, Any]
 
 
+@dataclass(frozen=True)
+class Server:
+    kind: str  # "nx", "mongoeco", or "mongodb" (SCALEODM_TEST_MONGODB_URL)
+    url: str
+
+
 @pytest.fixture(scope="module", params=list(servers.MONGO_KINDS))
 def store_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-                 ) -> Iterator[str]:
-    """A MongoDB URL served by the wire server named by the param."""
+                 ) -> Iterator[Server]:
+    """A MongoDB wire server of the kind named by the param (or the real one from the env)."""
     kind: str = request.param
-    if kind == "mongoeco":
+    if os.environ.get("SCALEODM_TEST_MONGODB_URL"):
+        kind = "mongodb"
+    elif kind == "mongoeco":
         reason = servers.mongoeco_available()
         if reason is not None:
             pytest.skip(reason)
     with servers.mongo_server(kind, tmp_path_factory.mktemp(f"store-{kind}")) as url:
-        yield url
+        yield Server(kind, url)
+
+
+def _known_nx_bug(request: pytest.FixtureRequest, server: Server, reason: str) -> None:
+    """Expect this test to fail on nx-27017 only (strict: it must start passing once fixed)."""
+    if server.kind == "nx":
+        request.applymarker(pytest.mark.xfail(reason=f"nx-27017 bug: {reason}", strict=True))
 
 
 @pytest.fixture
-async def client(store_server: str) -> AsyncIterator[AsyncMongoClient[Doc]]:
-    c: AsyncMongoClient[Doc] = AsyncMongoClient(store_server, tz_aware=True,
+async def client(store_server: Server) -> AsyncIterator[AsyncMongoClient[Doc]]:
+    c: AsyncMongoClient[Doc] = AsyncMongoClient(store_server.url, tz_aware=True,
                                                 serverSelectionTimeoutMS=5000)
     try:
         yield c
@@ -316,7 +332,7 @@ async def test_removed_hides_the_task_and_delete_removes_everything(store: TaskS
     assert await store.get_task(gone) is None
     hidden = await store.get_task(gone, include_removed=True)
     assert hidden is not None
-    assert hidden["removed"] is True
+    assert hidden["removed"]  # exactly True: test_updated_flags_stay_booleans
     assert isinstance(hidden["removed_at_ms"], int)
     assert await store.list_task_ids() == [kept]
     assert await store.count_active() == 1
@@ -327,6 +343,29 @@ async def test_removed_hides_the_task_and_delete_removes_everything(store: TaskS
     assert await _n_events(store, gone) == 0
     assert await store.get_task(kept) is not None
     assert await _n_events(store, kept) == 1
+
+
+async def test_delete_task_leaves_a_task_that_is_not_removed_alone(store: TaskStore) -> None:
+    task_id = await _create(store)
+    await store.apply_event(events.running(task_id, 1))
+    await store.delete_task(task_id)
+    assert (await _task(store, task_id))["state"] == "running"
+    assert [d["seq"] for d in await store.read_events(task_id)] == [1, 2]
+    await store.delete_task(_tid())  # unknown task: nothing to do, no error
+
+
+async def test_updated_flags_stay_booleans(
+    request: pytest.FixtureRequest, store_server: Server, store: TaskStore
+) -> None:
+    _known_nx_bug(request, store_server, "a top-level $set of True stores the integer 1")
+    task_id = await _create(store)
+    await store.mark_published(f"{task_id}:1:queued")
+    await store.apply_event(events.removed(task_id, 1))
+    event = await store.events.find_one({"_id": f"{task_id}:1:queued"})
+    assert event is not None
+    assert event["published"] is True
+    doc = await _task(store, task_id)
+    assert doc["removed"] is True
 
 
 async def test_outbox_lists_events_until_published(store: TaskStore) -> None:
@@ -383,9 +422,25 @@ async def test_delivery_open_twice_and_record_attempts(deliveries: DeliveryStore
     doc = await deliveries.get(did)
     assert doc is not None
     assert doc["status"] == "delivered"
+    assert len(doc["attempts"]) == 2  # their content: test_delivery_attempts_are_subdocuments
+    assert [d["_id"] for d in await deliveries.for_task(task_id)] == [did]
+    assert await deliveries.for_task(_tid()) == []
+
+
+async def test_delivery_attempts_are_subdocuments(
+    request: pytest.FixtureRequest, store_server: Server, deliveries: DeliveryStore
+) -> None:
+    _known_nx_bug(request, store_server, "$push of a subdocument stores it as a JSON string")
+    task_id = _tid()
+    did = f"{task_id}:1:https://hook.example/x"
+    await deliveries.open(did, task_id=task_id, attempt=1, url="https://hook.example/x")
+    await deliveries.record_attempt(did, status="pending", status_code=503, latency_ms=12,
+                                    error="HTTP 503")
+    await deliveries.record_attempt(did, status="delivered", status_code=200, latency_ms=7,
+                                    error=None)
+    doc = await deliveries.get(did)
+    assert doc is not None
     assert [(a["status_code"], a["latency_ms"], a["error"]) for a in doc["attempts"]] == [
         (503, 12, "HTTP 503"), (200, 7, None)
     ]
-    assert all(a["at"].tzinfo is not None for a in doc["attempts"])
-    assert [d["_id"] for d in await deliveries.for_task(task_id)] == [did]
-    assert await deliveries.for_task(_tid()) == []
+    assert all(isinstance(a["at"], dt.datetime) and a["at"].tzinfo for a in doc["attempts"])
