@@ -118,7 +118,7 @@ def mongoeco_available() -> str | None:
         return "uv not on PATH"
     probe = subprocess.run(
         ["uv", "run", "--frozen", "--project", str(ROOT / "tests" / "mongoeco-server"),
-         "python", "-c", "import mongoeco"],
+         "python", "-c", "import mongoeco, bson"],
         capture_output=True, timeout=300,
     )
     if probe.returncode != 0:

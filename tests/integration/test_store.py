@@ -8,8 +8,10 @@ Covered: task creation and duplicate uuids; idempotent ``apply_event`` (same seq
 gap-free ``seq`` allocation under concurrent writers; the lifecycle projection (monotonic
 progress, terminal states stick, ``canceled`` wins); restarts (attempt + 1 only from a terminal
 state, old-attempt events ignored afterwards); console output slices per attempt; removal and
-physical deletion; the outbox (``unpublished_events``/``mark_published``); ``count_active``;
-webhook delivery records.
+physical deletion (only of removed tasks); the outbox (``unpublished_events``/``mark_published``);
+``count_active``; webhook delivery records; BSON types surviving updates (booleans set by ``$set``,
+subdocuments appended by ``$push``) — two known nx-27017 bugs, expected to fail there (strict
+xfail, so a fixed nx shows up).
 
 Left out: the pure transition table (``tests/unit/test_projection.py``), ``open_store`` settings
 handling, ``read_events`` paging beyond one call, and anything about NATS or the services.

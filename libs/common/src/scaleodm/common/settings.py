@@ -125,6 +125,13 @@ class GatewaySettings(BaseServiceSettings):
     max_parallel_tasks: int = Field(
         1, description="Reported as `maxParallelTasks` in /info (runs the cluster admits at once)."
     )
+    max_request_bytes: int = Field(
+        100 * 1024**3,
+        description="Largest request body accepted (uploads stream to S3; this bounds abuse).",
+    )
+    engine_version: str = Field(
+        "?", description="Reported as `engineVersion` in /info (the ODM version runs use)."
+    )
     zipurl_schemes: list[str] = Field(
         default_factory=lambda: ["http", "https", "s3"],
         description="URL schemes accepted for `zipurl`.",

@@ -13,6 +13,7 @@ from scaleodm.common.emitting import Emitter
 from scaleodm.common.settings import GatewaySettings
 from scaleodm.common.store.s3 import S3
 from scaleodm.common.store.tasks import MongoHandle, TaskStore
+from scaleodm.common.store.uploads import UploadStore
 from scaleodm.gateway.errors import NodeOdmError
 
 
@@ -23,6 +24,7 @@ class Resources:
     s3: S3
     broker: NatsBroker
     emitter: Emitter
+    uploads: UploadStore
 
     @property
     def store(self) -> TaskStore:

@@ -17,9 +17,10 @@ from scaleodm.common.logging import configure_logging, get_logger
 from scaleodm.common.settings import Environment, GatewaySettings, get_gateway_settings
 from scaleodm.common.store.s3 import S3
 from scaleodm.common.store.tasks import open_store
+from scaleodm.common.store.uploads import UploadStore
 from scaleodm.gateway import errors
 from scaleodm.gateway.deps import Resources
-from scaleodm.gateway.routes import health, nodeodm
+from scaleodm.gateway.routes import auth, creating, health, nodeodm
 
 log = get_logger(__name__)
 
@@ -46,9 +47,11 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             conn = await broker.connect()
             stack.push_async_callback(_stop_broker, broker)
             await streams.ensure_streams(conn.jetstream())
+            upload_store = UploadStore(mongo.store.db)
+            await upload_store.ensure_indexes()
             app.state.resources = Resources(
                 settings, mongo, s3, broker,
-                Emitter(mongo.store, broker, settings.nats.publish_timeout_s),
+                Emitter(mongo.store, broker, settings.nats.publish_timeout_s), upload_store,
             )
             log.info("gateway ready", port=settings.gateway_port)
             yield
@@ -66,6 +69,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     )
     errors.install(app)
     app.include_router(health.router)
+    app.include_router(auth.router)
+    app.include_router(creating.router)
     app.include_router(nodeodm.router)
     return app
 

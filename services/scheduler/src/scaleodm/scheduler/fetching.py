@@ -11,6 +11,7 @@ from __future__ import annotations
 import posixpath
 import shutil
 import zipfile
+import zlib
 from pathlib import Path
 
 import httpx
@@ -23,6 +24,7 @@ log = get_logger(__name__)
 IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".tif", ".tiff", ".png", ".dng"})
 CONTROL_EXTS = frozenset({".txt"})
 MAX_ENTRIES = 500_000
+_ZIP_READ_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, RuntimeError, NotImplementedError)
 
 
 class InputError(Exception):
@@ -64,8 +66,11 @@ def extract_zip(archive: Path, dest: Path, max_bytes: int) -> int:
             total += info.file_size
             if total > max_bytes:
                 raise InputError("Archive expands beyond the size limit")
-            with zf.open(info) as src, _target(dest, info.filename).open("wb") as out:
-                shutil.copyfileobj(src, out, 1024 * 1024)
+            try:
+                with zf.open(info) as src, _target(dest, info.filename).open("wb") as out:
+                    shutil.copyfileobj(src, out, 1024 * 1024)
+            except _ZIP_READ_ERRORS as exc:  # damaged, encrypted or unsupported member
+                raise InputError(f"Could not extract .zip file: {exc}") from exc
             written += 1
     return written
 

@@ -15,7 +15,7 @@ _UUID = re.compile(
 
 
 def is_task_id(value: str) -> bool:
-    return bool(_UUID.match(value))
+    return _UUID.fullmatch(value) is not None
 
 
 def run_name(task_id: str, attempt: int) -> str:

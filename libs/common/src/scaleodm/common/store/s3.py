@@ -1,15 +1,32 @@
 """S3 access with aioboto3: one client per process, opened in the lifespan (stack-notes §7).
 
-Uploads of unknown length go through a manual multipart upload holding one part in memory and
-aborted on any error, so a failed or cancelled upload leaves nothing behind.
+Uploads of unknown length go through ``S3Writer``, the one streaming-upload implementation
+(``upload_stream`` and ``upload_file`` are built on it; the gateway feeds it multipart file parts
+as they arrive from the client):
+
+- bytes are appended to a buffer; as soon as it holds ``part_size_bytes`` (at least 5 MiB, S3's
+  minimum for every part but the last) exactly one part is cut off and uploaded with
+  ``UploadPart``, the multipart upload being created lazily on the first full part. Memory is
+  therefore about one part plus one incoming chunk (plus the part's bytes copy while it is sent),
+  whatever the object's size, and the writer awaits each part: a slow S3 back-pressures the
+  producer instead of piling data up;
+- ``complete()`` sends an object smaller than one part as a single ``PutObject`` (no multipart
+  upload ever exists for it), otherwise uploads the remainder as the last part and completes;
+- ``abort()`` (idempotent) aborts a started multipart upload, so a failed or cancelled upload
+  leaves neither an object nor billable orphaned parts behind. As an async context manager the
+  writer aborts when the block is left without ``complete()`` (an exception, a cancellation, or
+  a forgotten ``complete``). The abort request is shielded from a second cancellation so that a
+  client disconnect cannot leave it half-sent.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import aioboto3
@@ -19,6 +36,9 @@ from botocore.exceptions import ClientError
 from scaleodm.common.settings import S3Settings
 
 MIN_PART = 5 * 1024 * 1024
+MAX_PARTS = 10_000  # S3's limit on the number of parts of one multipart upload
+
+_background: set[asyncio.Task[Any]] = set()  # shielded cleanups still running after a cancel
 
 
 @dataclass(frozen=True)
@@ -91,51 +111,17 @@ class S3:
         extra = {"ContentType": content_type} if content_type else {}
         await self.client.put_object(Bucket=url.bucket, Key=url.key, Body=data, **extra)
 
+    def writer(self, url: S3Url, content_type: str | None = None) -> S3Writer:
+        """A streaming writer for one object; see ``S3Writer``."""
+        return S3Writer(self.client, url, max(MIN_PART, self.settings.part_size_bytes),
+                        content_type)
+
     async def upload_stream(self, url: S3Url, chunks: AsyncIterator[bytes]) -> int:
         """Upload an async byte stream; memory is bounded by one part. Returns bytes written."""
-        part_size = max(MIN_PART, self.settings.part_size_bytes)
-        buf = bytearray()
-        total = 0
-        upload_id: str | None = None
-        parts: list[dict[str, Any]] = []
-        try:
+        async with self.writer(url) as out:
             async for chunk in chunks:
-                buf += chunk
-                total += len(chunk)
-                while len(buf) >= part_size:
-                    if upload_id is None:
-                        created = await self.client.create_multipart_upload(
-                            Bucket=url.bucket, Key=url.key
-                        )
-                        upload_id = created["UploadId"]
-                    body, buf = bytes(buf[:part_size]), buf[part_size:]
-                    n = len(parts) + 1
-                    res = await self.client.upload_part(
-                        Bucket=url.bucket, Key=url.key, UploadId=upload_id, PartNumber=n, Body=body
-                    )
-                    parts.append({"PartNumber": n, "ETag": res["ETag"]})
-            if upload_id is None:  # small: one PUT
-                await self.client.put_object(Bucket=url.bucket, Key=url.key, Body=bytes(buf))
-                return total
-            if buf:
-                n = len(parts) + 1
-                res = await self.client.upload_part(
-                    Bucket=url.bucket, Key=url.key, UploadId=upload_id, PartNumber=n,
-                    Body=bytes(buf),
-                )
-                parts.append({"PartNumber": n, "ETag": res["ETag"]})
-            await self.client.complete_multipart_upload(
-                Bucket=url.bucket, Key=url.key, UploadId=upload_id,
-                MultipartUpload={"Parts": parts},
-            )
-            upload_id = None
-            return total
-        finally:
-            if upload_id is not None:
-                with contextlib.suppress(Exception):
-                    await self.client.abort_multipart_upload(
-                        Bucket=url.bucket, Key=url.key, UploadId=upload_id
-                    )
+                await out.write(chunk)
+            return await out.complete()
 
     async def upload_file(self, path: Path, url: S3Url) -> int:
         async def read() -> AsyncIterator[bytes]:
@@ -181,6 +167,10 @@ class S3:
             raise
         return int(head["ContentLength"])
 
+    async def delete(self, url: S3Url) -> None:
+        """Delete one object (no error if it does not exist)."""
+        await self.client.delete_object(Bucket=url.bucket, Key=url.key)
+
     async def delete_prefix(self, prefix: S3Url) -> int:
         keys = [k for k, _ in await self.list_objects(prefix)]
         for i in range(0, len(keys), 1000):
@@ -189,6 +179,141 @@ class S3:
                 Bucket=prefix.bucket, Delete={"Objects": batch, "Quiet": True}
             )
         return len(keys)
+
+
+async def _shielded(aw: Awaitable[Any]) -> None:
+    """Await ``aw`` so that cancelling the caller does not cancel it: it then finishes alone."""
+    task = asyncio.ensure_future(aw)
+    _background.add(task)
+
+    def done(t: asyncio.Task[Any]) -> None:
+        _background.discard(t)
+        if not t.cancelled():
+            t.exception()  # retrieved here; the awaiting caller (if any) sees it too
+
+    task.add_done_callback(done)
+    await asyncio.shield(task)
+
+
+class S3Writer:
+    """One object written as a stream: ``write``* then ``complete``, or ``abort``.
+
+    Not safe for concurrent ``write`` calls (callers write sequentially, awaiting each call).
+    """
+
+    def __init__(self, client: Any, url: S3Url, part_size: int,
+                 content_type: str | None = None) -> None:
+        if part_size < MIN_PART:
+            raise ValueError(f"part size {part_size} is below S3's minimum of {MIN_PART}")
+        self.client = client
+        self.url = url
+        self.part_size = part_size
+        self.content_type = content_type
+        self._buf = bytearray()
+        self._total = 0
+        self._upload_id: str | None = None
+        self._parts: list[dict[str, Any]] = []
+        self._state = "open"  # -> "completed" | "aborted"
+
+    @property
+    def bytes_written(self) -> int:
+        """Bytes accepted by ``write`` so far (buffered or uploaded)."""
+        return self._total
+
+    @property
+    def completed(self) -> bool:
+        return self._state == "completed"
+
+    @property
+    def parts_uploaded(self) -> int:
+        """Parts sent with ``UploadPart`` so far (0: still buffered, or a single ``PutObject``)."""
+        return len(self._parts)
+
+    def _check_open(self) -> None:
+        if self._state != "open":
+            raise RuntimeError(f"S3Writer for {self.url} is {self._state}")
+
+    def _extra(self) -> dict[str, Any]:
+        return {"ContentType": self.content_type} if self.content_type else {}
+
+    async def write(self, data: bytes) -> None:
+        """Buffer ``data``; upload every full part right away (awaited: back-pressure)."""
+        self._check_open()
+        self._buf += data
+        self._total += len(data)
+        while len(self._buf) >= self.part_size:
+            with memoryview(self._buf) as view, view[: self.part_size] as head:
+                body = head.tobytes()
+            del self._buf[: self.part_size]
+            await self._upload_part(body)
+
+    async def _upload_part(self, body: bytes) -> None:
+        if len(self._parts) >= MAX_PARTS:
+            raise ValueError(f"{self.url}: more than {MAX_PARTS} parts of {self.part_size} bytes")
+        if self._upload_id is None:
+            created = await self.client.create_multipart_upload(
+                Bucket=self.url.bucket, Key=self.url.key, **self._extra()
+            )
+            self._upload_id = created["UploadId"]
+        n = len(self._parts) + 1
+        res = await self.client.upload_part(
+            Bucket=self.url.bucket, Key=self.url.key, UploadId=self._upload_id, PartNumber=n,
+            Body=body,
+        )
+        self._parts.append({"PartNumber": n, "ETag": res["ETag"]})
+
+    async def complete(self) -> int:
+        """Make the object visible; returns its size. A no-op once completed."""
+        if self._state == "completed":
+            return self._total
+        self._check_open()
+        if self._upload_id is None:  # smaller than one part: a single PUT
+            await self.client.put_object(
+                Bucket=self.url.bucket, Key=self.url.key, Body=bytes(self._buf), **self._extra()
+            )
+        else:
+            if self._buf:
+                body = bytes(self._buf)
+                self._buf = bytearray()
+                await self._upload_part(body)
+            await self.client.complete_multipart_upload(
+                Bucket=self.url.bucket, Key=self.url.key, UploadId=self._upload_id,
+                MultipartUpload={"Parts": self._parts},
+            )
+            self._upload_id = None
+        self._buf = bytearray()
+        self._state = "completed"
+        return self._total
+
+    async def abort(self) -> None:
+        """Drop everything written; abort a started multipart upload. Idempotent.
+
+        After ``complete()`` this does nothing (the object stays; delete it to undo).
+        """
+        if self._state != "open":
+            return
+        self._state = "aborted"
+        self._buf = bytearray()
+        upload_id, self._upload_id = self._upload_id, None
+        if upload_id is not None:
+            await _shielded(self.client.abort_multipart_upload(
+                Bucket=self.url.bucket, Key=self.url.key, UploadId=upload_id
+            ))
+
+    async def __aenter__(self) -> S3Writer:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._state != "open":
+            return
+        if exc_type is None:
+            await self.abort()  # left without complete(): nothing is published
+            return
+        with contextlib.suppress(Exception):  # never mask the original error
+            await self.abort()
 
 
 def task_prefix(bucket: str, task_id: str) -> S3Url:

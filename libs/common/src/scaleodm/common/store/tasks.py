@@ -123,7 +123,11 @@ class TaskStore:
         )
 
     async def delete_task(self, task_id: str) -> None:
-        """Physically delete a removed task's documents."""
+        """Physically delete a removed task's documents (a task not removed is left alone)."""
+        doc = await self.tasks.find_one({"_id": task_id}, {"removed": 1})
+        if doc is not None and not doc.get("removed"):
+            return  # its ``removed`` event is not projected yet: keep the log and the task
+        # Events first: a retry after a crash in between still finds the (removed) task or none.
         await self.events.delete_many({"task_id": task_id})
         await self.tasks.delete_one({"_id": task_id, "removed": True})
 

@@ -1,0 +1,1 @@
+"""Benchmarks: figures for speed and memory, printed and written as JSON (never asserted)."""

@@ -1,0 +1,180 @@
+"""Creating tasks (NodeODM §3.4, §3.5): ``/task/new`` and the chunked init -> upload -> commit.
+
+Files stream from the request into S3 as they arrive (``multipart.stream_form`` + S3 multipart
+uploads), so memory stays bounded whatever the upload size and nothing touches local disk. A
+chunked upload's state is in MongoDB and S3 only, so any gateway replica can serve any of its
+requests. Commit validates and answers at once; fetching and processing happen in the run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid as uuidlib
+from typing import Any
+
+from fastapi import APIRouter, Request
+
+from scaleodm.common.contracts.ids import is_task_id
+from scaleodm.common.logging import bind_task, get_logger
+from scaleodm.common.store import s3 as s3mod
+from scaleodm.common.store.uploads import UploadNotFoundError
+from scaleodm.gateway import multipart, submission, uploads
+from scaleodm.gateway.deps import Resources, ResourcesDep, TokenDep
+from scaleodm.gateway.errors import NodeOdmError
+
+log = get_logger(__name__)
+router = APIRouter(tags=["nodeodm"], dependencies=[TokenDep])
+
+
+async def _checked_set_uuid(request: Request, res: Resources) -> str | None:
+    set_uuid = request.headers.get("set-uuid")
+    if set_uuid is not None and (
+        not is_task_id(set_uuid) or await res.store.get_task(set_uuid, include_removed=True)
+    ):
+        raise NodeOdmError(f"Invalid set-uuid: {set_uuid}")
+    return set_uuid
+
+
+async def _parse(
+    request: Request, res: Resources, open_sink: multipart.SinkFactory, *, cleanup: Any
+) -> multipart.StreamedForm:
+    ctype = request.headers.get("content-type", "")
+    if not multipart.is_multipart(ctype):
+        return multipart.StreamedForm(fields={}, files=[])  # NodeODM §1.5: multipart only
+    limit = res.settings.max_request_bytes
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise NodeOdmError(f"Request too large (limit {limit} bytes)")
+    try:
+        return await multipart.stream_form(
+            request.stream(), ctype, open_sink, max_body_bytes=limit
+        )
+    except multipart.MultipartError as exc:
+        await cleanup(exc)
+        raise NodeOdmError(str(exc)) from exc
+    except BaseException as exc:  # client gone, S3 down: drop what was stored, then re-raise
+        await asyncio.shield(cleanup(exc))
+        raise
+
+
+@router.post("/task/new", operation_id="nodeodm-create_task")
+async def create_task(request: Request, res: ResourcesDep) -> dict[str, str]:
+    """Create a task from uploaded ``images`` and/or a ``zipurl`` in one request (§3.4)."""
+    settings = res.settings
+    task_id = await _checked_set_uuid(request, res) or str(uuidlib.uuid4())
+    inputs = s3mod.task_inputs(settings.s3.bucket, task_id)
+
+    async def drop_inputs(_: object = None) -> None:
+        with contextlib.suppress(Exception):
+            await res.s3.delete_prefix(inputs)
+
+    with bind_task(task_id):
+        registry = uploads.NameRegistry()
+        form = await _parse(request, res, uploads.s3_sinks(res.s3, inputs, registry),
+                            cleanup=drop_inputs)
+        try:
+            zipurl = (form.text("zipurl") or "").strip()
+            count = len(form.files)
+            if not count and not zipurl:
+                raise NodeOdmError("Need at least 1 file or a zip file url.")
+            if settings.max_images and count > settings.max_images:
+                raise NodeOdmError(f"{count} images uploaded, but this node can only process "
+                                   f"up to {settings.max_images}.")
+            fields = submission.TaskFields.from_text(form.text)
+            options = submission.validated_options(fields.options, skip_pp=fields.skip_pp)
+            sources = [str(inputs)] if count else []
+            if zipurl:
+                sources.append(submission.check_zipurl(zipurl, settings.zipurl_schemes))
+            await submission.submit(res, task_id, fields, options=options, sources=sources,
+                                    images_count=count)
+        except NodeOdmError:
+            await drop_inputs()
+            raise
+    return {"uuid": task_id}
+
+
+@router.post("/task/new/init", operation_id="nodeodm-init_task")
+async def init_task(request: Request, res: ResourcesDep) -> dict[str, str]:
+    """Open a chunked upload (§3.5); re-init of an open upload keeps its files."""
+    set_uuid = await _checked_set_uuid(request, res)
+    upload_id = set_uuid or str(uuidlib.uuid4())
+
+    async def nothing(_: object = None) -> None:
+        return None
+
+    form = await _parse(request, res, uploads.refuse_files(), cleanup=nothing)
+    fields = submission.TaskFields.from_text(form.text)
+    submission.validated_options(fields.options, skip_pp=fields.skip_pp)  # pre-check (§5.3)
+    try:
+        await res.uploads.init(upload_id, fields.to_dict())
+    except UploadNotFoundError as exc:  # committed meanwhile: it is a task now
+        raise NodeOdmError(f"Invalid set-uuid: {upload_id}") from exc
+    log.info("upload opened", task_id=upload_id)
+    return {"uuid": upload_id}  # echoed exactly as given (ClusterODM compares it)
+
+
+@router.post("/task/new/upload/{uuid}", operation_id="nodeodm-upload_files")
+async def upload_files(uuid: str, request: Request, res: ResourcesDep) -> dict[str, Any]:
+    """Add files to an open upload; duplicate names are renamed as NodeODM does (§3.5)."""
+    try:
+        await res.uploads.get_open(uuid)
+    except UploadNotFoundError as exc:
+        raise NodeOdmError("Invalid uuid (not found)") from exc
+    inputs = s3mod.task_inputs(res.settings.s3.bucket, uuid)
+    registry = uploads.NameRegistry(upload_id=uuid, uploads=res.uploads)
+
+    async def drop_completed(exc: object) -> None:
+        for stored in getattr(exc, "completed", []):
+            with contextlib.suppress(Exception):
+                await res.s3.delete(s3mod.S3Url(inputs.bucket, inputs.key + stored.result))
+                await res.uploads.release_name(uuid, stored.result)
+
+    with bind_task(uuid):
+        form = await _parse(request, res, uploads.s3_sinks(res.s3, inputs, registry),
+                            cleanup=drop_completed)
+        if not form.files:
+            raise NodeOdmError("Need at least 1 file.", noRetry=True)
+        log.info("files uploaded", files=len(form.files))
+    return {"success": True}
+
+
+@router.post("/task/new/commit/{uuid}", operation_id="nodeodm-commit_task")
+async def commit_task(uuid: str, res: ResourcesDep) -> dict[str, str]:
+    """Turn an upload into a task and queue it; heavy work happens in the run (§3.5)."""
+    settings = res.settings
+    inputs = s3mod.task_inputs(settings.s3.bucket, uuid)
+    with bind_task(uuid):
+        try:
+            session = await res.uploads.get_open(uuid)
+        except UploadNotFoundError as exc:
+            raise NodeOdmError("Invalid uuid (not found)") from exc
+        try:
+            fields = submission.TaskFields.from_dict(session.get("fields") or {})
+        except (TypeError, ValueError) as exc:
+            raise NodeOdmError("Malformed body.json") from exc
+        try:
+            options = submission.validated_options(fields.options, skip_pp=fields.skip_pp)
+        except NodeOdmError:
+            await _discard(res, uuid, inputs)
+            raise
+        count = len(await res.uploads.stored_names(uuid))
+        if count == 0:
+            await _discard(res, uuid, inputs)
+            raise NodeOdmError("Need at least 1 file.")
+        if not await res.uploads.commit(uuid):
+            raise NodeOdmError("Invalid uuid (not found)")
+        failure = None
+        if settings.max_images and count > settings.max_images:
+            failure = (f"{count} images uploaded, but this node can only process up to "
+                       f"{settings.max_images}.")
+        await submission.submit(res, uuid, fields, options=options, sources=[str(inputs)],
+                                images_count=count, failure=failure)
+        await res.uploads.delete(uuid)
+    return {"uuid": uuid}
+
+
+async def _discard(res: Resources, upload_id: str, inputs: s3mod.S3Url) -> None:
+    with contextlib.suppress(Exception):
+        await res.s3.delete_prefix(inputs)
+    await res.uploads.delete(upload_id)

@@ -1,0 +1,174 @@
+"""Turning accepted input into a task: the fields NodeODM clients send, validated; then the task
+document, its ``queued`` event and the scheduler's ``create`` command.
+
+Shared by the single-request ``/task/new`` and the chunked ``init``/``commit`` flow, so both give
+the same task for the same input.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from scaleodm.common.contracts import bus, commands, events
+from scaleodm.common.contracts.ids import TaskId
+from scaleodm.common.domain import options as odm_options
+from scaleodm.common.logging import get_logger
+from scaleodm.common.store import s3 as s3mod
+from scaleodm.common.store.tasks import TaskExistsError
+from scaleodm.gateway.deps import Resources
+from scaleodm.gateway.errors import NodeOdmError
+
+log = get_logger(__name__)
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def default_name() -> str:
+    # NodeODM §4.6: "Task of <ISO-8601 UTC now>"
+    now = dt.datetime.now(dt.UTC)
+    return f"Task of {now.strftime('%Y-%m-%dT%H:%M:%S.')}{now.microsecond // 1000:03d}Z"
+
+
+@dataclass(frozen=True)
+class TaskFields:
+    """The text fields of ``/task/new`` and ``init`` (NodeODM §3.4), as sent."""
+
+    name: str | None = None
+    options: str | None = None
+    skip_post_processing: str | None = None
+    webhook: str | None = None
+    outputs: str | None = None
+    date_created: str | None = None
+
+    @classmethod
+    def from_text(cls, text: Any) -> TaskFields:
+        """From anything with ``text(name) -> str | None`` (a parsed form)."""
+        return cls(
+            name=text("name"), options=text("options"),
+            skip_post_processing=text("skipPostProcessing"), webhook=text("webhook"),
+            outputs=text("outputs"), date_created=text("dateCreated"),
+        )
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TaskFields:
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        if any(v is not None and not isinstance(v, str) for v in known.values()):
+            raise ValueError("fields must be strings")
+        return cls(**known)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def skip_pp(self) -> bool:
+        return self.skip_post_processing == "true"  # only the exact string (§3.4)
+
+
+def validated_options(raw: str | None, *, skip_pp: bool) -> list[dict[str, Any]]:
+    """NodeODM §5: errors become the client's ``{"error": ...}``; auto options added (§5.4)."""
+    try:
+        opts = odm_options.validate_options(raw if raw else "[]")
+    except odm_options.OptionsError as exc:
+        raise NodeOdmError(exc.error) from exc
+    return odm_options.add_post_processing_options(opts, skip_post_processing=skip_pp)
+
+
+def check_zipurl(url: str, allowed: list[str]) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in allowed or not parts.netloc:
+        raise NodeOdmError(
+            f"Invalid zipurl: {url!r} (expected an {', '.join(s + '://' for s in allowed)} URL)"
+        )
+    if parts.scheme == "s3":
+        try:
+            s3mod.parse_s3_url(url)
+        except ValueError as exc:
+            raise NodeOdmError(f"Invalid zipurl: {exc}") from exc
+    return url
+
+
+def parse_outputs(raw: str | None) -> list[str] | None:
+    """NodeODM §7.2: a JSON array of project-relative paths; anything else -> defaults."""
+    if not raw:
+        return None
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return None
+    if not isinstance(value, list):
+        return None
+    paths = []
+    for item in value:
+        if isinstance(item, str):
+            parts = [p for p in item.replace("\\", "/").split("/") if p not in ("", ".", "..")]
+            if parts:
+                paths.append("/".join(parts))
+    return paths or None
+
+
+def _int(raw: str | None) -> int | None:
+    try:
+        return int(raw) if raw is not None else None
+    except ValueError:
+        return None
+
+
+async def submit(
+    res: Resources,
+    task_id: str,
+    fields: TaskFields,
+    *,
+    options: list[dict[str, Any]],
+    sources: list[str],
+    images_count: int,
+    failure: str | None = None,
+) -> None:
+    """Create the task (status 10) and queue its first run; ``failure`` fails it at once."""
+    bucket = res.settings.s3.bucket
+    outputs = parse_outputs(fields.outputs)
+    doc = {
+        "_id": task_id,
+        "name": fields.name or default_name(),
+        "date_created_ms": _int(fields.date_created) or now_ms(),
+        "options": options,
+        "images_count": images_count,
+        "webhook": (fields.webhook or "").strip() or None,
+        "skip_post_processing": fields.skip_pp,
+        "outputs": outputs,
+        "sources": sources,
+        "output_prefix": str(s3mod.task_outputs(bucket, task_id)),
+    }
+    queued = events.queued(task_id, 1)
+    try:
+        created = await res.store.create_task(doc, queued)
+    except TaskExistsError as exc:
+        raise NodeOdmError(f"Invalid set-uuid: {task_id}") from exc
+    if failure is not None:  # NodeODM §3.5: maxImages after commit is an async failure
+        await res.emitter.publish(queued.model_copy(update={"seq": created.seq}))
+        await res.emitter.emit(events.failed(task_id, 1, failure))
+        return
+    cmd = commands.CreateTask(
+        task_id=TaskId(task_id), attempt=1, name=doc["name"], options=options, sources=sources,
+        output_prefix=doc["output_prefix"], skip_post_processing=fields.skip_pp, outputs=outputs,
+    )
+    await publish_run(res, cmd)
+    await res.emitter.publish(queued.model_copy(update={"seq": created.seq}))
+    log.info("task created", images=images_count, sources=len(sources))
+
+
+async def publish_run(res: Resources, cmd: commands.CreateTask | commands.RestartTask) -> None:
+    try:
+        await bus.publish_command(res.broker, cmd, timeout_s=res.settings.nats.publish_timeout_s)
+    except Exception as exc:
+        log.error("could not queue the run", error=repr(exc))
+        await res.emitter.emit(
+            events.failed(cmd.task_id, cmd.attempt, "Could not queue the task (message bus)")
+        )
+        raise NodeOdmError("Could not queue the task, please retry later") from exc
