@@ -84,14 +84,17 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--total-mb", type=int, default=1024)
     parser.add_argument("--file-mb", type=int, default=64)
-    parser.add_argument("--parallel", type=int, default=4)
+    parser.add_argument("--parallel", type=int, default=10)  # PyODM's parallel_uploads
     args = parser.parse_args()
     total, file_size = args.total_mb * CHUNK, args.file_mb * CHUNK
     with tempfile.TemporaryDirectory() as tmp, servers.nats_server(Path(tmp) / "nats") as nats, \
             servers.mongo_server("nx", Path(tmp) / "mongo") as mongo, \
             servers.s3_server() as s3:
         stack = Stack(tmp=Path(tmp), nats_url=nats.url, mongo_url=mongo, s3=s3,
-                      database="bench", extra_env={"SCALEODM_LOG_LEVEL": "WARNING"})
+                      database="bench", extra_env={
+                          "SCALEODM_LOG_LEVEL": "WARNING",
+                          **{k: v for k, v in os.environ.items() if k.startswith("SCALEODM_")},
+                      })
         try:
             stack.start("gateway")
             pid = stack.procs["gateway"].pid

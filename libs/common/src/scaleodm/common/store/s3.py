@@ -69,6 +69,10 @@ class S3:
     def __init__(self, client: Any, settings: S3Settings) -> None:
         self.client = client
         self.settings = settings
+        # The process's part buffers: bounds upload memory however many uploads run at once.
+        self.buffers = (
+            asyncio.Semaphore(settings.upload_buffers) if settings.upload_buffers > 0 else None
+        )
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -114,7 +118,7 @@ class S3:
     def writer(self, url: S3Url, content_type: str | None = None) -> S3Writer:
         """A streaming writer for one object; see ``S3Writer``."""
         return S3Writer(self.client, url, max(MIN_PART, self.settings.part_size_bytes),
-                        content_type)
+                        content_type, self.buffers)
 
     async def upload_stream(self, url: S3Url, chunks: AsyncIterator[bytes]) -> int:
         """Upload an async byte stream; memory is bounded by one part. Returns bytes written."""
@@ -202,7 +206,8 @@ class S3Writer:
     """
 
     def __init__(self, client: Any, url: S3Url, part_size: int,
-                 content_type: str | None = None) -> None:
+                 content_type: str | None = None,
+                 budget: asyncio.Semaphore | None = None) -> None:
         if part_size < MIN_PART:
             raise ValueError(f"part size {part_size} is below S3's minimum of {MIN_PART}")
         self.client = client
@@ -214,6 +219,8 @@ class S3Writer:
         self._upload_id: str | None = None
         self._parts: list[dict[str, Any]] = []
         self._state = "open"  # -> "completed" | "aborted"
+        self._budget = budget
+        self._holding = False  # this writer holds one of the process's part buffers
 
     @property
     def bytes_written(self) -> int:
@@ -237,17 +244,37 @@ class S3Writer:
         return {"ContentType": self.content_type} if self.content_type else {}
 
     async def write(self, data: bytes) -> None:
-        """Buffer ``data``; upload every full part right away (awaited: back-pressure)."""
+        """Buffer ``data``; upload every full part right away (awaited: back-pressure).
+
+        With a budget, a writer first waits for one of the process's part buffers, so many
+        concurrent uploads hold at most ``budget`` parts in memory; the others stop reading
+        their requests meanwhile (TCP back-pressure on their clients).
+        """
         self._check_open()
+        if not data:
+            return
+        await self._hold()
         self._buf += data
         self._total += len(data)
         while len(self._buf) >= self.part_size:
-            with memoryview(self._buf) as view, view[: self.part_size] as head:
-                body = head.tobytes()
-            del self._buf[: self.part_size]
+            # Hand the buffer itself to the upload (no copy of a whole part); keep the tail.
+            body, self._buf = self._buf, self._buf[self.part_size:]
+            del body[self.part_size:]
             await self._upload_part(body)
+        if not self._buf:
+            self._release()
 
-    async def _upload_part(self, body: bytes) -> None:
+    async def _hold(self) -> None:
+        if self._budget is not None and not self._holding:
+            await self._budget.acquire()
+            self._holding = True
+
+    def _release(self) -> None:
+        if self._budget is not None and self._holding:
+            self._holding = False
+            self._budget.release()
+
+    async def _upload_part(self, body: bytes | bytearray) -> None:
         if len(self._parts) >= MAX_PARTS:
             raise ValueError(f"{self.url}: more than {MAX_PARTS} parts of {self.part_size} bytes")
         if self._upload_id is None:
@@ -282,6 +309,7 @@ class S3Writer:
             )
             self._upload_id = None
         self._buf = bytearray()
+        self._release()
         self._state = "completed"
         return self._total
 
@@ -294,6 +322,7 @@ class S3Writer:
             return
         self._state = "aborted"
         self._buf = bytearray()
+        self._release()
         upload_id, self._upload_id = self._upload_id, None
         if upload_id is not None:
             await _shielded(self.client.abort_multipart_upload(

@@ -1,7 +1,7 @@
 """Chunked uploads (NodeODM init -> upload x N -> commit), shared by every gateway replica.
 
 State lives here and in S3, never in a gateway's memory, so any replica can serve any request of
-an upload. ``upload_sessions`` holds the init fields; ``upload_files`` holds one document per
+an upload. ``upload_sessions`` holds the init fields; ``upload_names`` holds one document per
 stored file name (``_id`` = ``<uuid>/<name>``), so claiming a name is one insert that the unique
 ``_id`` makes atomic: two replicas storing ``a.jpg`` at once end with ``a.jpg`` and ``a_.jpg``, as
 NodeODM renames duplicates. Commit flips ``committed`` with a guarded update, so exactly one commit
@@ -29,7 +29,8 @@ class UploadNotFoundError(Exception):
 class UploadStore:
     def __init__(self, db: AsyncDatabase[Doc]) -> None:
         self.sessions = db["upload_sessions"]
-        self.files = db["upload_files"]
+        # Not "*_files": nx-27017 treats such names as GridFS and silently drops updates.
+        self.files = db["upload_names"]
 
     async def ensure_indexes(self) -> None:
         await self.files.create_index([("upload_id", ASCENDING)], name="upload")
