@@ -146,7 +146,9 @@ CREDENTIALS = [
 
 def _fill(value: Any, ids: dict[str, str]) -> Any:
     if isinstance(value, str):
-        return value.format(**ids)
+        for key, real in ids.items():
+            value = value.replace(f"{{{key}}}", real)
+        return value
     if isinstance(value, dict):
         return {k: _fill(v, ids) for k, v in value.items()}
     return value
@@ -168,7 +170,7 @@ async def test_refused_without_the_right_query_token(
     before = await _state(authed, ids)
     kwargs = {k: _fill(v, ids) for k, v in kwargs.items()}
     params = {**kwargs.pop("params", {}), **query}
-    resp = await tclient.request(method, path.format(**ids), params=params, headers=headers,
+    resp = await tclient.request(method, _fill(path, ids), params=params, headers=headers,
                                  **kwargs)
     assert body_of(resp) == REFUSED
     assert await _state(authed, ids) == before
@@ -229,7 +231,7 @@ async def test_read_routes_work_with_the_token(
     authed: httpx.AsyncClient, ids: dict[str, str], path: str, params: dict[str, str],
     check: Any,
 ) -> None:
-    body = body_of(await authed.get(path.format(**ids), params=params))
+    body = body_of(await authed.get(_fill(path, ids), params=params))
     assert check(body, ids), body
 
 

@@ -92,6 +92,7 @@ async def test_s3_prefix_with_images_and_zips(client: httpx.AsyncClient, stack: 
     assert final["status"] == {"code": 40}, final
     out = await api.info(client, created["uuid"], with_output=0)
     assert any("Found 5 usable images" in line for line in out["output"]), out["output"][:20]
+    assert final["imagesCount"] == 5, "imagesCount is the images the run fetched"
 
 
 async def test_uploaded_images_task_completes(client: httpx.AsyncClient) -> None:

@@ -84,6 +84,10 @@ EVENTS = [
         lambda: events.running(TASK, 1), events.TaskRunning, f"{TASK}:1:running", id="running"
     ),
     pytest.param(
+        lambda: events.inputs_ready(TASK, 1, 42), events.TaskInputsReady, f"{TASK}:1:inputs",
+        id="inputs",
+    ),
+    pytest.param(
         lambda: events.progressed(TASK, 1, 22.5, "opensfm"),
         events.TaskProgressed,
         f"{TASK}:1:progress:opensfm",

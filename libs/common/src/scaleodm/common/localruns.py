@@ -103,8 +103,17 @@ class RunDir:
         finally:
             os.close(fd)
 
-    def set_phase(self, phase: str) -> None:
-        write_json_atomic(self.file(STATUS_FILE), {"phase": phase})
+    @property
+    def images(self) -> int | None:
+        """Images the run fetched (known from the ``processing`` phase on)."""
+        data = read_json(self.file(STATUS_FILE))
+        value = data.get("images") if isinstance(data, dict) else None
+        return value if isinstance(value, int) else None
+
+    def set_phase(self, phase: str, **extra: object) -> None:
+        status = read_json(self.file(STATUS_FILE))
+        kept = {k: v for k, v in status.items() if k != "phase"} if isinstance(status, dict) else {}
+        write_json_atomic(self.file(STATUS_FILE), {**kept, **extra, "phase": phase})
 
     def write_result(self, outcome: str, error_message: str | None = None,
                      exit_code: int | None = None) -> None:

@@ -79,7 +79,7 @@ class Runner:
                 )
             log.info("inputs fetched", images=count)
             extra = fetching.control_file_args(images, self.project)
-            self.rd.set_phase("processing")
+            self.rd.set_phase("processing", images=count)
             code = await self._run_engine([*odm_options.to_engine_args(self.spec.options), *extra])
             if code != 0:
                 self._fail(engine_exit_message(code), code)

@@ -49,6 +49,13 @@ class TaskRunning(_Event):
     kind: Literal["running"] = "running"
 
 
+# The run fetched its inputs: how many images it will process (NodeODM §3.5: imagesCount
+# after initialization is the images actually present).
+class TaskInputsReady(_Event):
+    kind: Literal["inputs"] = "inputs"
+    images_count: int = Field(ge=0)
+
+
 # Progress moved forward (0-100, monotonic).
 class TaskProgressed(_Event):
     kind: Literal["progress"] = "progress"
@@ -86,6 +93,7 @@ class TaskRemoved(_Event):
 TaskEvent = (
     TaskQueued
     | TaskRunning
+    | TaskInputsReady
     | TaskProgressed
     | TaskOutput
     | TaskCompleted
@@ -111,6 +119,13 @@ def running(task_id: str, attempt: int) -> TaskRunning:
     return TaskRunning(
         event_id=_Event.make_id(task_id, attempt, "running"), task_id=TaskId(task_id),
         attempt=attempt,
+    )
+
+
+def inputs_ready(task_id: str, attempt: int, images_count: int) -> TaskInputsReady:
+    return TaskInputsReady(
+        event_id=_Event.make_id(task_id, attempt, "inputs"), task_id=TaskId(task_id),
+        attempt=attempt, images_count=images_count,
     )
 
 

@@ -75,6 +75,8 @@ def plan(snap: Snapshot, ev: events.TaskEvent) -> Plan | None:  # noqa: C901 - o
     same = {"attempt": ev.attempt}
     if isinstance(ev, events.TaskOutput):
         return Plan(guard=same, update={"$max": {"output_lines": ev.line_start + len(ev.lines)}})
+    if isinstance(ev, events.TaskInputsReady):
+        return Plan(guard=same, update={"$set": {"images_count": ev.images_count}})
     if isinstance(ev, events.TaskRunning):
         if snap.state not in ACTIVE_STATES:
             return None

@@ -43,6 +43,7 @@ class Follower:
     next_line: int = 0
     partial: bytes = b""
     phases_sent: set[str] = field(default_factory=set)
+    inputs_sent: bool = False
 
 
 class LocalRunSource:
@@ -122,6 +123,9 @@ class LocalRunSource:
         if not f.running_sent and f.rd.runner_started:
             await self.emitter.emit(events.running(f.task_id, f.attempt))
             f.running_sent = True
+        if not f.inputs_sent and (images := f.rd.images) is not None:
+            await self.emitter.emit(events.inputs_ready(f.task_id, f.attempt, images))
+            f.inputs_sent = True
         await self._read_console(f, final=result is not None)
         phase = f.rd.phase
         if phase in PHASE_PROGRESS and phase not in f.phases_sent and result is None:
