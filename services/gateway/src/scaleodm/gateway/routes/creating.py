@@ -28,7 +28,7 @@ router = APIRouter(tags=["nodeodm"], dependencies=[TokenDep])
 
 
 async def _checked_set_uuid(request: Request, res: Resources) -> str | None:
-    set_uuid = request.headers.get("set-uuid")
+    set_uuid = request.headers.get("set-uuid") or None  # empty counts as absent (NodeODM)
     if set_uuid is not None and (
         not is_task_id(set_uuid) or await res.store.get_task(set_uuid, include_removed=True)
     ):

@@ -205,7 +205,8 @@ async def restart_task(request: Request, res: ResourcesDep) -> dict[str, Any]:
     return {"success": True}
 
 
-@router.get("/task/{uuid}/download/{asset}", operation_id="nodeodm-download_asset")
+# {asset:path}: an encoded "../x" arrives decoded; it must be refused as an asset, not 404.
+@router.get("/task/{uuid}/download/{asset:path}", operation_id="nodeodm-download_asset")
 async def download_asset(uuid: str, asset: str, res: ResourcesDep) -> Response:
     """``all.zip`` of a completed task, streamed from S3 (NodeODM §3.8)."""
     doc = await _task_or_error(res, uuid)
