@@ -8,6 +8,7 @@ Leaves out: the rest of the NodeODM API (its own issue), Argo runs.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 import boto3
 import httpx
 import pytest
+from pymongo import MongoClient
 
 from tests.harness import api, data
 from tests.harness.httpfixture import HttpFixture
@@ -154,3 +156,34 @@ def _alive(pid: int) -> bool:
             return fh.read().split()[2] != "Z"
     except OSError:
         return False
+
+
+async def test_remove_deletes_objects_and_documents(
+    client: httpx.AsyncClient, stack: Stack
+) -> None:
+    created = await api.create(client, files=[(n, data.JPEG) for n in data.image_names(2)])
+    task_id = created["uuid"]
+    await api.poll_until(client, task_id, api.status_is(40))
+    assert _s3_keys(stack, task_id), "outputs exist before the remove"
+    resp = await client.post("/task/remove", json={"uuid": task_id})
+    assert resp.json() == {"success": True}
+    gone = await client.get(f"/task/{task_id}/info")
+    assert gone.json() == {"error": f"{task_id} not found"}  # read-your-writes
+    s3 = boto3.client("s3", endpoint_url=stack.s3.url, aws_access_key_id="testing",
+                      aws_secret_access_key="testing", region_name="us-east-1")
+    mongo = MongoClient(stack.mongo_url)
+    try:
+        for _ in range(200):
+            keys = s3.list_objects_v2(Bucket=stack.bucket, Prefix=f"tasks/{task_id}/")
+            docs = mongo[stack.database]["tasks"].count_documents({"_id": task_id})
+            events = mongo[stack.database]["events"].count_documents({"task_id": task_id})
+            if not keys.get("Contents") and docs == 0 and events == 0:
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError(f"left behind: {keys.get('KeyCount')} objects, {docs} task, "
+                                 f"{events} events")
+    finally:
+        mongo.close()
+    assert not (stack.runs_dir / f"odm-{task_id}-1").exists()
+    assert task_id not in {t["uuid"] for t in (await client.get("/task/list")).json()}
