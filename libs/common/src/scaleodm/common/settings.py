@@ -76,6 +76,45 @@ class LocalRunSettings(BaseModel):
     )
 
 
+class ArgoSettings(BaseModel):
+    """Runs as Argo Workflows on Kubernetes (scheduler creates them, watcher follows them)."""
+
+    namespace: str = Field("scaleodm", description="Namespace of the Workflows and their pods.")
+    kubeconfig: Path | None = Field(
+        None, description="Kubeconfig file; unset = in-cluster config when running in a pod."
+    )
+    service_account: str = Field(
+        "scaleodm-workflow", description="Service account the workflow pods run as."
+    )
+    odm_image: str = Field("opendronemap/odm:3.6.0", description="ODM image of the main step.")
+    runner_image: str = Field(
+        "ghcr.io/scaleodm/scaleodm:latest",
+        description="Our image, for the fetch and upload steps (scaleodm.scheduler.stages).",
+    )
+    s3_secret: str = Field(
+        "scaleodm-s3", description="Secret with keys access_key_id / secret_access_key."
+    )
+    shards: int = Field(
+        16, description="Shard labels the scheduler assigns (hash of the task id modulo this)."
+    )
+    active_deadline_s: int = Field(172800, description="Workflow activeDeadlineSeconds (48 h).")
+    pod_gc_delay_s: int = Field(600, description="podGC deleteDelayDuration: logs stay readable.")
+    ttl_after_success_s: int = Field(86400, description="ttlStrategy.secondsAfterSuccess.")
+    ttl_after_failure_s: int = Field(604800, description="ttlStrategy.secondsAfterFailure.")
+    retry_limit: int = Field(1, description="retryStrategy limit for transient failures.")
+    request_timeout_s: float = Field(30.0, description="Kubernetes API request timeout.")
+    watch_timeout_s: int = Field(300, description="Server-side timeout of one watch request.")
+    node_selector: dict[str, str] = Field(
+        default_factory=dict, description="nodeSelector of the workflow pods (JSON object)."
+    )
+    memory_multiplier: float = Field(
+        1.0, description="Scales the sizing table's memory (and derived CPU/storage)."
+    )
+    max_memory_gib: float = Field(256.0, description="Upper clamp of the sizing table's memory.")
+    min_memory_gib: float = Field(4.0, description="Lower clamp of the sizing table's memory.")
+    cpu_per_gib: float = Field(0.125, description="CPU request per GiB of memory request.")
+
+
 class Environment(enum.StrEnum):
     DEVELOPMENT = "development"
     PRODUCTION = "production"
@@ -181,6 +220,7 @@ class SchedulerSettings(BaseServiceSettings):
         3.0, description="Run length of the ODM test double (engine=test)."
     )
     local: LocalRunSettings = Field(default_factory=LocalRunSettings)
+    argo: ArgoSettings = Field(default_factory=ArgoSettings)
     ack_wait_s: float = Field(60.0, description="JetStream ack_wait of the command consumer.")
     max_deliver: int = Field(10, description="Deliveries of one command before it is given up.")
     zip_max_bytes: int = Field(
@@ -192,7 +232,17 @@ class SchedulerSettings(BaseServiceSettings):
 class WatcherSettings(BaseServiceSettings):
     """Follows runs, turns them into events, projects events into MongoDB."""
 
+    source: ExecutorKind = Field(
+        ExecutorKind.LOCAL, description="What it follows: local runs or Argo Workflows."
+    )
     local: LocalRunSettings = Field(default_factory=LocalRunSettings)
+    argo: ArgoSettings = Field(default_factory=ArgoSettings)
+    replica: int = Field(
+        0, description="This replica's index (StatefulSet ordinal) among `replicas`."
+    )
+    replicas: int = Field(
+        1, description="Watcher replicas; replica k follows shards s with s % replicas == k."
+    )
     poll_interval_s: float = Field(0.25, description="How often local runs are polled.")
     output_batch_lines: int = Field(200, description="Most console lines in one output event.")
     run_start_grace_s: float = Field(

@@ -157,6 +157,7 @@ async def submit(
     cmd = commands.CreateTask(
         task_id=TaskId(task_id), attempt=1, name=doc["name"], options=options, sources=sources,
         output_prefix=doc["output_prefix"], skip_post_processing=fields.skip_pp, outputs=outputs,
+        images_count=images_count or None,
     )
     await publish_run(res, cmd)
     await res.emitter.publish(queued.model_copy(update={"seq": created.seq}))

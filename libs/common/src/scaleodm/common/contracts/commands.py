@@ -33,6 +33,9 @@ class RunSpec(_Command):
     output_prefix: str = Field(description="s3://bucket/prefix/ receiving the outputs.")
     skip_post_processing: bool = False
     outputs: list[str] | None = None
+    images_count: int | None = Field(
+        None, description="Images known at submission (uploads), for sizing; None = unknown."
+    )
 
 
 # Used by the gateway on /task/new and commit; consumed by the scheduler.

@@ -198,7 +198,7 @@ async def restart_task(request: Request, res: ResourcesDep) -> dict[str, Any]:
             task_id=TaskId(task_id), attempt=attempt, name=doc["name"], options=options,
             sources=doc["sources"], output_prefix=doc["output_prefix"],
             skip_post_processing=bool(doc.get("skip_post_processing")),
-            outputs=doc.get("outputs"),
+            outputs=doc.get("outputs"), images_count=doc.get("images_count") or None,
         )
         await submission.publish_run(res, cmd)
         log.info("task restarted")
