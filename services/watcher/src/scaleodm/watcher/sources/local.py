@@ -10,21 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from scaleodm.common import localruns
 from scaleodm.common.contracts import events
-from scaleodm.common.domain.progress import (
-    PACKAGING_PROGRESS,
-    UPLOADING_PROGRESS,
-    ProgressTracker,
-    clean_line,
-)
+from scaleodm.common.domain.progress import PACKAGING_PROGRESS, UPLOADING_PROGRESS
 from scaleodm.common.domain.status import TaskState
 from scaleodm.common.emitting import Emitter
 from scaleodm.common.logging import bind_task, get_logger
 from scaleodm.common.store.tasks import TaskStore
+from scaleodm.watcher.console import ConsoleReporter
 
 log = get_logger(__name__)
 READ_CHUNK = 4 * 1024 * 1024
@@ -36,13 +32,10 @@ class Follower:
     rd: localruns.RunDir
     task_id: str
     attempt: int
-    skip: int  # console lines already recorded (resume after a restart)
-    tracker: ProgressTracker
+    console: ConsoleReporter
     running_sent: bool
     offset: int = 0
-    next_line: int = 0
     partial: bytes = b""
-    phases_sent: set[str] = field(default_factory=set)
     inputs_sent: bool = False
 
 
@@ -103,11 +96,12 @@ class LocalRunSource:
             return None
         recorded = await self.store.output_end(task_id, attempt)
         state = TaskState(doc["state"])
-        return Follower(
-            rd=rd, task_id=task_id, attempt=attempt, skip=recorded,
-            tracker=ProgressTracker(float(doc.get("progress", 0.0))),
-            running_sent=state is not TaskState.QUEUED,
+        console = ConsoleReporter(
+            self.emitter, task_id, attempt, skip=recorded,
+            progress=float(doc.get("progress", 0.0)), batch_lines=self.batch_lines,
         )
+        return Follower(rd=rd, task_id=task_id, attempt=attempt, console=console,
+                        running_sent=state is not TaskState.QUEUED)
 
     @staticmethod
     def _age(rd: localruns.RunDir) -> float:
@@ -128,13 +122,8 @@ class LocalRunSource:
             f.inputs_sent = True
         await self._read_console(f, final=result is not None)
         phase = f.rd.phase
-        if phase in PHASE_PROGRESS and phase not in f.phases_sent and result is None:
-            f.phases_sent.add(phase)
-            if PHASE_PROGRESS[phase] > f.tracker.current:
-                f.tracker.current = PHASE_PROGRESS[phase]
-                await self.emitter.emit(
-                    events.progressed(f.task_id, f.attempt, PHASE_PROGRESS[phase], phase)
-                )
+        if phase in PHASE_PROGRESS and result is None:
+            await f.console.phase_progress(PHASE_PROGRESS[phase], phase)
         if result is not None:
             await self._finish(f, result)
             return True
@@ -183,39 +172,6 @@ class LocalRunSource:
             if final and len(data) < READ_CHUNK and f.partial:
                 pieces.append(f.partial)
                 f.partial = b""
-            await self._emit_lines(f, pieces)
+            await f.console.feed([p.decode("utf-8", errors="replace") for p in pieces])
             if len(data) < READ_CHUNK:
                 return
-
-    async def _emit_lines(self, f: Follower, pieces: list[bytes]) -> None:
-        batch: list[str] = []
-        start = f.next_line
-        marks: list[tuple[int, float]] = []
-        for piece in pieces:
-            line = clean_line(piece.decode("utf-8", errors="replace"))
-            if not line:
-                continue
-            index = f.next_line
-            f.next_line += 1
-            value = f.tracker.feed(line)
-            if index < f.skip:  # recorded before a restart; its progress may not have been
-                if value is not None:
-                    await self.emitter.emit(events.progressed(f.task_id, f.attempt, value, index))
-                continue
-            if not batch:
-                start = index
-            batch.append(line)
-            if value is not None:
-                marks.append((index, value))
-            if len(batch) >= self.batch_lines:
-                await self._flush(f, start, batch, marks)
-                batch, marks = [], []
-        if batch:
-            await self._flush(f, start, batch, marks)
-
-    async def _flush(
-        self, f: Follower, start: int, lines: list[str], marks: list[tuple[int, float]]
-    ) -> None:
-        await self.emitter.emit(events.output(f.task_id, f.attempt, start, list(lines)))
-        for index, value in marks:
-            await self.emitter.emit(events.progressed(f.task_id, f.attempt, value, index))
