@@ -214,7 +214,7 @@ def test_settings_classes() -> None:
     }
 
 
-ANY_STRING = (str, str | None, Path, SecretStr, SecretStr | None)
+ANY_STRING = (str, str | None, Path, Path | None, SecretStr, SecretStr | None)
 
 
 @pytest.mark.parametrize("service", [pytest.param(s, id=s) for s in SETTINGS_CLASSES])

@@ -21,6 +21,8 @@ from scaleodm.common.settings import ExecutorKind, SchedulerSettings
 from scaleodm.common.store.s3 import S3
 from scaleodm.common.store.tasks import open_store
 from scaleodm.scheduler import engines
+from scaleodm.scheduler.executors import argo
+from scaleodm.scheduler.executors.base import Executor
 from scaleodm.scheduler.executors.local import LocalExecutor
 from scaleodm.scheduler.handlers import CommandHandler, backoff_s
 
@@ -39,20 +41,26 @@ def create_app(settings: SchedulerSettings) -> AsgiFastStream:
             js, only=streams.SCHEDULER_DURABLE,
             ack_wait_s=settings.ack_wait_s, max_deliver=settings.max_deliver,
         )
-        if settings.executor is not ExecutorKind.LOCAL:
-            raise RuntimeError(f"executor {settings.executor} is not available yet")
-        engine = await engines.resolve_engine(settings)
         mongo = await open_store(settings.mongo, "scheduler")
         s3_cm = S3.open(settings.s3)
         s3 = await s3_cm.__aenter__()
-        executor = LocalExecutor(settings.local.runs_dir, engine)
+        executor: Executor
+        if settings.executor is ExecutorKind.ARGO:
+            kubeconfig = settings.argo.kubeconfig
+            api = await argo.api_client(str(kubeconfig) if kubeconfig else None)
+            executor = argo.ArgoExecutor(api, settings)
+            runs = f"argo:{settings.argo.namespace}"
+        else:
+            engine = await engines.resolve_engine(settings)
+            executor = LocalExecutor(settings.local.runs_dir, engine)
+            runs = f"local:{engine.value}:{settings.local.runs_dir}"
         state.update(mongo=mongo, s3_cm=s3_cm, executor=executor)
         state["handler"] = CommandHandler(
             mongo.store, executor, Emitter(mongo.store, broker, settings.nats.publish_timeout_s),
             s3, failpoints.Failpoints(settings.failpoints),
             bucket=settings.s3.bucket, max_deliver=settings.max_deliver,
         )
-        log.info("scheduler ready", engine=engine.value, runs_dir=str(settings.local.runs_dir))
+        log.info("scheduler ready", runs=runs)
 
     async def after_shutdown() -> None:
         if "executor" in state:

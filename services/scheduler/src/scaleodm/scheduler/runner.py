@@ -25,7 +25,7 @@ from scaleodm.common.domain.status import engine_exit_message
 from scaleodm.common.logging import configure_logging, get_logger
 from scaleodm.common.settings import EngineKind, SchedulerSettings
 from scaleodm.common.store.s3 import S3, parse_s3_url
-from scaleodm.scheduler import engines, fetching, packaging
+from scaleodm.scheduler import engines, fetching, packaging, stages
 
 log = get_logger("scaleodm.runner")
 KILL_GRACE_S = 10.0
@@ -68,15 +68,7 @@ class Runner:
         images = self.project / "images"
         async with S3.open(self.settings.s3) as s3:
             self.rd.set_phase("fetching")
-            count = await fetching.fetch_inputs(
-                self.spec.sources, images, s3,
-                max_bytes=self.settings.zip_max_bytes, timeout_s=self.settings.fetch_timeout_s,
-            )
-            if count == 0:
-                raise fetching.InputError(
-                    "No images found in the task's inputs (expected .jpg, .jpeg, .tif, .tiff, "
-                    ".png or .dng files, or zips holding them)"
-                )
+            count = await stages.fetch_images(self.spec.sources, images, s3, self.settings)
             log.info("inputs fetched", images=count)
             extra = fetching.control_file_args(images, self.project)
             self.rd.set_phase("processing", images=count)

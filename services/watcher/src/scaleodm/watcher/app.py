@@ -14,9 +14,11 @@ from scaleodm.common import runtime
 from scaleodm.common.contracts import events, streams
 from scaleodm.common.emitting import Emitter
 from scaleodm.common.logging import get_logger
-from scaleodm.common.settings import WatcherSettings
+from scaleodm.common.settings import ExecutorKind, WatcherSettings
 from scaleodm.common.store.tasks import open_store
 from scaleodm.watcher import projection
+from scaleodm.watcher.sources import argo
+from scaleodm.watcher.sources.base import RunSource
 from scaleodm.watcher.sources.local import LocalRunSource
 
 log = get_logger(__name__)
@@ -36,21 +38,28 @@ def create_app(settings: WatcherSettings) -> AsgiFastStream:
     async def after_startup() -> None:
         store = state["mongo"].store
         emitter = Emitter(store, broker, settings.nats.publish_timeout_s)
-        source = LocalRunSource(
-            settings.local.runs_dir, store, emitter,
-            poll_interval_s=settings.poll_interval_s,
-            batch_lines=settings.output_batch_lines,
-            start_grace_s=settings.run_start_grace_s,
-        )
+        source: RunSource
+        if settings.source is ExecutorKind.ARGO:
+            kubeconfig = settings.argo.kubeconfig
+            api = await argo.api_client(str(kubeconfig) if kubeconfig else None)
+            state["kube"] = api
+            source = argo.ArgoRunSource(api, store, emitter, settings)
+        else:
+            source = LocalRunSource(
+                settings.local.runs_dir, store, emitter,
+                poll_interval_s=settings.poll_interval_s,
+                batch_lines=settings.output_batch_lines,
+                start_grace_s=settings.run_start_grace_s,
+            )
         state["tasks"] = [
-            asyncio.create_task(source.run(), name="local-runs"),
+            asyncio.create_task(source.run(), name=f"runs-{settings.source.value}"),
             asyncio.create_task(
                 projection.relay_outbox(store, emitter, interval_s=settings.outbox_interval_s,
                                         min_age_s=settings.outbox_min_age_s),
                 name="outbox",
             ),
         ]
-        log.info("watcher ready", runs_dir=str(settings.local.runs_dir))
+        log.info("watcher ready", source=settings.source.value)
 
     async def on_shutdown() -> None:
         for task in state["tasks"]:
@@ -60,6 +69,8 @@ def create_app(settings: WatcherSettings) -> AsgiFastStream:
                 await task
 
     async def after_shutdown() -> None:
+        if "kube" in state:
+            await state["kube"].close()
         if "mongo" in state:
             await state["mongo"].close()
 

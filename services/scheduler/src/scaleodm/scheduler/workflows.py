@@ -1,0 +1,299 @@
+"""The Argo Workflow of one task attempt: fetch → ODM → upload in one pod (scaleodm.md §4).
+
+``build_workflow`` is pure: it returns the manifest the Argo executor creates as a custom object
+(no Argo Server). It builds Hera 7.1's pydantic models (``hera.workflows.models``, the generated
+Argo/Kubernetes schema), so a misspelt field or a wrong type fails here, and dumps them camelCase
+with ``None`` omitted; the golden tests (``tests/golden/``) pin the result.
+
+Why a full Workflow built per attempt, not a deployed ``WorkflowTemplate`` + a small Workflow
+with ``workflowTemplateRef`` (stack-notes §4): what differs per attempt is not only parameter
+*values* but the shape — the ODM container's resources come from the sizing table
+(``sizing.py``: image count × options), the ODM argv is a variable-length list of
+``to_engine_args`` items, the labels carry the task, attempt and shard, the node selector is
+optional. A template would need all of that as string parameters (argv lists cannot be spliced
+in without a shell — exactly what scaleodm.md §10 #9/#15 says not to do) and would be a second,
+separately deployed object that can drift from the code creating Workflows against it. Here one
+function owns the whole manifest and a golden file shows every change in review.
+
+Design points (scaleodm.md §4 kept, §10 gaps avoided):
+
+- ``metadata.name`` = ``run_name(task_id, attempt)``, never ``generateName``: a redelivered
+  create meets 409 and changes nothing (§10 #14).
+- Labels ``app.kubernetes.io/managed-by``, ``scaleodm.io/{task,attempt,shard}`` on the Workflow
+  and, through ``spec.podMetadata``, on its pods: the watcher selects its shards by label.
+- One template ``odm``: a **containerSet** (one pod, so the three steps share an emptyDir
+  ``workspace`` at ``/workspace``): ``fetch`` (our image, ``stages fetch``) → ``main`` (the ODM
+  image, ``python3 /code/run.py <options…> --project-path /workspace <task_id>``) → ``upload``
+  (``stages upload``). Every value is its own argv item; no container runs a shell (§10 #9/#15).
+  The ODM container is named ``main``: Argo reads a container set's outputs and result from
+  the container of that name.
+- The pod is scheduled for the *sum* of the three containers' requests (all are created at once
+  and wait on their dependencies), so ``fetch``/``upload`` ask for little.
+- S3 credentials reach ``fetch``/``upload`` only via ``secretKeyRef`` to ``settings.s3_secret``
+  (ADR 0002 in §9); endpoint, region and bucket are plain values from the caller (``s3_env``).
+  The ODM container gets no S3 access at all.
+- ``retryStrategy`` on the template (a retry is a new pod, the whole pipeline re-runs on a fresh
+  workspace) for transient errors only, with a bounded backoff; ``activeDeadlineSeconds``,
+  ``podGC`` with a delete delay (logs stay readable for the watcher), ``ttlStrategy``.
+- Hardening: seccomp ``RuntimeDefault`` and ``fsGroup`` for the pod; ``fetch``/``upload`` run as
+  our image's non-root user with a read-only root filesystem, no privilege escalation and no
+  capabilities. The ODM image (opendronemap/odm) runs as **root**, its default user: ODM
+  writes into its own tree under ``/code``, which only root owns in that image.
+  It keeps only the file capabilities a root process needs to work in the workspace ``fetch``
+  created as another user (``CHOWN``, ``DAC_OVERRIDE``, ``FOWNER``); with the image's default
+  umask (022) its outputs are world-readable, so ``upload`` can read them.
+- Argo substitutes ``{{…}}`` (and evaluates ``{{=…}}`` expressions) in every string of a
+  template, argv included. User text therefore never reaches a template as ``{{``: in the
+  ``--spec`` JSON a ``{{`` can only sit inside a JSON string and is written ``{\\u007b`` (the same
+  JSON value); an ODM option value holding ``{{`` cannot be escaped in a raw argv item, so
+  ``build_workflow`` refuses it (``ArgoTemplateError``) rather than let Argo interpret it.
+- Every container has ``terminationMessagePolicy: FallbackToLogsOnError``: a failed step's last
+  log lines (``stages`` ends with the reason; ODM with its error explanation) become the
+  container's termination message, which Argo puts into the node's message.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Mapping
+from typing import Any, Final
+
+from hera.workflows import models as m
+
+from scaleodm.common.contracts.commands import RunSpec
+from scaleodm.common.contracts.ids import is_task_id, run_name
+from scaleodm.common.domain.options import to_engine_args
+from scaleodm.common.settings import ArgoSettings
+from scaleodm.scheduler import sizing
+
+__all__ = [
+    "ArgoTemplateError",
+    "LABEL_ATTEMPT",
+    "LABEL_MANAGED_BY",
+    "LABEL_SHARD",
+    "LABEL_TASK",
+    "MANAGED_BY",
+    "SECRET_KEYS",
+    "STEP_RESOURCES",
+    "argo_safe_json",
+    "build_workflow",
+    "labels",
+    "shard_of",
+]
+
+API_VERSION: Final = "argoproj.io/v1alpha1"
+TEMPLATE: Final = "odm"
+WORKSPACE_VOLUME: Final = "workspace"
+WORKSPACE: Final = "/workspace"
+STAGES_MODULE: Final = "scaleodm.scheduler.stages"
+ODM_RUN: Final = "/code/run.py"
+
+LABEL_MANAGED_BY: Final = "app.kubernetes.io/managed-by"
+MANAGED_BY: Final = "scaleodm"
+LABEL_TASK: Final = "scaleodm.io/task"
+LABEL_ATTEMPT: Final = "scaleodm.io/attempt"
+LABEL_SHARD: Final = "scaleodm.io/shard"
+
+# Env var of the fetch/upload steps → key in the Secret ``ArgoSettings.s3_secret``.
+SECRET_KEYS: Final[dict[str, str]] = {
+    "SCALEODM_S3__ACCESS_KEY_ID": "access_key_id",
+    "SCALEODM_S3__SECRET_ACCESS_KEY": "secret_access_key",
+}
+S3_ENV_PREFIX: Final = "SCALEODM_S3__"
+
+# The runtime user of our image (Dockerfile: scaleodm, uid/gid 10001).
+RUNNER_UID: Final = 10001
+# fetch/upload: streaming downloads, zip extraction, part-sized upload buffers.
+STEP_RESOURCES: Final = sizing.Resources(
+    cpu_request="250m",
+    cpu_limit="1000m",
+    memory_request="512Mi",
+    memory_limit="1024Mi",
+    ephemeral_request="1024Mi",
+    ephemeral_limit="2048Mi",
+)
+RETRY_POLICY: Final = "OnTransientError"
+BACKOFF_DURATION: Final = "60s"
+BACKOFF_FACTOR: Final = 2
+BACKOFF_MAX_DURATION: Final = "1h"
+ODM_CAPABILITIES: Final = ("CHOWN", "DAC_OVERRIDE", "FOWNER")
+TERMINATION_MESSAGE_POLICY: Final = "FallbackToLogsOnError"
+
+
+class ArgoTemplateError(ValueError):
+    """A value of the run would be read by Argo as template syntax (``{{``)."""
+
+
+def argo_safe_json(text: str) -> str:
+    """``text`` (compact JSON) without ``{{``: the same JSON value, Argo cannot see a tag in it.
+
+    Structural braces never follow each other in JSON (an object's first token is a string), so
+    every ``{{`` is inside a string, where ``\\u007b`` is the same character.
+    """
+    return text.replace("{{", "{\\u007b")
+
+
+def shard_of(task_id: str, shards: int) -> int:
+    """The task's shard: CRC-32 of the lower-case uuid modulo ``shards`` (stable everywhere)."""
+    if shards < 1:
+        raise ValueError(f"shards must be >= 1, not {shards}")
+    return zlib.crc32(task_id.lower().encode("ascii")) % shards
+
+
+def labels(spec: RunSpec, shard: int) -> dict[str, str]:
+    """The labels of an attempt's Workflow and of its pods."""
+    return {
+        LABEL_MANAGED_BY: MANAGED_BY,
+        LABEL_TASK: spec.task_id,
+        LABEL_ATTEMPT: str(spec.attempt),
+        LABEL_SHARD: str(shard),
+    }
+
+
+def _resources(res: sizing.Resources) -> m.ResourceRequirements:
+    return m.ResourceRequirements(
+        requests={k: m.Quantity(v) for k, v in res.requests().items()},
+        limits={k: m.Quantity(v) for k, v in res.limits().items()},
+    )
+
+
+def _s3_env(s3_env: Mapping[str, str], secret: str) -> list[m.EnvVar]:
+    env = [
+        m.EnvVar(
+            name=name,
+            value_from=m.EnvVarSource(secret_key_ref=m.SecretKeySelector(name=secret, key=key)),
+        )
+        for name, key in SECRET_KEYS.items()
+    ]
+    for name in sorted(s3_env):
+        if name in SECRET_KEYS or not name.startswith(S3_ENV_PREFIX):
+            raise ValueError(
+                f"s3_env takes plain {S3_ENV_PREFIX}* values, credentials come from the "
+                f"Secret: {name!r}"
+            )
+        env.append(m.EnvVar(name=name, value=s3_env[name]))
+    return env
+
+
+def _step(
+    name: str, image: str, spec_json: str, env: list[m.EnvVar], depends_on: str | None
+) -> m.ContainerNode:
+    """A ``stages`` step in our image, as its non-root user."""
+    return m.ContainerNode(
+        name=name,
+        image=image,
+        command=["python", "-m", STAGES_MODULE],
+        args=[name, "--spec", spec_json, "--workspace", WORKSPACE],
+        dependencies=[depends_on] if depends_on else None,
+        env=env,
+        resources=_resources(STEP_RESOURCES),
+        termination_message_policy=TERMINATION_MESSAGE_POLICY,
+        security_context=m.SecurityContext(
+            run_as_non_root=True,
+            run_as_user=RUNNER_UID,
+            run_as_group=RUNNER_UID,
+            allow_privilege_escalation=False,
+            read_only_root_filesystem=True,
+            capabilities=m.Capabilities(drop=["ALL"]),
+        ),
+    )
+
+
+def _engine_args(spec: RunSpec) -> list[str]:
+    args = to_engine_args(spec.options)
+    for arg in args:
+        if "{{" in arg:
+            raise ArgoTemplateError(
+                f"Option value {arg!r} contains '{{{{', which Argo Workflows reads as template "
+                "syntax; it cannot be passed to an Argo run"
+            )
+    return args
+
+
+def _odm(spec: RunSpec, settings: ArgoSettings) -> m.ContainerNode:
+    """ODM itself: options as separate argv items, project ``/workspace/<task_id>``."""
+    return m.ContainerNode(
+        name="main",
+        image=settings.odm_image,
+        command=["python3"],
+        args=[ODM_RUN, *_engine_args(spec), "--project-path", WORKSPACE, spec.task_id],
+        dependencies=["fetch"],
+        env=[m.EnvVar(name="ODM_NONINTERACTIVE", value="1")],
+        resources=_resources(sizing.size(spec.images_count, spec.options, settings)),
+        termination_message_policy=TERMINATION_MESSAGE_POLICY,
+        # Runs as the image's root user (see the module docstring).
+        security_context=m.SecurityContext(
+            allow_privilege_escalation=False,
+            capabilities=m.Capabilities(drop=["ALL"], add=list(ODM_CAPABILITIES)),
+        ),
+    )
+
+
+def build_workflow(
+    spec: RunSpec, settings: ArgoSettings, *, shard: int, s3_env: Mapping[str, str]
+) -> dict[str, Any]:
+    """The Workflow manifest of ``spec``'s attempt, camelCase, ``None`` fields omitted.
+
+    ``s3_env`` holds the plain S3 settings of the fetch/upload steps by env var name
+    (``SCALEODM_S3__ENDPOINT_URL``, ``…__REGION``, ``…__BUCKET``); the credentials always come
+    from the Secret ``settings.s3_secret``. ``ValueError`` for a task id that is not a uuid or
+    for credentials in ``s3_env``; ``ArgoTemplateError`` for an option value holding ``{{``.
+    """
+    if not is_task_id(spec.task_id):
+        raise ValueError(f"not a task uuid: {spec.task_id!r}")
+    # Only the RunSpec's own fields (a CreateTask/RestartTask also carries its verb).
+    spec_json = argo_safe_json(spec.model_dump_json(include=set(RunSpec.model_fields)))
+    env = _s3_env(s3_env, settings.s3_secret)
+    own_labels = labels(spec, shard)
+    template = m.Template(
+        name=TEMPLATE,
+        volumes=[m.Volume(name=WORKSPACE_VOLUME, empty_dir=m.EmptyDirVolumeSource())],
+        container_set=m.ContainerSetTemplate(
+            volume_mounts=[m.VolumeMount(name=WORKSPACE_VOLUME, mount_path=WORKSPACE)],
+            containers=[
+                _step("fetch", settings.runner_image, spec_json, env, None),
+                _odm(spec, settings),
+                _step("upload", settings.runner_image, spec_json, env, "main"),
+            ],
+        ),
+        retry_strategy=m.RetryStrategy(
+            limit=m.IntOrString(settings.retry_limit),
+            retry_policy=RETRY_POLICY,
+            backoff=m.Backoff(
+                duration=BACKOFF_DURATION,
+                factor=m.IntOrString(BACKOFF_FACTOR),
+                max_duration=BACKOFF_MAX_DURATION,
+            ),
+        ),
+    )
+    workflow = m.Workflow(
+        api_version=API_VERSION,
+        kind="Workflow",
+        metadata=m.ObjectMeta(
+            name=run_name(spec.task_id, spec.attempt),
+            namespace=settings.namespace,
+            labels=own_labels,
+        ),
+        spec=m.WorkflowSpec(
+            entrypoint=TEMPLATE,
+            templates=[template],
+            service_account_name=settings.service_account,
+            pod_metadata=m.Metadata(labels=dict(own_labels)),
+            node_selector=dict(settings.node_selector) or None,
+            security_context=m.PodSecurityContext(
+                fs_group=RUNNER_UID,
+                seccomp_profile=m.SeccompProfile(type="RuntimeDefault"),
+            ),
+            active_deadline_seconds=settings.active_deadline_s,
+            pod_gc=m.PodGC(
+                strategy="OnWorkflowCompletion",
+                delete_delay_duration=f"{settings.pod_gc_delay_s}s",
+            ),
+            ttl_strategy=m.TTLStrategy(
+                seconds_after_success=settings.ttl_after_success_s,
+                seconds_after_failure=settings.ttl_after_failure_s,
+            ),
+        ),
+    )
+    manifest: dict[str, Any] = workflow.model_dump(mode="json", by_alias=True, exclude_none=True)
+    return manifest

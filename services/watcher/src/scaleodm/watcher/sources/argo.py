@@ -1,0 +1,291 @@
+"""Following Argo Workflows: list + watch with bookmarks, and the ``main`` container's log.
+
+Workflows are watched with a label selector on our own stable labels (never on Argo's
+``completed`` label, which would hide the final state, stack-notes §2.4): managed-by plus the
+shards this replica owns. Several replicas split the work by the ``scaleodm.io/shard`` label
+the scheduler sets (replica k of N follows shards s with s % N == k) — chosen over leader
+election because it scales the watcher out instead of keeping N-1 replicas idle, needs no Lease
+RBAC, and a brief overlap during a rollout is harmless: every event id is deterministic and the
+event log deduplicates.
+
+The loop: list (an authoritative snapshot, each item handled idempotently) -> watch from the
+list's resourceVersion with bookmarks and a server timeout -> continue from the last seen
+version -> relist on 410 Gone. Phases map to NodeODM codes; a Failed workflow that was shut
+down is a cancel (50), never a failure. Image-pull and container-config errors end the task 30
+with a clear message. Console lines come from the pods' ``main`` container, re-read from the
+start on every (re)connect and numbered by ``ConsoleReporter``, so a restart or reconnect
+neither loses nor repeats a line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+from typing import Any
+
+from kubernetes_asyncio import client, config, watch
+from kubernetes_asyncio.client.exceptions import ApiException
+
+from scaleodm.common.contracts import events
+from scaleodm.common.domain.progress import PACKAGING_PROGRESS
+from scaleodm.common.domain.status import TERMINAL_STATES, TaskState, engine_exit_message
+from scaleodm.common.emitting import Emitter
+from scaleodm.common.logging import bind_task, get_logger
+from scaleodm.common.settings import WatcherSettings
+from scaleodm.common.store.tasks import TaskStore
+from scaleodm.watcher.console import ConsoleReporter
+
+log = get_logger(__name__)
+
+GROUP, VERSION, PLURAL = "argoproj.io", "v1alpha1", "workflows"
+TASK_LABEL = "scaleodm.io/task"
+ATTEMPT_LABEL = "scaleodm.io/attempt"
+SHARD_LABEL = "scaleodm.io/shard"
+MANAGED = "app.kubernetes.io/managed-by=scaleodm"
+INFRA_ERRORS = re.compile(
+    r"errimagepull|imagepullbackoff|failed to pull image|back-off pulling image|invalidimagename"
+    r"|createcontainerconfigerror|createcontainererror|secret .* not found",
+    re.IGNORECASE,
+)
+EXIT_CODE = re.compile(r"exit code (\d+)", re.IGNORECASE)
+LOG_RETRY_S = 1.0
+
+
+async def api_client(kubeconfig: str | None) -> client.ApiClient:
+    cfg = client.Configuration()
+    if kubeconfig:
+        await config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
+    else:
+        config.load_incluster_config(client_configuration=cfg)
+    return client.ApiClient(cfg)
+
+
+def owned_shards(shards: int, replica: int, replicas: int) -> list[int]:
+    return [s for s in range(shards) if s % max(1, replicas) == replica]
+
+
+def selector(shards: list[int]) -> str:
+    return f"{MANAGED},{SHARD_LABEL} in ({','.join(str(s) for s in shards)})"
+
+
+def _messages(wf: dict[str, Any]) -> list[str]:
+    status = wf.get("status") or {}
+    found = [status.get("message") or ""]
+    nodes = status.get("nodes") or {}
+    found += [(n or {}).get("message") or "" for n in nodes.values()]
+    return [m for m in found if m]
+
+
+class ArgoRunSource:
+    def __init__(
+        self, api: client.ApiClient, store: TaskStore, emitter: Emitter, settings: WatcherSettings
+    ) -> None:
+        self.api = api
+        self.store = store
+        self.emitter = emitter
+        self.settings = settings
+        self.argo = settings.argo
+        self.custom = client.CustomObjectsApi(api)
+        self.core = client.CoreV1Api(api)
+        self.selector = selector(
+            owned_shards(self.argo.shards, settings.replica, settings.replicas)
+        )
+        self.followers: dict[str, asyncio.Task[None]] = {}
+        self.reporters: dict[str, ConsoleReporter] = {}
+        self.resource_version: str | None = None
+
+    async def run(self) -> None:
+        try:
+            while True:
+                try:
+                    if self.resource_version is None:
+                        await self._list()
+                    await self._watch()
+                except ApiException as exc:
+                    if exc.status == 410:
+                        log.info("watch expired (410); relisting")
+                        self.resource_version = None
+                        continue
+                    log.warning("kubernetes API error; retrying", status=exc.status)
+                    await asyncio.sleep(LOG_RETRY_S)
+                except (TimeoutError, OSError, client.exceptions.ApiException) as exc:
+                    log.warning("kubernetes API unreachable; retrying", error=repr(exc))
+                    await asyncio.sleep(LOG_RETRY_S)
+        finally:
+            for task in self.followers.values():
+                task.cancel()
+            for task in self.followers.values():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    async def _list(self) -> None:
+        listing = await self.custom.list_namespaced_custom_object(
+            GROUP, VERSION, self.argo.namespace, PLURAL, label_selector=self.selector,
+            _request_timeout=self.argo.request_timeout_s,
+        )
+        for wf in listing.get("items", []):
+            await self.handle(wf)
+        self.resource_version = listing["metadata"]["resourceVersion"]
+
+    async def _watch(self) -> None:
+        w = watch.Watch()
+        async with w.stream(
+            self.custom.list_namespaced_custom_object, GROUP, VERSION, self.argo.namespace,
+            PLURAL, label_selector=self.selector, resource_version=self.resource_version,
+            allow_watch_bookmarks=True, timeout_seconds=self.argo.watch_timeout_s,
+        ) as stream:
+            async for event in stream:
+                kind, obj = event["type"], event["object"]
+                if kind != "BOOKMARK" and kind != "DELETED":
+                    await self.handle(obj)
+                rv = (obj.get("metadata") or {}).get("resourceVersion")
+                if rv:
+                    self.resource_version = rv
+
+    async def handle(self, wf: dict[str, Any]) -> None:
+        meta = wf.get("metadata") or {}
+        labels = meta.get("labels") or {}
+        task_id = labels.get(TASK_LABEL)
+        try:
+            attempt = int(labels.get(ATTEMPT_LABEL, ""))
+        except ValueError:
+            return
+        if not task_id:
+            return
+        with bind_task(task_id, attempt=attempt, workflow=meta.get("name")):
+            try:
+                await self._handle(wf, task_id, attempt)
+            except Exception:
+                log.exception("workflow event not handled")
+
+    async def _handle(self, wf: dict[str, Any], task_id: str, attempt: int) -> None:
+        name = wf["metadata"]["name"]
+        phase = (wf.get("status") or {}).get("phase") or ""
+        if phase in ("", "Pending", "Running"):
+            infra = next((m for m in _messages(wf) if INFRA_ERRORS.search(m)), None)
+            if infra is not None:
+                await self.emitter.emit(events.failed(
+                    task_id, attempt, f"Could not start the run's containers: {infra}"
+                ))
+                return
+        if phase == "Running":
+            await self.emitter.emit(events.running(task_id, attempt))
+            await self._follow(name, task_id, attempt)
+        elif phase in ("Succeeded", "Failed", "Error"):
+            await self._follow(name, task_id, attempt)
+            follower = self.followers.get(name)
+            if follower is not None:  # report every console line before the terminal event
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(follower), 30)
+            await self._finish(wf, task_id, attempt, phase)
+
+    async def _finish(self, wf: dict[str, Any], task_id: str, attempt: int, phase: str) -> None:
+        spec, status = wf.get("spec") or {}, wf.get("status") or {}
+        message = status.get("message") or ""
+        if phase == "Succeeded":
+            await self.emitter.emit(events.completed(task_id, attempt))
+        elif spec.get("shutdown") or message.startswith("Stopped with strategy"):
+            await self.emitter.emit(events.canceled(task_id, attempt))  # a cancel, never 30
+        else:
+            await self.emitter.emit(events.failed(task_id, attempt, self._failure(wf)))
+        self.reporters.pop(wf["metadata"]["name"], None)
+
+    @staticmethod
+    def _failure(wf: dict[str, Any]) -> str:
+        for message in _messages(wf):
+            match = EXIT_CODE.search(message)
+            if match:
+                return engine_exit_message(int(match.group(1)))
+        messages = _messages(wf)
+        return messages[0] if messages else "Processing failed"
+
+    async def _follow(self, name: str, task_id: str, attempt: int) -> None:
+        if name in self.followers:
+            return
+        doc = await self.store.get_task(task_id)
+        if doc is None or doc["attempt"] != attempt:
+            return
+        if TaskState(doc["state"]) in TERMINAL_STATES and name not in self.reporters:
+            # Ended before this watcher (re)started: still read the log to the end once.
+            pass
+        reporter = ConsoleReporter(
+            self.emitter, task_id, attempt,
+            skip=await self.store.output_end(task_id, attempt),
+            progress=float(doc.get("progress", 0.0)),
+            batch_lines=self.settings.output_batch_lines,
+        )
+        self.reporters[name] = reporter
+        self.followers[name] = asyncio.create_task(
+            self._follow_logs(name, reporter), name=f"logs-{name}"
+        )
+
+    async def _follow_logs(self, name: str, reporter: ConsoleReporter) -> None:
+        """Stream the ``main`` container of the workflow's pods until they all terminated."""
+        with bind_task(reporter.task_id, attempt=reporter.attempt, workflow=name):
+            while True:
+                pods = await self._pods(name)
+                reporter.rewind()
+                done = True
+                for pod in pods:
+                    state = self._main_state(pod)
+                    if state is None:
+                        done = False  # main not started yet
+                        break
+                    try:
+                        await self._stream_log(pod["metadata"]["name"], reporter)
+                    except ApiException as exc:
+                        if exc.status in (400, 404):  # not started yet, or gone (pod GC)
+                            done = False
+                            break
+                        raise
+                    if state != "terminated":
+                        done = False
+                if done and pods:
+                    if all(self._main_state(p) == "terminated" for p in await self._pods(name)):
+                        if any(self._container_running(p, "upload") for p in pods):
+                            await reporter.phase_progress(PACKAGING_PROGRESS, "packaging")
+                        return
+                await asyncio.sleep(LOG_RETRY_S)
+
+    async def _pods(self, workflow: str) -> list[dict[str, Any]]:
+        listing = await self.core.list_namespaced_pod(
+            self.argo.namespace, label_selector=f"workflows.argoproj.io/workflow={workflow}",
+            _request_timeout=self.argo.request_timeout_s,
+        )
+        pods = [self.api.sanitize_for_serialization(p) for p in listing.items]
+        return sorted(pods, key=lambda p: p["metadata"].get("creationTimestamp") or "")
+
+    @staticmethod
+    def _main_state(pod: dict[str, Any]) -> str | None:
+        for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+            if cs.get("name") == "main":
+                state = cs.get("state") or {}
+                if "terminated" in state:
+                    return "terminated"
+                if "running" in state:
+                    return "running"
+        return None
+
+    @staticmethod
+    def _container_running(pod: dict[str, Any], container: str) -> bool:
+        for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+            if cs.get("name") == container and "running" in (cs.get("state") or {}):
+                return True
+        return False
+
+    async def _stream_log(self, pod: str, reporter: ConsoleReporter) -> None:
+        resp: Any = await self.core.read_namespaced_pod_log(
+            pod, self.argo.namespace, container="main", follow=True, _preload_content=False,
+        )  # an aiohttp response, read as it grows
+        try:
+            partial = b""
+            async for chunk in resp.content.iter_any():
+                data = partial + chunk
+                lines = data.split(b"\n")
+                partial = lines.pop()
+                await reporter.feed([line.decode("utf-8", errors="replace") for line in lines])
+            if partial:
+                await reporter.feed([partial.decode("utf-8", errors="replace")])
+        finally:
+            resp.release()
