@@ -29,7 +29,7 @@ from kubernetes_asyncio.client.exceptions import ApiException
 
 from scaleodm.common.contracts import events
 from scaleodm.common.domain.progress import PACKAGING_PROGRESS
-from scaleodm.common.domain.status import TERMINAL_STATES, TaskState, engine_exit_message
+from scaleodm.common.domain.status import engine_exit_message
 from scaleodm.common.emitting import Emitter
 from scaleodm.common.logging import bind_task, get_logger
 from scaleodm.common.settings import WatcherSettings
@@ -205,10 +205,8 @@ class ArgoRunSource:
             return
         doc = await self.store.get_task(task_id)
         if doc is None or doc["attempt"] != attempt:
+            log.info("workflow is not the task's current attempt; log not followed")
             return
-        if TaskState(doc["state"]) in TERMINAL_STATES and name not in self.reporters:
-            # Ended before this watcher (re)started: still read the log to the end once.
-            pass
         reporter = ConsoleReporter(
             self.emitter, task_id, attempt,
             skip=await self.store.output_end(task_id, attempt),
@@ -219,34 +217,50 @@ class ArgoRunSource:
         self.followers[name] = asyncio.create_task(
             self._follow_logs(name, reporter), name=f"logs-{name}"
         )
+        log.info("following the workflow's log", skip=reporter.skip)
 
     async def _follow_logs(self, name: str, reporter: ConsoleReporter) -> None:
         """Stream the ``main`` container of the workflow's pods until they all terminated."""
         with bind_task(reporter.task_id, attempt=reporter.attempt, workflow=name):
             while True:
-                pods = await self._pods(name)
-                reporter.rewind()
-                done = True
-                for pod in pods:
-                    state = self._main_state(pod)
-                    if state is None:
-                        done = False  # main not started yet
-                        break
-                    try:
-                        await self._stream_log(pod["metadata"]["name"], reporter)
-                    except ApiException as exc:
-                        if exc.status in (400, 404):  # not started yet, or gone (pod GC)
-                            done = False
-                            break
-                        raise
-                    if state != "terminated":
-                        done = False
-                if done and pods:
-                    if all(self._main_state(p) == "terminated" for p in await self._pods(name)):
-                        if any(self._container_running(p, "upload") for p in pods):
-                            await reporter.phase_progress(PACKAGING_PROGRESS, "packaging")
+                try:
+                    if await self._read_pods(name, reporter):
                         return
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("following the workflow's log failed; retrying")
                 await asyncio.sleep(LOG_RETRY_S)
+
+    async def _read_pods(self, name: str, reporter: ConsoleReporter) -> bool:
+        """One pass over the workflow's pods; True when every ``main`` container ended."""
+        pods = await self._pods(name)
+        reporter.rewind()  # each pass re-reads from the first line; recorded lines are skipped
+        for pod in pods:
+            state = self._main_state(pod)
+            if state is None:
+                return False  # main not started yet
+            try:
+                await self._stream_log(pod["metadata"]["name"], reporter)
+            except ApiException as exc:
+                if exc.status in (400, 404):  # not started yet, or gone (pod GC)
+                    return False
+                raise
+            if state != "terminated" and self._main_state(await self._pod(pod)) != "terminated":
+                return False
+        if not pods:
+            return False
+        if any(self._container_running(p, "upload") for p in pods):
+            await reporter.phase_progress(PACKAGING_PROGRESS, "packaging")
+        return True
+
+    async def _pod(self, pod: dict[str, Any]) -> dict[str, Any]:
+        fresh = await self.core.read_namespaced_pod(
+            pod["metadata"]["name"], self.argo.namespace,
+            _request_timeout=self.argo.request_timeout_s,
+        )
+        result: dict[str, Any] = self.api.sanitize_for_serialization(fresh)
+        return result
 
     async def _pods(self, workflow: str) -> list[dict[str, Any]]:
         listing = await self.core.list_namespaced_pod(
@@ -278,6 +292,10 @@ class ArgoRunSource:
         resp: Any = await self.core.read_namespaced_pod_log(
             pod, self.argo.namespace, container="main", follow=True, _preload_content=False,
         )  # an aiohttp response, read as it grows
+        if resp.status != 200:  # not started yet / pod gone: a Status object, not log lines
+            status = resp.status
+            resp.release()
+            raise ApiException(status=status, reason="pod log unavailable")
         try:
             partial = b""
             async for chunk in resp.content.iter_any():
