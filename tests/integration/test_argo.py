@@ -12,6 +12,7 @@ Leaves out a real cluster (``on_cluster`` tests, none yet).
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 import uuid
 from collections.abc import Iterator
@@ -229,3 +230,40 @@ async def test_image_pull_error_ends_30_with_a_clear_message(
     message = final["status"]["errorMessage"]
     assert message.startswith("Could not start the run's containers")
     assert "ErrImagePull" in message or "ImagePullBackOff" in message
+
+
+async def test_watch_expiry_relists_and_misses_nothing(
+    argo_stack: tuple[Stack, FakeCluster], http_fixture: HttpFixture
+) -> None:
+    stack, k8s = argo_stack
+    stack.extra_env["SCALEODM_ARGO__WATCH_TIMEOUT_S"] = "1"  # reconnect often
+    _start(stack, "gateway", "scheduler", "watcher", "notifier")
+    task_id = await _create(stack, http_fixture)
+    await _poll(stack, task_id, lambda i: i["status"]["code"] == 20)
+    watcher = stack.procs["watcher"]
+    watcher.send_signal(signal.SIGSTOP)  # its watch times out meanwhile, at the old version
+    try:
+        await asyncio.sleep(1.5)
+        k8s.server.create("workflows", "elsewhere", {  # moves the resourceVersion on
+            "apiVersion": "argoproj.io/v1alpha1", "kind": "Workflow",
+            "metadata": {"name": "unrelated"}, "spec": {"entrypoint": "x", "templates": []},
+        })
+        k8s.server.compact()  # so a watch from the watcher's version answers 410 Gone
+    finally:
+        watcher.send_signal(signal.SIGCONT)
+    final = await _poll(stack, task_id, api.status_is(30, 40, 50))
+    assert final["status"]["code"] == 40
+    assert "watch expired (410); relisting" in stack.log("watcher")
+    _assert_console_exact(stack, task_id, _main_log(k8s, task_id))
+
+
+async def test_engine_exit_code_maps_to_nodeodm_error(
+    argo_stack: tuple[Stack, FakeCluster], http_fixture: HttpFixture
+) -> None:
+    stack, k8s = argo_stack
+    _start(stack, "gateway", "scheduler", "watcher", "notifier")
+    task_id = str(uuid.uuid4())
+    k8s.controller.fail_with_exit(f"odm-{task_id}-1", 137)
+    await _create(stack, http_fixture, headers={"set-uuid": task_id})
+    final = await _poll(stack, task_id, api.status_is(30, 40, 50))
+    assert final["status"] == {"code": 30, "errorMessage": "Not enough memory"}
