@@ -59,6 +59,8 @@ def main() -> int:
                                  **{k: v for k, v in os.environ.items()
                                     if k.startswith("SCALEODM_")},
                                  "SCALEODM_ENGINE": engine,
+                                 "SCALEODM_OUTBOUND_ALLOW": os.environ.get(
+                                     "SCALEODM_OUTBOUND_ALLOW", '["127.0.0.0/8"]'),
                                  "SCALEODM_TEST_ENGINE_SECONDS": os.environ.get(
                                      "SCALEODM_TEST_ENGINE_SECONDS", "20"),
                                  "SCALEODM_LOG_JSON": os.environ.get("SCALEODM_LOG_JSON", "true"),

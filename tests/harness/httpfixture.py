@@ -1,7 +1,9 @@
 """A loopback HTTP server for tests: serves files (zipurl inputs) and records webhook POSTs.
 
 Behaviour per path can be scripted: ``fail_times(path, n, status)`` answers ``status`` to the
-first ``n`` POSTs on ``path``, then 200.
+first ``n`` POSTs on ``path``, then 200; ``script(path, *actions)`` queues any mix of statuses,
+``"hang"`` (never answers until the fixture stops) and ``"close"`` (drops the connection
+without an answer); ``script(path, "hang", forever=True)`` repeats its last action.
 """
 
 from __future__ import annotations
@@ -30,8 +32,10 @@ class Received:
 class HttpFixture:
     root: Path
     received: list[Received] = field(default_factory=list)
-    failures: dict[str, list[int]] = field(default_factory=dict)
+    failures: dict[str, list[int | str]] = field(default_factory=dict)
+    forever: dict[str, int | str] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    release: threading.Event = field(default_factory=threading.Event)
     server: ThreadingHTTPServer | None = None
 
     @property
@@ -45,6 +49,15 @@ class HttpFixture:
     def fail_times(self, path: str, n: int, status: int = 500) -> None:
         with self.lock:
             self.failures[path] = [status] * n
+            self.forever.pop(path, None)
+
+    def script(self, path: str, *actions: int | str, forever: bool = False) -> None:
+        with self.lock:
+            self.failures[path] = list(actions)
+            if forever:
+                self.forever[path] = actions[-1]
+            else:
+                self.forever.pop(path, None)
 
     def posts(self, path: str) -> list[Received]:
         with self.lock:
@@ -87,8 +100,14 @@ class HttpFixture:
                         Received(path, dict(self.headers.items()), body, time.time())
                     )
                     queue = fixture.failures.get(path) or []
-                    status = queue.pop(0) if queue else 200
-                self.send_response(status)
+                    action = queue.pop(0) if queue else fixture.forever.get(path, 200)
+                if action == "hang":
+                    fixture.release.wait(60)
+                    return
+                if action == "close":
+                    self.close_connection = True
+                    return
+                self.send_response(int(action))
                 self.send_header("Content-Type", "application/json")
                 self.end_headers()
                 self.wfile.write(b"{}")
@@ -97,6 +116,7 @@ class HttpFixture:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def stop(self) -> None:
+        self.release.set()
         if self.server is not None:
             self.server.shutdown()
             self.server.server_close()

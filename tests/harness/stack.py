@@ -58,6 +58,7 @@ class Stack:
             "SCALEODM_GATEWAY_HOST": "127.0.0.1",
             "SCALEODM_OUTBOX_INTERVAL_S": "1",
             "SCALEODM_OUTBOX_MIN_AGE_S": "1",
+            "SCALEODM_OUTBOUND_ALLOW": '["127.0.0.0/8"]',  # fixtures and hooks are on loopback
         })
         env.update(self.extra_env)
         env.update(extra or {})

@@ -14,7 +14,7 @@ import functools
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import BaseModel, Field, IPvAnyNetwork, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEV_CREDENTIAL = "scaleodm-dev-secret"
@@ -143,6 +143,12 @@ class BaseServiceSettings(BaseSettings):
         description="Fault injection for tests and chaos runs: `name=action` pairs separated by "
         "commas (e.g. `scheduler.create.before_ack=hang`). Empty in production.",
     )
+    outbound_allow: list[IPvAnyNetwork] = Field(
+        default_factory=list,
+        description="CIDRs (JSON list) that webhook and zipurl targets may resolve to although "
+        "not public (loopback, RFC1918, ULA, ...); none by default. Link-local and cloud "
+        "metadata addresses need an entry inside them (scaleodm.common.netguard).",
+    )
     nats: NatsSettings = Field(default_factory=NatsSettings)
     mongo: MongoSettings = Field(default_factory=MongoSettings)
     s3: S3Settings = Field(default_factory=S3Settings)
@@ -259,9 +265,26 @@ class NotifierSettings(BaseServiceSettings):
         None, description="Node-level webhook called for every finished task (NodeODM --webhook)."
     )
     webhook_timeout_s: float = Field(10.0, description="Timeout of one webhook attempt.")
-    webhook_max_attempts: int = Field(8, description="Attempts per delivery before giving up.")
+    webhook_max_attempts: int = Field(
+        0, description="Attempts per delivery before giving up; 0 = no cap (the horizon decides)."
+    )
     webhook_backoff_base_s: float = Field(1.0, description="First retry delay; doubles each time.")
     webhook_backoff_max_s: float = Field(300.0, description="Longest retry delay.")
+    webhook_horizon_s: float = Field(
+        86400.0,
+        description="Retries stop (delivery dead-lettered) this long after the first attempt.",
+    )
+    webhook_secret: SecretStr | None = Field(
+        None, description="Standard Webhooks secret (`whsec_...`); when set, deliveries are signed."
+    )
+    webhook_concurrency: int = Field(
+        64, description="Terminal events handled at once (a slow receiver holds only one)."
+    )
+    ack_wait_s: float = Field(
+        60.0,
+        description="JetStream ack_wait of the notifier's consumer: an event whose handler died "
+        "is redelivered after this long (must exceed webhook_timeout_s).",
+    )
 
 
 ServiceName = Literal["gateway", "scheduler", "watcher", "notifier"]

@@ -7,6 +7,7 @@ the same task for the same input.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 import time
@@ -14,6 +15,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from scaleodm.common import netguard
 from scaleodm.common.contracts import bus, commands, events
 from scaleodm.common.contracts.ids import TaskId
 from scaleodm.common.domain import options as odm_options
@@ -24,6 +26,8 @@ from scaleodm.gateway.deps import Resources
 from scaleodm.gateway.errors import NodeOdmError
 
 log = get_logger(__name__)
+
+ZIPURL_RESOLVE_TIMEOUT_S = 5.0
 
 
 def now_ms() -> int:
@@ -80,7 +84,12 @@ def validated_options(raw: str | None, *, skip_pp: bool) -> list[dict[str, Any]]
     return odm_options.add_post_processing_options(opts, skip_post_processing=skip_pp)
 
 
-def check_zipurl(url: str, allowed: list[str]) -> str:
+async def check_zipurl(url: str, allowed: list[str], outbound: netguard.OutboundPolicy) -> str:
+    """A usable ``zipurl``; an http(s) host must resolve only to addresses we may fetch from.
+
+    The runner's download checks again at connect time (``netguard``), so a name that changes
+    its answer after this check (DNS rebinding) is still refused there.
+    """
     parts = urlsplit(url)
     if parts.scheme not in allowed or not parts.netloc:
         raise NodeOdmError(
@@ -91,6 +100,17 @@ def check_zipurl(url: str, allowed: list[str]) -> str:
             s3mod.parse_s3_url(url)
         except ValueError as exc:
             raise NodeOdmError(f"Invalid zipurl: {exc}") from exc
+    elif parts.scheme in ("http", "https"):
+        try:
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+            async with asyncio.timeout(ZIPURL_RESOLVE_TIMEOUT_S):
+                await outbound.resolve_checked(parts.hostname or "", port)
+        except ValueError as exc:
+            raise NodeOdmError(f"Invalid zipurl: {exc}") from exc
+        except netguard.RefusedAddressError as exc:
+            raise NodeOdmError(f"Invalid zipurl: {exc}") from exc
+        except (netguard.ResolveError, TimeoutError):
+            pass  # maybe resolvable where runs are; the run reports it if not
     return url
 
 

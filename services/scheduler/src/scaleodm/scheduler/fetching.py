@@ -3,7 +3,9 @@
 Sources are http(s) URLs of zips, ``s3://`` zip objects, or ``s3://bucket/prefix/`` folders of
 images and/or zips. Archives are extracted flattened (no paths, so no traversal), non-images are
 dropped except ``.txt`` control files (GCP, geo, image groups), and name clashes get NodeODM's
-``_`` suffix. Archive size and entry counts are bounded (zip bombs).
+``_`` suffix. Archive size and entry counts are bounded (zip bombs). http(s) downloads go through
+the outbound guard (``netguard``): every connection, redirects included, is checked on the
+address it connects to.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import httpx
 
+from scaleodm.common import netguard
 from scaleodm.common.logging import get_logger
 from scaleodm.common.store.s3 import S3, S3Url, parse_s3_url
 
@@ -75,10 +78,15 @@ def extract_zip(archive: Path, dest: Path, max_bytes: int) -> int:
     return written
 
 
-async def _download_http(url: str, path: Path, max_bytes: int, timeout_s: float) -> None:
+async def _download_http(
+    url: str, path: Path, max_bytes: int, timeout_s: float, outbound: netguard.OutboundPolicy
+) -> None:
     timeout = httpx.Timeout(connect=15.0, read=timeout_s, write=30.0, pool=15.0)
+    transport = netguard.GuardedTransport(outbound)
     try:
-        async with httpx.AsyncClient(timeout=timeout, follow_redirects=True) as client:
+        async with httpx.AsyncClient(
+            transport=transport, timeout=timeout, follow_redirects=True
+        ) as client:
             async with client.stream("GET", url) as resp:
                 if resp.status_code != 200:
                     raise InputError(f"Could not download zipurl: HTTP {resp.status_code}")
@@ -90,13 +98,19 @@ async def _download_http(url: str, path: Path, max_bytes: int, timeout_s: float)
                             raise InputError("zipurl is larger than the size limit")
                         fh.write(chunk)
     except httpx.HTTPError as exc:
-        raise InputError(f"Could not download zipurl: {exc or type(exc).__name__}") from exc
+        reason = netguard.refusal_of(exc) or exc or type(exc).__name__
+        raise InputError(f"Could not download zipurl: {reason}") from exc
 
 
 async def fetch_inputs(
-    sources: list[str], images: Path, s3: S3, *, max_bytes: int, timeout_s: float
+    sources: list[str], images: Path, s3: S3, *, max_bytes: int, timeout_s: float,
+    outbound: netguard.OutboundPolicy | None = None,
 ) -> int:
-    """Fill ``images`` from every source; returns the number of images it holds."""
+    """Fill ``images`` from every source; returns the number of images it holds.
+
+    ``outbound`` says which non-public addresses http(s) sources may use (default: none).
+    """
+    outbound = outbound or netguard.OutboundPolicy()
     images.mkdir(parents=True, exist_ok=True)
     scratch = images.parent / ".downloads"
     scratch.mkdir(exist_ok=True)
@@ -104,7 +118,7 @@ async def fetch_inputs(
         for n, source in enumerate(sources):
             if source.startswith(("http://", "https://")):
                 archive = scratch / f"{n}.zip"
-                await _download_http(source, archive, max_bytes, timeout_s)
+                await _download_http(source, archive, max_bytes, timeout_s, outbound)
                 extract_zip(archive, images, max_bytes)
                 archive.unlink()
             elif source.startswith("s3://"):

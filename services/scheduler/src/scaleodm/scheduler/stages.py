@@ -34,6 +34,7 @@ from typing import Final
 
 from pydantic import ValidationError
 
+from scaleodm.common import netguard
 from scaleodm.common.contracts.commands import RunSpec
 from scaleodm.common.logging import bind_task, configure_logging, get_logger
 from scaleodm.common.settings import SchedulerSettings
@@ -82,7 +83,8 @@ async def fetch_images(
     Shared by the local runner and the fetch step, so both refuse an empty input the same way.
     """
     count = await fetching.fetch_inputs(
-        sources, images, s3, max_bytes=settings.zip_max_bytes, timeout_s=settings.fetch_timeout_s
+        sources, images, s3, max_bytes=settings.zip_max_bytes, timeout_s=settings.fetch_timeout_s,
+        outbound=netguard.OutboundPolicy(settings.outbound_allow),
     )
     if count == 0:
         raise fetching.InputError(NO_IMAGES)

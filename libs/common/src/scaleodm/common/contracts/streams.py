@@ -82,7 +82,9 @@ class Durable:
     config: ConsumerConfig
 
 
-def durables(*, ack_wait_s: float = 60.0, max_deliver: int = 10) -> tuple[Durable, ...]:
+def durables(
+    *, ack_wait_s: float = 60.0, max_deliver: int = 10, notifier_ack_wait_s: float = 60.0
+) -> tuple[Durable, ...]:
     """The durable consumers; ``ack_wait_s``/``max_deliver`` tune the scheduler's."""
     return (
         Durable(
@@ -116,8 +118,10 @@ def durables(*, ack_wait_s: float = 60.0, max_deliver: int = 10) -> tuple[Durabl
                 filter_subjects=TERMINAL_EVENT_SUBJECTS,
                 ack_policy=AckPolicy.EXPLICIT,
                 deliver_policy=DeliverPolicy.ALL,
-                ack_wait=60.0,
-                max_deliver=1000,
+                ack_wait=notifier_ack_wait_s,
+                # Unlimited: each delivery is a due webhook attempt (or an early one that NAKs
+                # to the due time); the notifier's horizon, kept in MongoDB, ends the retries.
+                max_deliver=-1,
                 max_ack_pending=1000,
             ),
         ),

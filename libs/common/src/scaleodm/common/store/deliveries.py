@@ -1,8 +1,15 @@
-"""Webhook deliveries: one document per (task, attempt, target), every attempt recorded."""
+"""Webhook deliveries: one document per (task, attempt, target), every attempt recorded.
+
+A delivery is ``pending`` until ``delivered`` or ``dead`` (``reason`` says why). Times the retry
+schedule depends on (``first_at_ms``, ``next_at_ms``, each attempt's ``at_ms``) are epoch
+milliseconds, which every wire server we test on stores faithfully; ``at`` stays for humans.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
+import json
+import time
 from typing import Any
 
 from pymongo import ASCENDING
@@ -27,7 +34,8 @@ class DeliveryStore:
             await self.deliveries.insert_one({
                 "_id": delivery_id, "task_id": task_id, "attempt": attempt, "url": url,
                 "status": "pending", "attempts": [],
-                "created_at": dt.datetime.now(dt.UTC),
+                "created_at": dt.datetime.now(dt.UTC), "first_at_ms": int(time.time() * 1000),
+                "next_at_ms": 0, "reason": None,
             })
         except DuplicateKeyError:
             pass
@@ -37,16 +45,22 @@ class DeliveryStore:
 
     async def record_attempt(
         self, delivery_id: str, *, status: str, status_code: int | None, latency_ms: int,
-        error: str | None,
+        error: str | None, next_at_ms: int = 0, reason: str | None = None,
     ) -> None:
+        now = dt.datetime.now(dt.UTC)
         attempt = {
-            "at": dt.datetime.now(dt.UTC), "status_code": status_code,
+            "at": now, "at_ms": int(now.timestamp() * 1000), "status_code": status_code,
             "latency_ms": latency_ms, "error": error,
         }
         await self.deliveries.update_one(
             {"_id": delivery_id},
-            {"$push": {"attempts": attempt}, "$set": {"status": status}},
+            {"$push": {"attempts": attempt},
+             "$set": {"status": status, "next_at_ms": next_at_ms, "reason": reason}},
         )
 
     async def for_task(self, task_id: str) -> list[Doc]:
-        return await self.deliveries.find({"task_id": task_id}).to_list(None)
+        docs = await self.deliveries.find({"task_id": task_id}).sort("created_at").to_list(None)
+        for doc in docs:  # nx-27017 stores $push-ed subdocuments as JSON strings
+            doc["attempts"] = [json.loads(a) if isinstance(a, str) else a
+                               for a in doc.get("attempts", [])]
+        return docs

@@ -15,6 +15,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
+from scaleodm.common import netguard
 from scaleodm.common.contracts.ids import is_task_id
 from scaleodm.common.logging import bind_task, get_logger
 from scaleodm.common.store import s3 as s3mod
@@ -85,7 +86,10 @@ async def create_task(request: Request, res: ResourcesDep) -> dict[str, str]:
             options = submission.validated_options(fields.options, skip_pp=fields.skip_pp)
             sources = [str(inputs)] if count else []
             if zipurl:
-                sources.append(submission.check_zipurl(zipurl, settings.zipurl_schemes))
+                sources.append(await submission.check_zipurl(
+                    zipurl, settings.zipurl_schemes,
+                    netguard.OutboundPolicy(settings.outbound_allow),
+                ))
             await submission.submit(res, task_id, fields, options=options, sources=sources,
                                     images_count=count)
         except NodeOdmError:
