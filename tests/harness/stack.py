@@ -66,6 +66,22 @@ class Stack:
 
     def start(self, service: str, extra: dict[str, str] | None = None,
               port: int | None = None) -> None:
+        self.spawn(service, extra, port)
+        self.wait_ready(service)
+
+    def start_all(self, *services: str, extra: dict[str, dict[str, str]] | None = None) -> None:
+        """Start several services at once (their imports overlap), then wait for each."""
+        for service in services:
+            self.spawn(service, (extra or {}).get(service))
+        for service in services:
+            self.wait_ready(service)
+
+    def wait_ready(self, service: str) -> None:
+        wait_http(f"http://127.0.0.1:{self.ports[service]}/readyz", timeout_s=60,
+                  proc=self.procs[service])
+
+    def spawn(self, service: str, extra: dict[str, str] | None = None,
+              port: int | None = None) -> None:
         port = port or free_port()
         self.ports[service] = port
         env = self.env(service, extra)
@@ -79,7 +95,6 @@ class Stack:
         if out is not None:
             out.close()
         self.procs[service] = proc
-        wait_http(f"http://127.0.0.1:{port}/readyz", timeout_s=60, proc=proc)
 
     def kill(self, service: str) -> None:
         """SIGKILL: no cleanup, no ack, as a crash."""
@@ -114,8 +129,7 @@ def kill_runners(runs_dir: Path) -> None:
 def running_stack(stack: Stack, services: tuple[str, ...] = SERVICES,
                   extra: dict[str, dict[str, str]] | None = None) -> Iterator[Stack]:
     try:
-        for service in services:
-            stack.start(service, (extra or {}).get(service))
+        stack.start_all(*services, extra=extra)
         yield stack
     finally:
         stack.stop()

@@ -51,9 +51,8 @@ def argo_stack(
         stack.stop()
 
 
-def _start(stack: Stack, *services: str, **extra: dict[str, str]) -> None:
-    for service in services:
-        stack.start(service, extra.get(service))
+def _start(stack: Stack, *services: str) -> None:
+    stack.start_all(*services)
 
 
 def _events(stack: Stack, task_id: str) -> list[dict[str, Any]]:

@@ -60,9 +60,8 @@ async def _run_with_killed_scheduler(
     stack, nats = fresh_stack
     # A run long enough to still be going when the command comes back after ack_wait.
     stack.extra_env = {"SCALEODM_ACK_WAIT_S": "3", "SCALEODM_TEST_ENGINE_SECONDS": "5"}
-    for service in ("gateway", "watcher", "notifier"):
-        stack.start(service)
-    stack.start("scheduler", {"SCALEODM_FAILPOINTS": f"{failpoint}=hang"})
+    stack.start_all("gateway", "watcher", "notifier", "scheduler", extra={
+        "scheduler": {"SCALEODM_FAILPOINTS": f"{failpoint}=hang"}})
     data.write(http_fixture.root / "redeliver.zip", data.images_zip(3))
     async with httpx.AsyncClient(base_url=stack.gateway_url, timeout=30) as client:
         task_id = (await api.create(client, zipurl=http_fixture.url("redeliver.zip")))["uuid"]
