@@ -11,10 +11,11 @@ state, old-attempt events ignored afterwards); console output slices per attempt
 physical deletion (only of removed tasks); the outbox (``unpublished_events``/``mark_published``);
 ``count_active``; webhook delivery records; BSON types surviving updates (booleans set by ``$set``,
 subdocuments appended by ``$push``) — two known nx-27017 bugs, expected to fail there (strict
-xfail, so a fixed nx shows up).
+xfail, so a fixed nx shows up); the event-log reads of the SSE routes (``read_events`` pages
+and ranges, ``event_seq``, ``terminal_seq``).
 
 Left out: the pure transition table (``tests/unit/test_projection.py``), ``open_store`` settings
-handling, ``read_events`` paging beyond one call, and anything about NATS or the services.
+handling, and anything about NATS or the services.
 """
 
 from __future__ import annotations
@@ -290,6 +291,33 @@ async def test_restart_while_running_is_ignored(store: TaskStore) -> None:
     doc = await _task(store, task_id)
     assert (doc["attempt"], doc["state"], doc["options"]) == (1, "running", [])
     assert await store.event_seen(events.queued(task_id, 2).event_id) is False
+
+
+async def test_event_log_reads_for_streams(store: TaskStore) -> None:
+    """What the SSE routes read: pages, a range, a seq by event id, an attempt's terminal seq."""
+    task_id = await _create(store)
+    for ev in (
+        events.running(task_id, 1),
+        events.progressed(task_id, 1, 50, "a"),
+        events.completed(task_id, 1),
+        events.canceled(task_id, 1),  # cancel turns 40 into 50: recorded after the first terminal
+        events.queued(task_id, 2),
+        events.running(task_id, 2),
+    ):
+        assert (await store.apply_event(ev)).outcome is Outcome.APPLIED, ev.kind
+
+    async def seqs(after: int = 0, **kw: Any) -> list[int]:
+        return [d["seq"] for d in await store.read_events(task_id, after, **kw)]
+
+    assert await seqs() == [1, 2, 3, 4, 5, 6, 7]
+    assert await seqs(2, limit=2) == [3, 4]
+    assert await seqs(2, through_seq=4) == [3, 4]
+    assert await seqs(2, through_seq=6, limit=3) == [3, 4, 5]
+    assert await seqs(6, through_seq=4) == []
+    assert await store.event_seq(events.completed(task_id, 1).event_id) == 4
+    assert await store.event_seq(events.failed(task_id, 1, "x").event_id) is None
+    assert await store.terminal_seq(task_id, 1) == 4
+    assert await store.terminal_seq(task_id, 2) is None
 
 
 # -- output ----------------------------------------------------------------------------------

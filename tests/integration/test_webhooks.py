@@ -62,7 +62,7 @@ def hook_stack(
                         "SCALEODM_WEBHOOK_BACKOFF_BASE_S": "0.2",
                         "SCALEODM_WEBHOOK_BACKOFF_MAX_S": "0.4",
                         "SCALEODM_WEBHOOK_HORIZON_S": str(HORIZON_S),
-                        "SCALEODM_ACK_WAIT_S": "3",
+                        "SCALEODM_WEBHOOK_ACK_WAIT_S": "3",
                     })
         with running_stack(own) as running:
             yield running

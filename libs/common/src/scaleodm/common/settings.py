@@ -186,6 +186,21 @@ class GatewaySettings(BaseServiceSettings):
         default_factory=lambda: ["http", "https", "s3"],
         description="URL schemes accepted for `zipurl`.",
     )
+    sse_heartbeat_s: float = Field(
+        15.0, gt=0,
+        description="Event streams (SSE): interval of heartbeat comments; an idle per-task "
+        "stream also re-reads the event log this often.",
+    )
+    sse_queue_size: int = Field(
+        1000, ge=1,
+        description="Event streams (SSE): live events buffered per client; a client that falls "
+        "further behind is disconnected (it resumes with Last-Event-ID).",
+    )
+    sse_send_timeout_s: float = Field(
+        30.0, gt=0,
+        description="Event streams (SSE): a client that accepts no write for this long is "
+        "disconnected.",
+    )
 
     @field_validator("max_images")
     @classmethod
@@ -280,7 +295,7 @@ class NotifierSettings(BaseServiceSettings):
     webhook_concurrency: int = Field(
         64, description="Terminal events handled at once (a slow receiver holds only one)."
     )
-    ack_wait_s: float = Field(
+    webhook_ack_wait_s: float = Field(
         60.0,
         description="JetStream ack_wait of the notifier's consumer: an event whose handler died "
         "is redelivered after this long (must exceed webhook_timeout_s).",

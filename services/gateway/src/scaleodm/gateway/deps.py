@@ -15,6 +15,7 @@ from scaleodm.common.store.s3 import S3
 from scaleodm.common.store.tasks import MongoHandle, TaskStore
 from scaleodm.common.store.uploads import UploadStore
 from scaleodm.gateway.errors import NodeOdmError
+from scaleodm.gateway.eventstream import EventHub
 
 
 @dataclass
@@ -25,6 +26,8 @@ class Resources:
     broker: NatsBroker
     emitter: Emitter
     uploads: UploadStore
+    # Live task events for the SSE routes (routes/events.py); created on first use when unset.
+    event_hub: EventHub | None = None
 
     @property
     def store(self) -> TaskStore:

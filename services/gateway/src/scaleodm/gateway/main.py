@@ -20,7 +20,8 @@ from scaleodm.common.store.tasks import open_store
 from scaleodm.common.store.uploads import UploadStore
 from scaleodm.gateway import errors
 from scaleodm.gateway.deps import Resources
-from scaleodm.gateway.routes import auth, creating, health, nodeodm
+from scaleodm.gateway.eventstream import EventHub
+from scaleodm.gateway.routes import auth, creating, events, health, nodeodm, webhooks
 
 log = get_logger(__name__)
 
@@ -49,9 +50,12 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             await streams.ensure_streams(conn.jetstream())
             upload_store = UploadStore(mongo.store.db)
             await upload_store.ensure_indexes()
+            hub = EventHub(conn, settings.sse_queue_size)
+            stack.push_async_callback(hub.close)  # runs before the broker drains
             app.state.resources = Resources(
                 settings, mongo, s3, broker,
                 Emitter(mongo.store, broker, settings.nats.publish_timeout_s), upload_store,
+                event_hub=hub,
             )
             log.info("gateway ready", port=settings.gateway_port)
             yield
@@ -73,6 +77,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.include_router(auth.router)
     app.include_router(creating.router)
     app.include_router(nodeodm.router)
+    app.include_router(webhooks.router)
+    app.include_router(events.router)
     return app
 
 

@@ -37,7 +37,7 @@ def create_app(settings: NotifierSettings) -> AsgiFastStream:
         js = conn.jetstream()
         await streams.ensure_streams(js)
         await streams.ensure_consumers(
-            js, only=streams.NOTIFIER_DURABLE, notifier_ack_wait_s=settings.ack_wait_s
+            js, only=streams.NOTIFIER_DURABLE, notifier_ack_wait_s=settings.webhook_ack_wait_s
         )
         mongo = await open_store(settings.mongo, "notifier")
         deliveries = DeliveryStore(mongo.store.db)

@@ -148,7 +148,10 @@ class Notifier:
         if self.policy.max_attempts and tries >= self.policy.max_attempts:
             return "dead", 0, f"gave up after {tries} attempts; last: {error}"
         now = now_ms()
-        deadline = int(rec.get("first_at_ms") or now) + int(self.policy.horizon_s * 1000)
+        first = rec.get("first_at_ms")
+        if not first and isinstance(rec.get("created_at"), dt.datetime):  # older records
+            first = int(rec["created_at"].timestamp() * 1000)
+        deadline = int(first or now) + int(self.policy.horizon_s * 1000)
         if now >= deadline:
             return "dead", 0, (f"gave up after {tries} attempts over "
                                f"{self.policy.horizon_s:g}s; last: {error}")

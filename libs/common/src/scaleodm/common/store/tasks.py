@@ -229,11 +229,33 @@ class TaskStore:
             lines.extend(body_lines[max(0, start - first):])
         return lines[: total - start]
 
-    async def read_events(self, task_id: str, after_seq: int = 0) -> list[Doc]:
-        cursor = self.events.find({"task_id": task_id, "seq": {"$gt": after_seq}}).sort(
-            "seq", ASCENDING
-        )
+    async def read_events(
+        self, task_id: str, after_seq: int = 0, *, through_seq: int | None = None,
+        limit: int | None = None,
+    ) -> list[Doc]:
+        """Events ``after_seq < seq [<= through_seq]`` in ``seq`` order, at most ``limit``."""
+        seq: Doc = {"$gt": after_seq}
+        if through_seq is not None:
+            seq["$lte"] = through_seq
+        cursor = self.events.find({"task_id": task_id, "seq": seq}).sort("seq", ASCENDING)
+        if limit is not None:
+            cursor = cursor.limit(limit)
         return await cursor.to_list(None)
+
+    async def event_seq(self, event_id: str) -> int | None:
+        """The ``seq`` of a recorded event, None when it is not (yet) in the log."""
+        doc = await self.events.find_one({"_id": event_id}, {"seq": 1})
+        return int(doc["seq"]) if doc is not None else None
+
+    async def terminal_seq(self, task_id: str, attempt: int) -> int | None:
+        """``seq`` of the first terminal event (completed/failed/canceled) of an attempt."""
+        terminal = {"$in": sorted(events.TERMINAL_KINDS)}
+        doc = await self.events.find_one(
+            {"task_id": task_id, "attempt": attempt, "kind": terminal},
+            {"seq": 1},
+            sort=[("seq", ASCENDING)],
+        )
+        return int(doc["seq"]) if doc is not None else None
 
 
 @dataclass
