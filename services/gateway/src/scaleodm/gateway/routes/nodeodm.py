@@ -136,29 +136,36 @@ async def _task_for_action(request: Request, res: ResourcesDep) -> tuple[str, di
     return task_id, doc
 
 
+async def _record_and_command(
+    res: ResourcesDep, ev: events.TaskEvent, cmd: commands.CancelTask | commands.RemoveTask
+) -> dict[str, Any]:
+    """Apply the event here first, so the very next request sees it (read-your-writes), then
+    ask the scheduler to act on the run."""
+    with bind_task(ev.task_id, attempt=ev.attempt):
+        await res.emitter.emit(ev)
+        await bus.publish_command(res.broker, cmd, timeout_s=res.settings.nats.publish_timeout_s)
+        log.info("task action", action=cmd.verb)
+    return {"success": True}
+
+
 @router.post("/task/cancel", operation_id="nodeodm-cancel_task")
 async def cancel_task(request: Request, res: ResourcesDep) -> dict[str, Any]:
     """Cancel a task: status 50, its run stopped (NodeODM §3.9)."""
     task_id, doc = await _task_for_action(request, res)
-    with bind_task(task_id, attempt=doc["attempt"]):
-        # Applied here first so the very next GET shows 50 (read-your-writes).
-        await res.emitter.emit(events.canceled(task_id, doc["attempt"]))
-        cmd = commands.CancelTask(task_id=TaskId(task_id), attempt=doc["attempt"])
-        await bus.publish_command(res.broker, cmd, timeout_s=res.settings.nats.publish_timeout_s)
-        log.info("task canceled")
-    return {"success": True}
+    return await _record_and_command(
+        res, events.canceled(task_id, doc["attempt"]),
+        commands.CancelTask(task_id=TaskId(task_id), attempt=doc["attempt"]),
+    )
 
 
 @router.post("/task/remove", operation_id="nodeodm-remove_task")
 async def remove_task(request: Request, res: ResourcesDep) -> dict[str, Any]:
     """Cancel a task and delete it with its data; the uuid is gone at once (NodeODM §3.10)."""
     task_id, doc = await _task_for_action(request, res)
-    with bind_task(task_id, attempt=doc["attempt"]):
-        await res.emitter.emit(events.removed(task_id, doc["attempt"]))
-        cmd = commands.RemoveTask(task_id=TaskId(task_id), attempt=doc["attempt"])
-        await bus.publish_command(res.broker, cmd, timeout_s=res.settings.nats.publish_timeout_s)
-        log.info("task removed")
-    return {"success": True}
+    return await _record_and_command(
+        res, events.removed(task_id, doc["attempt"]),
+        commands.RemoveTask(task_id=TaskId(task_id), attempt=doc["attempt"]),
+    )
 
 
 @router.post("/task/restart", operation_id="nodeodm-restart_task")
