@@ -199,10 +199,6 @@ class EventHub:
         self._lock = asyncio.Lock()
         self._unsubscribing: set[asyncio.Task[None]] = set()
 
-    def listener_count(self, subject: str) -> int:
-        topic = self._topics.get(subject)
-        return len(topic.listeners) if topic else 0
-
     @contextlib.asynccontextmanager
     async def listen(self, subject: str) -> AsyncIterator[Listener]:
         listener = Listener(asyncio.Queue(maxsize=self.queue_size))

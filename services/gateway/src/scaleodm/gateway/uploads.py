@@ -28,7 +28,7 @@ def next_name(name: str) -> str:
 
 
 class _S3Sink:
-    """One uploaded file on its way into S3; ``on_done``/``on_abort`` keep the bookkeeping."""
+    """One uploaded file on its way into S3; the registry keeps the name bookkeeping."""
 
     def __init__(self, writer: S3Writer, name: str, registry: NameRegistry) -> None:
         self.writer = writer

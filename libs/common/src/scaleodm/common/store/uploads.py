@@ -56,9 +56,6 @@ class UploadStore:
             raise UploadNotFoundError(upload_id)
         return doc
 
-    async def exists(self, upload_id: str) -> bool:
-        return await self.sessions.find_one({"_id": upload_id}, {"_id": 1}) is not None
-
     async def claim_name(
         self, upload_id: str, name: str, next_name: Callable[[str], str]
     ) -> str:

@@ -128,8 +128,8 @@ async def upload_files(uuid: str, request: Request, res: ResourcesDep) -> dict[s
     inputs = s3mod.task_inputs(res.settings.s3.bucket, uuid)
     registry = uploads.NameRegistry(upload_id=uuid, uploads=res.uploads)
 
-    async def drop_completed(exc: object) -> None:
-        for stored in getattr(exc, "completed", []):
+    async def drop_completed(exc: BaseException) -> None:
+        for stored in multipart.completed_files(exc):
             with contextlib.suppress(Exception):
                 await res.s3.delete(s3mod.S3Url(inputs.bucket, inputs.key + stored.result))
                 await res.uploads.release_name(uuid, stored.result)
