@@ -15,6 +15,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import yaml
 from faststream.nats import NatsBroker
 from faststream.specification import AsyncAPI
 
@@ -76,8 +77,18 @@ def render() -> str:
         _docs_broker(), *(app.broker for app in apps),
         title="ScaleODM bus", version="0.1.0", description=DESCRIPTION, schema_version="3.0.0",
     )
-    text: str = spec.to_specification().to_yaml()
+    # FastStream collects publishers in sets, so the order of channels, operations and
+    # components follows the hash seed; sort those maps so the document is reproducible.
+    doc = yaml.safe_load(spec.to_specification().to_yaml())
+    for section in ("channels", "operations"):
+        doc[section] = _sorted(doc.get(section, {}))
+    doc["components"] = {k: _sorted(v) for k, v in _sorted(doc.get("components", {})).items()}
+    text: str = yaml.safe_dump(doc, sort_keys=False, allow_unicode=True, width=88)
     return text
+
+
+def _sorted(mapping: dict[str, object]) -> dict[str, object]:
+    return {key: mapping[key] for key in sorted(mapping)}
 
 
 def main(argv: list[str]) -> int:
