@@ -13,6 +13,7 @@ call ``broker.publish``), so a documentation-only broker adds the two publicatio
 from __future__ import annotations
 
 import sys
+from typing import Any
 from pathlib import Path
 
 import yaml
@@ -79,7 +80,7 @@ def render() -> str:
     )
     # FastStream collects publishers in sets, so the order of channels, operations and
     # components follows the hash seed; sort those maps so the document is reproducible.
-    doc = yaml.safe_load(spec.to_specification().to_yaml())
+    doc: dict[str, Any] = yaml.safe_load(spec.to_specification().to_yaml())
     for section in ("channels", "operations"):
         doc[section] = _sorted(doc.get(section, {}))
     doc["components"] = {k: _sorted(v) for k, v in _sorted(doc.get("components", {})).items()}
@@ -87,7 +88,7 @@ def render() -> str:
     return text
 
 
-def _sorted(mapping: dict[str, object]) -> dict[str, object]:
+def _sorted(mapping: dict[str, Any]) -> dict[str, Any]:
     return {key: mapping[key] for key in sorted(mapping)}
 
 
