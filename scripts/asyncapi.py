@@ -13,8 +13,8 @@ call ``broker.publish``), so a documentation-only broker adds the two publicatio
 from __future__ import annotations
 
 import sys
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import yaml
 from faststream.nats import NatsBroker
