@@ -14,9 +14,11 @@ import contextlib
 import json
 import math
 import os
+import signal
 import sys
 import tempfile
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+import time
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,13 +31,25 @@ if str(ROOT) not in sys.path:
 from tests.harness import servers  # noqa: E402
 from tests.harness.stack import Stack  # noqa: E402
 
-# Names of the pipe baselines a figure can be compared with (Figure.baseline).
+# Names of the pipe baselines a figure can be compared with (Figure.baseline). A baseline measured
+# at several concurrency levels adds one figure per level, named ``<baseline>@<level>`` (see
+# :func:`at`); a figure measured at that level names it as its baseline.
 JETSTREAM = "jetstream_msgs_per_s"  # raw JetStream publish+consume, messages/s
 S3_PUT = "s3_put_per_s"  # raw S3 PUT of small objects, requests/s
 S3_PUT_MB = "s3_put_mb_per_s"  # raw S3 PUT of large objects, MB/s
 MONGO_FIND = "mongo_find_per_s"  # raw find_one by _id on the tasks collection, reads/s
 K8S_CREATE = "k8s_create_per_s"  # raw Workflow creates on the Kubernetes API double, creates/s
 BASELINES = (JETSTREAM, S3_PUT, S3_PUT_MB, MONGO_FIND, K8S_CREATE)
+
+
+def at(name: str, level: int) -> str:
+    """The name of a figure (or baseline) at one concurrency level: ``name@level``."""
+    return f"{name}@{level}"
+
+
+def is_baseline(name: str) -> bool:
+    """A pipe baseline figure: one of BASELINES, or one of them at a level (``name@level``)."""
+    return name.partition("@")[0] in BASELINES
 
 
 @dataclass
@@ -73,12 +87,24 @@ class BenchEnv:
 
 @contextlib.contextmanager
 def bench_env() -> Iterator[BenchEnv]:
-    with tempfile.TemporaryDirectory(prefix="scaleodm-bench-") as tmp_name:
-        tmp = Path(tmp_name)
-        with servers.nats_server(tmp / "nats") as nats, \
-                servers.mongo_server("nx", tmp / "mongo") as mongo, \
-                servers.s3_server() as s3:
-            yield BenchEnv(tmp=tmp, nats=nats, mongo_url=mongo, s3=s3)
+    """The servers, each its own process (moto too: in-process it would share the GIL with the
+    benchmark's client and slow both)."""
+    # SIGTERM (``timeout``, a CI cancel) unwinds like Ctrl-C: the servers and services run in
+    # their own sessions and would outlive this process otherwise.
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        with tempfile.TemporaryDirectory(prefix="scaleodm-bench-") as tmp_name:
+            tmp = Path(tmp_name)
+            with servers.nats_server(tmp / "nats") as nats, \
+                    servers.mongo_server("nx", tmp / "mongo") as mongo, \
+                    servers.s3_server(process=True, tmp=tmp / "s3") as s3:
+                yield BenchEnv(tmp=tmp, nats=nats, mongo_url=mongo, s3=s3)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def percentile(values: Sequence[float], pct: float) -> float:
@@ -88,6 +114,61 @@ def percentile(values: Sequence[float], pct: float) -> float:
     ordered = sorted(values)
     rank = max(1, math.ceil(pct / 100 * len(ordered)))
     return ordered[rank - 1]
+
+
+# -- processes ------------------------------------------------------------------------------
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int | None) -> float:
+    """User+system CPU seconds of a process (this one when ``pid`` is None); NaN if it is gone."""
+    if pid is None:
+        return time.process_time()
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return math.nan
+    return (int(stat[11]) + int(stat[12])) / _TICK
+
+
+def status_kb(pid: int, key: str) -> int:
+    """A ``kB`` line of /proc/<pid>/status (VmRSS, VmHWM, ...); 0 when absent."""
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def mongo_pid(env: BenchEnv) -> int | None:
+    """The nx-27017 process (None with a real MongoDB from SCALEODM_TEST_MONGODB_URL)."""
+    try:
+        return int((env.tmp / "mongo" / "nx.pid").read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+class CpuWindow:
+    """CPU share (% of one core) of named processes (None = this one) between ``start()`` and
+    ``stop()``: who was busy while a figure was measured."""
+
+    def __init__(self, pids: dict[str, int | None]) -> None:
+        self.pids = pids
+        self.begin: dict[str, float] = {}
+        self.wall = 0.0
+
+    def start(self) -> None:
+        self.wall = time.perf_counter()
+        self.begin = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+
+    def stop(self) -> dict[str, float]:
+        wall = time.perf_counter() - self.wall
+        return {f"cpu_pct_{name}": round(100 * (cpu_seconds(pid) - self.begin[name]) / wall, 1)
+                for name, pid in self.pids.items()}
+
+
+# -- the report ------------------------------------------------------------------------------
 
 
 def _fmt(value: float) -> str:
@@ -104,7 +185,7 @@ def report(figures: list[Figure], baselines: dict[str, float] | None = None) -> 
     """The table: bench, figure, value, unit, and the ratio to its pipe baseline when known."""
     base = dict(baselines or {})
     for fig in figures:
-        if fig.name in BASELINES:
+        if is_baseline(fig.name):
             base.setdefault(fig.name, fig.value)
     rows = [("bench", "figure", "value", "unit", "vs pipe")]
     for fig in figures:
@@ -125,22 +206,37 @@ def report(figures: list[Figure], baselines: dict[str, float] | None = None) -> 
 def write_json(name: str, figures: list[Figure], extra: dict[str, Any] | None = None) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    payload = {"machine": {"cpus": os.cpu_count()}, **(extra or {}),
+    payload = {"machine": {"cpus": os.cpu_count(), "loadavg_at_end": os.getloadavg()},
+               **(extra or {}),
                "figures": [asdict(f) for f in figures]}
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path
 
 
-Measure = Callable[[BenchEnv, argparse.Namespace], Awaitable[list[Figure]]]
+Measure = Callable[[BenchEnv, argparse.Namespace], Coroutine[Any, Any, list[Figure]]]
+
+
+def parse_args(parser: argparse.ArgumentParser, quick: dict[str, Any] | None = None,
+               argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse ``argv``; with ``--quick``, ``quick`` (dest -> value) replaces the defaults first, so
+    options given explicitly still win."""
+    known, _ = parser.parse_known_args(argv)
+    if getattr(known, "quick", False) and quick:
+        parser.set_defaults(**quick)
+    return parser.parse_args(argv)
 
 
 def standalone(name: str, measure: Measure,
-               add_arguments: Callable[[argparse.ArgumentParser], None] | None = None) -> int:
-    """Run one benchmark module on its own servers: print its table, write its JSON."""
+               add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+               quick: dict[str, Any] | None = None) -> int:
+    """Run one benchmark module on its own servers: print its table, write its JSON.
+    ``quick``: the module's small sizes, used with ``--quick`` (a smoke run)."""
     parser = argparse.ArgumentParser(prog=f"python -m bench.{name}")
     if add_arguments:
         add_arguments(parser)
-    args = parser.parse_args()
+    if quick:
+        parser.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
+    args = parse_args(parser, quick)
     with bench_env() as env:
         figures = asyncio.run(measure(env, args))
     sys.stdout.write(report(figures))

@@ -4,7 +4,7 @@
 - MongoDB: ``SCALEODM_TEST_MONGODB_URL`` when set (a real MongoDB), else the nx-27017 wire server
   (fast, lenient) or the mongoeco wire server (strict like MongoDB, needs Python 3.13, run from
   its own small uv project in ``tests/mongoeco-server``).
-- S3: moto's threaded server.
+- S3: moto's threaded server (or, for benchmarks, moto's server as its own process).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from pymongo import MongoClient
 from pymongo.errors import PyMongoError
@@ -165,10 +166,18 @@ class S3Endpoint:
     access_key: str = "testing"
     secret_key: str = "testing"
     region: str = "us-east-1"
+    pid: int | None = None  # moto's own process (``s3_server(process=True)``)
 
 
 @contextlib.contextmanager
-def s3_server() -> Iterator[S3Endpoint]:
+def s3_server(*, process: bool = False, tmp: Path | None = None) -> Iterator[S3Endpoint]:
+    """moto's S3 on loopback: in this process (threads), or with ``process=True`` as its own
+    ``moto_server`` process (benchmarks: it must not share the client's GIL); its output goes
+    to ``tmp/moto.log`` when ``tmp`` is given."""
+    if process:
+        with _moto_process(tmp) as endpoint:
+            yield endpoint
+        return
     from moto.server import ThreadedMotoServer
 
     port = free_port()
@@ -178,3 +187,23 @@ def s3_server() -> Iterator[S3Endpoint]:
         yield S3Endpoint(f"http://127.0.0.1:{port}")
     finally:
         server.stop()
+
+
+@contextlib.contextmanager
+def _moto_process(tmp: Path | None) -> Iterator[S3Endpoint]:
+    port = free_port()
+    log: IO[bytes] | int = subprocess.DEVNULL
+    if tmp is not None:
+        tmp.mkdir(parents=True, exist_ok=True)
+        log = (tmp / "moto.log").open("ab")
+    proc = subprocess.Popen(
+        [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        wait_http(f"http://127.0.0.1:{port}/moto-api/", proc=proc)
+        yield S3Endpoint(f"http://127.0.0.1:{port}", pid=proc.pid)
+    finally:
+        stop_process(proc)
+        if not isinstance(log, int):
+            log.close()

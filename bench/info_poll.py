@@ -1,0 +1,381 @@
+"""Polling: ``GET /info`` and ``GET /task/{uuid}/info`` under 1, 10 and 50 concurrent pollers.
+
+1,000 tasks are stored first through the store's own API (``TaskStore.create_task`` and
+``apply_event``, as the gateway and the watcher write them): NodeODM-shaped documents in every
+status (queued, running, completed, failed, canceled) with options, image counts, progress and
+console output lines in the event log. Then one gateway process starts on that database and the
+pollers (``httpx.AsyncClient``, one connection each) hit it for a fixed time per level:
+
+- ``info``: ``GET /info`` (counts the active tasks on every call);
+- ``task_info``: ``GET /task/{uuid}/info`` of a random task (what PyODM's ``wait_for_completion``
+  polls);
+- ``task_info_output``: ``GET /task/{uuid}/info?with_output=N`` with N = the task's line count
+  minus 10 (WebODM's incremental console poll: the document plus at most 10 lines).
+
+Every response is checked (200, the expected uuid and status code, the queue count, the number of
+lines); anything else counts as an error. Before the polls, at each level, from this process on
+the same collections: the pipe baseline ``mongo_find_per_s@<level>`` (``find_one`` by ``_id``,
+the ratio in the table), and what the endpoints ask of the store, called directly:
+``store_info_per_s@<level>`` (``TaskStore.count_active``) and
+``store_task_info_output_per_s@<level>`` (``get_task`` + ``read_output``); a poll figure's
+detail has ``vs_store``, its ratio to the latter. On nx-27017 those two are scans (their rate
+falls as the collections grow), so they, not the gateway, bound ``/info`` and ``with_output``.
+The gateway is one uvicorn process, and this client (httpx, and the MongoDB client of the
+baselines) and nx-27017 run on the same cores: each figure's detail has the CPU share of the
+gateway, nx-27017 and the client over the measured window.
+
+    uv run python -m bench.info_poll [--quick] [--info-tasks 1000] [--info-seconds 5] ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import os
+import random
+import sys
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from pymongo import AsyncMongoClient
+
+from bench.baselines import MONGO_FIND_WHAT, Op, mongo_find, rate
+from bench.common import (
+    MONGO_FIND,
+    BenchEnv,
+    CpuWindow,
+    Figure,
+    at,
+    mongo_pid,
+    percentile,
+    standalone,
+)
+from scaleodm.common.contracts import events
+from scaleodm.common.domain import options as odm_options
+from scaleodm.common.domain.status import NodeOdmStatus
+from scaleodm.common.store import s3 as s3mod
+from scaleodm.common.store.tasks import TaskStore
+
+NAME = "info_poll"
+DATABASE = "info"
+BUCKET = "scaleodm"
+ENDPOINTS = ("info", "task_info", "task_info_output")
+TAIL = 10  # lines a task_info_output poll asks for
+STORE_WHAT = {
+    "info": "TaskStore.count_active() (what GET /info reads), called in the benchmark process",
+    "task_info_output": "TaskStore.get_task() + read_output() of the last 10 lines (what GET "
+                        "/task/{uuid}/info?with_output=N reads), called in the benchmark process",
+}
+
+QUICK: dict[str, Any] = {"info_tasks": 100, "info_seconds": 1.0, "info_levels": "1,10"}
+
+# status mix of the stored tasks (fractions of --info-tasks)
+MIX = (("queued", 0.10), ("running", 0.10), ("completed", 0.55), ("failed", 0.15),
+       ("canceled", 0.10))
+CODES = {"queued": NodeOdmStatus.QUEUED, "running": NodeOdmStatus.RUNNING,
+         "completed": NodeOdmStatus.COMPLETED, "failed": NodeOdmStatus.FAILED,
+         "canceled": NodeOdmStatus.CANCELED}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("info_poll")
+    group.add_argument("--info-tasks", type=int, default=1000,
+                       help="tasks stored before polling (default 1000)")
+    group.add_argument("--info-seconds", type=float, default=5.0,
+                       help="measured seconds per endpoint and level (default 5)")
+    group.add_argument("--info-warmup", type=float, default=0.5,
+                       help="unmeasured seconds before each measurement (default 0.5)")
+    group.add_argument("--info-levels", default="1,10,50",
+                       help="concurrent pollers, comma-separated (default 1,10,50)")
+    group.add_argument("--info-endpoints", default=",".join(ENDPOINTS),
+                       help=f"which polls, comma-separated (default {','.join(ENDPOINTS)})")
+    group.add_argument("--info-lines", type=int, default=400,
+                       help="console lines of a finished task (default 400)")
+
+
+# -- the stored tasks -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Stored:
+    code: int
+    lines: int
+
+
+def _console(task: str, start: int, count: int) -> list[str]:
+    return [f"[INFO]    {task[:8]} stage {(start + i) // 50}: processed {start + i} "
+            f"of many (opensfm/mvs/odm_orthophoto ...)" for i in range(count)]
+
+
+async def _seed_one(store: TaskStore, rng: random.Random, state: str, lines: int) -> tuple[
+        str, Stored]:
+    task = str(uuid.uuid4())
+    user_options = [{"name": "dsm", "value": True},
+                    {"name": "orthophoto-resolution", "value": rng.choice([2, 5, 10])},
+                    {"name": "feature-quality", "value": rng.choice(["medium", "high"])}]
+    options = odm_options.add_post_processing_options(
+        odm_options.validate_options(user_options), skip_post_processing=False)
+    images = rng.randint(20, 500)
+    created = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=rng.randint(1, 10_000))
+    doc = {
+        "_id": task,
+        "name": f"Task of {created.strftime('%Y-%m-%dT%H:%M:%S')}.000Z",
+        "date_created_ms": int(created.timestamp() * 1000),
+        "options": options,
+        "images_count": images,
+        "webhook": None,
+        "skip_post_processing": False,
+        "outputs": None,
+        "sources": [str(s3mod.task_inputs(BUCKET, task))],
+        "output_prefix": str(s3mod.task_outputs(BUCKET, task)),
+    }
+    await store.create_task(doc, events.queued(task, 1))
+    written = 0
+    if state in ("running", "completed", "failed") or (state == "canceled" and rng.random() < .5):
+        await store.apply_event(events.running(task, 1))
+        await store.apply_event(events.inputs_ready(task, 1, images))
+        total = lines if state in ("completed", "failed") else rng.randint(10, lines)
+        chunk = 200  # the watcher's output_batch_lines default
+        for start in range(0, total, chunk):
+            count = min(chunk, total - start)
+            await store.apply_event(events.output(task, 1, start, _console(task, start, count)))
+            await store.apply_event(
+                events.progressed(task, 1, round(100 * (start + count) / (lines + 1), 1), start))
+        written = total
+    if state == "completed":
+        await store.apply_event(events.completed(task, 1))
+    elif state == "failed":
+        await store.apply_event(events.failed(task, 1, "Cannot process dataset"))
+    elif state == "canceled":
+        await store.apply_event(events.canceled(task, 1))
+    return task, Stored(int(CODES[state]), written)
+
+
+async def seed_tasks(client: AsyncMongoClient[dict[str, Any]], database: str, n: int,
+                     lines: int, concurrency: int = 16) -> dict[str, Stored]:
+    """Store ``n`` tasks in the MIX of states; uuid -> what /task/{uuid}/info must say.
+
+    Each task is written by ``TaskStore`` (``create_task``, ``apply_event``) into a scratch
+    database, then its task document and events are copied into ``database`` in bulk, events
+    marked published (the watcher's outbox relay would have sent them). Writing straight into
+    one database costs O(events) per event on nx-27017 (``_record`` reads the task's last ``seq``
+    by a scan), hence quadratic: minutes for 1,000 tasks.
+    """
+    scratch = TaskStore(client[f"{database}_seed"])
+    await scratch.ensure_indexes()
+    target = TaskStore(client[database])
+    await target.ensure_indexes()
+    rng = random.Random(6)
+    states = [s for s, frac in MIX for _ in range(round(n * frac))]
+    states = (states + ["completed"] * n)[:n]
+    rng.shuffle(states)
+    sem = asyncio.Semaphore(concurrency)
+    docs: list[dict[str, Any]] = []
+    logged: list[dict[str, Any]] = []
+
+    async def one(state: str) -> tuple[str, Stored]:
+        async with sem:
+            task, stored = await _seed_one(scratch, random.Random(rng.random()), state, lines)
+            doc = await scratch.tasks.find_one({"_id": task})
+            assert doc is not None
+            docs.append(doc)
+            logged.extend({**ev, "published": True}
+                          for ev in await scratch.events.find({"task_id": task}).to_list(None))
+            await scratch.events.delete_many({"task_id": task})
+            await scratch.tasks.delete_one({"_id": task})
+            return task, stored
+
+    tasks = dict(await asyncio.gather(*(one(s) for s in states)))
+    await client.drop_database(f"{database}_seed")
+    docs.sort(key=lambda d: d["created_at"])
+    for i in range(0, len(docs), 500):
+        await target.tasks.insert_many(docs[i:i + 500])
+    for i in range(0, len(logged), 1000):
+        await target.events.insert_many(logged[i:i + 1000])
+    return tasks
+
+
+# -- polling --------------------------------------------------------------------------------
+
+
+@dataclass
+class Level:
+    latencies: list[float] = field(default_factory=list)
+    errors: Counter[str] = field(default_factory=Counter)
+    cpu: dict[str, float] = field(default_factory=dict)
+
+
+def _check(endpoint: str, resp: httpx.Response, task: str | None, stored: Stored | None,
+           active: int) -> str | None:
+    """None when the response is what the stored tasks imply, else what is wrong."""
+    if resp.status_code != 200:
+        return f"HTTP {resp.status_code}"
+    body = resp.json()
+    if endpoint == "info":
+        if body.get("taskQueueCount") != active or "version" not in body:
+            return f"/info taskQueueCount {body.get('taskQueueCount')} != {active}"
+        return None
+    assert stored is not None
+    if body.get("uuid") != task or body.get("status", {}).get("code") != stored.code:
+        return "wrong task info"
+    if endpoint == "task_info" and "output" in body:
+        return "unexpected output"
+    if endpoint == "task_info_output" and len(body.get("output", ())) != min(TAIL, stored.lines):
+        return f"output has {len(body.get('output', ()))} lines, not {min(TAIL, stored.lines)}"
+    return None
+
+
+async def poll(base: str, endpoint: str, tasks: dict[str, Stored], active: int, level: int,
+               seconds: float, warmup: float, cpu: CpuWindow) -> Level:
+    result = Level()
+    ids = list(tasks)
+    rng = random.Random(level)
+    loop = asyncio.get_running_loop()
+    limits = httpx.Limits(max_connections=level, max_keepalive_connections=level)
+    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=30) as client:
+        start = loop.time() + warmup
+        end = start + seconds
+
+        async def window() -> None:
+            await asyncio.sleep(warmup)
+            cpu.start()
+            await asyncio.sleep(seconds)
+            result.cpu = cpu.stop()
+
+        async def poller() -> None:
+            while loop.time() < end:
+                task: str | None = None
+                if endpoint == "info":
+                    path = "/info"
+                else:
+                    task = rng.choice(ids)
+                    path = f"/task/{task}/info"
+                    if endpoint == "task_info_output":
+                        path += f"?with_output={max(0, tasks[task].lines - TAIL)}"
+                t0 = time.perf_counter()
+                try:
+                    resp = await client.get(path)
+                    error = _check(endpoint, resp, task, tasks.get(task or ""), active)
+                except (httpx.HTTPError, ValueError) as exc:
+                    error = type(exc).__name__
+                latency = time.perf_counter() - t0
+                if start <= loop.time() <= end:
+                    if error is None:
+                        result.latencies.append(latency)
+                    else:
+                        result.errors[error] += 1
+
+        await asyncio.gather(window(), *(poller() for _ in range(level)))
+    return result
+
+
+# -- the benchmark --------------------------------------------------------------------------
+
+
+def _store_ops(store: TaskStore, tasks: dict[str, Stored]) -> dict[str, Op]:
+    """What each endpoint asks of the store, called directly (no HTTP, no gateway)."""
+    ids = list(tasks)
+
+    async def info(_rng: random.Random) -> bool:
+        return await store.count_active() >= 0
+
+    async def task_info_output(rng: random.Random) -> bool:
+        task = rng.choice(ids)
+        doc = await store.get_task(task)
+        if doc is None:
+            return False
+        total = int(doc.get("output_lines", 0))
+        start = max(0, tasks[task].lines - TAIL)
+        return len(await store.read_output(task, doc["attempt"], start, total)) == min(
+            TAIL, tasks[task].lines)
+
+    return {"info": info, "task_info_output": task_info_output}
+
+
+async def measure(env: BenchEnv, args: argparse.Namespace) -> list[Figure]:
+    levels = [int(x) for x in str(args.info_levels).split(",") if x.strip()]
+    endpoints = [e.strip() for e in str(args.info_endpoints).split(",") if e.strip()]
+    unknown = set(endpoints) - set(ENDPOINTS)
+    if unknown:
+        raise SystemExit(f"unknown --info-endpoints {sorted(unknown)}; known: {ENDPOINTS}")
+    seconds, warmup = float(args.info_seconds), float(args.info_warmup)
+
+    mongo: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(env.mongo_url, tz_aware=True)
+    baselines: list[Figure] = []
+    store_rates: dict[tuple[str, int], float] = {}
+    results: dict[tuple[str, int], Level] = {}
+    try:
+        t0 = time.perf_counter()
+        tasks = await seed_tasks(mongo, DATABASE, args.info_tasks, args.info_lines)
+        seed_s = time.perf_counter() - t0
+        active = sum(1 for s in tasks.values() if s.code in (10, 20))
+        events_count = await mongo[DATABASE]["events"].count_documents({})
+        common = {"tasks": len(tasks), "events": events_count, "active_tasks": active,
+                  "seconds": seconds, "seed_seconds": round(seed_s, 1), "cpus": os.cpu_count(),
+                  "note": "one gateway (uvicorn) process, the MongoDB wire server (nx-27017) and "
+                  "this client share the cores"}
+        stack = env.stack(DATABASE)
+        try:
+            stack.start("gateway")
+            cpu = CpuWindow({"gateway": stack.procs["gateway"].pid, "mongo": mongo_pid(env),
+                             "client": None})
+            ops = {MONGO_FIND: mongo_find(mongo, DATABASE, list(tasks))}
+            whats = {MONGO_FIND: MONGO_FIND_WHAT}
+            for endpoint, op in _store_ops(TaskStore(mongo[DATABASE]), tasks).items():
+                if endpoint in endpoints:
+                    ops[f"store_{endpoint}_per_s"] = op
+                    whats[f"store_{endpoint}_per_s"] = STORE_WHAT[endpoint]
+            for level in levels:
+                for name, op in ops.items():
+                    cpu.start()
+                    value, misses = await rate(op, level, seconds, warmup)
+                    baselines.append(Figure(NAME, at(name, level), value, "req/s", None, {
+                        **common, "concurrency": level, "misses": misses, **cpu.stop(),
+                        "what": whats[name]}))
+                    store_rates[name, level] = value
+            for endpoint in endpoints:
+                for level in levels:
+                    results[endpoint, level] = await poll(
+                        stack.gateway_url, endpoint, tasks, active, level, seconds, warmup, cpu)
+        finally:
+            stack.stop()
+    finally:
+        await mongo.close()
+
+    figures = list(baselines)
+    best = max((f for f in baselines if f.name.startswith(MONGO_FIND)), key=lambda f: f.value)
+    figures.append(Figure(NAME, MONGO_FIND, best.value, "req/s", None,
+                          {**best.detail, "what": f"the best level, {best.name}"}))
+    for endpoint in endpoints:
+        errors: dict[str, dict[str, int]] = {}
+        for level in levels:
+            res = results[endpoint, level]
+            req_s = len(res.latencies) / seconds
+            store = store_rates.get((f"store_{endpoint}_per_s", level))
+            detail = {**common, "concurrency": level, "ok": len(res.latencies),
+                      "errors": sum(res.errors.values()), **res.cpu,
+                      "client": "httpx.AsyncClient, one connection per poller"}
+            if store:
+                detail["vs_store"] = round(req_s / store, 3)
+            figures += [
+                Figure(NAME, at(f"{endpoint}_req_per_s", level), req_s, "req/s",
+                       at(MONGO_FIND, level), detail),
+                Figure(NAME, at(f"{endpoint}_p50_ms", level),
+                       1000 * percentile(res.latencies, 50), "ms", None, detail),
+                Figure(NAME, at(f"{endpoint}_p99_ms", level),
+                       1000 * percentile(res.latencies, 99), "ms", None, detail),
+            ]
+            errors[str(level)] = dict(res.errors)
+        figures.append(Figure(NAME, f"{endpoint}_errors",
+                              sum(sum(e.values()) for e in errors.values()), "responses", None,
+                              {"by_level": errors}))
+    return figures
+
+
+if __name__ == "__main__":
+    sys.exit(standalone(NAME, measure, add_arguments, QUICK))
