@@ -323,3 +323,9 @@ async def test_token_ignored_when_none_configured(
         assert key in body, body
     if path == "/task/new":
         await client.post("/task/cancel", data={"uuid": body["uuid"]})
+
+
+@pytest.mark.parametrize("token", ["é", "\x80", "secret\u00e9"])
+async def test_non_ascii_token_is_refused(tclient: httpx.AsyncClient, token: str) -> None:
+    """Found by schemathesis (issue 6): ``secrets.compare_digest`` raised on non-ASCII text."""
+    assert body_of(await tclient.get("/info", params={"token": token})) == REFUSED

@@ -8,6 +8,7 @@ be untouched. Leaves out the full NodeODM error catalogue (its own issue).
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from typing import Any
 
@@ -144,3 +145,107 @@ async def test_unknown_route_is_404_html(client: httpx.AsyncClient) -> None:
     resp = await client.get("/nonexistent")
     assert resp.status_code == 404
     assert "Cannot GET /nonexistent" in resp.text
+
+
+# Found by schemathesis (tests/conformance/test_schemathesis.py, issue 6): values the store or
+# JSON cannot carry used to end in `{"error": "Internal error: ..."}` (an unhandled exception).
+ZIPURL = "http://127.0.0.1:1/a.zip"  # nothing is uploaded; the task fails fetching it
+
+
+def _one_error(name: str, shown: str) -> str:
+    return f'[{{"name":"{name}","error":"Invalid value {shown} (out of range)"}}]'
+
+
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [
+        pytest.param('"Infinity"', _one_error("orthophoto-resolution", "Infinity"),
+                     id="float-infinity-string"),
+        pytest.param("1e400", _one_error("orthophoto-resolution", "Infinity"),
+                     id="float-overflowing-number"),
+    ],
+)
+async def test_non_finite_option_values_are_refused(
+    client: httpx.AsyncClient, value: str, error: str
+) -> None:
+    options = f'[{{"name":"orthophoto-resolution","value":{value}}}]'
+    body = await _post_new(client, files=api.form(zipurl=ZIPURL, options=options))
+    assert body == {"error": error}
+
+
+@pytest.mark.parametrize(
+    ("option", "error"),
+    [
+        pytest.param('{"name":"sm-cluster","value":[1e400]}', _one_error("sm-cluster", "Infinity"),
+                     id="nested-infinity"),
+        pytest.param('{"name":"sm-cluster","value":{"\\u0000":1}}',
+                     _one_error("sm-cluster", "[object Object]"), id="nul-in-object-key"),
+    ],
+)
+async def test_unstorable_string_option_values_are_refused(
+    client: httpx.AsyncClient, option: str, error: str
+) -> None:
+    body = await _post_new(client, files=api.form(zipurl=ZIPURL, options=f"[{option}]"))
+    assert body == {"error": error}
+
+
+@pytest.mark.parametrize(
+    ("option", "stored"),
+    [
+        # JavaScript numbers are doubles: NodeODM's parseInt gives 1e+23 as well.
+        pytest.param('{"name":"mesh-size","value":"99999999999999999999999"}',
+                     {"name": "mesh-size", "value": 1e23}, id="int-beyond-64-bits"),
+        pytest.param('{"name":"sm-cluster","value":{"a":[1000000000000000000000000000]}}',
+                     {"name": "sm-cluster", "value": {"a": [1e27]}}, id="nested-big-int"),
+        pytest.param('{"name":"sm-cluster","value":"a\\ud800b"}',
+                     {"name": "sm-cluster", "value": "a\ufffdb"}, id="lone-surrogate"),
+    ],
+)
+async def test_out_of_range_option_values_are_kept_as_javascript_would(
+    client: httpx.AsyncClient, option: str, stored: dict[str, Any]
+) -> None:
+    created = await _post_new(client, files=api.form(
+        zipurl=ZIPURL, options=f"[{option}]", skipPostProcessing="true"))
+    info = await api.info(client, created["uuid"])
+    assert info["options"] == [stored]
+
+
+async def test_date_created_beyond_the_time_range_means_now(client: httpx.AsyncClient) -> None:
+    created = await _post_new(client, files=api.form(zipurl=ZIPURL, dateCreated="9" * 30))
+    info = await api.info(client, created["uuid"])
+    assert abs(info["dateCreated"] - time.time() * 1000) < 600_000
+
+
+async def test_outputs_with_lone_surrogates_are_accepted(client: httpx.AsyncClient) -> None:
+    body = await _post_new(client, files=api.form(zipurl=ZIPURL, outputs='["a/\\ud800.tif"]'))
+    assert set(body) == {"uuid"}
+
+
+@pytest.mark.parametrize(
+    ("path", "kwargs", "expected"),
+    [
+        pytest.param("/task/cancel", {"content": b'{"uuid": "\\ud800"}'},
+                     {"success": False, "error": "\ufffd not found"}, id="lone-surrogate-uuid"),
+        pytest.param("/task/remove", {"content": b"[" * 100_000 + b"]" * 100_000}, None,
+                     id="nested-too-deep"),
+    ],
+)
+async def test_json_action_bodies_the_store_cannot_take(
+    client: httpx.AsyncClient, path: str, kwargs: dict[str, Any], expected: dict[str, Any] | None,
+) -> None:
+    resp = await client.post(path, headers={"content-type": "application/json"}, **kwargs)
+    assert resp.status_code == 200
+    body = resp.json()
+    if expected is None:
+        assert set(body) == {"error"} and not body["error"].startswith("Internal error"), body
+    else:
+        assert body == expected
+
+
+@pytest.mark.parametrize("since", [str(2**63), str(2**64), "9" * 30])
+@pytest.mark.parametrize("path", ["/events", f"/task/{uuid.UUID(int=0)}/events"])
+async def test_event_ids_beyond_64_bits_are_invalid(
+    client: httpx.AsyncClient, path: str, since: str
+) -> None:
+    resp = await client.get(path, params={"since": since})
+    assert resp.json() == {"error": f"Invalid event id: {since}"}

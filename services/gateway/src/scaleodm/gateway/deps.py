@@ -42,12 +42,23 @@ def get_resources(request: Request) -> Resources:
 ResourcesDep = Annotated[Resources, Depends(get_resources)]
 
 
-def check_token(res: ResourcesDep, token: Annotated[str | None, Query()] = None) -> None:
+TokenQuery = Annotated[
+    str | None,
+    Query(description="The node's token, when it has one (nodeodm-api §1.3); only the query "
+          "string counts."),
+]
+
+
+def check_token(res: ResourcesDep, token: TokenQuery = None) -> None:
     """NodeODM §1.3: with a token configured, every API route needs ``?token=``."""
     expected = res.settings.token
     if expected is None:
         return
-    if token is None or not secrets.compare_digest(token, expected.get_secret_value()):
+    # As bytes: compare_digest raises TypeError for a str with non-ASCII characters.
+    if token is None or not secrets.compare_digest(
+        token.encode("utf-8", "surrogatepass"),
+        expected.get_secret_value().encode("utf-8", "surrogatepass"),
+    ):
         raise NodeOdmError("Invalid authentication token: token does not match.")
 
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
@@ -18,7 +19,7 @@ from scaleodm.common.settings import Environment, GatewaySettings, get_gateway_s
 from scaleodm.common.store.s3 import S3
 from scaleodm.common.store.tasks import open_store
 from scaleodm.common.store.uploads import UploadStore
-from scaleodm.gateway import errors
+from scaleodm.gateway import errors, openapi
 from scaleodm.gateway.deps import Resources
 from scaleodm.gateway.eventstream import EventHub
 from scaleodm.gateway.routes import auth, creating, events, health, nodeodm, webhooks
@@ -79,7 +80,20 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.include_router(nodeodm.router)
     app.include_router(webhooks.router)
     app.include_router(events.router)
+    app.openapi = _openapi(app)  # type: ignore[method-assign]
     return app
+
+
+def _openapi(app: FastAPI) -> Callable[[], dict[str, Any]]:
+    """FastAPI's document, without the 422 responses this API never sends (``openapi.py``)."""
+    generate = app.openapi
+
+    def build() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = openapi.drop_validation_responses(generate())
+        return app.openapi_schema
+
+    return build
 
 
 async def _stop_broker(broker: NatsBroker) -> None:

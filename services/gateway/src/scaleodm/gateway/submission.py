@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import math
+import re
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -81,7 +83,76 @@ def validated_options(raw: str | None, *, skip_pp: bool) -> list[dict[str, Any]]
         opts = odm_options.validate_options(raw if raw else "[]")
     except odm_options.OptionsError as exc:
         raise NodeOdmError(exc.error) from exc
-    return odm_options.add_post_processing_options(opts, skip_post_processing=skip_pp)
+    return odm_options.add_post_processing_options(
+        storable_options(opts), skip_post_processing=skip_pp
+    )
+
+
+INT64 = range(-(2**63), 2**63)  # what MongoDB stores as an integer
+MAX_VALUE_DEPTH = 32  # MongoDB refuses documents nested more than 100 levels
+
+
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+class _Unstorable(ValueError):
+    pass
+
+
+def _storable(value: Any, depth: int = 0) -> Any:
+    """``value`` as MongoDB and JSON can carry it, with the same meaning in JavaScript.
+
+    Integers beyond 64 bits become floats (JavaScript numbers are doubles: NodeODM's ``parseInt``
+    gives ``1e+23`` too); lone surrogates (valid in JSON text, not in UTF-8) become U+FFFD.
+    Raises ``_Unstorable`` for non-finite numbers (JSON has none; NodeODM would report them as
+    ``null`` and pass ``Infinity`` to the engine), object keys with NUL and deep nesting.
+    """
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, str):
+        return valid_unicode(value)
+    if isinstance(value, int):
+        if value in INT64:
+            return value
+        try:
+            value = float(value)
+        except OverflowError as exc:
+            raise _Unstorable from exc
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise _Unstorable
+        return value
+    if depth >= MAX_VALUE_DEPTH:
+        raise _Unstorable
+    if isinstance(value, list):
+        return [_storable(v, depth + 1) for v in value]
+    if isinstance(value, dict):
+        if any("\x00" in k for k in value):
+            raise _Unstorable
+        return {valid_unicode(k): _storable(v, depth + 1) for k, v in value.items()}
+    return value
+
+
+def valid_unicode(text: str) -> str:
+    """``text`` with lone surrogates (from JSON ``\\udXXX`` escapes) replaced by U+FFFD."""
+    return _SURROGATE.sub("\ufffd", text)
+
+
+def storable_options(options: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Validated options made storable (``_storable``); a value that cannot be is refused as
+    out of range, in the format of NodeODM's options errors (§5.1 step 7)."""
+    result: list[dict[str, Any]] = []
+    errors: list[dict[str, str]] = []
+    for option in options:
+        try:
+            result.append({**option, "value": _storable(option["value"])})
+        except _Unstorable:
+            shown = valid_unicode(odm_options.js_to_string(option["value"]))
+            errors.append({"name": option["name"],
+                           "error": f"Invalid value {shown} (out of range)"})
+    if errors:
+        raise NodeOdmError(json.dumps(errors, ensure_ascii=False, separators=(",", ":")))
+    return result
 
 
 async def check_zipurl(url: str, allowed: list[str], outbound: netguard.OutboundPolicy) -> str:
@@ -120,24 +191,31 @@ def parse_outputs(raw: str | None) -> list[str] | None:
         return None
     try:
         value = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     if not isinstance(value, list):
         return None
     paths = []
     for item in value:
         if isinstance(item, str):
+            item = valid_unicode(item)
             parts = [p for p in item.replace("\\", "/").split("/") if p not in ("", ".", "..")]
             if parts:
                 paths.append("/".join(parts))
     return paths or None
 
 
+# ECMAScript's time range (±100,000,000 days): NodeODM's Date cannot go beyond it either.
+DATE_RANGE_MS = range(-(8_640_000 * 10**9), 8_640_000 * 10**9 + 1)
+
+
 def _int(raw: str | None) -> int | None:
+    """``dateCreated``: an integer within the ECMAScript time range, else None (= now)."""
     try:
-        return int(raw) if raw is not None else None
+        value = int(raw) if raw is not None else None
     except ValueError:
         return None
+    return value if value is None or value in DATE_RANGE_MS else None
 
 
 async def submit(

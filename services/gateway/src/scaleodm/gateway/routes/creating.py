@@ -20,7 +20,7 @@ from scaleodm.common.contracts.ids import is_task_id
 from scaleodm.common.logging import bind_task, get_logger
 from scaleodm.common.store import s3 as s3mod
 from scaleodm.common.store.uploads import UploadNotFoundError
-from scaleodm.gateway import multipart, submission, uploads
+from scaleodm.gateway import models, multipart, openapi, submission, uploads
 from scaleodm.gateway.deps import Resources, ResourcesDep, TokenDep
 from scaleodm.gateway.errors import NodeOdmError
 
@@ -59,7 +59,9 @@ async def _parse(
         raise
 
 
-@router.post("/task/new", operation_id="nodeodm-create_task")
+@router.post("/task/new", operation_id="nodeodm-create_task", response_model=None,
+             responses=openapi.ok(models.UuidResponse, "The new task's uuid."),
+             openapi_extra=openapi.CREATE_BODY)
 async def create_task(request: Request, res: ResourcesDep) -> dict[str, str]:
     """Create a task from uploaded ``images`` and/or a ``zipurl`` in one request (§3.4)."""
     settings = res.settings
@@ -98,7 +100,9 @@ async def create_task(request: Request, res: ResourcesDep) -> dict[str, str]:
     return {"uuid": task_id}
 
 
-@router.post("/task/new/init", operation_id="nodeodm-init_task")
+@router.post("/task/new/init", operation_id="nodeodm-init_task", response_model=None,
+             responses=openapi.ok(models.UuidResponse, "The upload's uuid."),
+             openapi_extra=openapi.INIT_BODY)
 async def init_task(request: Request, res: ResourcesDep) -> dict[str, str]:
     """Open a chunked upload (§3.5); re-init of an open upload keeps its files."""
     set_uuid = await _checked_set_uuid(request, res)
@@ -118,7 +122,9 @@ async def init_task(request: Request, res: ResourcesDep) -> dict[str, str]:
     return {"uuid": upload_id}  # echoed exactly as given (ClusterODM compares it)
 
 
-@router.post("/task/new/upload/{uuid}", operation_id="nodeodm-upload_files")
+@router.post("/task/new/upload/{uuid}", operation_id="nodeodm-upload_files", response_model=None,
+             responses=openapi.ok(models.SuccessResponse, "Stored.", path_params=True),
+             openapi_extra=openapi.UPLOAD_BODY)
 async def upload_files(uuid: str, request: Request, res: ResourcesDep) -> dict[str, Any]:
     """Add files to an open upload; duplicate names are renamed as NodeODM does (§3.5)."""
     try:
@@ -143,7 +149,8 @@ async def upload_files(uuid: str, request: Request, res: ResourcesDep) -> dict[s
     return {"success": True}
 
 
-@router.post("/task/new/commit/{uuid}", operation_id="nodeodm-commit_task")
+@router.post("/task/new/commit/{uuid}", operation_id="nodeodm-commit_task", response_model=None,
+             responses=openapi.ok(models.UuidResponse, "The task's uuid.", path_params=True))
 async def commit_task(uuid: str, res: ResourcesDep) -> dict[str, str]:
     """Turn an upload into a task and queue it; heavy work happens in the run (§3.5)."""
     settings = res.settings

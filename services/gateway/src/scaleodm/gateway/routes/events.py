@@ -34,7 +34,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from scaleodm.common.contracts import events
 from scaleodm.common.contracts.ids import is_task_id
 from scaleodm.common.domain.status import TERMINAL_STATES, TaskState
-from scaleodm.gateway import eventstream
+from scaleodm.gateway import eventstream, openapi
 from scaleodm.gateway.deps import Resources, ResourcesDep, TokenDep
 from scaleodm.gateway.errors import NodeOdmError, not_found
 
@@ -75,6 +75,9 @@ def _stream_content(id_doc: str) -> dict[str, Any]:
     (``itemSchema``, as FastAPI's own SSE routes), plus the NodeODM-style error."""
     return {
         "text/event-stream": {
+            # OpenAPI 3.2: `schema` of a sequential media type is the whole stream, read as an
+            # array (it replaces the `{"type": "string"}` FastAPI infers from the class).
+            "schema": {"type": "array"},
             "itemSchema": {
                 "type": "object",
                 "description": "One message: `id:`, `event:`, `data:` lines and a blank line. "
@@ -116,6 +119,7 @@ TASK_RESPONSES: dict[int | str, dict[str, Any]] = {
         ),
     },
     204: {"description": "The task is over and the cursor is at or past its terminal event."},
+    **openapi.NOT_FOUND_HTML,
 }
 
 ALL_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -139,6 +143,10 @@ LastEventIdHeader = Annotated[
 ]
 
 
+# Sequences are int64 in MongoDB and uint64 in JetStream (which is asked for the one after).
+MAX_EVENT_ID = 2**63 - 1
+
+
 def _cursor(last_event_id: str | None, since: str | None) -> int | None:
     raw = last_event_id if last_event_id not in (None, "") else since
     if raw is None or raw == "":
@@ -147,7 +155,7 @@ def _cursor(last_event_id: str | None, since: str | None) -> int | None:
         value = int(raw.strip())
     except ValueError:
         value = -1
-    if value < 0:
+    if not 0 <= value <= MAX_EVENT_ID:
         raise NodeOdmError(f"Invalid event id: {raw}")
     return value
 

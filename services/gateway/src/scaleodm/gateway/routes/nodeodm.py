@@ -16,7 +16,7 @@ from scaleodm.common.domain import taskinfo
 from scaleodm.common.domain.status import TERMINAL_STATES, TaskState
 from scaleodm.common.logging import bind_task, get_logger
 from scaleodm.common.store import s3 as s3mod
-from scaleodm.gateway import downloads, submission
+from scaleodm.gateway import downloads, models, openapi, submission
 from scaleodm.gateway.deps import ResourcesDep, TokenDep
 from scaleodm.gateway.errors import NodeOdmError, not_found
 
@@ -35,7 +35,8 @@ def _memory() -> tuple[int, int]:
         return 0, 0
 
 
-@router.get("/info", operation_id="nodeodm-read_info")
+@router.get("/info", operation_id="nodeodm-read_info", response_model=None,
+            responses=openapi.ok(models.NodeInfo, "Node information."))
 async def read_info(res: ResourcesDep) -> dict[str, Any]:
     """Node information (NodeODM §3.1)."""
     total, available = _memory()
@@ -52,13 +53,15 @@ async def read_info(res: ResourcesDep) -> dict[str, Any]:
     }
 
 
-@router.get("/options", operation_id="nodeodm-read_options")
+@router.get("/options", operation_id="nodeodm-read_options", response_model=None,
+            responses=openapi.ok(list[models.OptionPublic], "The option catalog."))
 async def read_options() -> list[dict[str, Any]]:
     """The engine's option catalog (NodeODM §3.2)."""
     return odm_options.catalog_as_json()
 
 
-@router.get("/task/list", operation_id="nodeodm-list_tasks")
+@router.get("/task/list", operation_id="nodeodm-list_tasks", response_model=None,
+            responses=openapi.ok(list[models.TaskListItem], "Every task."))
 async def list_tasks(res: ResourcesDep) -> list[dict[str, str]]:
     """Every task, in creation order (NodeODM §3.3)."""
     return [{"uuid": t} for t in await res.store.list_task_ids()]
@@ -71,7 +74,8 @@ async def _task_or_error(res: ResourcesDep, task_id: str) -> dict[str, Any]:
     return doc
 
 
-@router.get("/task/{uuid}/info", operation_id="nodeodm-read_task_info")
+@router.get("/task/{uuid}/info", operation_id="nodeodm-read_task_info", response_model=None,
+            responses=openapi.ok(models.TaskInfo, "The task.", path_params=True))
 async def read_task_info(
     uuid: str,
     request: Request,
@@ -94,7 +98,8 @@ async def _output(res: ResourcesDep, doc: dict[str, Any], n: int) -> list[str]:
     return await res.store.read_output(doc["_id"], doc["attempt"], start, total)
 
 
-@router.get("/task/{uuid}/output", operation_id="nodeodm-read_task_output")
+@router.get("/task/{uuid}/output", operation_id="nodeodm-read_task_output", response_model=None,
+            responses=openapi.ok(list[str], "Console lines.", path_params=True))
 async def read_task_output(
     uuid: str, res: ResourcesDep, line: Annotated[str | None, Query()] = None
 ) -> list[str]:
@@ -112,7 +117,7 @@ async def _action_body(request: Request) -> dict[str, Any]:
             return {}
         try:
             body = json.loads(raw)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: nested too deep
             raise NodeOdmError(str(exc)) from exc
         return body if isinstance(body, dict) else {}
     if ctype.startswith("application/x-www-form-urlencoded"):
@@ -125,7 +130,9 @@ def _uuid_param(body: dict[str, Any]) -> str:
     value = body.get("uuid")
     if not isinstance(value, str) or not value:
         raise NodeOdmError("uuid param missing.")
-    return value
+    # JSON may carry lone surrogates, which no uuid has and UTF-8 cannot encode: U+FFFD, as
+    # an urlencoded body's invalid bytes get.
+    return submission.valid_unicode(value)
 
 
 async def _task_for_action(request: Request, res: ResourcesDep) -> tuple[str, dict[str, Any]]:
@@ -148,7 +155,9 @@ async def _record_and_command(
     return {"success": True}
 
 
-@router.post("/task/cancel", operation_id="nodeodm-cancel_task")
+@router.post("/task/cancel", operation_id="nodeodm-cancel_task", response_model=None,
+             responses=openapi.action_ok("Canceled."),
+             openapi_extra=openapi.action_body())
 async def cancel_task(request: Request, res: ResourcesDep) -> dict[str, Any]:
     """Cancel a task: status 50, its run stopped (NodeODM §3.9)."""
     task_id, doc = await _task_for_action(request, res)
@@ -158,7 +167,9 @@ async def cancel_task(request: Request, res: ResourcesDep) -> dict[str, Any]:
     )
 
 
-@router.post("/task/remove", operation_id="nodeodm-remove_task")
+@router.post("/task/remove", operation_id="nodeodm-remove_task", response_model=None,
+             responses=openapi.action_ok("Removed."),
+             openapi_extra=openapi.action_body())
 async def remove_task(request: Request, res: ResourcesDep) -> dict[str, Any]:
     """Cancel a task and delete it with its data; the uuid is gone at once (NodeODM §3.10)."""
     task_id, doc = await _task_for_action(request, res)
@@ -168,7 +179,9 @@ async def remove_task(request: Request, res: ResourcesDep) -> dict[str, Any]:
     )
 
 
-@router.post("/task/restart", operation_id="nodeodm-restart_task")
+@router.post("/task/restart", operation_id="nodeodm-restart_task", response_model=None,
+             responses=openapi.action_ok("Restarted."),
+             openapi_extra=openapi.action_body(restart=True))
 async def restart_task(request: Request, res: ResourcesDep) -> dict[str, Any]:
     """Run a finished task again under the same uuid, optionally with new options (§3.11)."""
     body = await _action_body(request)
@@ -178,9 +191,9 @@ async def restart_task(request: Request, res: ResourcesDep) -> dict[str, Any]:
     if raw not in (None, "", []):
         # §3.11 step 2: options are validated before the task is looked up
         try:
-            new_options = odm_options.validate_options(
+            new_options = submission.storable_options(odm_options.validate_options(
                 raw if isinstance(raw, str) else json.dumps(raw)
-            )
+            ))
         except odm_options.OptionsError as exc:
             raise NodeOdmError(exc.error) from exc
     doc = await res.store.get_task(task_id)
@@ -213,7 +226,8 @@ async def restart_task(request: Request, res: ResourcesDep) -> dict[str, Any]:
 
 
 # {asset:path}: an encoded "../x" arrives decoded; it must be refused as an asset, not 404.
-@router.get("/task/{uuid}/download/{asset:path}", operation_id="nodeodm-download_asset")
+@router.get("/task/{uuid}/download/{asset:path}", operation_id="nodeodm-download_asset",
+            response_model=None, responses=openapi.DOWNLOAD_RESPONSES)
 async def download_asset(uuid: str, asset: str, res: ResourcesDep) -> Response:
     """``all.zip`` of a completed task, streamed from S3 (NodeODM §3.8)."""
     doc = await _task_or_error(res, uuid)

@@ -14,6 +14,7 @@ from urllib.parse import urlsplit, urlunsplit
 from fastapi import APIRouter
 
 from scaleodm.common.store.deliveries import DeliveryStore
+from scaleodm.gateway import models, openapi
 from scaleodm.gateway.deps import ResourcesDep, TokenDep
 from scaleodm.gateway.errors import not_found
 
@@ -63,7 +64,9 @@ def _delivery_public(doc: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-@router.get("/task/{uuid}/webhooks", operation_id="webhooks-read_task_webhooks")
+@router.get("/task/{uuid}/webhooks", operation_id="webhooks-read_task_webhooks",
+            response_model=None, responses=openapi.ok(
+                list[models.WebhookDelivery], "The deliveries, oldest first.", path_params=True))
 async def read_task_webhooks(uuid: str, res: ResourcesDep) -> list[dict[str, Any]]:
     """The task's webhook deliveries: target, status (pending/delivered/dead), every attempt."""
     if await res.store.get_task(uuid) is None:
