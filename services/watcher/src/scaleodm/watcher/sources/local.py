@@ -23,7 +23,11 @@ from scaleodm.common.store.tasks import TaskStore
 from scaleodm.watcher.console import ConsoleReporter
 
 log = get_logger(__name__)
-READ_CHUNK = 4 * 1024 * 1024
+# One poll of one run reads at most this much console, and runs are stepped concurrently, so a
+# run printing a burst of output never holds up the events of the others; a run with more to
+# read is polled again at once.
+READ_CHUNK = 512 * 1024
+MAX_CONCURRENT_STEPS = 32
 PHASE_PROGRESS = {"packaging": PACKAGING_PROGRESS, "uploading": UPLOADING_PROGRESS}
 
 
@@ -37,6 +41,7 @@ class Follower:
     offset: int = 0
     partial: bytes = b""
     inputs_sent: bool = False
+    backlog: bool = False  # console left unread by the last step
 
 
 class LocalRunSource:
@@ -65,23 +70,32 @@ class LocalRunSource:
                 await self.poll_once()
             except Exception:
                 log.exception("local run poll failed")
-            await asyncio.sleep(self.poll_interval_s)
+            backlog = any(f.backlog for f in self.followers.values())
+            await asyncio.sleep(0 if backlog else self.poll_interval_s)
 
     async def poll_once(self) -> None:
         for rd in localruns.runs(self.runs_dir):
             name = rd.path.name
-            if name in self.finished:
+            if name in self.finished or name in self.followers:
                 continue
-            follower = self.followers.get(name)
-            if follower is None:
-                follower = await self._attach(rd)
-                if follower is None:
-                    continue
+            follower = await self._attach(rd)
+            if follower is not None:
                 self.followers[name] = follower
-            with bind_task(follower.task_id, attempt=follower.attempt, run=name):
-                if await self._step(follower):
+        limit = asyncio.Semaphore(MAX_CONCURRENT_STEPS)
+
+        async def step(name: str, follower: Follower) -> None:
+            async with limit:
+                with bind_task(follower.task_id, attempt=follower.attempt, run=name):
+                    try:
+                        over = await self._step(follower)
+                    except Exception:
+                        log.exception("local run step failed")
+                        return
+                if over:
                     self.finished.add(name)
-                    del self.followers[name]
+                    self.followers.pop(name, None)
+
+        await asyncio.gather(*(step(n, f) for n, f in list(self.followers.items())))
 
     async def _attach(self, rd: localruns.RunDir) -> Follower | None:
         run = rd.run
@@ -120,7 +134,8 @@ class LocalRunSource:
         if not f.inputs_sent and (images := f.rd.images) is not None:
             await self.emitter.emit(events.inputs_ready(f.task_id, f.attempt, images))
             f.inputs_sent = True
-        await self._read_console(f, final=result is not None)
+        if not await self._read_console(f, final=result is not None):
+            return False  # more console to read first: the next poll comes at once
         phase = f.rd.phase
         if phase in PHASE_PROGRESS and result is None:
             await f.console.phase_progress(PHASE_PROGRESS[phase], phase)
@@ -154,24 +169,26 @@ class LocalRunSource:
             await self.emitter.emit(events.failed(f.task_id, f.attempt, message))
         log.info("run over", outcome=outcome)
 
-    async def _read_console(self, f: Follower, *, final: bool) -> None:
+    async def _read_console(self, f: Follower, *, final: bool) -> bool:
+        """Report at most one chunk of new console lines; True when the file is drained."""
+        f.backlog = False
         path = f.rd.file(localruns.CONSOLE_FILE)
-        while True:
-            try:
-                with path.open("rb") as fh:
-                    fh.seek(f.offset)
-                    data = fh.read(READ_CHUNK)
-            except FileNotFoundError:
-                return
-            if not data and not (final and f.partial):
-                return
-            f.offset += len(data)
-            raw = f.partial + data
-            pieces = raw.split(b"\n")
-            f.partial = pieces.pop()
-            if final and len(data) < READ_CHUNK and f.partial:
-                pieces.append(f.partial)
-                f.partial = b""
-            await f.console.feed([p.decode("utf-8", errors="replace") for p in pieces])
-            if len(data) < READ_CHUNK:
-                return
+        try:
+            with path.open("rb") as fh:
+                fh.seek(f.offset)
+                data = fh.read(READ_CHUNK)
+        except FileNotFoundError:
+            return True
+        if not data and not (final and f.partial):
+            return True
+        f.offset += len(data)
+        raw = f.partial + data
+        pieces = raw.split(b"\n")
+        f.partial = pieces.pop()
+        drained = len(data) < READ_CHUNK
+        if final and drained and f.partial:
+            pieces.append(f.partial)
+            f.partial = b""
+        await f.console.feed([p.decode("utf-8", errors="replace") for p in pieces])
+        f.backlog = not drained
+        return drained
