@@ -149,9 +149,21 @@ def mongo_pid(env: BenchEnv) -> int | None:
         return None
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds all cores spent busy since boot (/proc/stat: all but idle and iowait)."""
+    try:
+        with open("/proc/stat") as fh:
+            ticks = [int(v) for v in fh.readline().split()[1:]]
+    except OSError:
+        return math.nan
+    return (sum(ticks[:8]) - ticks[3] - ticks[4]) / _TICK
+
+
 class CpuWindow:
     """CPU share (% of one core) of named processes (None = this one) between ``start()`` and
-    ``stop()``: who was busy while a figure was measured."""
+    ``stop()``: who was busy while a figure was measured. ``cpu_pct_machine`` is every core's
+    busy time (at most cores × 100) and ``cpu_pct_others`` what processes not named used: work
+    unrelated to the benchmark when the machine is shared."""
 
     def __init__(self, pids: dict[str, int | None]) -> None:
         self.pids = pids
@@ -161,11 +173,16 @@ class CpuWindow:
     def start(self) -> None:
         self.wall = time.perf_counter()
         self.begin = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        self.begin[""] = machine_busy_seconds()
 
     def stop(self) -> dict[str, float]:
         wall = time.perf_counter() - self.wall
-        return {f"cpu_pct_{name}": round(100 * (cpu_seconds(pid) - self.begin[name]) / wall, 1)
-                for name, pid in self.pids.items()}
+        shares = {f"cpu_pct_{name}": round(100 * (cpu_seconds(pid) - self.begin[name]) / wall, 1)
+                  for name, pid in self.pids.items()}
+        machine = round(100 * (machine_busy_seconds() - self.begin[""]) / wall, 1)
+        named = sum(v for v in shares.values() if not math.isnan(v))
+        return {**shares, "cpu_pct_machine": machine,
+                "cpu_pct_others": round(max(0.0, machine - named), 1)}
 
 
 # -- the report ------------------------------------------------------------------------------

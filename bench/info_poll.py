@@ -1,10 +1,11 @@
 """Polling: ``GET /info`` and ``GET /task/{uuid}/info`` under 1, 10 and 50 concurrent pollers.
 
-1,000 tasks are stored first through the store's own API (``TaskStore.create_task`` and
+1,000 tasks are stored first, written by the store's own API (``TaskStore.create_task`` and
 ``apply_event``, as the gateway and the watcher write them): NodeODM-shaped documents in every
 status (queued, running, completed, failed, canceled) with options, image counts, progress and
 console output lines in the event log. Then one gateway process starts on that database and the
-pollers (``httpx.AsyncClient``, one connection each) hit it for a fixed time per level:
+pollers (an ``httpx.AsyncClient`` each, or ``--info-client aiohttp``) hit it for a fixed time per
+level:
 
 - ``info``: ``GET /info`` (counts the active tasks on every call);
 - ``task_info``: ``GET /task/{uuid}/info`` of a random task (what PyODM's ``wait_for_completion``
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import os
 import random
@@ -38,6 +40,7 @@ import sys
 import time
 import uuid
 from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,6 +99,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help=f"which polls, comma-separated (default {','.join(ENDPOINTS)})")
     group.add_argument("--info-lines", type=int, default=400,
                        help="console lines of a finished task (default 400)")
+    group.add_argument("--info-client", choices=("httpx", "aiohttp"), default="httpx",
+                       help="HTTP client of the pollers (default httpx; aiohttp costs the "
+                       "client less CPU)")
 
 
 # -- the stored tasks -----------------------------------------------------------------------
@@ -210,12 +216,11 @@ class Level:
     cpu: dict[str, float] = field(default_factory=dict)
 
 
-def _check(endpoint: str, resp: httpx.Response, task: str | None, stored: Stored | None,
+def _check(endpoint: str, status: int, body: Any, task: str | None, stored: Stored | None,
            active: int) -> str | None:
     """None when the response is what the stored tasks imply, else what is wrong."""
-    if resp.status_code != 200:
-        return f"HTTP {resp.status_code}"
-    body = resp.json()
+    if status != 200:
+        return f"HTTP {status}"
     if endpoint == "info":
         if body.get("taskQueueCount") != active or "version" not in body:
             return f"/info taskQueueCount {body.get('taskQueueCount')} != {active}"
@@ -230,24 +235,56 @@ def _check(endpoint: str, resp: httpx.Response, task: str | None, stored: Stored
     return None
 
 
+Get = Callable[[str], Awaitable[tuple[int, Any]]]
+
+
+@contextlib.asynccontextmanager
+async def http_get(base: str, kind: str) -> AsyncIterator[Get]:
+    """One poller's connection: ``get(path) -> (status, JSON body)``.
+
+    ``httpx``: an ``httpx.AsyncClient`` of its own (one shared client with 50 connections costs
+    the client ~10 ms of CPU per request in its connection pool); ``aiohttp`` (a dependency of
+    aiobotocore): a ``ClientSession``, several times cheaper per request than httpx, for a client
+    that takes less of the cores from the gateway.
+    """
+    if kind == "aiohttp":
+        import aiohttp
+
+        async with aiohttp.ClientSession(
+                base, connector=aiohttp.TCPConnector(limit=1),
+                timeout=aiohttp.ClientTimeout(total=30)) as session:
+            async def aio_get(path: str) -> tuple[int, Any]:
+                async with session.get(path) as resp:
+                    return resp.status, await resp.json(content_type=None)
+            yield aio_get
+        return
+    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=30) as client:
+        async def httpx_get(path: str) -> tuple[int, Any]:
+            resp = await client.get(path)
+            return resp.status_code, resp.json()
+        yield httpx_get
+
+
 async def poll(base: str, endpoint: str, tasks: dict[str, Stored], active: int, level: int,
-               seconds: float, warmup: float, cpu: CpuWindow) -> Level:
+               seconds: float, warmup: float, cpu: CpuWindow, client: str = "httpx") -> Level:
+    """``level`` pollers, each on its own connection, back to back for ``warmup`` + ``seconds``;
+    what completes in the last ``seconds`` counts."""
     result = Level()
     ids = list(tasks)
     rng = random.Random(level)
     loop = asyncio.get_running_loop()
-    limits = httpx.Limits(max_connections=level, max_keepalive_connections=level)
-    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=30) as client:
-        start = loop.time() + warmup
-        end = start + seconds
+    start = loop.time() + warmup
+    end = start + seconds
 
-        async def window() -> None:
-            await asyncio.sleep(warmup)
-            cpu.start()
-            await asyncio.sleep(seconds)
-            result.cpu = cpu.stop()
+    async def window() -> None:
+        await asyncio.sleep(warmup)
+        cpu.start()
+        await asyncio.sleep(seconds)
+        result.cpu = cpu.stop()
 
-        async def poller() -> None:
+    async def poller() -> None:
+        async with http_get(base, client) as get:
             while loop.time() < end:
                 task: str | None = None
                 if endpoint == "info":
@@ -259,9 +296,9 @@ async def poll(base: str, endpoint: str, tasks: dict[str, Stored], active: int, 
                         path += f"?with_output={max(0, tasks[task].lines - TAIL)}"
                 t0 = time.perf_counter()
                 try:
-                    resp = await client.get(path)
-                    error = _check(endpoint, resp, task, tasks.get(task or ""), active)
-                except (httpx.HTTPError, ValueError) as exc:
+                    status, body = await get(path)
+                    error = _check(endpoint, status, body, task, tasks.get(task or ""), active)
+                except Exception as exc:  # counted: transport, timeout, not JSON
                     error = type(exc).__name__
                 latency = time.perf_counter() - t0
                 if start <= loop.time() <= end:
@@ -270,7 +307,7 @@ async def poll(base: str, endpoint: str, tasks: dict[str, Stored], active: int, 
                     else:
                         result.errors[error] += 1
 
-        await asyncio.gather(window(), *(poller() for _ in range(level)))
+    await asyncio.gather(window(), *(poller() for _ in range(level)))
     return result
 
 
@@ -341,7 +378,8 @@ async def measure(env: BenchEnv, args: argparse.Namespace) -> list[Figure]:
             for endpoint in endpoints:
                 for level in levels:
                     results[endpoint, level] = await poll(
-                        stack.gateway_url, endpoint, tasks, active, level, seconds, warmup, cpu)
+                        stack.gateway_url, endpoint, tasks, active, level, seconds, warmup, cpu,
+                        args.info_client)
         finally:
             stack.stop()
     finally:
@@ -359,7 +397,7 @@ async def measure(env: BenchEnv, args: argparse.Namespace) -> list[Figure]:
             store = store_rates.get((f"store_{endpoint}_per_s", level))
             detail = {**common, "concurrency": level, "ok": len(res.latencies),
                       "errors": sum(res.errors.values()), **res.cpu,
-                      "client": "httpx.AsyncClient, one connection per poller"}
+                      "client": f"{args.info_client}, one client and connection per poller"}
             if store:
                 detail["vs_store"] = round(req_s / store, 3)
             figures += [
