@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import json
 import math
 import re
@@ -17,7 +18,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from scaleodm.common import netguard
+from scaleodm.common import failpoints, netguard
 from scaleodm.common.contracts import bus, commands, events
 from scaleodm.common.contracts.ids import TaskId
 from scaleodm.common.domain import options as odm_options
@@ -262,7 +263,20 @@ async def submit(
     log.info("task created", images=images_count, sources=len(sources))
 
 
+@functools.cache
+def _failpoints(spec: str) -> failpoints.Failpoints:
+    return failpoints.Failpoints(spec)
+
+
+async def failpoint(res: Resources, name: str) -> None:
+    """A named crash/hang point for tests (``SCALEODM_FAILPOINTS``); a no-op otherwise."""
+    await _failpoints(res.settings.failpoints).hit(name)
+
+
 async def publish_run(res: Resources, cmd: commands.CreateTask | commands.RestartTask) -> None:
+    """Queue the attempt's run; its ``queued`` event is published after this (the outbox relay
+    re-publishes the command of a ``queued`` event left unpublished by a crash)."""
+    await failpoint(res, "gateway.run.before_publish")
     try:
         await bus.publish_command(res.broker, cmd, timeout_s=res.settings.nats.publish_timeout_s)
     except Exception as exc:

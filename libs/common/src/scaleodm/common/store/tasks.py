@@ -87,7 +87,13 @@ class TaskStore:
     # -- tasks -------------------------------------------------------------------------------
 
     async def create_task(self, doc: Doc, queued: events.TaskQueued) -> ApplyResult:
-        """Insert a new task (attempt 1, queued) and record its ``queued`` event."""
+        """Record a new task's ``queued`` event, then insert the task (attempt 1, queued).
+
+        In this order, a creation cut off in between leaves an event without a task, which a
+        retry with the same uuid completes (the event is found and marked unpublished again, so
+        the outbox relay still queues the run); the other way round would leave a task whose
+        run nothing ever queues.
+        """
         now = _now()
         full = {
             "attempt": 1,
@@ -101,11 +107,16 @@ class TaskStore:
             "created_at": now,
             **doc,
         }
+        seq, fresh = await self._record(queued)
+        if not fresh:  # a retry of a cut-off creation, or a uuid taken by a task
+            if await self.tasks.find_one({"_id": doc["_id"]}, {"_id": 1}) is not None:
+                raise TaskExistsError(doc["_id"])
+            await self.events.update_one({"_id": queued.event_id}, {"$set": {"published": False}})
         try:
             await self.tasks.insert_one(full)
         except DuplicateKeyError as exc:
             raise TaskExistsError(doc["_id"]) from exc
-        return await self.apply_event(queued)
+        return ApplyResult(Outcome.APPLIED, seq)
 
     async def get_task(self, task_id: str, *, include_removed: bool = False) -> Doc | None:
         doc = await self.tasks.find_one({"_id": task_id})

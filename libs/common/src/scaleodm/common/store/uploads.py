@@ -5,7 +5,7 @@ an upload. ``upload_sessions`` holds the init fields; ``upload_names`` holds one
 stored file name (``_id`` = ``<uuid>/<name>``), so claiming a name is one insert that the unique
 ``_id`` makes atomic: two replicas storing ``a.jpg`` at once end with ``a.jpg`` and ``a_.jpg``, as
 NodeODM renames duplicates. Commit flips ``committed`` with a guarded update, so exactly one commit
-wins.
+wins; the session stays until the task exists, so a commit cut off in between can be retried.
 """
 
 from __future__ import annotations
@@ -49,6 +49,10 @@ class UploadStore:
             )
             if res.matched_count == 0:
                 raise UploadNotFoundError(upload_id) from None
+
+    async def get(self, upload_id: str) -> Doc | None:
+        """The upload, open or committed (a committed one whose task is missing was cut off)."""
+        return await self.sessions.find_one({"_id": upload_id})
 
     async def get_open(self, upload_id: str) -> Doc:
         doc = await self.sessions.find_one({"_id": upload_id, "committed": False})

@@ -19,6 +19,7 @@ from scaleodm.common import netguard
 from scaleodm.common.contracts.ids import is_task_id
 from scaleodm.common.logging import bind_task, get_logger
 from scaleodm.common.store import s3 as s3mod
+from scaleodm.common.store.tasks import TaskExistsError
 from scaleodm.common.store.uploads import UploadNotFoundError
 from scaleodm.gateway import models, multipart, openapi, submission, uploads
 from scaleodm.gateway.deps import Resources, ResourcesDep, TokenDep
@@ -156,10 +157,13 @@ async def commit_task(uuid: str, res: ResourcesDep) -> dict[str, str]:
     settings = res.settings
     inputs = s3mod.task_inputs(settings.s3.bucket, uuid)
     with bind_task(uuid):
-        try:
-            session = await res.uploads.get_open(uuid)
-        except UploadNotFoundError as exc:
-            raise NodeOdmError("Invalid uuid (not found)") from exc
+        session = await res.uploads.get(uuid)
+        # A session committed without a task: the commit that closed it died before creating
+        # the task; this (retried) commit finishes it. With a task, it is one no longer.
+        if session is None or (
+            session.get("committed") and await res.store.get_task(uuid, include_removed=True)
+        ):
+            raise NodeOdmError("Invalid uuid (not found)")
         try:
             fields = submission.TaskFields.from_dict(session.get("fields") or {})
         except (TypeError, ValueError) as exc:
@@ -173,14 +177,20 @@ async def commit_task(uuid: str, res: ResourcesDep) -> dict[str, str]:
         if count == 0:
             await _discard(res, uuid, inputs)
             raise NodeOdmError("Need at least 1 file.")
-        if not await res.uploads.commit(uuid):
+        if not session.get("committed") and not await res.uploads.commit(uuid):
             raise NodeOdmError("Invalid uuid (not found)")
+        await submission.failpoint(res, "gateway.commit.before_submit")
         failure = None
         if settings.max_images and count > settings.max_images:
             failure = (f"{count} images uploaded, but this node can only process up to "
                        f"{settings.max_images}.")
-        await submission.submit(res, uuid, fields, options=options, sources=[str(inputs)],
-                                images_count=count, failure=failure)
+        try:
+            await submission.submit(res, uuid, fields, options=options, sources=[str(inputs)],
+                                    images_count=count, failure=failure)
+        except NodeOdmError as exc:
+            if isinstance(exc.__cause__, TaskExistsError):  # a concurrent retry created it
+                raise NodeOdmError("Invalid uuid (not found)") from exc
+            raise
         await res.uploads.delete(uuid)
     return {"uuid": uuid}
 

@@ -1,0 +1,674 @@
+"""Fault injection: tasks flow through the stack while services are SIGKILLed and restarted.
+
+Shared by ``scripts/chaos.py`` (``uv run task chaos``, minutes) and
+``tests/integration/test_chaos.py`` (a short run inside ``task test``). ``run_chaos`` drives a
+:class:`~tests.harness.stack.Stack` that is not started yet:
+
+- submitters send tasks through the gateway as NodeODM clients do: ``/task/new`` with a
+  ``zipurl`` from the HTTP fixture, or chunked ``init`` -> ``upload`` (one file per request) ->
+  ``commit``. Each task has its own ``set-uuid`` and a webhook on the fixture. The mix: tasks that
+  complete (40), tasks that fail on purpose (an image named ``odm-test-engine-fail-1.jpg``: 30),
+  tasks canceled mid-run (50); some webhook receivers answer 503 once. A request cut off by a
+  kill is retried with back-off. ``set-uuid`` makes the retry safe: the gateway refuses an
+  existing uuid with ``Invalid set-uuid: <uuid>`` (NodeODM's answer), which for our own uuid after
+  a cut-off attempt means the first attempt created the task (checked with ``/info``). A commit
+  retried after a cut-off answers ``Invalid uuid (not found)`` once the upload became a task;
+  ``/info`` tells which. An upload retried after a cut-off may store the file twice
+  (``a_.jpg``), as NodeODM would;
+- a killer, seeded, picks a service every few seconds, SIGKILLs its process group (each service
+  is its own session, so the detached local runs of the scheduler are never hit), waits a little
+  and restarts it on the same port (waiting for ``/readyz``);
+- failpoints (``CRASH_POINTS``, ``crash:p``) make services exit at once, now and then, exactly
+  between two writes (task recorded / command published, upload closed / task created, run
+  started / command acked), which random kills almost never hit; a reviver restarts them;
+- then submissions stop, the killer stops, and everything has ``settle_s`` to finish.
+
+The invariants, checked through real interfaces (gateway, fixture recorder, MongoDB, JetStream):
+every submitted uuid exists and is terminal (30/40/50) — else *lost* or *stuck*; every terminal
+task's webhook was POSTed at least once (duplicates counted by ``webhook-id``: the same id twice
+is a repeated delivery, two ids for one task two deliveries); each task's events in MongoDB carry
+``seq`` 1..n without gap or repeat and a terminal event of its attempt; the outbox is drained and
+JetStream's ``EVENTS`` stream holds every recorded event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import os
+import random
+import signal
+import time
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import nats
+import standardwebhooks
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from pymongo import MongoClient
+
+from tests.harness import data
+from tests.harness.httpfixture import HttpFixture, Received
+from tests.harness.stack import SERVICES, Stack
+
+TERMINAL = (30, 40, 50)
+SECRET = "whsec_" + "Y2hhb3MtdGVzdC1zZWNyZXQtMDEyMzQ1Njc4OWFi"  # fixed: verify signatures
+FAIL_IMAGE = "odm-test-engine-fail-1.jpg"
+INTENDED = {"ok": 40, "fail": 30, "cancel": 50}
+RETRYABLE = (httpx.TransportError,)  # connect refused, reset, cut off mid-answer, timeouts
+# Crashes (exit 97) right inside the windows between two writes that a random kill rarely hits.
+CRASH_POINTS = ",".join((
+    "gateway.run.before_publish=crash:0.1",  # task recorded, run command not yet published
+    "gateway.commit.before_submit=crash:0.15",  # upload closed, task not yet created
+    "scheduler.create.before_start=crash:0.05",  # command received, run not started
+    "scheduler.create.before_ack=crash:0.05",  # run started, command not acked
+))
+
+
+@dataclass(frozen=True)
+class ChaosConfig:
+    seed: int
+    duration_s: float = 180.0  # submitting while killing
+    tasks: int = 80  # planned over duration_s (fewer if the stack is slower)
+    workers: int = 4  # tasks in flight at once (each is a runner + an engine process)
+    kill_every_s: tuple[float, float] = (4.0, 9.0)
+    down_s: tuple[float, float] = (0.0, 1.5)
+    settle_s: float = 90.0
+    engine_seconds: float = 3.0
+    services: tuple[str, ...] = SERVICES
+    chunked_share: float = 0.35
+    fail_share: float = 0.2
+    cancel_share: float = 0.2
+    hook_fail_share: float = 0.15
+    crash_points: str = CRASH_POINTS  # SCALEODM_FAILPOINTS of every service; "" = none
+    log: Callable[[str], None] = print
+
+
+@dataclass
+class TaskRecord:
+    uuid: str
+    kind: str  # ok | fail | cancel
+    chunked: bool
+    hook: str
+    cancel_delay_s: float = 0.0  # after it is seen running (``cancel`` tasks)
+    submitted_at: float = 0.0
+    accepted: bool = False
+    retries: int = 0  # requests repeated after a cut-off
+    accepted_as_existing: bool = False  # "Invalid set-uuid"/"not found" after a cut-off + /info
+    hook_fails: int = 0  # the receiver answers 503 to this many first POSTs
+    cancel_sent: bool = False
+    final: int | None = None
+    error: str | None = None  # a submission that did not end with a task
+
+
+@dataclass
+class Kill:
+    at: float
+    service: str
+    pid: int
+    down_s: float
+    restart_s: float
+
+
+@dataclass
+class ChaosReport:
+    seed: int
+    tasks: list[TaskRecord] = field(default_factory=list)
+    kills: list[Kill] = field(default_factory=list)
+    crashes: list[Kill] = field(default_factory=list)  # at failpoints (``crash:p``)
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    submit_s: float = 0.0
+    settle_s: float = 0.0
+    webhook_posts: int = 0
+    webhook_tasks: int = 0
+    webhook_ids: int = 0
+    repeated_deliveries: int = 0  # same webhook-id POSTed again
+    tasks_with_several_ids: int = 0
+    events: int = 0
+    seq_gaps: int = 0
+    seq_repeats: int = 0
+    unpublished: int = 0
+    stream_missing: int = 0
+    stream_repeats: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def summary(self) -> str:
+        by_status = Counter(t.final for t in self.tasks if t.accepted)
+        kills = Counter(k.service for k in self.kills)
+        crashes = Counter(k.service for k in self.crashes)
+        chunked = sum(t.chunked for t in self.tasks)
+        retried = sum(t.retries > 0 for t in self.tasks)
+        existing = sum(t.accepted_as_existing for t in self.tasks)
+        mismatched = [t for t in self.tasks if t.final in TERMINAL and t.final != INTENDED[t.kind]]
+        rows = [
+            ("seed", str(self.seed)),
+            ("elapsed", f"{self.submit_s + self.settle_s:.1f} s (submitting {self.submit_s:.1f} s,"
+                        f" settling {self.settle_s:.1f} s)"),
+            ("tasks submitted", f"{len(self.tasks)} (zipurl {len(self.tasks) - chunked}, chunked "
+                                f"{chunked}); {retried} retried after a cut-off, {existing} "
+                                "found existing on retry"),
+            ("final status", "  ".join(f"{code}: {by_status.get(code, 0)}" for code in TERMINAL)
+             + f"  not terminal: {sum(t.accepted and t.final not in TERMINAL for t in self.tasks)}"
+             + f"  not accepted: {sum(not t.accepted for t in self.tasks)}"),
+            ("not as intended", f"{len(mismatched)} (informational: e.g. a cancel after the end)"),
+            ("kills", "  ".join(f"{s} {kills.get(s, 0)}" for s in SERVICES)
+             + f"  (total {len(self.kills)})"),
+            ("failpoint crashes", "  ".join(f"{s} {crashes.get(s, 0)}" for s in SERVICES)
+             + f"  (total {len(self.crashes)})"),
+            ("webhooks", f"{self.webhook_tasks} tasks notified, {self.webhook_posts} POSTs "
+                         f"({sum(t.hook_fails for t in self.tasks)} answered 503 on purpose), "
+                         f"{self.webhook_ids} webhook-ids; repeated deliveries (same id) "
+                         f"{self.repeated_deliveries}; tasks with several ids "
+                         f"{self.tasks_with_several_ids}"),
+            ("events", f"{self.events} in MongoDB; seq gaps {self.seq_gaps}, repeated seqs "
+                       f"{self.seq_repeats}, unpublished {self.unpublished}"),
+            ("JetStream EVENTS", f"missing {self.stream_missing}, repeated {self.stream_repeats}"),
+            ("result", "PASS" if self.ok else f"FAIL ({len(self.problems)} problems)"),
+        ]
+        width = max(len(k) for k, _ in rows)
+        lines = ["chaos summary", *(f"  {k.ljust(width)}  {v}" for k, v in rows)]
+        lines += [f"  problem: {p}" for p in self.problems]
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def stack_env(config: ChaosConfig) -> dict[str, str]:
+    """Settings that make recovery take seconds, not minutes (redeliveries, retries)."""
+    return {
+        "SCALEODM_TEST_ENGINE_SECONDS": str(config.engine_seconds),
+        "SCALEODM_ACK_WAIT_S": "4",  # scheduler: an unacked command comes back after 4 s
+        "SCALEODM_WEBHOOK_SECRET": SECRET,  # webhook-id + signatures
+        "SCALEODM_WEBHOOK_TIMEOUT_S": "2",
+        "SCALEODM_WEBHOOK_ACK_WAIT_S": "4",
+        "SCALEODM_WEBHOOK_BACKOFF_BASE_S": "0.2",
+        "SCALEODM_WEBHOOK_BACKOFF_MAX_S": "1",
+        "SCALEODM_RUN_START_GRACE_S": "20",
+        "SCALEODM_OUTBOX_INTERVAL_S": "1",
+        "SCALEODM_OUTBOX_MIN_AGE_S": "1",
+        "SCALEODM_FAILPOINTS": config.crash_points,
+    }
+
+
+def signed(post: Received) -> bool:
+    """A valid Standard Webhooks signature (``verify`` without its 5-minute freshness check: the
+    long run looks at early deliveries minutes later)."""
+    headers = {k.lower(): v for k, v in post.headers.items()}
+    try:
+        at = dt.datetime.fromtimestamp(int(headers["webhook-timestamp"]), dt.UTC)
+        expected = standardwebhooks.Webhook(SECRET).sign(headers["webhook-id"], at,
+                                                          post.body.decode())
+    except (KeyError, ValueError):
+        return False
+    return expected in headers.get("webhook-signature", "").split()
+
+
+class Chaos:
+    def __init__(self, stack: Stack, http: HttpFixture, config: ChaosConfig) -> None:
+        self.stack = stack
+        self.http = http
+        self.config = config
+        # Two streams, so the task plan and the kill plan each follow from the seed alone.
+        self.plan_rng = random.Random(config.seed)
+        self.kill_rng = random.Random(config.seed + 1)
+        self.report = ChaosReport(seed=config.seed)
+        self.prefix = f"/chaos-{uuid.uuid4().hex[:8]}"
+        self.t0 = time.monotonic()
+        self.submitting = True
+        self.stop_killing = asyncio.Event()
+        self.stack_lock = asyncio.Lock()  # one kill/restart at a time
+        self.settle_deadline = float("inf")
+
+    # -- plumbing --------------------------------------------------------------------------
+
+    def log(self, message: str) -> None:
+        self.config.log(f"[{time.monotonic() - self.t0:7.2f}s] {message}")
+
+    def url(self, path: str) -> str:
+        return self.stack.gateway_url + path
+
+    async def request(self, client: httpx.AsyncClient, method: str, path: str,
+                      task: TaskRecord | None = None, patience_s: float = 120.0,
+                      **kw: Any) -> httpx.Response:
+        """One request, repeated after connection errors (a killed gateway) with back-off."""
+        delay = 0.1
+        deadline = time.monotonic() + patience_s
+        while True:
+            try:
+                resp = await client.request(method, self.url(path), **kw)
+                if resp.status_code < 500:
+                    return resp
+                error: str = f"HTTP {resp.status_code}: {resp.text[:200]}"
+            except RETRYABLE as exc:
+                error = repr(exc)
+            if task is not None:
+                task.retries += 1
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{method} {path}: still failing ({error})")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    async def exists(self, client: httpx.AsyncClient, task_id: str) -> bool:
+        resp = await self.request(client, "GET", f"/task/{task_id}/info")
+        return "uuid" in resp.json()
+
+    # -- submissions -------------------------------------------------------------------------
+
+    def plan(self) -> TaskRecord:
+        rng = self.plan_rng
+        roll = rng.random()
+        kind = ("fail" if roll < self.config.fail_share else
+                "cancel" if roll < self.config.fail_share + self.config.cancel_share else "ok")
+        task_id = str(uuid.uuid4())
+        hook = f"{self.prefix}/hooks/{task_id}"
+        task = TaskRecord(task_id, kind, rng.random() < self.config.chunked_share, hook,
+                          cancel_delay_s=rng.uniform(0.0, self.config.engine_seconds / 2))
+        if rng.random() < self.config.hook_fail_share:
+            task.hook_fails = 1
+            self.http.fail_times(hook, task.hook_fails, 503)
+        return task
+
+    def images(self, task: TaskRecord) -> dict[str, bytes]:
+        files = dict.fromkeys(data.image_names(3), data.JPEG)
+        if task.kind == "fail":
+            files[FAIL_IMAGE] = data.JPEG
+        return files
+
+    async def submit(self, client: httpx.AsyncClient, task: TaskRecord) -> None:
+        fields = {"name": f"chaos {task.kind}", "webhook": self.http.url(task.hook)}
+        headers = {"set-uuid": task.uuid}
+        task.submitted_at = time.monotonic()
+        if not task.chunked:
+            name = "fail.zip" if task.kind == "fail" else "ok.zip"
+            parts = {**fields, "zipurl": self.http.url(f"{self.prefix}/{name}")}
+            body = await self.create(client, "/task/new", task, headers=headers,
+                                     files={k: (None, v) for k, v in parts.items()})
+        else:
+            resp = await self.request(client, "POST", "/task/new/init", task, headers=headers,
+                                      files={k: (None, v) for k, v in fields.items()})
+            if resp.json().get("uuid") != task.uuid:
+                task.error = f"init: {resp.text[:200]}"
+                return
+            for name, content in self.images(task).items():
+                resp = await self.request(
+                    client, "POST", f"/task/new/upload/{task.uuid}", task,
+                    files=[("images", (name, content, "image/jpeg"))])
+                if resp.json() != {"success": True}:
+                    task.error = f"upload {name}: {resp.text[:200]}"
+                    return
+            body = await self.create(client, f"/task/new/commit/{task.uuid}", task)
+        if body.get("uuid") == task.uuid:
+            task.accepted = True
+        elif task.error is None:
+            task.error = f"refused: {body}"
+
+    async def create(self, client: httpx.AsyncClient, path: str, task: TaskRecord,
+                     **kw: Any) -> dict[str, Any]:
+        """``/task/new`` or commit; an error after a cut-off attempt may mean it went through."""
+        before = task.retries
+        resp = await self.request(client, "POST", path, task, **kw)
+        body: dict[str, Any] = resp.json()
+        error = str(body.get("error", ""))
+        if error and task.retries > before and error in (
+            f"Invalid set-uuid: {task.uuid}", "Invalid uuid (not found)"
+        ):
+            if await self.exists(client, task.uuid):
+                task.accepted_as_existing = True
+                return {"uuid": task.uuid}
+            task.error = f"cut off, then {error!r}, and no such task: lost"
+        return body
+
+    async def follow(self, client: httpx.AsyncClient, task: TaskRecord) -> None:
+        """Poll until terminal; cancel ``cancel`` tasks once running."""
+        cancel_at: float | None = None
+        while True:
+            resp = await self.request(client, "GET", f"/task/{task.uuid}/info")
+            code = resp.json().get("status", {}).get("code")
+            if code in TERMINAL:
+                task.final = code
+                return
+            now = time.monotonic()
+            if task.kind == "cancel" and not task.cancel_sent:
+                if code == 20 and cancel_at is None:
+                    cancel_at = now + task.cancel_delay_s
+                if cancel_at is not None and now >= cancel_at:
+                    resp = await self.request(client, "POST", "/task/cancel", task,
+                                              data={"uuid": task.uuid})
+                    task.cancel_sent = True
+                    if resp.json() != {"success": True}:
+                        task.error = f"cancel: {resp.text[:200]}"
+            if not self.submitting and now > self.settle_deadline:
+                return
+            await asyncio.sleep(0.3)
+
+    async def worker(self, schedule: asyncio.Queue[float]) -> None:
+        async with httpx.AsyncClient(timeout=30) as client:
+            while self.submitting:
+                try:
+                    start = schedule.get_nowait()
+                except asyncio.QueueEmpty:
+                    return
+                await asyncio.sleep(max(0.0, start - (time.monotonic() - self.t0)))
+                if not self.submitting:
+                    return
+                task = self.plan()
+                self.report.tasks.append(task)
+                try:
+                    await self.submit(client, task)
+                except Exception as exc:
+                    task.error = f"submission: {exc!r}"
+                if task.accepted:
+                    await self.follow(client, task)
+                self.log(f"task {task.uuid[:8]} {task.kind:6} "
+                         f"{'chunked' if task.chunked else 'zipurl '} -> {task.final}"
+                         + (f" ({task.retries} retries)" if task.retries else "")
+                         + (f" ERROR {task.error}" if task.error else ""))
+
+    # -- the killer --------------------------------------------------------------------------
+
+    def kill9(self, service: str) -> int:
+        proc = self.stack.procs.pop(service)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # the service's own session, never a run's
+        proc.wait()
+        return proc.pid
+
+    def restart(self, service: str) -> None:
+        """Start ``service`` on its port; again if a failpoint crashed it while starting."""
+        port = self.stack.ports[service]
+        failures = 0
+        while True:
+            try:
+                self.stack.start(service, port=port)
+                return
+            except (TimeoutError, RuntimeError) as exc:
+                proc = self.stack.procs.pop(service)
+                if proc.poll() is None:
+                    proc.kill()
+                proc.wait()
+                if proc.returncode == 97:  # a redelivered command hit a failpoint: fine
+                    self.log(f"{service} crashed at a failpoint while starting")
+                    self.report.crashes.append(Kill(time.monotonic() - self.t0, service,
+                                                    proc.pid, 0.0, 0.0))
+                    continue
+                failures += 1
+                self.report.notes.append(f"restart of {service} failed: {exc}")
+                if failures == 3:
+                    raise RuntimeError(f"{service} does not restart") from exc
+                if service != "gateway":
+                    port = 0  # a fresh (health) port
+
+    async def killer(self) -> None:
+        lo, hi = self.config.kill_every_s
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop_killing.wait(), self.kill_rng.uniform(lo, hi))
+            if self.stop_killing.is_set():
+                return
+            service = self.kill_rng.choice(self.config.services)
+            down = self.kill_rng.uniform(*self.config.down_s)
+            async with self.stack_lock:
+                at = time.monotonic() - self.t0
+                pid = await asyncio.to_thread(self.kill9, service)
+                self.log(f"kill -9 {service} (pid {pid}); down {down:.1f}s")
+                await asyncio.sleep(down)
+                await self.bring_back(Kill(at, service, pid, down, 0.0), self.report.kills)
+
+    async def reviver(self) -> None:
+        """Restarts a service that crashed at one of its failpoints (exit code 97)."""
+        while True:
+            await asyncio.sleep(0.2)
+            async with self.stack_lock:
+                for service, proc in list(self.stack.procs.items()):
+                    if proc.poll() is None:
+                        continue
+                    self.stack.procs.pop(service)
+                    self.log(f"{service} (pid {proc.pid}) exited with {proc.returncode}"
+                             + (" at a failpoint" if proc.returncode == 97 else ""))
+                    if proc.returncode != 97:
+                        self.report.problems.append(
+                            f"{service} exited on its own with {proc.returncode}")
+                    at = time.monotonic() - self.t0
+                    await self.bring_back(Kill(at, service, proc.pid, 0.0, 0.0),
+                                          self.report.crashes)
+
+    async def bring_back(self, kill: Kill, record: list[Kill]) -> None:
+        started = time.monotonic()
+        await asyncio.to_thread(self.restart, kill.service)
+        kill.restart_s = time.monotonic() - started
+        record.append(kill)
+        self.log(f"{kill.service} back (pid {self.stack.procs[kill.service].pid}) in "
+                 f"{kill.restart_s:.1f}s")
+
+    # -- the run -----------------------------------------------------------------------------
+
+    async def run(self) -> ChaosReport:
+        cfg = self.config
+        self.stack.extra_env = {**self.stack.extra_env, **stack_env(cfg)}
+        data.write(self.http.root / self.prefix.lstrip("/") / "ok.zip", data.images_zip(3))
+        data.write(self.http.root / self.prefix.lstrip("/") / "fail.zip",
+                   data.images_zip(3, extra={f"flight/{FAIL_IMAGE}": data.JPEG}))
+        self.log(f"seed {cfg.seed}: {cfg.tasks} tasks over {cfg.duration_s:g}s, "
+                 f"{cfg.workers} in flight, kills every {cfg.kill_every_s[0]:g}-"
+                 f"{cfg.kill_every_s[1]:g}s among {', '.join(cfg.services)}")
+        await asyncio.to_thread(self.stack.start_all, *SERVICES)
+        self.t0 = time.monotonic()
+        schedule: asyncio.Queue[float] = asyncio.Queue()
+        for i in range(cfg.tasks):
+            schedule.put_nowait(i * cfg.duration_s / cfg.tasks)
+        killer = asyncio.create_task(self.killer())
+        reviver = asyncio.create_task(self.reviver())
+        workers = [asyncio.create_task(self.worker(schedule)) for _ in range(cfg.workers)]
+        await asyncio.sleep(cfg.duration_s)
+        self.submitting = False
+        self.stop_killing.set()
+        self.report.submit_s = time.monotonic() - self.t0
+        self.settle_deadline = time.monotonic() + cfg.settle_s
+        self.log("submissions stopped; waiting for the killer's last restart")
+        await killer
+        self.log("killer stopped; settling")
+        try:
+            await asyncio.gather(*workers)
+            await self.settle()
+            self.report.settle_s = time.monotonic() - self.t0 - self.report.submit_s
+            await self.check()
+        finally:
+            reviver.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reviver
+        return self.report
+
+    async def settle(self) -> None:
+        """Until every task is terminal and notified, the outbox empty, or the deadline."""
+        async with httpx.AsyncClient(timeout=30) as client:
+            while True:
+                pending = [t for t in self.report.tasks if t.accepted and t.final not in TERMINAL]
+                for task in pending:
+                    resp = await self.request(client, "GET", f"/task/{task.uuid}/info")
+                    task.final = resp.json().get("status", {}).get("code")
+                pending = [t for t in self.report.tasks if t.accepted and t.final not in TERMINAL]
+                hooked = self.hook_posts()
+                silent = [t for t in self.report.tasks if t.final in TERMINAL
+                          and t.uuid not in hooked]
+                unpublished = await asyncio.to_thread(self.unpublished_count)
+                if not pending and not silent and not unpublished:
+                    return
+                if time.monotonic() > self.settle_deadline:
+                    self.log(f"settle deadline: {len(pending)} not terminal, {len(silent)} "
+                             f"without webhook, {unpublished} unpublished events")
+                    return
+                await asyncio.sleep(0.5)
+
+    # -- the invariants ----------------------------------------------------------------------
+
+    def hook_posts(self) -> dict[str, list[Received]]:
+        """Webhook POSTs of this run, by the task uuid in the (verified) payload."""
+        by_task: dict[str, list[Received]] = defaultdict(list)
+        with self.http.lock:
+            posts = [r for r in self.http.received if r.path.startswith(self.prefix + "/hooks/")]
+        for post in posts:
+            key = (str(json.loads(post.body).get("uuid")) if signed(post)
+                   else f"unverified:{post.path}")
+            by_task[key].append(post)
+        return by_task
+
+    def mongo(self) -> Any:
+        client: MongoClient[dict[str, Any]] = MongoClient(self.stack.mongo_url, tz_aware=True)
+        return client
+
+    def unpublished_count(self) -> int:
+        with self.mongo() as client:
+            return int(client[self.stack.database]["events"].count_documents({"published": False}))
+
+    def mongo_events(self) -> list[dict[str, Any]]:
+        with self.mongo() as client:
+            cursor = client[self.stack.database]["events"].find(
+                {}, {"_id": 1, "task_id": 1, "attempt": 1, "kind": 1, "seq": 1, "published": 1})
+            return list(cursor)
+
+    async def stream_event_ids(self) -> Counter[str]:
+        """Every event id in JetStream's EVENTS stream (an ephemeral consumer reads it all)."""
+        nc = await nats.connect(self.stack.nats_url)
+        try:
+            js = nc.jetstream()
+            total = (await js.stream_info("EVENTS")).state.messages
+            sub = await js.pull_subscribe(
+                "events.task.>", stream="EVENTS",
+                config=ConsumerConfig(ack_policy=AckPolicy.NONE, deliver_policy=DeliverPolicy.ALL,
+                                      inactive_threshold=30.0))
+            ids: Counter[str] = Counter()
+            read = 0
+            while read < total:
+                try:
+                    msgs = await sub.fetch(500, timeout=5)
+                except TimeoutError:
+                    break
+                for msg in msgs:
+                    ids[json.loads(msg.data)["event_id"]] += 1
+                read += len(msgs)
+            await sub.unsubscribe()
+            return ids
+        finally:
+            await nc.close()
+
+    async def check(self) -> None:
+        events = await asyncio.to_thread(self.mongo_events)
+        await self.check_tasks(events)
+        self.check_webhooks()
+        await self.check_events(events)
+
+    async def check_tasks(self, events: list[dict[str, Any]]) -> None:
+        """Every submitted uuid exists and is terminal; a cancel that was answered shows."""
+        rep, problems = self.report, self.report.problems
+        kinds: dict[str, list[str]] = defaultdict(list)
+        for ev in sorted(events, key=lambda e: (e["task_id"], e["seq"])):
+            kinds[ev["task_id"]].append(ev["kind"])
+        for task in rep.tasks:
+            if task.error is not None:
+                problems.append(f"task {task.uuid} ({task.kind}): {task.error}")
+            elif not task.accepted:
+                problems.append(f"task {task.uuid} ({task.kind}): never accepted")
+        async with httpx.AsyncClient(timeout=30) as client:
+            for task in rep.tasks:
+                if not task.accepted:
+                    continue
+                resp = await self.request(client, "GET", f"/task/{task.uuid}/info",
+                                          patience_s=30)
+                info = resp.json()
+                if "uuid" not in info:
+                    problems.append(f"task {task.uuid} ({task.kind}) lost: {info}")
+                    task.final = None
+                    continue
+                task.final = info["status"]["code"]
+                if task.final not in TERMINAL:
+                    problems.append(f"task {task.uuid} ({task.kind}) stuck at {task.final}, "
+                                    f"progress {info.get('progress')}; its events: "
+                                    f"{kinds.get(task.uuid, [])}")
+                elif task.kind == "cancel" and task.cancel_sent and task.final != 50:
+                    problems.append(f"task {task.uuid}: canceled, yet ended {task.final} "
+                                    "(NodeODM §3.9: a cancel turns 30 and 40 into 50)")
+                elif task.final != INTENDED[task.kind]:
+                    why = ("the run ended before the cancel was sent" if task.kind == "cancel"
+                           else info.get("errorMessage") or "")
+                    rep.notes.append(f"task {task.uuid} ({task.kind}, "
+                                     f"{'chunked' if task.chunked else 'zipurl'}) ended "
+                                     f"{task.final}: {why}"[:240])
+
+    def check_webhooks(self) -> None:
+        """Every terminal task was POSTed (signed) at least once, with its final status."""
+        rep, problems = self.report, self.report.problems
+        posts = self.hook_posts()
+        for key, bad in posts.items():
+            if key.startswith("unverified:"):
+                problems.append(f"{len(bad)} webhook POST(s) with a bad signature on {key[11:]}")
+        ours = {t.uuid for t in rep.tasks}
+        rep.webhook_posts = sum(len(v) for k, v in posts.items() if k in ours)
+        for task in rep.tasks:
+            got = posts.get(task.uuid, [])
+            if task.final in TERMINAL and not got:
+                problems.append(f"task {task.uuid} ({task.kind}, {task.final}): no webhook")
+            if not got:
+                continue
+            rep.webhook_tasks += 1
+            hook_ids = Counter(p.headers.get("webhook-id") for p in got)
+            rep.webhook_ids += len(hook_ids)
+            rep.tasks_with_several_ids += len(hook_ids) > 1
+            answered_2xx = len(got) - min(task.hook_fails, len(got))  # scripted 503s first
+            rep.repeated_deliveries += max(0, answered_2xx - len(hook_ids))
+            codes = {p.json()["status"]["code"] for p in got}
+            if task.final in TERMINAL and task.final not in codes:
+                problems.append(f"task {task.uuid}: webhooks said {sorted(codes)}, task is "
+                                f"{task.final}")
+
+    async def check_events(self, events: list[dict[str, Any]]) -> None:
+        """seq 1..n per task, a terminal event, all published, all on JetStream."""
+        rep, problems = self.report, self.report.problems
+        ours = {t.uuid for t in rep.tasks}
+        mine = [ev for ev in events if ev["task_id"] in ours]
+        rep.events = len(mine)
+        seqs: dict[str, list[int]] = defaultdict(list)
+        terminal: dict[str, set[int]] = defaultdict(set)
+        for ev in mine:
+            seqs[ev["task_id"]].append(int(ev["seq"]))
+            if ev["kind"] in ("completed", "failed", "canceled"):
+                terminal[ev["task_id"]].add(int(ev["attempt"]))
+        for task in rep.tasks:
+            if not task.accepted:
+                continue
+            got = sorted(seqs.get(task.uuid, []))
+            repeats = len(got) - len(set(got))
+            gaps = len(set(range(1, max(got, default=0) + 1)) - set(got))
+            rep.seq_repeats += repeats
+            rep.seq_gaps += gaps
+            if repeats or gaps or not got:
+                problems.append(f"task {task.uuid}: event seqs {got} (gaps {gaps}, repeats "
+                                f"{repeats})")
+            if task.final in TERMINAL and 1 not in terminal.get(task.uuid, set()):
+                problems.append(f"task {task.uuid}: terminal ({task.final}) without a terminal "
+                                "event in the log")
+        rep.unpublished = sum(1 for ev in mine if not ev["published"])
+        if rep.unpublished:
+            problems.append(f"{rep.unpublished} events never published (outbox not drained)")
+        recorded = {str(ev["_id"]) for ev in mine}
+        stream = await self.stream_event_ids()
+        missing = recorded - set(stream)
+        rep.stream_missing = len(missing)
+        rep.stream_repeats = sum(n - 1 for i, n in stream.items() if i in recorded and n > 1)
+        if missing:
+            problems.append(f"{len(missing)} recorded events missing from JetStream, e.g. "
+                            f"{sorted(missing)[:3]}")
+
+
+async def run_chaos(stack: Stack, http: HttpFixture, config: ChaosConfig) -> ChaosReport:
+    """Start ``stack`` (not started yet), run the chaos, check; the caller stops the stack."""
+    return await Chaos(stack, http, config).run()
+
