@@ -186,6 +186,11 @@ class GatewaySettings(BaseServiceSettings):
         default_factory=lambda: ["http", "https", "s3"],
         description="URL schemes accepted for `zipurl`.",
     )
+    info_cache_s: float = Field(
+        1.0, ge=0,
+        description="`/info`: how long `taskQueueCount` is reused (one store count per interval, "
+        "shared by concurrent polls; 0 counts on every call).",
+    )
     sse_heartbeat_s: float = Field(
         15.0, gt=0,
         description="Event streams (SSE): interval of heartbeat comments; an idle per-task "

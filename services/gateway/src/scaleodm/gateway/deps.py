@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, Query, Request
@@ -14,6 +14,7 @@ from scaleodm.common.settings import GatewaySettings
 from scaleodm.common.store.s3 import S3
 from scaleodm.common.store.tasks import MongoHandle, TaskStore
 from scaleodm.common.store.uploads import UploadStore
+from scaleodm.gateway.cached import CachedValue
 from scaleodm.gateway.errors import NodeOdmError
 from scaleodm.gateway.eventstream import EventHub
 
@@ -28,6 +29,11 @@ class Resources:
     uploads: UploadStore
     # Live task events for the SSE routes (routes/events.py); created on first use when unset.
     event_hub: EventHub | None = None
+    # taskQueueCount of /info, counted at most once per SCALEODM_INFO_CACHE_S (cached.py)
+    queue_count: CachedValue[int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.queue_count = CachedValue(self.store.count_active, self.settings.info_cache_s)
 
     @property
     def store(self) -> TaskStore:

@@ -42,7 +42,7 @@ async def read_info(res: ResourcesDep) -> dict[str, Any]:
     total, available = _memory()
     return {
         "version": API_VERSION,
-        "taskQueueCount": await res.store.count_active(),
+        "taskQueueCount": await res.queue_count.get(),
         "totalMemory": total,
         "availableMemory": available,
         "cpuCores": os.cpu_count() or 1,
@@ -209,9 +209,12 @@ async def restart_task(request: Request, res: ResourcesDep) -> dict[str, Any]:
         )
     )
     with bind_task(task_id, attempt=attempt):
-        result = await res.emitter.emit(events.queued(
+        # Recorded now, published after the command: the outbox relay queues the run of an
+        # unpublished ``queued`` event (this process may die right here).
+        queued = events.queued(
             task_id, attempt, options=options, date_created_ms=submission.now_ms()
-        ))
+        )
+        result = await res.store.apply_event(queued)
         if not result.changed:
             raise NodeOdmError("Task cannot be restarted", action=True)
         cmd = commands.RestartTask(
@@ -221,6 +224,7 @@ async def restart_task(request: Request, res: ResourcesDep) -> dict[str, Any]:
             outputs=doc.get("outputs"), images_count=doc.get("images_count") or None,
         )
         await submission.publish_run(res, cmd)
+        await res.emitter.publish(queued.model_copy(update={"seq": result.seq}))
         log.info("task restarted")
     return {"success": True}
 
