@@ -30,11 +30,12 @@ async def test_chaos_no_task_lost_or_stuck_every_webhook_sent_no_seq_gap(
     stack, _ = fresh_stack
     lines: list[str] = []
     report = await run_chaos(stack, http_fixture, ChaosConfig(
-        seed=SEED, duration_s=25, tasks=12, workers=3, kill_every_s=(3.0, 6.0),
+        seed=SEED, duration_s=25, tasks=12, workers=3, kill_every_s=(2.0, 4.0),
         down_s=(0.0, 1.0), settle_s=40, log=lines.append,
     ))
     summary = report.summary()
     sys.stdout.write(summary + "\n")  # shown with -s, and with the failure below
     assert report.ok, summary + "\n" + "\n".join(lines)
     assert len(report.tasks) >= 6, summary
-    assert len(report.kills) >= 3, summary
+    # The faults really happened (how many fit in 25 s depends on the machine's speed).
+    assert len(report.kills) >= 2 and len(report.kills) + len(report.crashes) >= 3, summary
