@@ -7,6 +7,7 @@ run on mongoeco (see ``tests/integration/test_store.py``).
 
 from __future__ import annotations
 
+import compileall
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -17,6 +18,16 @@ import pytest
 from tests.harness import servers
 from tests.harness.httpfixture import HttpFixture
 from tests.harness.stack import Stack, running_stack
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_configure(config: pytest.Config) -> None:  # noqa: ARG001
+    # The services' own sources are editable installs, so uv does not compile them; the tests
+    # start hundreds of service processes, and with PYTHONDONTWRITEBYTECODE set each would
+    # compile them again.
+    for src in ("libs", "services", "tools"):
+        compileall.compile_dir(ROOT / src, quiet=1, workers=0)
 
 
 @pytest.fixture(scope="session")
