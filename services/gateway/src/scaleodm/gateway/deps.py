@@ -40,7 +40,10 @@ class Resources:
         return self.mongo.store
 
 
-def get_resources(request: Request) -> Resources:
+# The dependencies are ``async def`` although they never await: FastAPI runs a plain ``def``
+# dependency in a worker thread, two thread hops on every request (bench/info_poll: 1.5-2.0 ms
+# of gateway CPU per request with them, 1.1-1.4 ms without).
+async def get_resources(request: Request) -> Resources:
     res: Resources = request.app.state.resources
     return res
 
@@ -55,7 +58,7 @@ TokenQuery = Annotated[
 ]
 
 
-def check_token(res: ResourcesDep, token: TokenQuery = None) -> None:
+async def check_token(res: ResourcesDep, token: TokenQuery = None) -> None:
     """NodeODM §1.3: with a token configured, every API route needs ``?token=``."""
     expected = res.settings.token
     if expected is None:
