@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import re
 import socket
+import urllib.parse
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -43,6 +45,45 @@ class RefusedAddressError(httpcore.ConnectError):
 
 class ResolveError(httpcore.ConnectError):
     """A target's host name does not resolve."""
+
+
+class InvalidTargetError(ValueError):
+    """A user-given URL that can never be fetched or posted to; the message says why."""
+
+
+MAX_URL_LENGTH = 2048
+_CONTROL_OR_SPACE = re.compile(r"[\x00-\x20\x7f]")
+
+
+def validate_url(
+    url: str, *, schemes: Sequence[str] = ("http", "https"), max_length: int = MAX_URL_LENGTH
+) -> urllib.parse.SplitResult:
+    """``url`` split, when it is a well-formed absolute URL of one of ``schemes`` with a host.
+
+    Refuses (``InvalidTargetError``) what no request could ever use: over ``max_length``
+    characters, control characters or spaces, another scheme (``file:``, ``gopher:``, ...), no
+    host, a bad port or a malformed IPv6 literal. Says nothing about where the host resolves to:
+    that is :meth:`OutboundPolicy.resolve_checked`'s job, at submission and again at connect.
+    """
+    if len(url) > max_length:
+        raise InvalidTargetError(f"URL longer than {max_length} characters")
+    if _CONTROL_OR_SPACE.search(url):
+        raise InvalidTargetError("URL contains spaces or control characters")
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+        host = parts.hostname
+        httpx.URL(url)
+    except (ValueError, httpx.InvalidURL) as exc:
+        raise InvalidTargetError(f"malformed URL ({exc})") from exc
+    if parts.scheme.lower() not in schemes:
+        wanted = ", ".join(f"{s}://" for s in schemes)
+        raise InvalidTargetError(f"unsupported URL scheme {parts.scheme!r} (expected {wanted})")
+    if not host:
+        raise InvalidTargetError("URL has no host")
+    if port == 0:
+        raise InvalidTargetError("URL has port 0")
+    return parts
 
 
 def _unmapped(ip: IPAddress) -> IPAddress:

@@ -26,6 +26,10 @@ class NatsSettings(BaseModel):
     url: str = Field("nats://127.0.0.1:4222", description="NATS server URL(s), comma separated.")
     publish_timeout_s: float = Field(5.0, description="Timeout of one JetStream publish.")
     connect_timeout_s: float = Field(5.0, description="Timeout of the initial connection.")
+    user: str | None = Field(None, description="NATS user name (with `password`); unset = none.")
+    password: SecretStr | None = Field(
+        None, description="NATS password of `user` (from a Secret on Kubernetes)."
+    )
 
     def servers(self) -> list[str]:
         return [s.strip() for s in self.url.split(",") if s.strip()]
@@ -37,6 +41,12 @@ class MongoSettings(BaseModel):
     url: str = Field("mongodb://127.0.0.1:27017", description="MongoDB connection string.")
     database: str = Field("scaleodm", description="Database holding tasks, events and deliveries.")
     server_selection_timeout_ms: int = Field(5000, description="serverSelectionTimeoutMS.")
+    username: str | None = Field(
+        None, description="MongoDB user (with `password`); unset = credentials in `url` or none."
+    )
+    password: SecretStr | None = Field(
+        None, description="MongoDB password of `username` (from a Secret on Kubernetes)."
+    )
 
 
 class S3Settings(BaseModel):
@@ -63,6 +73,12 @@ class S3Settings(BaseModel):
         2,
         description="Most part buffers a process holds at once across all uploads (memory "
         "bound ~ upload_buffers x part size); further uploads wait. 0 = unbounded.",
+    )
+    input_allow: list[str] = Field(
+        default_factory=list,
+        description="`s3://bucket/prefix/` locations (JSON list) that `s3://` zipurls may read "
+        "from with the service's credentials; none by default. A task's own upload prefix is "
+        "always readable by its own run; other tasks' prefixes never are.",
     )
 
 
@@ -206,6 +222,63 @@ class GatewaySettings(BaseServiceSettings):
         description="Event streams (SSE): a client that accepts no write for this long is "
         "disconnected.",
     )
+    sse_max_streams: int = Field(
+        1000, ge=1, description="Event streams (SSE): most open streams per gateway process."
+    )
+    sse_max_streams_per_client: int = Field(
+        16, ge=1,
+        description="Event streams (SSE): most open streams per client (its token, or its "
+        "address without a token) per gateway process.",
+    )
+    sse_max_pending_bytes: int = Field(
+        1024 * 1024, ge=1024,
+        description="Event streams (SSE): most bytes of events buffered for one client; a "
+        "client further behind is disconnected (it resumes with Last-Event-ID).",
+    )
+    max_action_body_bytes: int = Field(
+        64 * 1024, ge=1024,
+        description="Largest body of /task/cancel, /task/remove and /task/restart.",
+    )
+    max_field_bytes: int = Field(
+        1024 * 1024, ge=1024,
+        description="Largest multipart text field (options, name, webhook, ...).",
+    )
+    max_form_text_bytes: int = Field(
+        2 * 1024 * 1024, ge=1024,
+        description="Largest total of a multipart request's text fields.",
+    )
+    max_form_fields: int = Field(64, ge=1, description="Most text fields in a multipart request.")
+    body_idle_timeout_s: float = Field(
+        30.0, gt=0,
+        description="A request body that sends nothing for this long is cut off (stalled "
+        "uploads release what they hold).",
+    )
+    upload_buffer_wait_s: float = Field(
+        30.0, gt=0,
+        description="How long an upload waits for one of the process's part buffers "
+        "(`s3.upload_buffers`) before it is refused as busy.",
+    )
+    upload_buffer_hold_s: float = Field(
+        120.0, gt=0,
+        description="Longest time one upload may hold a part buffer while filling it: an upload "
+        "slower than part size / this is cut off, so slow clients cannot starve the others.",
+    )
+    header_timeout_s: float = Field(
+        10.0, gt=0,
+        description="A connection must send a request's complete headers within this long.",
+    )
+    keep_alive_timeout_s: float = Field(
+        5.0, gt=0, description="Idle keep-alive connections are closed after this long."
+    )
+    max_connections: int = Field(
+        2000, ge=1,
+        description="Most concurrent connections/requests of a gateway process (beyond: 503).",
+    )
+    output_page_lines: int = Field(
+        10000, ge=1,
+        description="Most console lines one `with_output`/`/output` response returns; clients "
+        "page on with the line count they have.",
+    )
 
     @field_validator("max_images")
     @classmethod
@@ -250,7 +323,22 @@ class SchedulerSettings(BaseServiceSettings):
     ack_wait_s: float = Field(60.0, description="JetStream ack_wait of the command consumer.")
     max_deliver: int = Field(10, description="Deliveries of one command before it is given up.")
     zip_max_bytes: int = Field(
-        50 * 1024**3, description="Largest input archive a local run downloads."
+        50 * 1024**3, description="Largest input archive a run downloads."
+    )
+    zip_max_expanded_bytes: int = Field(
+        100 * 1024**3,
+        description="Most bytes one archive may expand to (counted while extracting).",
+    )
+    zip_max_ratio: float = Field(
+        100.0, gt=1,
+        description="Largest expansion ratio of an archive member (uncompressed / compressed).",
+    )
+    zip_max_entries: int = Field(
+        50_000, ge=1, description="Most entries in one input archive."
+    )
+    task_disk_budget_bytes: int = Field(
+        200 * 1024**3,
+        description="Most bytes a run's fetched inputs may take on disk, all sources together.",
     )
     fetch_timeout_s: float = Field(60.0, description="Read timeout when fetching zipurl inputs.")
 
@@ -299,6 +387,11 @@ class NotifierSettings(BaseServiceSettings):
     )
     webhook_concurrency: int = Field(
         64, description="Terminal events handled at once (a slow receiver holds only one)."
+    )
+    webhook_max_response_bytes: int = Field(
+        4096, ge=0,
+        description="Most bytes of a webhook receiver's response read (the rest is discarded "
+        "unread and the connection closed).",
     )
     webhook_ack_wait_s: float = Field(
         60.0,
