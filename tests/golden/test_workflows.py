@@ -8,14 +8,18 @@ instead (then review the diff like code), as Hera's ``tests/test_examples.py`` d
 
 Presets: ``default`` (3 images), ``fast-orthophoto``, ``dsm-dtm``, ``large`` (5000 images, a
 node selector), ``restart`` (attempt 2 with new options, post-processing skipped), ``zipurl`` (an
-http zip with unknown image count; a name full of shell and Argo template syntax).
+http zip with unknown image count; a name full of shell and Argo template syntax, a zipurl
+reaching for the S3 secret with Kubernetes' ``$(VAR)``).
 
 Also covered, per preset: the manifest parses as Hera's ``hera.workflows.models.Workflow`` (the
 generated Argo schema) and dumps back to the same dict; YAML round trip; no container runs a
 shell and every option value is one whole argv item of ODM's command; no ``{{`` anywhere (Argo's
-template syntax); the ``--spec`` argument decodes to the preset's ``RunSpec``; labels on the
-Workflow and its pods; determinism. Builder errors: an option value holding ``{{``, credentials
-in ``s3_env``, a task id that is not a uuid, zero shards.
+template syntax); every ``$`` of a container's command, args and env values is escaped as ``$$``
+(Kubernetes' ``$(VAR)`` expansion; the attack itself is in
+``tests/security/test_workflow_injection.py``); the ``--spec`` argument decodes to the preset's
+``RunSpec``; no container adds a capability; labels on the Workflow and its pods; determinism.
+Builder errors: an option value holding ``{{``, credentials in ``s3_env``, a task id that is
+not a uuid, zero shards.
 
 Left out: what Argo does with the manifest (cluster tests), the sizing arithmetic
 (``tests/unit/test_sizing.py``) and the steps' behaviour (``tests/unit/test_stages.py``).
@@ -24,6 +28,7 @@ Left out: what Argo does with the manifest (cluster tests), the sizing arithmeti
 from __future__ import annotations
 
 import os
+import re
 import zlib
 from pathlib import Path
 from typing import Any
@@ -142,7 +147,10 @@ PRESETS: dict[str, tuple[RunSpec, ArgoSettings]] = {
             attempt=1,
             name="Aukerman $(rm -rf /); `id` 'quoted' \"double\" {{workflow.name}}",
             options=_options({"name": "crop", "value": 0}),
-            sources=["https://example.com/datasets/odm_data_aukerman.zip?sig=a%20b&x={{y}}"],
+            sources=[
+                "https://example.com/datasets/odm_data_aukerman.zip?sig=a%20b&x={{y}}"
+                "&k=$(SCALEODM_S3__SECRET_ACCESS_KEY)"
+            ],
             output_prefix=OUTPUTS,
             images_count=None,
         ),
@@ -166,6 +174,19 @@ def containers(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def dump(manifest: dict[str, Any]) -> str:
     return HEADER + yaml.safe_dump(manifest, sort_keys=True)
+
+
+_ESCAPED = re.compile(r"(?:[^$]|\$\$)*", re.DOTALL)
+
+
+def passed(text: str) -> str:
+    """What the process receives for a container string in which every ``$`` is escaped."""
+    assert _ESCAPED.fullmatch(text), f"unescaped $ in {text!r}"
+    return text.replace("$$", "$")
+
+
+def passed_argv(container: dict[str, Any]) -> list[str]:
+    return [passed(a) for a in [*container["command"], *container.get("args", [])]]
 
 
 @pytest.mark.parametrize("preset", IDS)
@@ -204,8 +225,8 @@ def test_no_shell_and_options_are_whole_argv_items(preset: str) -> None:
         assert Path(argv[0]).name not in shells
         assert "-c" not in argv
     main = containers(build(preset))["main"]
-    assert main["command"] == ["python3"]
-    assert main["args"] == [
+    assert passed_argv(main) == [
+        "python3",
         "/code/run.py",
         *to_engine_args(spec.options),
         "--project-path",
@@ -229,13 +250,33 @@ def test_spec_argument_is_the_run_spec(preset: str) -> None:
     for name in ("fetch", "upload"):
         args = steps[name]["args"]
         assert args[0] == name and args[1] == "--spec" and args[3:] == ["--workspace", "/workspace"]
-        decoded = RunSpec.model_validate_json(args[2])
+        decoded = RunSpec.model_validate_json(passed(args[2]))
         assert (
             decoded.model_dump()
             == RunSpec.model_validate(
                 spec.model_dump(include=set(RunSpec.model_fields))
             ).model_dump()
         )
+
+
+@pytest.mark.parametrize("preset", IDS)
+def test_container_strings_are_escaped_for_kubernetes(preset: str) -> None:
+    for container in containers(build(preset)).values():
+        passed_argv(container)
+        for var in container.get("env", []):
+            if "value" in var:
+                passed(var["value"])
+
+
+@pytest.mark.parametrize("preset", IDS)
+def test_no_capabilities(preset: str) -> None:
+    pod = build(preset)["spec"]["securityContext"]
+    assert pod["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert pod["fsGroup"] == workflows.RUNNER_UID  # ODM writes the fetched tree as this group
+    for container in containers(build(preset)).values():
+        ctx = container["securityContext"]
+        assert ctx["capabilities"] == {"drop": ["ALL"]}, container["name"]
+        assert ctx["allowPrivilegeEscalation"] is False, container["name"]
 
 
 @pytest.mark.parametrize("preset", IDS)

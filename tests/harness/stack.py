@@ -15,6 +15,7 @@ from scaleodm.common import localruns
 from tests.harness.servers import S3Endpoint, free_port, stop_process, wait_http
 
 SERVICES = ("gateway", "scheduler", "watcher", "notifier")
+S3_INPUT_PREFIX = "drone-uploads/"  # where tests put images for s3:// zipurls
 
 
 @dataclass
@@ -59,6 +60,8 @@ class Stack:
             "SCALEODM_OUTBOX_INTERVAL_S": "1",
             "SCALEODM_OUTBOX_MIN_AGE_S": "1",
             "SCALEODM_OUTBOUND_ALLOW": '["127.0.0.0/8"]',  # fixtures and hooks are on loopback
+            # s3:// zipurls the tests use (S3Settings.input_allow; none by default)
+            "SCALEODM_S3__INPUT_ALLOW": f'["s3://{self.bucket}/{S3_INPUT_PREFIX}"]',
         })
         env.update(self.extra_env)
         env.update(extra or {})

@@ -20,7 +20,7 @@ from pymongo import MongoClient
 
 from tests.harness import api, data
 from tests.harness.httpfixture import HttpFixture
-from tests.harness.stack import Stack
+from tests.harness.stack import S3_INPUT_PREFIX, Stack
 
 pytestmark = pytest.mark.integration
 
@@ -83,7 +83,7 @@ async def test_zipurl_task_reaches_40_with_stage_progress_and_webhook(
 async def test_s3_prefix_with_images_and_zips(client: httpx.AsyncClient, stack: Stack) -> None:
     s3 = boto3.client("s3", endpoint_url=stack.s3.url, aws_access_key_id="testing",
                       aws_secret_access_key="testing", region_name="us-east-1")
-    prefix = f"drone-uploads/{uuid.uuid4()}/"
+    prefix = f"{S3_INPUT_PREFIX}{uuid.uuid4()}/"  # allowed by the harness (input_allow)
     for name in data.image_names(2):
         s3.put_object(Bucket=stack.bucket, Key=prefix + name, Body=data.JPEG)
     s3.put_object(Bucket=stack.bucket, Key=prefix + "more.zip", Body=data.zip_bytes(

@@ -9,7 +9,7 @@ Covered:
   ``idempotency_key`` of every command;
 - subjects (``command_subject``, ``event_subject``, ``TERMINAL_EVENT_SUBJECTS``), the two stream
   configs and the three durables with their filters (the notifier sees terminal subjects only);
-- ``is_task_id`` (NodeODM's set-uuid rules) and ``run_name``;
+- ``is_task_id`` (NodeODM's set-uuid rules), ``canonical_task_id`` and ``run_name``;
 - ``publish_command`` / ``publish_event`` against a recording stand-in broker: subject, stream,
   ``Nats-Msg-Id`` header and a payload that validates back to the same message.
 
@@ -29,7 +29,7 @@ from nats.js.api import PubAck, RetentionPolicy
 from pydantic import BaseModel, ValidationError
 
 from scaleodm.common.contracts import bus, commands, events, streams
-from scaleodm.common.contracts.ids import TaskId, is_task_id, run_name
+from scaleodm.common.contracts.ids import TaskId, canonical_task_id, is_task_id, run_name
 
 TASK = "6824c890-2dc7-444d-ab9b-f0e50b88eea9"
 RUN = {
@@ -396,6 +396,22 @@ def test_durables_tuning_applies_to_the_scheduler_only() -> None:
 )
 def test_is_task_id(value: str, ok: bool) -> None:
     assert is_task_id(value) is ok
+
+
+@pytest.mark.parametrize(
+    ("value", "canonical"),
+    [
+        pytest.param(TASK, TASK, id="lower"),
+        pytest.param(TASK.upper(), TASK, id="upper"),
+        pytest.param(TASK[:9] + TASK[9:].upper(), TASK, id="mixed"),
+        pytest.param(TASK.replace("a", "\u0430"), None, id="cyrillic-a"),
+        pytest.param(TASK.replace("f", "\uff46"), None, id="fullwidth-f"),
+        pytest.param("not-a-uuid", None, id="garbage"),
+        pytest.param(None, None, id="none"),
+    ],
+)
+def test_canonical_task_id(value: str | None, canonical: str | None) -> None:
+    assert canonical_task_id(value) == canonical
 
 
 @pytest.mark.parametrize(

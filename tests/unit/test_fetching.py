@@ -4,7 +4,7 @@ Covered (nodeodm-api §6, §7.1, §4.5):
 - ``extract_zip``: nested paths flattened, non-images dropped except ``.txt``, extensions matched
   case-insensitively, clashes renamed with ``_`` suffixes, traversal and absolute names kept inside
   the destination, the expanded-size bound, a non-zip and a corrupt member both raising
-  ``InputError`` with ``Could not extract .zip file``;
+  ``InputError`` with ``Could not extract .zip file`` and no exception text;
 - ``control_file_args``: ``geo.txt`` -> ``--geo``, ``image_groups.txt`` -> ``--split-image-groups``,
   the first other ``.txt`` -> ``--gcp``; every ``.txt`` moves from ``images/`` to ``gcp/``;
 - ``collect``: the default list in its order, directories recursively, missing entries skipped,
@@ -12,7 +12,8 @@ Covered (nodeodm-api §6, §7.1, §4.5):
 - ``build_zip``: exactly the collected files, project-relative, no top-level folder, deflated;
 - ``write_task_output``: ANSI codes stripped and lines trimmed, empty when there is no console.
 
-Left out: downloading (``fetch_inputs`` over http/S3) and ``upload_outputs`` (integration tests).
+Left out: downloading (``fetch_inputs`` over http/S3) and ``upload_outputs`` (integration tests);
+hostile archives and the other limits (``tests/security/test_zip_bombs.py``).
 """
 
 from __future__ import annotations
@@ -24,13 +25,18 @@ from pathlib import Path
 
 import pytest
 
-from scaleodm.scheduler.fetching import InputError, control_file_args, extract_zip
+from scaleodm.scheduler.fetching import InputError, Limits, control_file_args, extract_zip
 from scaleodm.scheduler.packaging import (
     DEFAULT_OUTPUTS,
     build_zip,
     collect,
     write_task_output,
 )
+
+
+def _limits(expanded: int = 1024) -> Limits:
+    return Limits(download_bytes=1 << 20, expanded_bytes=expanded, member_ratio=100.0,
+                  entries=1000, disk_bytes=1 << 20)
 
 
 def _zip(path: Path, members: dict[str, bytes]) -> Path:
@@ -90,7 +96,7 @@ def test_extract_zip(tmp_path: Path, members: dict[str, bytes], expected: dict[s
     dest = tmp_path / "run" / "project" / "images"
     dest.mkdir(parents=True)
 
-    written = extract_zip(archive, dest, max_bytes=1024)
+    written = extract_zip(archive, dest, _limits())
 
     assert written == len(expected)
     assert _tree(dest) == expected
@@ -103,7 +109,7 @@ def test_extract_zip_keeps_existing_files(tmp_path: Path) -> None:
     dest = tmp_path / "images"
     dest.mkdir()
     (dest / "IMG.jpg").write_bytes(b"uploaded")
-    extract_zip(_zip(tmp_path / "in.zip", {"IMG.jpg": b"zipped"}), dest, max_bytes=1024)
+    extract_zip(_zip(tmp_path / "in.zip", {"IMG.jpg": b"zipped"}), dest, _limits())
     assert _tree(dest) == {"IMG.jpg": b"uploaded", "IMG_.jpg": b"zipped"}
 
 
@@ -123,10 +129,11 @@ def test_extract_zip_size_bound(
     dest = tmp_path / "images"
     dest.mkdir()
     if ok:
-        extract_zip(archive, dest, max_bytes)
+        extract_zip(archive, dest, _limits(max_bytes))
     else:
-        with pytest.raises(InputError, match="size limit"):
-            extract_zip(archive, dest, max_bytes)
+        with pytest.raises(InputError, match=f"expands to more than the limit of {max_bytes} b"):
+            extract_zip(archive, dest, _limits(max_bytes))
+        assert list(dest.iterdir()) == []  # nothing half-extracted is left
 
 
 @pytest.mark.parametrize(
@@ -142,8 +149,8 @@ def test_extract_zip_not_a_zip(tmp_path: Path, content: bytes) -> None:
     archive.write_bytes(content)
     dest = tmp_path / "images"
     dest.mkdir()
-    with pytest.raises(InputError, match="^Could not extract .zip file"):
-        extract_zip(archive, dest, max_bytes=1024)
+    with pytest.raises(InputError, match="^Could not extract .zip file: [a-z ,]+$"):
+        extract_zip(archive, dest, _limits())
 
 
 def _damaged(kind: str) -> bytes:
@@ -177,8 +184,8 @@ def test_extract_zip_damaged_member(tmp_path: Path, kind: str) -> None:
     archive.write_bytes(_damaged(kind))
     dest = tmp_path / "images"
     dest.mkdir()
-    with pytest.raises(InputError, match="^Could not extract .zip file"):
-        extract_zip(archive, dest, max_bytes=1024)
+    with pytest.raises(InputError, match="^Could not extract .zip file: [a-z ,]+$"):
+        extract_zip(archive, dest, _limits())
 
 
 # --------------------------------------------------------------------------------------------

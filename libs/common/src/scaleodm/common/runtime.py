@@ -15,10 +15,10 @@ from typing import Any
 
 import uvicorn
 from faststream.asgi import AsgiFastStream, AsgiResponse, get, make_ping_asgi
-from faststream.nats import NatsBroker
+from faststream.nats import NatsBroker, NatsUserPassword
 
 from scaleodm.common.logging import get_logger
-from scaleodm.common.settings import BaseServiceSettings
+from scaleodm.common.settings import BaseServiceSettings, NatsSettings
 
 log = get_logger(__name__)
 
@@ -26,25 +26,47 @@ ReadyCheck = tuple[str, Callable[[], Awaitable[Any]]]
 GRACEFUL_TIMEOUT_S = 15.0
 
 
+def nats_security(nats: NatsSettings) -> NatsUserPassword | None:
+    """User/password authentication when ``nats.user`` is set (every NATS client uses this).
+
+    FastStream refuses it together with credentials in the URL (``SetupError`` at start-up).
+    """
+    if nats.user is None:
+        return None
+    password = nats.password.get_secret_value() if nats.password is not None else ""
+    return NatsUserPassword(nats.user, password)
+
+
 def make_broker(settings: BaseServiceSettings) -> NatsBroker:
     return NatsBroker(
         settings.nats.servers(),
         connect_timeout=int(settings.nats.connect_timeout_s),
         graceful_timeout=GRACEFUL_TIMEOUT_S,
+        security=nats_security(settings.nats),
         logger=get_logger("scaleodm.bus"),
     )
 
 
+READY_CHECK_TIMEOUT_S = 2.0
+
+
 def _readiness(checks: Sequence[ReadyCheck]) -> Any:
+    """``/readyz``: each check answers ``ok``, ``down`` or ``timeout``, never an exception's text
+    (the probe is unauthenticated and that text names hosts and URLs); the log has the repr."""
+
     @get(include_in_schema=False)
     async def ready(scope: Any) -> AsgiResponse:  # noqa: ARG001
         results: dict[str, str] = {}
         for name, check in checks:
             try:
-                await asyncio.wait_for(check(), 2)
+                await asyncio.wait_for(check(), READY_CHECK_TIMEOUT_S)
                 results[name] = "ok"
+            except TimeoutError:
+                log.warning("readiness check timed out", check=name)
+                results[name] = "timeout"
             except Exception as exc:
-                results[name] = repr(exc)
+                log.warning("readiness check failed", check=name, error=repr(exc))
+                results[name] = "down"
         ok = all(v == "ok" for v in results.values())
         body = json.dumps({"ready": ok, "checks": results}).encode()
         return AsgiResponse(body, 200 if ok else 503, headers={"content-type": "application/json"})

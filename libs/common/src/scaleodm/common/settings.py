@@ -162,8 +162,9 @@ class BaseServiceSettings(BaseSettings):
     outbound_allow: list[IPvAnyNetwork] = Field(
         default_factory=list,
         description="CIDRs (JSON list) that webhook and zipurl targets may resolve to although "
-        "not public (loopback, RFC1918, ULA, ...); none by default. Link-local and cloud "
-        "metadata addresses need an entry inside them (scaleodm.common.netguard).",
+        "not public (loopback, RFC1918, ULA, ...); none by default. Link-local, cloud "
+        "metadata and reserved blocks (0.0.0.0/8, CGNAT, ULA, ::1, multicast, ...) need an entry "
+        "inside them, a broader one does not open them (scaleodm.common.netguard).",
     )
     nats: NatsSettings = Field(default_factory=NatsSettings)
     mongo: MongoSettings = Field(default_factory=MongoSettings)
@@ -174,6 +175,10 @@ class BaseServiceSettings(BaseSettings):
         found = []
         if self.s3.secret_access_key.get_secret_value() == DEV_CREDENTIAL:
             found.append("s3.secret_access_key")
+        # The password deploy/k8s/overlays/dev ships for NATS and MongoDB.
+        for name, password in (("nats", self.nats.password), ("mongo", self.mongo.password)):
+            if password is not None and password.get_secret_value() == DEV_CREDENTIAL:
+                found.append(f"{name}.password")
         return found
 
 

@@ -2,12 +2,16 @@
 
 Only unknown routes answer 404 (HTML ``Cannot GET /path``, as Express does). Validation problems
 and unexpected exceptions are logged and turned into ``{"error": ...}``: never a 500, never a
-traceback.
+traceback. An unexpected exception answers only ``Internal error (ref <id>)``: its type and text
+may name hosts, paths or internals, so they go to the log under the same ref, never to the client.
+Client input echoed in an error goes through ``shown``: bounded, control characters escaped.
 """
 
 from __future__ import annotations
 
 import html
+import re
+import secrets
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -29,8 +33,19 @@ class NodeOdmError(Exception):
                                      "error": error, **extra}
 
 
+SHOWN_MAX_CHARS = 120
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def shown(value: str, limit: int = SHOWN_MAX_CHARS) -> str:
+    """Client input as an error message may echo it: control characters escaped (``\\x00``),
+    at most ``limit`` characters of it (then ``...``), so an error stays one short line."""
+    text = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", value[: limit + 1])
+    return text[:limit] + "..." if len(text) > limit else text
+
+
 def not_found(task_id: str) -> NodeOdmError:
-    return NodeOdmError(f"{task_id} not found")
+    return NodeOdmError(f"{shown(task_id)} not found")
 
 
 def install(app: FastAPI) -> None:
@@ -61,5 +76,6 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:
-        log.exception("unhandled error", path=request.url.path)
-        return JSONResponse({"error": f"Internal error: {type(exc).__name__}"})
+        ref = secrets.token_hex(6)
+        log.error("unhandled error", ref=ref, path=request.url.path, exc_info=exc)
+        return JSONResponse({"error": f"Internal error (ref {ref})"})

@@ -34,15 +34,29 @@ replays from ``cursor + 1`` and continues live, in order, gap-free by constructi
 de-duplicates re-publishes by ``Nats-Msg-Id``, so an event appears once). Without a cursor the
 stream is live only. A status filter becomes the consumer's subject filter.
 
-Memory: per-task clients get a bounded queue (``sse_queue_size``); overflowing it disconnects the
-client, which resumes with ``Last-Event-ID``. All-tasks clients are bounded by JetStream flow
-control (the server stops pushing until the client has consumed what it holds). A client that
-stops reading is disconnected after ``sse_send_timeout_s`` (sse-starlette's ``send_timeout``).
+Memory: between the bus and each client sits one queue, bounded in count (``sse_queue_size``,
+per-task streams) and in bytes of event data (``sse_max_pending_bytes``, both streams). A client
+further behind than that is disconnected and resumes with ``Last-Event-ID``: nothing after the
+overflow is ever sent, so it misses nothing (an all-tasks stream first sends what it had queued
+before the overflow, so that each connection of a slow client makes progress). All-tasks streams take JetStream messages into that
+queue as they arrive (a subscription callback), so the NATS client holds nothing for them; at an
+overflow the consumer is stopped at once. JetStream pushes a replay (``?since=``) faster than any
+client reads, so a replay advances by about ``sse_max_pending_bytes`` per connection; the bound
+trades replay speed for memory. sse-starlette writes each message with ``send_timeout``
+(``sse_send_timeout_s``) and uvicorn's transport holds at most its high-water mark (64 KiB) plus
+one message before that send waits, so a client that stops reading costs at most its queue and
+that buffer, then is disconnected after the send timeout (``serving.py`` then aborts the socket
+if the client still takes nothing).
+
+Open streams are counted (``StreamSlots``): at most ``sse_max_streams`` per process and
+``sse_max_streams_per_client`` per client; beyond, the route answers a NodeODM-style error
+before streaming.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
@@ -50,7 +64,6 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 import anyio
-import nats.errors
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -61,12 +74,14 @@ from sse_starlette import ServerSentEvent
 from scaleodm.common.contracts import events, streams
 from scaleodm.common.domain.status import TERMINAL_STATES, NodeOdmStatus, TaskState
 from scaleodm.common.logging import get_logger
+from scaleodm.common.settings import GatewaySettings
 
 log = get_logger(__name__)
 T = TypeVar("T")
 
 RETRY_MS = 3000  # EventSource reconnect delay, sent once per stream
 REPLAY_PAGE = 200  # events per MongoDB read while replaying
+CLOSED_CHECK_S = 5.0  # an idle all-tasks stream checks this often whether NATS is closed
 
 # ``?status=N``: the events that move a task to NodeODM status N. Events that do not change the
 # status (inputs, progress, output, removed) match no status filter.
@@ -148,6 +163,7 @@ class LiveEvent:
     """An event received on the bus, decoded once and shared by every listener."""
 
     event: events.TaskEvent
+    size: int = 0  # bytes of the message's data, counted against a listener's byte bound
 
     @property
     def seq(self) -> int | None:
@@ -159,23 +175,75 @@ class LiveEvent:
 
 @dataclass(eq=False)  # hashed by identity: a hub holds a set of them
 class Listener:
-    """One client's bounded queue of live events."""
+    """One client's queue of live events, bounded in count (the queue's ``maxsize``) and in
+    bytes (``max_bytes`` of event data; None: count only)."""
 
     queue: asyncio.Queue[LiveEvent]
+    max_bytes: int | None = None
     overflowed: bool = False
+    pending_bytes: int = 0
 
     def offer(self, item: LiveEvent) -> None:
         if self.overflowed:
             return
+        if self.max_bytes is not None and self.pending_bytes + item.size > self.max_bytes:
+            self.overflowed = True  # the client is too far behind: it will be disconnected
+            return
         try:
             self.queue.put_nowait(item)
         except asyncio.QueueFull:
-            self.overflowed = True  # the client is too slow: it will be disconnected
+            self.overflowed = True
+            return
+        self.pending_bytes += item.size
 
     async def get(self, timeout_s: float, stop: anyio.Event | None = None) -> LiveEvent | None:
         """The next live event, None after ``timeout_s`` without one; :class:`Stopped` when
         ``stop`` is set first."""
-        return await wait_for(self.queue.get(), timeout_s, stop)
+        item = await wait_for(self.queue.get(), timeout_s, stop)
+        if item is not None:
+            self.pending_bytes -= item.size
+        return item
+
+
+class TooManyStreamsError(Exception):
+    """An event stream refused by ``StreamSlots``; ``str(exc)`` is the client-facing text."""
+
+
+class StreamSlots:
+    """This process's open event streams: at most ``max_streams``, ``max_per_client`` each."""
+
+    def __init__(self, max_streams: int, max_per_client: int) -> None:
+        self.max_streams = max_streams
+        self.max_per_client = max_per_client
+        self.open = 0
+        self._per_client: collections.Counter[str] = collections.Counter()
+
+    def take(self, client: str) -> Callable[[], None]:
+        """Count one more stream of ``client``; returns its (idempotent) release."""
+        if self.open >= self.max_streams:
+            raise TooManyStreamsError(
+                f"Too many event streams: at most {self.max_streams} on this node, please retry "
+                "later"
+            )
+        if self._per_client[client] >= self.max_per_client:
+            raise TooManyStreamsError(
+                f"Too many event streams: at most {self.max_per_client} per client"
+            )
+        self.open += 1
+        self._per_client[client] += 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if released:
+                return
+            released = True
+            self.open -= 1
+            self._per_client[client] -= 1
+            if self._per_client[client] <= 0:
+                del self._per_client[client]
+
+        return release
 
 
 @dataclass
@@ -192,16 +260,27 @@ class EventHub:
     is dropped when its last listener leaves.
     """
 
-    def __init__(self, nc: NatsClient, queue_size: int) -> None:
+    def __init__(self, nc: NatsClient, queue_size: int, *, max_pending_bytes: int | None = None,
+                 streams: StreamSlots | None = None) -> None:
         self.nc = nc
         self.queue_size = queue_size
+        self.max_pending_bytes = max_pending_bytes
+        # The process's open streams (both routes): the hub is the one per-process stream object.
+        self.streams = streams or StreamSlots(1 << 30, 1 << 30)
         self._topics: dict[str, _Topic] = {}
         self._lock = asyncio.Lock()
         self._unsubscribing: set[asyncio.Task[None]] = set()
 
+    @classmethod
+    def for_settings(cls, nc: NatsClient, settings: GatewaySettings) -> EventHub:
+        """A hub with the queue, byte and stream bounds of ``settings``."""
+        return cls(nc, settings.sse_queue_size, max_pending_bytes=settings.sse_max_pending_bytes,
+                   streams=StreamSlots(settings.sse_max_streams,
+                                       settings.sse_max_streams_per_client))
+
     @contextlib.asynccontextmanager
     async def listen(self, subject: str) -> AsyncIterator[Listener]:
-        listener = Listener(asyncio.Queue(maxsize=self.queue_size))
+        listener = Listener(asyncio.Queue(maxsize=self.queue_size), self.max_pending_bytes)
         async with self._lock:
             topic = self._topics.get(subject)
             if topic is None:
@@ -233,7 +312,7 @@ class EventHub:
             except ValidationError:
                 log.warning("undecodable event on the bus", subject=msg.subject)
                 return
-            item = LiveEvent(ev)
+            item = LiveEvent(ev, len(msg.data))
             for listener in tuple(topic.listeners):
                 listener.offer(item)
 
@@ -412,13 +491,44 @@ def status_filter(statuses: list[int]) -> list[str]:
     return [streams.event_subject("*", kind) for kind in kinds]
 
 
+class _Backlog:
+    """An all-tasks client's JetStream messages not sent yet, bounded in bytes of data."""
+
+    def __init__(self, max_bytes: int | None) -> None:
+        self.queue: asyncio.Queue[Msg] = asyncio.Queue()
+        self.max_bytes = max_bytes
+        self.pending_bytes = 0
+        self.overflowed = False
+
+    def offer(self, msg: Msg) -> bool:
+        """Queue ``msg``; False (and nothing queued from now on) once the bound is passed."""
+        if self.overflowed:
+            return False
+        size = len(msg.data)
+        if self.max_bytes is not None and self.pending_bytes + size > self.max_bytes:
+            self.overflowed = True
+            return False
+        self.queue.put_nowait(msg)
+        self.pending_bytes += size
+        return True
+
+    async def get(self, timeout_s: float, stop: anyio.Event | None) -> Msg | None:
+        msg = await wait_for(self.queue.get(), timeout_s, stop)  # Queue.get: cancellation-safe
+        if msg is not None:
+            self.pending_bytes -= len(msg.data)
+        return msg
+
+
 async def follow_all(
     nc: NatsClient, cursor: int | None, subjects: list[str], *, stop: anyio.Event | None = None,
+    max_pending_bytes: int | None = None,
 ) -> AsyncIterator[ServerSentEvent]:
     """Every task's events from the EVENTS stream after stream sequence ``cursor`` (None: live).
 
     Data is passed on as stored in the stream (an event published without ``seq`` keeps
-    ``"seq": null`` here). ``stop`` (set at server shutdown) ends the stream cleanly.
+    ``"seq": null`` here). ``stop`` (set at server shutdown) ends the stream cleanly. More than
+    ``max_pending_bytes`` of data not sent yet ends it too: nothing more is queued, what was
+    queued before is sent, then the stream ends (the client resumes from its last id).
     """
     config = ConsumerConfig()
     if len(subjects) > 1:
@@ -428,22 +538,41 @@ async def follow_all(
     else:
         policy = DeliverPolicy.BY_START_SEQUENCE
         config.opt_start_seq = cursor + 1
+    backlog = _Backlog(max_pending_bytes)
+    subscribed: list[Any] = []  # the subscription, once js.subscribe returned
+    stopping: set[asyncio.Task[None]] = set()
+
+    async def take(msg: Msg) -> None:
+        if backlog.offer(msg) or stopping or not subscribed:
+            return
+        # Too far behind: stop the consumer now rather than when the stream next runs (it may
+        # be stuck in a send for up to the send timeout while JetStream goes on pushing).
+        task = asyncio.get_running_loop().create_task(_unsubscribe(subscribed[0]))
+        stopping.add(task)
+
     js = nc.jetstream()
     sub = await js.subscribe(
         subjects[0], stream=streams.EVENTS_STREAM, ordered_consumer=True, config=config,
-        deliver_policy=policy, idle_heartbeat=5.0,
-        # Flow control bounds what the server pushes (<= 32 MiB outstanding); these limits sit
-        # above it so that nothing is ever dropped in the client (a drop would be a silent gap).
+        deliver_policy=policy, idle_heartbeat=5.0, cb=take,
+        # The callback empties the NATS client's queue as messages arrive; these limits sit
+        # far above what it ever holds so that nothing is dropped there (a drop would be a
+        # silent gap). The bound is the backlog's.
         pending_msgs_limit=1 << 20, pending_bytes_limit=64 << 20,
     )
+    subscribed.append(sub)
     try:
         yield preamble()
         while True:
-            try:  # no timeout: next_msg is not cancellation-safe (a message taken is lost)
-                msg = await wait_for(sub.next_msg(timeout=None), None, stop)
-            except (Stopped, nats.errors.ConnectionClosedError):
+            if backlog.overflowed and backlog.queue.empty():  # what came before it is sent
+                log.info("event stream client too slow; disconnected")
+                return
+            try:
+                msg = await backlog.get(CLOSED_CHECK_S, stop)
+            except Stopped:
                 return
             if msg is None:
+                if nc.is_closed:  # for good (a reconnect keeps the subscription)
+                    return
                 continue
             try:
                 raw = json.loads(msg.data)
@@ -455,5 +584,5 @@ async def follow_all(
             yield ServerSentEvent(data, event=kind, id=str(msg.metadata.sequence.stream))
     finally:
         with anyio.CancelScope(shield=True):
-            if not nc.is_closed:
+            if not nc.is_closed and not stopping:
                 await _unsubscribe(sub)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -12,6 +13,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.routing import APIRoute
 from faststream.nats import NatsBroker
 
+from scaleodm.common import runtime
 from scaleodm.common.contracts import streams
 from scaleodm.common.emitting import Emitter
 from scaleodm.common.logging import configure_logging, get_logger
@@ -19,12 +21,13 @@ from scaleodm.common.settings import Environment, GatewaySettings, get_gateway_s
 from scaleodm.common.store.s3 import S3
 from scaleodm.common.store.tasks import open_store
 from scaleodm.common.store.uploads import UploadStore
-from scaleodm.gateway import errors, openapi
+from scaleodm.gateway import errors, openapi, serving
 from scaleodm.gateway.deps import Resources
 from scaleodm.gateway.eventstream import EventHub
 from scaleodm.gateway.routes import auth, creating, events, health, nodeodm, webhooks
 
 log = get_logger(__name__)
+STARTUP_FAILURE = 3  # uvicorn's exit code when the server did not start
 
 
 def _operation_id(route: APIRoute) -> str:
@@ -44,6 +47,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             broker = NatsBroker(
                 settings.nats.servers(),
                 connect_timeout=int(settings.nats.connect_timeout_s),
+                security=runtime.nats_security(settings.nats),
                 logger=get_logger("scaleodm.bus"),
             )
             conn = await broker.connect()
@@ -51,7 +55,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             await streams.ensure_streams(conn.jetstream())
             upload_store = UploadStore(mongo.store.db)
             await upload_store.ensure_indexes()
-            hub = EventHub(conn, settings.sse_queue_size)
+            hub = EventHub.for_settings(conn, settings)
             stack.push_async_callback(hub.close)  # runs before the broker drains
             app.state.resources = Resources(
                 settings, mongo, s3, broker,
@@ -116,13 +120,11 @@ def _check_secrets(settings: GatewaySettings) -> None:
 def main() -> None:
     settings = get_gateway_settings()
     configure_logging("gateway", settings.log_level, settings.log_json)
-    uvicorn.run(
-        create_app(settings),
-        host=settings.gateway_host,
-        port=settings.gateway_port,
-        log_config=None,
-        timeout_graceful_shutdown=20,
-    )
+    # uvicorn.run, with the connection deadlines of serving.py (header, keep-alive, closing).
+    server = uvicorn.Server(serving.config(create_app(settings), settings))
+    server.run()
+    if not server.started:
+        sys.exit(STARTUP_FAILURE)
 
 
 if __name__ == "__main__":

@@ -219,10 +219,12 @@ class _Collector:
     """The parser's callbacks: text fields collected in place, file parts recorded as events."""
 
     def __init__(self, fields: dict[str, list[str]], max_field_bytes: int,
-                 max_fields: int) -> None:
+                 max_fields: int, max_text_bytes: int | None = None) -> None:
         self.fields = fields
         self.max_field_bytes = max_field_bytes
         self.max_fields = max_fields
+        self.max_text_bytes = max_text_bytes
+        self.text_bytes = 0  # all text fields together
         self.events: list[_Event] = []
         self.ended = False
         self.n_fields = 0
@@ -308,7 +310,12 @@ class _Collector:
         elif self._kind == "text":
             if len(self._text) + end - start > self.max_field_bytes:
                 raise MultipartError(
-                    f"Field {self._text_name} too large (limit {self.max_field_bytes} bytes)"
+                    f"Field {self._text_name[:64]} too large (limit {self.max_field_bytes} bytes)"
+                )
+            self.text_bytes += end - start
+            if self.max_text_bytes is not None and self.text_bytes > self.max_text_bytes:
+                raise MultipartError(
+                    f"Text fields too large (limit {self.max_text_bytes} bytes in all)"
                 )
             self._text += data[start:end]
 
@@ -397,12 +404,16 @@ async def stream_form(
     max_body_bytes: int,
     max_field_bytes: int = 1 << 20,
     max_fields: int = 1000,
+    max_text_bytes: int | None = None,
 ) -> StreamedForm:
-    """Parse a ``multipart/form-data`` body from ``chunks``, streaming file parts to sinks."""
+    """Parse a ``multipart/form-data`` body from ``chunks``, streaming file parts to sinks.
+
+    ``max_text_bytes`` bounds all text fields together (None: only ``max_fields`` x
+    ``max_field_bytes``)."""
     form = StreamedForm()
     progress = _Progress(files=form.files)
     try:
-        collector = _Collector(form.fields, max_field_bytes, max_fields)
+        collector = _Collector(form.fields, max_field_bytes, max_fields, max_text_bytes)
         try:
             parser = MultipartParser(_boundary(content_type), callbacks=collector.callbacks())
         except FormParserError as exc:

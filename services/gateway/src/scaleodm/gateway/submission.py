@@ -16,7 +16,7 @@ import re
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from scaleodm.common import failpoints, netguard
 from scaleodm.common.contracts import bus, commands, events
@@ -26,11 +26,12 @@ from scaleodm.common.logging import get_logger
 from scaleodm.common.store import s3 as s3mod
 from scaleodm.common.store.tasks import TaskExistsError
 from scaleodm.gateway.deps import Resources
-from scaleodm.gateway.errors import NodeOdmError
+from scaleodm.gateway.errors import NodeOdmError, shown
 
 log = get_logger(__name__)
 
-ZIPURL_RESOLVE_TIMEOUT_S = 5.0
+RESOLVE_TIMEOUT_S = 5.0  # zipurl, webhook and sm-cluster hosts, at submission
+ZIPURL_MAX_CHARS = 16384  # presigned URLs with session tokens exceed netguard's 2048 default
 
 
 def now_ms() -> int:
@@ -78,6 +79,25 @@ class TaskFields:
         return self.skip_post_processing == "true"  # only the exact string (§3.4)
 
 
+async def accepted_options(res: Resources, fields: TaskFields) -> list[dict[str, Any]]:
+    """Everything about the fields that can be refused synchronously, checked; the options to
+    store. The same for ``/task/new``, init (pre-check) and commit (NodeODM §5.3)."""
+    outbound = outbound_policy(res)
+    options = validated_options(fields.options, skip_pp=fields.skip_pp)
+    await check_option_urls(options, outbound)
+    await check_webhook(fields.webhook, outbound)
+    return options
+
+
+def outbound_policy(res: Resources) -> netguard.OutboundPolicy:
+    return netguard.OutboundPolicy(res.settings.outbound_allow)
+
+
+def webhook_or_none(raw: str | None) -> str | None:
+    url = (raw or "").strip()
+    return url if len(url) > 3 else None  # §8: "each only if longer than 3 characters"
+
+
 def validated_options(raw: str | None, *, skip_pp: bool) -> list[dict[str, Any]]:
     """NodeODM §5: errors become the client's ``{"error": ...}``; auto options added (§5.4)."""
     try:
@@ -90,7 +110,6 @@ def validated_options(raw: str | None, *, skip_pp: bool) -> list[dict[str, Any]]
 
 
 INT64 = range(-(2**63), 2**63)  # what MongoDB stores as an integer
-MAX_VALUE_DEPTH = 32  # MongoDB refuses documents nested more than 100 levels
 
 
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
@@ -100,13 +119,14 @@ class _Unstorable(ValueError):
     pass
 
 
-def _storable(value: Any, depth: int = 0) -> Any:
-    """``value`` as MongoDB and JSON can carry it, with the same meaning in JavaScript.
+def _storable(value: Any) -> Any:
+    """A scalar option value as MongoDB and JSON can carry it, with the same meaning in JS.
 
     Integers beyond 64 bits become floats (JavaScript numbers are doubles: NodeODM's ``parseInt``
     gives ``1e+23`` too); lone surrogates (valid in JSON text, not in UTF-8) become U+FFFD.
     Raises ``_Unstorable`` for non-finite numbers (JSON has none; NodeODM would report them as
-    ``null`` and pass ``Infinity`` to the engine), object keys with NUL and deep nesting.
+    ``null`` and pass ``Infinity`` to the engine) and for arrays and objects, which validation
+    already refuses (stored user data never holds a document, so never a ``$`` or dotted key).
     """
     if isinstance(value, bool) or value is None:
         return value
@@ -123,15 +143,7 @@ def _storable(value: Any, depth: int = 0) -> Any:
         if not math.isfinite(value):
             raise _Unstorable
         return value
-    if depth >= MAX_VALUE_DEPTH:
-        raise _Unstorable
-    if isinstance(value, list):
-        return [_storable(v, depth + 1) for v in value]
-    if isinstance(value, dict):
-        if any("\x00" in k for k in value):
-            raise _Unstorable
-        return {valid_unicode(k): _storable(v, depth + 1) for k, v in value.items()}
-    return value
+    raise _Unstorable
 
 
 def valid_unicode(text: str) -> str:
@@ -148,41 +160,117 @@ def storable_options(options: list[dict[str, Any]]) -> list[dict[str, Any]]:
         try:
             result.append({**option, "value": _storable(option["value"])})
         except _Unstorable:
-            shown = valid_unicode(odm_options.js_to_string(option["value"]))
+            text = valid_unicode(shown(odm_options.js_to_string(option["value"])))
             errors.append({"name": option["name"],
-                           "error": f"Invalid value {shown} (out of range)"})
+                           "error": f"Invalid value {text} (out of range)"})
     if errors:
-        raise NodeOdmError(json.dumps(errors, ensure_ascii=False, separators=(",", ":")))
+        raise NodeOdmError(_options_error(errors))
     return result
 
 
-async def check_zipurl(url: str, allowed: list[str], outbound: netguard.OutboundPolicy) -> str:
-    """A usable ``zipurl``; an http(s) host must resolve only to addresses we may fetch from.
+def _options_error(errors: list[dict[str, str]]) -> str:
+    # NodeODM §5.1 step 7: the error is the JSON *string* of [{name, error}]
+    return json.dumps(errors, ensure_ascii=False, separators=(",", ":"))
 
-    The runner's download checks again at connect time (``netguard``), so a name that changes
-    its answer after this check (DNS rebinding) is still refused there.
+
+async def _resolve_checked(parts: SplitResult, outbound: netguard.OutboundPolicy) -> None:
+    """Refuse (``RefusedAddressError``) a host that resolves to an address we may not reach.
+
+    A name that does not resolve here (or not in time) passes: it may resolve where the request
+    is made, and that connection checks again (``netguard.GuardedTransport``), so a name that
+    changes its answer after this check (DNS rebinding) is still refused there.
     """
-    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        async with asyncio.timeout(RESOLVE_TIMEOUT_S):
+            await outbound.resolve_checked(parts.hostname or "", port)
+    except (netguard.ResolveError, TimeoutError):
+        pass
+
+
+async def check_url(url: str, outbound: netguard.OutboundPolicy) -> None:
+    """An http(s) URL we may call: well-formed (``netguard.validate_url``), not resolving to a
+    refused address. Raises ``ValueError`` with the reason (no URL in it: callers show it)."""
+    try:
+        parts = netguard.validate_url(url)
+        await _resolve_checked(parts, outbound)
+    except netguard.InvalidTargetError as exc:
+        raise ValueError(str(exc)) from exc
+    except netguard.RefusedAddressError as exc:
+        raise ValueError(f"refused address ({exc})") from exc
+
+
+async def check_webhook(raw: str | None, outbound: netguard.OutboundPolicy) -> str | None:
+    """The task's webhook URL, or None for none (NodeODM §8: empty, or 3 characters or fewer).
+
+    Checked at submission like a zipurl, so a webhook no delivery could ever make (another
+    scheme, malformed, a private address) is refused now instead of failing later unseen.
+    """
+    url = webhook_or_none(raw)
+    if url is None:
+        return None
+    try:
+        await check_url(url, outbound)
+    except ValueError as exc:
+        raise NodeOdmError(f"Invalid webhook: {shown(str(exc))}") from exc
+    return url
+
+
+URL_OPTIONS = ("sm-cluster",)  # option values the engine connects to (a ClusterODM URL)
+
+
+async def check_option_urls(
+    options: list[dict[str, Any]], outbound: netguard.OutboundPolicy
+) -> None:
+    """URL-valued options must be URLs we may call, refused like other option errors (§5.1
+    step 7). The catalog's own default (``None``: no cluster) and an empty value stay allowed."""
+    defaults = {spec.name: spec.value for spec in odm_options.load_catalog()}
+    errors: list[dict[str, str]] = []
+    for option in options:
+        name, value = option["name"], option["value"]
+        if name not in URL_OPTIONS or not isinstance(value, str):
+            continue
+        if value.strip() in ("", defaults.get(name)):
+            continue
+        try:
+            await check_url(value, outbound)
+        except ValueError as exc:
+            errors.append({"name": name, "error": f"Invalid value {shown(value)} ({exc})"})
+    if errors:
+        raise NodeOdmError(_options_error(errors))
+
+
+async def check_zipurl(
+    url: str, allowed: list[str], outbound: netguard.OutboundPolicy, *, task_id: str,
+    bucket: str, s3_allow: list[str],
+) -> str:
+    """A usable ``zipurl``; an http(s) host must resolve only to addresses we may fetch from,
+    an ``s3://`` one must lie in an operator-listed input location (never another task's data:
+    runs read S3 with the service's credentials)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:  # e.g. "http://[::1"
+        raise NodeOdmError(f"Invalid zipurl: malformed URL ({exc})") from exc
     if parts.scheme not in allowed or not parts.netloc:
         raise NodeOdmError(
-            f"Invalid zipurl: {url!r} (expected an {', '.join(s + '://' for s in allowed)} URL)"
+            f"Invalid zipurl: {shown(repr(url))} "
+            f"(expected an {', '.join(s + '://' for s in allowed)} URL)"
         )
     if parts.scheme == "s3":
         try:
-            s3mod.parse_s3_url(url)
+            location = s3mod.parse_s3_url(url)
         except ValueError as exc:
-            raise NodeOdmError(f"Invalid zipurl: {exc}") from exc
+            raise NodeOdmError(f"Invalid zipurl: {shown(str(exc))}") from exc
+        if not s3mod.input_allowed(location, task_id=task_id, bucket=bucket, allow=s3_allow):
+            raise NodeOdmError(
+                f"Invalid zipurl: {shown(url)} is not an allowed input location"
+            )
     elif parts.scheme in ("http", "https"):
         try:
-            port = parts.port or (443 if parts.scheme == "https" else 80)
-            async with asyncio.timeout(ZIPURL_RESOLVE_TIMEOUT_S):
-                await outbound.resolve_checked(parts.hostname or "", port)
-        except ValueError as exc:
-            raise NodeOdmError(f"Invalid zipurl: {exc}") from exc
-        except netguard.RefusedAddressError as exc:
-            raise NodeOdmError(f"Invalid zipurl: {exc}") from exc
-        except (netguard.ResolveError, TimeoutError):
-            pass  # maybe resolvable where runs are; the run reports it if not
+            checked = netguard.validate_url(url, max_length=ZIPURL_MAX_CHARS)
+            await _resolve_checked(checked, outbound)
+        except (ValueError, netguard.RefusedAddressError) as exc:
+            raise NodeOdmError(f"Invalid zipurl: {shown(str(exc))}") from exc
     return url
 
 
@@ -238,7 +326,7 @@ async def submit(
         "date_created_ms": _int(fields.date_created) or now_ms(),
         "options": options,
         "images_count": images_count,
-        "webhook": (fields.webhook or "").strip() or None,
+        "webhook": webhook_or_none(fields.webhook),
         "skip_post_processing": fields.skip_pp,
         "outputs": outputs,
         "sources": sources,

@@ -1,23 +1,67 @@
-"""Input files of a task: NodeODM's file naming, and sinks that stream each file into S3."""
+"""Input files of a task: NodeODM's file naming, and sinks that stream each file into S3.
+
+File names become S3 keys here, and file names on the disks of runs (Linux, and whatever a user
+later unpacks ``all.zip`` or the inputs on). A name no file system could hold the same way is
+refused before anything is stored (``Invalid file name: ...``), instead of failing the task later:
+control characters (NUL included), more than 255 bytes of UTF-8 (the usual file-name limit),
+names that are only dots and spaces, and Windows device names (``CON``, ``NUL``, ``COM1``,
+``LPT1``, ... with any extension: ``CON.jpg`` cannot be created on Windows).
+"""
 
 from __future__ import annotations
 
 import posixpath
+import re
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Any
 
 from scaleodm.common.store.s3 import S3, S3Url, S3Writer
 from scaleodm.common.store.uploads import UploadStore
+from scaleodm.gateway.errors import shown
 from scaleodm.gateway.multipart import FileSink, MultipartError
 
 IMAGES_FIELD = "images"
+MAX_NAME_BYTES = 255
+_DEVICE_NAME = re.compile(r"(CON|PRN|AUX|NUL|COM[1-9]|LPT[1-9])", re.IGNORECASE)
+
+
+class InvalidFileNameError(MultipartError):
+    """A file name refused before anything was stored; the message names the reason."""
+
+    def __init__(self, filename: str, reason: str) -> None:
+        super().__init__(f"Invalid file name: \"{shown(filename, 60)}\" ({reason})")
+
+
+def _refusal(name: str) -> str | None:
+    """Why ``name`` (a base name) cannot be a stored file's name, or None when it can."""
+    if any(unicodedata.category(c) == "Cc" for c in name):
+        return "control character"
+    if len(name.encode("utf-8", errors="surrogatepass")) > MAX_NAME_BYTES:
+        return f"longer than {MAX_NAME_BYTES} bytes"
+    if not name.strip(". "):
+        return "reserved name"
+    # Windows ignores the extension and trailing spaces of a device name: "con .tar.gz" is CON.
+    if _DEVICE_NAME.fullmatch(name.split(".", 1)[0].rstrip(" ")):
+        return "reserved name"
+    return None
 
 
 def safe_basename(filename: str) -> str:
-    """The file's own name: directories, drive letters and traversal dropped."""
-    name = posixpath.basename(filename.replace("\\", "/")).strip().lstrip(".")
-    if name in ("", ".", ".."):
-        return "file"
+    """The file's own name: directories, drive letters and traversal dropped.
+
+    Raises ``InvalidFileNameError`` for a name that cannot be stored (module docstring).
+    """
+    if any(unicodedata.category(c) == "Cc" for c in filename):  # in any part, even dropped ones
+        raise InvalidFileNameError(filename, "control character")
+    base = posixpath.basename(filename.replace("\\", "/"))
+    if base == "":
+        return "file"  # browsers send an empty file input as filename=""
+    name = base.strip()
+    reason = _refusal(name) or _refusal(name.lstrip("."))
+    if reason is not None:
+        raise InvalidFileNameError(filename, reason)
+    name = name.lstrip(".")  # no hidden files
     return "_body.json" if name == "body.json" else name  # NodeODM §3.4
 
 
@@ -81,6 +125,10 @@ def s3_sinks(s3: S3, prefix: S3Url, registry: NameRegistry) -> Any:
         if field_name != IMAGES_FIELD:
             raise MultipartError("Unexpected field")
         name = await registry.claim(safe_basename(filename))
+        reason = _refusal(name)  # a duplicate's "_" suffixes may take it past the limit
+        if reason is not None:
+            await registry.release(name)
+            raise InvalidFileNameError(name, reason)
         writer = s3.writer(S3Url(prefix.bucket, prefix.key + name), content_type)
         return _S3Sink(writer, name, registry)
 

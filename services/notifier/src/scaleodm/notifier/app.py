@@ -3,11 +3,15 @@
 Events are handled concurrently (``max_workers``): FastStream's plain pull subscriber waits for a
 whole batch before fetching the next, so one hanging receiver would hold every later event; with
 workers it holds one. Retry timing comes from the delivery records (``delivery``), so the
-durable's ``max_deliver`` is unlimited (contracts/streams.py) and the horizon bounds the retries.
+durable's ``max_deliver`` is unlimited (contracts/streams.py) and the horizon bounds the retries:
+every attempt ends in a record, and a target is pending only until its horizon. An event whose
+handling itself fails (MongoDB or S3 away) is retried with backoff, and given up, logged, once it
+is older than the horizon plus one backoff step: by then no delivery of it could be retried.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any
 
 import httpx
@@ -56,6 +60,7 @@ def create_app(settings: NotifierSettings) -> AsgiFastStream:
         secret = settings.webhook_secret.get_secret_value() if settings.webhook_secret else None
         state["notifier"] = Notifier(
             mongo.store, deliveries, s3, client, node_webhook=settings.webhook, secret=secret,
+            max_response_bytes=settings.webhook_max_response_bytes,
             policy=RetryPolicy(
                 timeout_s=settings.webhook_timeout_s,
                 backoff_base_s=settings.webhook_backoff_base_s,
@@ -90,7 +95,13 @@ def create_app(settings: NotifierSettings) -> AsgiFastStream:
         except RetryLaterError as exc:
             raise NackMessage(delay=exc.delay_s) from None
         except Exception as exc:  # MongoDB or S3 away: retry later, never in a hot loop
-            delivered = msg.raw_message.metadata.num_delivered or 1
+            meta = msg.raw_message.metadata
+            age_s = (dt.datetime.now(dt.UTC) - meta.timestamp).total_seconds()
+            if age_s > settings.webhook_horizon_s + settings.webhook_backoff_max_s:
+                log.error("terminal event not handled, giving up", task_id=ev.task_id,
+                          error=repr(exc), age_s=round(age_s))
+                return
+            delivered = meta.num_delivered or 1
             delay = min(settings.webhook_backoff_base_s * 2 ** min(delivered - 1, 30),
                         settings.webhook_backoff_max_s)
             log.warning("terminal event not handled, retrying", task_id=ev.task_id,

@@ -11,8 +11,21 @@ lockstep) until ``horizon_s`` after the first attempt, then the delivery is dead
 its reason. The schedule lives in MongoDB (``first_at_ms``, ``next_at_ms``, the attempts), not
 in the message: the handler NAKs the event until the earliest pending target is due, and a
 redelivery that comes early (restart, ``ack_wait``) attempts nothing. Targets of one event are
-delivered concurrently, each attempt bounded by ``timeout_s`` overall, so a hanging receiver
-costs the others nothing. A target the outbound guard refuses (``netguard``) is dead at once.
+delivered concurrently, each attempt bounded by ``timeout_s`` overall (connection, request,
+status line, headers and the response body read together), so a hanging or trickling receiver
+costs the others nothing.
+
+Only transient failures are retried: timeouts, network errors, a connection dropped mid-answer,
+a status outside 2xx. A target that can never work is dead at its first attempt, with the
+reason: a URL ``netguard.validate_url`` rejects (malformed, too long, not http(s)) — checked
+before any connection, as task webhooks stored before the gateway checked them and the node
+webhook still arrive here — an address the outbound guard refuses, and any other error, expected
+or not. Every attempt, whatever ends it, is recorded.
+
+The status code decides an attempt; of the body, at most ``max_response_bytes`` are read (raw,
+never decompressed), then the response is closed unread, which closes the connection: a
+receiver answering gigabytes costs one network read. A small body is read to its end, so the
+connection can be reused.
 
 With a Standard Webhooks secret, every attempt is signed: ``webhook-id`` is the delivery id
 (stable across retries, so receivers can deduplicate), ``webhook-timestamp`` the attempt's time.
@@ -27,7 +40,7 @@ import json
 import random
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx
 import standardwebhooks
@@ -68,8 +81,46 @@ class RetryPolicy:
         return step / 2 + random.uniform(0, step / 2)
 
 
+class Outcome(NamedTuple):
+    """One attempt's result."""
+
+    status_code: int | None  # None: no HTTP answer
+    error: str | None  # None: delivered
+    permanent: bool = False  # no later attempt can do better: dead at once
+
+
+# Failures a later attempt may not meet again; everything else is permanent.
+TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
+    TimeoutError, httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError,
+    httpx.ProxyError, OSError,
+)
+MAX_ERROR_CHARS = 500
+
+
 def delivery_id(task_id: str, attempt: int, url: str) -> str:
-    return f"{task_id}:{attempt}:{hashlib.sha256(url.encode()).hexdigest()[:16]}"
+    digest = hashlib.sha256(url.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    return f"{task_id}:{attempt}:{digest}"
+
+
+def recorded_url(url: str) -> str:
+    """``url`` as its delivery record keeps it: bounded and storable (valid UTF-8).
+
+    Unchanged for any URL ``netguard.validate_url`` accepts; longer or unencodable ones are
+    invalid and dead anyway, their record only needs to show which target it was.
+    """
+    shown = url[: netguard.MAX_URL_LENGTH] + ("…" if len(url) > netguard.MAX_URL_LENGTH else "")
+    return storable(shown)
+
+
+def storable(text: str) -> str:
+    """``text`` as valid UTF-8: lone surrogates (undecodable bytes of an environment variable)
+    escaped, since MongoDB refuses them and the record would never be written."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def describe(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 1] + "…"
 
 
 def now_ms() -> int:
@@ -87,6 +138,7 @@ class Notifier:
         node_webhook: str | None,
         policy: RetryPolicy,
         secret: str | None = None,
+        max_response_bytes: int = 4096,
     ) -> None:
         self.store = store
         self.deliveries = deliveries
@@ -95,6 +147,7 @@ class Notifier:
         self.node_webhook = node_webhook
         self.policy = policy
         self.signer = standardwebhooks.Webhook(secret) if secret else None
+        self.max_response_bytes = max_response_bytes
 
     async def on_terminal(self, ev: events.TaskEvent) -> None:
         """Deliver to every target; :class:`RetryLaterError` while some are pending."""
@@ -105,45 +158,55 @@ class Notifier:
             if TaskState(doc["state"]) not in TERMINAL_STATES:
                 return  # the projection has not caught up; NodeODM receivers want final info
             # NodeODM §8: the task's and the node's webhook, each only if longer than 3 chars
-            targets = [u for u in (doc.get("webhook"), self.node_webhook) if u and len(u) > 3]
+            targets = [u for u in (doc.get("webhook"), self.node_webhook)
+                       if isinstance(u, str) and len(u) > 3]
             if not targets:
                 return
             payload = {**taskinfo.task_info(doc, now_ms()), "images": await self._images(doc)}
             body = json.dumps(payload).encode()
+            # every target's attempt is made and recorded before a failure (MongoDB away) is
+            # raised for the whole event to be retried
             due = await asyncio.gather(
-                *(self._deliver(doc, url, body) for url in dict.fromkeys(targets))
+                *(self._deliver(doc, url, body) for url in dict.fromkeys(targets)),
+                return_exceptions=True,
             )
-            pending = [d for d in due if d is not None]
+            for result in due:
+                if isinstance(result, BaseException):
+                    raise result
+            pending = [d for d in due if isinstance(d, int)]
             if pending:
                 raise RetryLaterError(ev.task_id, max(min(pending) - now_ms(), 0) / 1000)
 
     async def _deliver(self, doc: dict[str, Any], url: str, body: bytes) -> int | None:
         """None when this target is settled (delivered or dead), else when it is next due."""
         did = delivery_id(doc["_id"], doc["attempt"], url)
-        rec = await self.deliveries.open(did, task_id=doc["_id"], attempt=doc["attempt"], url=url)
+        rec = await self.deliveries.open(
+            did, task_id=doc["_id"], attempt=doc["attempt"], url=recorded_url(url)
+        )
         if rec["status"] in ("delivered", "dead"):
             return None
         if rec.get("next_at_ms", 0) > now_ms():
             return int(rec["next_at_ms"])  # an early redelivery: not due yet
         started = time.monotonic()
-        code, error, refused = await self._attempt(did, url, body)
+        outcome = await self._attempt(did, url, body)
         latency = int((time.monotonic() - started) * 1000)
         tries = len(rec["attempts"]) + 1
         status, next_at, reason = "delivered", 0, None
+        error = None if outcome.error is None else storable(outcome.error)
         if error is not None:
-            status, next_at, reason = self._after_failure(rec, tries, error, refused)
+            status, next_at, reason = self._after_failure(rec, tries, error, outcome.permanent)
         await self.deliveries.record_attempt(
-            did, status=status, status_code=code, latency_ms=latency, error=error,
-            next_at_ms=next_at, reason=reason,
+            did, status=status, status_code=outcome.status_code, latency_ms=latency,
+            error=error, next_at_ms=next_at, reason=reason,
         )
-        log.info("webhook attempt", delivery=did, status=status, status_code=code,
+        log.info("webhook attempt", delivery=did, status=status, status_code=outcome.status_code,
                  latency_ms=latency, error=error, attempt_no=tries)
         return next_at if status == "pending" else None
 
     def _after_failure(
-        self, rec: dict[str, Any], tries: int, error: str, refused: bool
+        self, rec: dict[str, Any], tries: int, error: str, permanent: bool
     ) -> tuple[str, int, str | None]:
-        if refused:
+        if permanent:
             return "dead", 0, error
         if self.policy.max_attempts and tries >= self.policy.max_attempts:
             return "dead", 0, f"gave up after {tries} attempts; last: {error}"
@@ -158,29 +221,66 @@ class Notifier:
         # the last attempt lands on the horizon rather than being skipped
         return "pending", min(now + int(self.policy.delay_s(tries) * 1000), deadline), None
 
-    async def _attempt(
-        self, did: str, url: str, body: bytes
-    ) -> tuple[int | None, str | None, bool]:
-        """One POST: (status code, error or None, refused by the outbound guard)."""
+    async def _attempt(self, did: str, url: str, body: bytes) -> Outcome:
+        """One POST, never raising: whatever ends it becomes the outcome."""
+        try:
+            netguard.validate_url(url)
+        except netguard.InvalidTargetError as exc:
+            return Outcome(None, f"invalid URL: {exc}", permanent=True)
+        try:
+            code = await self._post(url, body, self._headers(did, body))
+        except TimeoutError:
+            return Outcome(None, f"timed out after {self.policy.timeout_s:g}s")
+        except Exception as exc:  # a failed attempt, recorded; never a redelivery loop
+            refusal = netguard.refusal_of(exc)
+            if refusal is not None:
+                return Outcome(None, f"refused: {refusal}", permanent=True)
+            return Outcome(None, describe(exc), permanent=not isinstance(exc, TRANSIENT_ERRORS))
+        if not 200 <= code < 300:
+            return Outcome(code, f"HTTP {code}")
+        return Outcome(code, None)
+
+    def _headers(self, did: str, body: bytes) -> dict[str, str]:
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if self.signer is not None:
             at = dt.datetime.now(dt.UTC)
             headers["webhook-id"] = did
             headers["webhook-timestamp"] = str(int(at.timestamp()))
             headers["webhook-signature"] = self.signer.sign(did, at, body.decode())
+        return headers
+
+    async def _post(self, url: str, body: bytes, headers: dict[str, str]) -> int:
+        """The status code of one POST, all of it (body read included) within ``timeout_s``."""
+        code: int | None = None
         try:
-            async with asyncio.timeout(self.policy.timeout_s):  # the whole attempt, not per read
-                resp = await self.client.post(url, content=body, headers=headers)
-        except TimeoutError:
-            return None, f"timed out after {self.policy.timeout_s:g}s", False
-        except httpx.HTTPError as exc:
-            refusal = netguard.refusal_of(exc)
-            if refusal is not None:
-                return None, f"refused: {refusal}", True
-            return None, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__, False
-        if not 200 <= resp.status_code < 300:
-            return resp.status_code, f"HTTP {resp.status_code}", False
-        return resp.status_code, None, False
+            async with (
+                asyncio.timeout(self.policy.timeout_s),  # the whole attempt, not per read
+                self.client.stream("POST", url, content=body, headers=headers) as resp,
+            ):
+                code = resp.status_code
+                await self._read_capped(resp)
+        except (TimeoutError, httpx.TransportError):
+            if code is None:
+                raise
+            # The receiver answered; a body too slow or cut short changes nothing.
+            log.info("webhook response body not read to its end", status_code=code)
+        return code
+
+    async def _read_capped(self, resp: httpx.Response) -> None:
+        """Read at most ``max_response_bytes`` of the body (plus one network read), discarded.
+
+        Leaving the ``stream`` block with the body unread closes the connection: the rest is
+        never received into memory. Raw bytes: a compressed body is never inflated.
+        """
+        limit = self.max_response_bytes
+        declared = resp.headers.get("content-length", "")
+        if limit == 0 or (declared.isdigit() and int(declared) > limit):
+            return
+        seen = 0
+        async for chunk in resp.aiter_raw():
+            seen += len(chunk)
+            if seen > limit:
+                return
 
     async def _images(self, doc: dict[str, Any]) -> list[Any]:
         if doc["state"] != TaskState.COMPLETED.value:

@@ -2,36 +2,157 @@
 
 Sources are http(s) URLs of zips, ``s3://`` zip objects, or ``s3://bucket/prefix/`` folders of
 images and/or zips. Archives are extracted flattened (no paths, so no traversal), non-images are
-dropped except ``.txt`` control files (GCP, geo, image groups), and name clashes get NodeODM's
-``_`` suffix. Archive size and entry counts are bounded (zip bombs). http(s) downloads go through
-the outbound guard (``netguard``): every connection, redirects included, is checked on the
-address it connects to.
+dropped except ``.txt`` control files (GCP, geo, image groups; a zip inside a zip is dropped too,
+never extracted), and name clashes get NodeODM's ``_`` suffix. http(s) downloads go through the
+outbound guard (``netguard``): every connection, redirects included, is checked on the address
+it connects to.
+
+Hostile inputs are bounded by ``Limits`` (``SchedulerSettings``), each checked twice: up front on
+what the archive declares (entry count, member sizes), and again on the bytes actually written,
+chunk by chunk, because declared sizes are the attacker's to choose. The first limit passed stops
+the fetch at once: per archive its entries and expanded bytes, per member its expansion ratio
+(bytes written / compressed size, with ``RATIO_ALLOWANCE_BYTES`` so tiny files never trip it),
+per download its size, and per task a ``DiskBudget`` over everything the fetch holds on disk
+(downloads, extracted files, ``s3://`` objects). A failed fetch removes what it wrote.
+
+``s3://`` sources are read with the service's credentials, so each one, and every key a prefix
+listing returns, must pass ``s3.input_allowed`` (the rule the gateway applies at submission)
+before any S3 call for it.
+
+Messages of ``InputError`` become the task's ``errorMessage``: they name the limit and its value
+or the user's own ``s3://`` URL, never a local path, an exception's text, or whether a bucket
+exists (every S3 failure reads the same); the details go to the service log.
 """
 
 from __future__ import annotations
 
 import posixpath
+import re
 import shutil
+import struct
 import zipfile
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, Final
+from urllib.parse import urlsplit
 
 import httpx
 
 from scaleodm.common import netguard
 from scaleodm.common.logging import get_logger
-from scaleodm.common.store.s3 import S3, S3Url, parse_s3_url
+from scaleodm.common.settings import SchedulerSettings
+from scaleodm.common.store import s3 as s3mod
+from scaleodm.common.store.s3 import S3, S3Url
 
 log = get_logger(__name__)
 
 IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".tif", ".tiff", ".png", ".dng"})
 CONTROL_EXTS = frozenset({".txt"})
-MAX_ENTRIES = 500_000
-_ZIP_READ_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, RuntimeError, NotImplementedError)
+CHUNK_BYTES: Final = 1024 * 1024
+# Every member may expand to this much whatever its ratio: a small text file or a tiny blank image
+# compresses far beyond any sane ratio, and this little cannot hurt.
+RATIO_ALLOWANCE_BYTES: Final = 1024 * 1024
+_ZIP_READ_ERRORS = (
+    zipfile.BadZipFile, zlib.error, EOFError, RuntimeError, NotImplementedError, ValueError,
+    struct.error,
+)
+_NOT_A_ZIP: Final = "Could not extract .zip file: not a valid zip archive"
+_DAMAGED: Final = (
+    "Could not extract .zip file: a file in it is damaged, encrypted or uses an unsupported "
+    "compression method"
+)
+_SHOWN_MAX: Final = 200
+_UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
 
 
 class InputError(Exception):
     """The inputs cannot be used; the message is shown to the user as errorMessage."""
+
+
+def _size(n: int | float) -> str:
+    """A byte count as users read it: exact, in the largest binary unit that divides it."""
+    n = int(n)
+    for unit, name in ((1024**3, "GiB"), (1024**2, "MiB"), (1024, "KiB")):
+        if n >= unit and n % unit == 0:
+            return f"{n // unit} {name}"
+    return f"{n} bytes"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds of one run's fetch; every refusal says which one it hit and its value."""
+
+    download_bytes: int  # one downloaded archive (zip_max_bytes)
+    expanded_bytes: int  # all files extracted from one archive (zip_max_expanded_bytes)
+    member_ratio: float  # bytes written / compressed size of one member (zip_max_ratio)
+    entries: int  # entries of one archive, directories and dropped files included
+    disk_bytes: int  # everything the fetch holds on disk at once (task_disk_budget_bytes)
+
+    @classmethod
+    def from_settings(cls, settings: SchedulerSettings) -> Limits:
+        return cls(
+            download_bytes=settings.zip_max_bytes,
+            expanded_bytes=settings.zip_max_expanded_bytes,
+            member_ratio=settings.zip_max_ratio,
+            entries=settings.zip_max_entries,
+            disk_bytes=settings.task_disk_budget_bytes,
+        )
+
+    def too_many_entries(self, count: int) -> InputError:
+        return InputError(
+            f"Input archive refused: it has {count} entries, more than the limit of "
+            f"{self.entries}"
+        )
+
+    def too_large_expanded(self) -> InputError:
+        return InputError(
+            "Input archive refused: it expands to more than the limit of "
+            f"{_size(self.expanded_bytes)}"
+        )
+
+    def too_high_ratio(self) -> InputError:
+        return InputError(
+            "Input archive refused: a file in it expands more than the limit of "
+            f"{self.member_ratio:g} times its compressed size"
+        )
+
+    def too_large_download(self) -> InputError:
+        return InputError(
+            f"Input archive refused: it is larger than the limit of {_size(self.download_bytes)}"
+        )
+
+
+class DiskBudget:
+    """Bytes the fetch holds on disk, charged before they are written; over the limit it stops.
+
+    ``peak`` is the most ever held (what the refusal tests report).
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self.peak = 0
+
+    def refusal(self) -> InputError:
+        return InputError(
+            f"Inputs refused: they take more disk space than the task's limit of "
+            f"{_size(self.limit)}"
+        )
+
+    def check(self, more: int) -> None:
+        """Refuse now if ``more`` bytes (declared, not yet written) would not fit."""
+        if self.used + more > self.limit:
+            raise self.refusal()
+
+    def charge(self, n: int) -> None:
+        if self.used + n > self.limit:
+            raise self.refusal()
+        self.used += n
+        self.peak = max(self.peak, self.used)
+
+    def release(self, n: int) -> None:
+        self.used = max(0, self.used - n)
 
 
 def _ext(name: str) -> str:
@@ -51,35 +172,140 @@ def _target(dest: Path, name: str) -> Path:
     return path
 
 
-def extract_zip(archive: Path, dest: Path, max_bytes: int) -> int:
-    """Extract wanted files flattened; returns how many were written."""
+def _shown(text: str) -> str:
+    """User-supplied text as it may appear in a message: printable ASCII, bounded length."""
+    text = _UNPRINTABLE.sub("?", text)
+    return text if len(text) <= _SHOWN_MAX else text[: _SHOWN_MAX - 3] + "..."
+
+
+_EOCD = struct.Struct("<4s4H2LH")  # end of central directory record
+_ZIP64_LOCATOR = struct.Struct("<4sLQL")
+_ZIP64_EOCD = struct.Struct("<4sQ2H2L4Q")
+
+
+def _declared_entries(archive: Path) -> int | None:
+    """The entry count the archive's end record declares, read before the directory is parsed.
+
+    ``zipfile`` builds an object per entry when it opens an archive; a count far over the limit
+    is refused before that costs memory. The actual count is checked after opening as well.
+    """
+    size = archive.stat().st_size
+    with archive.open("rb") as fh:
+        start = max(0, size - _EOCD.size - 0xFFFF)  # the record, then a comment of <= 64 KiB
+        fh.seek(start)
+        tail = fh.read()
+        at = tail.rfind(b"PK\x05\x06")
+        if at < 0 or at + _EOCD.size > len(tail):
+            return None
+        entries = int(_EOCD.unpack_from(tail, at)[4])
+        loc = at - _ZIP64_LOCATOR.size
+        if entries != 0xFFFF or loc < 0 or tail[loc : loc + 4] != b"PK\x06\x07":
+            return entries
+        offset = int(_ZIP64_LOCATOR.unpack_from(tail, loc)[2])
+        if offset + _ZIP64_EOCD.size > size:
+            return entries
+        fh.seek(offset)
+        record = fh.read(_ZIP64_EOCD.size)
+        if record[:4] != b"PK\x06\x06":
+            return entries
+        return int(_ZIP64_EOCD.unpack(record)[7])
+
+
+def _open_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> IO[bytes]:
+    try:
+        return zf.open(info)
+    except _ZIP_READ_ERRORS as exc:
+        log.warning("zip member unreadable", error=repr(exc))
+        raise InputError(_DAMAGED) from exc
+
+
+def _read(src: IO[bytes]) -> bytes:
+    try:
+        return src.read(CHUNK_BYTES)
+    except _ZIP_READ_ERRORS as exc:  # damaged data, a bad CRC, a size that lied
+        log.warning("zip member unreadable", error=repr(exc))
+        raise InputError(_DAMAGED) from exc
+
+
+def _check_declared(
+    wanted: list[zipfile.ZipInfo], limits: Limits, budget: DiskBudget, archive_size: int
+) -> None:
+    """Refuse before writing anything when the declared sizes already pass a limit."""
+    total = 0
+    for info in wanted:
+        if info.file_size > _member_cap(info, limits, archive_size):
+            raise limits.too_high_ratio()
+        total += info.file_size
+    if total > limits.expanded_bytes:
+        raise limits.too_large_expanded()
+    budget.check(total)
+
+
+def _member_cap(info: zipfile.ZipInfo, limits: Limits, archive_size: int) -> int:
+    # A declared compressed size beyond the archive's own size is a lie: never a reason for more.
+    compressed = min(info.compress_size, archive_size)
+    return max(RATIO_ALLOWANCE_BYTES, int(compressed * limits.member_ratio))
+
+
+def extract_zip(
+    archive: Path, dest: Path, limits: Limits, budget: DiskBudget | None = None
+) -> int:
+    """Extract wanted files flattened within ``limits``; returns how many were written.
+
+    On any refusal or error the files this call wrote are removed and their bytes released from
+    ``budget`` (a budget of its own, ``limits.disk_bytes``, when none is given).
+    """
+    budget = budget or DiskBudget(limits.disk_bytes)
+    archive_size = archive.stat().st_size
+    try:
+        declared = _declared_entries(archive)
+    except (OSError, struct.error) as exc:
+        log.warning("zip end record unreadable", error=repr(exc))
+        declared = None
+    if declared is not None and declared > limits.entries:
+        raise limits.too_many_entries(declared)
     try:
         zf = zipfile.ZipFile(archive)
-    except zipfile.BadZipFile as exc:
-        raise InputError(f"Could not extract .zip file: {exc}") from exc
-    written = 0
-    total = 0
-    with zf:
-        members = zf.infolist()
-        if len(members) > MAX_ENTRIES:
-            raise InputError(f"Archive has too many entries ({len(members)})")
-        for info in members:
-            if info.is_dir() or not _wanted(info.filename):
-                continue
-            total += info.file_size
-            if total > max_bytes:
-                raise InputError("Archive expands beyond the size limit")
-            try:
-                with zf.open(info) as src, _target(dest, info.filename).open("wb") as out:
-                    shutil.copyfileobj(src, out, 1024 * 1024)
-            except _ZIP_READ_ERRORS as exc:  # damaged, encrypted or unsupported member
-                raise InputError(f"Could not extract .zip file: {exc}") from exc
-            written += 1
-    return written
+    except (*_ZIP_READ_ERRORS, OSError) as exc:
+        log.warning("not a zip archive", error=repr(exc))
+        raise InputError(_NOT_A_ZIP) from exc
+    created: list[Path] = []
+    charged = 0
+    try:
+        with zf:
+            members = zf.infolist()
+            if len(members) > limits.entries:
+                raise limits.too_many_entries(len(members))
+            wanted = [i for i in members if not i.is_dir() and _wanted(i.filename)]
+            _check_declared(wanted, limits, budget, archive_size)
+            expanded = 0
+            for info in wanted:
+                cap = _member_cap(info, limits, archive_size)
+                target = _target(dest, info.filename)
+                with _open_member(zf, info) as src, target.open("wb") as out:
+                    created.append(target)
+                    size = 0
+                    while chunk := _read(src):
+                        size += len(chunk)
+                        expanded += len(chunk)
+                        if expanded > limits.expanded_bytes:
+                            raise limits.too_large_expanded()
+                        if size > cap:
+                            raise limits.too_high_ratio()
+                        budget.charge(len(chunk))
+                        charged += len(chunk)
+                        out.write(chunk)
+    except BaseException:
+        for path in created:
+            path.unlink(missing_ok=True)
+        budget.release(charged)
+        raise
+    return len(created)
 
 
 async def _download_http(
-    url: str, path: Path, max_bytes: int, timeout_s: float, outbound: netguard.OutboundPolicy
+    url: str, path: Path, limits: Limits, budget: DiskBudget, timeout_s: float,
+    outbound: netguard.OutboundPolicy,
 ) -> None:
     timeout = httpx.Timeout(connect=15.0, read=timeout_s, write=30.0, pool=15.0)
     transport = netguard.GuardedTransport(outbound)
@@ -90,65 +316,182 @@ async def _download_http(
             async with client.stream("GET", url) as resp:
                 if resp.status_code != 200:
                     raise InputError(f"Could not download zipurl: HTTP {resp.status_code}")
+                declared = resp.headers.get("content-length", "")
+                if declared.isdigit():
+                    if int(declared) > limits.download_bytes:
+                        raise limits.too_large_download()
+                    budget.check(int(declared))
                 size = 0
                 with path.open("wb") as fh:
-                    async for chunk in resp.aiter_bytes(1024 * 1024):
+                    async for chunk in resp.aiter_bytes(CHUNK_BYTES):
                         size += len(chunk)
-                        if size > max_bytes:
-                            raise InputError("zipurl is larger than the size limit")
+                        if size > limits.download_bytes:
+                            raise limits.too_large_download()
+                        budget.charge(len(chunk))
                         fh.write(chunk)
     except httpx.HTTPError as exc:
-        reason = netguard.refusal_of(exc) or exc or type(exc).__name__
-        raise InputError(f"Could not download zipurl: {reason}") from exc
+        log.warning("zipurl download failed", host=_host(url), error=repr(exc))
+        raise InputError(f"Could not download zipurl: {_http_reason(exc)}") from exc
+
+
+def _host(url: str) -> str:
+    """The URL's host for the log (never the whole URL: it may be presigned)."""
+    try:
+        return urlsplit(url).hostname or "?"
+    except ValueError:
+        return "?"
+
+
+def _http_reason(exc: httpx.HTTPError) -> str:
+    """Why a download failed, in words that reveal nothing of the network (logged in full)."""
+    if netguard.refusal_of(exc) is not None:
+        return "the address is not permitted"
+    if isinstance(exc, httpx.TimeoutException):
+        return "timed out"
+    if isinstance(exc, httpx.TooManyRedirects):
+        return "too many redirects"
+    if isinstance(exc, httpx.ConnectError):
+        return "could not connect"
+    return "the transfer failed"
 
 
 async def fetch_inputs(
-    sources: list[str], images: Path, s3: S3, *, max_bytes: int, timeout_s: float,
-    outbound: netguard.OutboundPolicy | None = None,
+    sources: list[str], images: Path, s3: S3, *, task_id: str, limits: Limits,
+    timeout_s: float, outbound: netguard.OutboundPolicy | None = None,
 ) -> int:
     """Fill ``images`` from every source; returns the number of images it holds.
 
-    ``outbound`` says which non-public addresses http(s) sources may use (default: none).
+    ``task_id`` is the run's task (whose own uploads it may read from S3); ``outbound`` says
+    which non-public addresses http(s) sources may use (default: none). On failure everything
+    this call wrote into ``images`` is removed.
     """
     outbound = outbound or netguard.OutboundPolicy()
+    created = not images.exists()
     images.mkdir(parents=True, exist_ok=True)
+    before = {p.name for p in images.iterdir()}
     scratch = images.parent / ".downloads"
     scratch.mkdir(exist_ok=True)
+    budget = DiskBudget(limits.disk_bytes)
     try:
         for n, source in enumerate(sources):
             if source.startswith(("http://", "https://")):
                 archive = scratch / f"{n}.zip"
-                await _download_http(source, archive, max_bytes, timeout_s, outbound)
-                extract_zip(archive, images, max_bytes)
-                archive.unlink()
+                await _download_http(source, archive, limits, budget, timeout_s, outbound)
+                _extract_and_drop(archive, images, limits, budget)
             elif source.startswith("s3://"):
-                await _fetch_s3(parse_s3_url(source), images, scratch, s3, max_bytes)
+                await _fetch_s3(_parse_s3(source), images, scratch, s3, task_id, limits, budget)
             else:
-                raise InputError(f"Unsupported input URL: {source}")
+                raise InputError("Unsupported input URL (expected http://, https:// or s3://)")
+    except BaseException as exc:
+        log.warning("inputs not fetched", error=repr(exc), disk_peak_bytes=budget.peak)
+        if created:
+            shutil.rmtree(images, ignore_errors=True)
+        else:
+            for path in images.iterdir():
+                if path.name not in before:
+                    path.unlink(missing_ok=True)
+        raise
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    log.info("inputs on disk", disk_peak_bytes=budget.peak)
     return sum(1 for p in images.iterdir() if _ext(p.name) in IMAGE_EXTS)
 
 
-async def _fetch_s3(url: S3Url, images: Path, scratch: Path, s3: S3, max_bytes: int) -> None:
+def _extract_and_drop(archive: Path, images: Path, limits: Limits, budget: DiskBudget) -> None:
+    """Extract a downloaded archive, then delete it and give its bytes back to the budget."""
     try:
-        if not url.is_prefix:
-            keys = [(url.key, 0)]
-        else:
-            keys = await s3.list_objects(url)
-        for key, _ in keys:
-            name = posixpath.basename(key)
-            if _ext(name) == ".zip":
-                archive = scratch / "s3.zip"
-                await s3.download_file(S3Url(url.bucket, key), archive)
-                extract_zip(archive, images, max_bytes)
-                archive.unlink()
-            elif _wanted(name):
-                await s3.download_file(S3Url(url.bucket, key), _target(images, name))
+        extract_zip(archive, images, limits, budget)
+    finally:
+        size = archive.stat().st_size if archive.exists() else 0
+        archive.unlink(missing_ok=True)
+        budget.release(size)
+
+
+def _parse_s3(source: str) -> S3Url:
+    try:
+        return s3mod.parse_s3_url(source)
+    except ValueError as exc:
+        raise InputError(f"Invalid s3:// URL: {_shown(source)}") from exc
+
+
+def _not_permitted(url: S3Url) -> InputError:
+    return InputError(
+        f"Could not read inputs from {_shown(str(url))}: not a permitted location (a task may "
+        "read its own uploads and the locations the operator allows)"
+    )
+
+
+def _unreadable(url: S3Url) -> InputError:
+    # Same words for a missing bucket, a missing key and a refused read: S3's answers would
+    # otherwise tell who owns which bucket.
+    return InputError(f"Could not read inputs from {_shown(str(url))} (not found or not permitted)")
+
+
+async def _fetch_s3(
+    url: S3Url, images: Path, scratch: Path, s3: S3, task_id: str, limits: Limits,
+    budget: DiskBudget,
+) -> None:
+    def allowed(target: S3Url) -> bool:
+        return s3mod.input_allowed(
+            target, task_id=task_id, bucket=s3.settings.bucket, allow=s3.settings.input_allow
+        )
+
+    if not allowed(url):
+        log.warning("s3 input refused by policy", source=str(url))
+        raise _not_permitted(url)
+    keys: list[tuple[str, int | None]]
+    if url.is_prefix:
+        try:
+            keys = [(k, size) for k, size in await s3.list_objects(url)]
+        except Exception as exc:
+            log.warning("s3 input not listed", source=str(url), error=repr(exc))
+            raise _unreadable(url) from exc
+        if not keys:  # an empty prefix reads as a missing bucket or key does
+            log.warning("s3 input prefix empty", source=str(url))
+            raise _unreadable(url)
+    else:
+        keys = [(url.key, None)]
+    for key, _ in keys:
+        if not allowed(S3Url(url.bucket, key)):
+            log.warning("s3 input key refused by policy", source=str(url), key=key)
+            raise _not_permitted(url)
+    for key, size in keys:
+        name = posixpath.basename(key)
+        obj = S3Url(url.bucket, key)
+        if _ext(name) == ".zip":
+            if size is not None and size > limits.download_bytes:
+                raise limits.too_large_download()
+            archive = scratch / "s3.zip"
+            await _download_s3(s3, obj, url, archive, budget, limits)
+            _extract_and_drop(archive, images, limits, budget)
+        elif _wanted(name):
+            if size is not None:
+                budget.check(size)
+            await _download_s3(s3, obj, url, _target(images, name), budget, None)
+
+
+async def _download_s3(
+    s3: S3, obj: S3Url, source: S3Url, path: Path, budget: DiskBudget, limits: Limits | None
+) -> None:
+    """One object to ``path``, charged to ``budget``; ``limits`` bound it as an archive."""
+    size = 0
+    try:
+        with path.open("wb") as fh:
+            async for chunk in s3.iter_object(obj):
+                if limits is not None and size + len(chunk) > limits.download_bytes:
+                    raise limits.too_large_download()
+                budget.charge(len(chunk))
+                size += len(chunk)
+                fh.write(chunk)
     except InputError:
+        path.unlink(missing_ok=True)
+        budget.release(size)
         raise
     except Exception as exc:
-        raise InputError(f"Could not read inputs from {url}: {exc}") from exc
+        path.unlink(missing_ok=True)
+        budget.release(size)
+        log.warning("s3 input not read", source=str(source), key=obj.key, error=repr(exc))
+        raise _unreadable(source) from exc
 
 
 def control_file_args(images: Path, project: Path) -> list[str]:

@@ -19,6 +19,8 @@ from scaleodm.scheduler.executors.base import Executor, StartOutcome
 
 log = get_logger(__name__)
 
+RUN_NOT_STARTED = "Could not start the run (internal error; the operator's logs have the details)"
+
 
 def backoff_s(delivered: int) -> float:
     """Delay before redelivery number ``delivered + 1``: 1, 2, 4 ... 60 s."""
@@ -54,8 +56,10 @@ class CommandHandler:
                     cmd, commands.CreateTask | commands.RestartTask
                 ):
                     log.error("giving up on command", error=repr(exc))
+                    # The reason stays in the log: the exception's text may hold internal
+                    # names and addresses (Kubernetes API, paths), never shown to clients.
                     await self.emitter.emit(events.failed(
-                        cmd.task_id, cmd.attempt, f"Could not start the run: {exc}"
+                        cmd.task_id, cmd.attempt, RUN_NOT_STARTED
                     ))
                     return
                 raise

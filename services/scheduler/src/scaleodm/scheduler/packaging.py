@@ -1,4 +1,9 @@
-"""Results of a finished run: ``all.zip`` in ODM's layout and the outputs in S3 (NodeODM §7.1)."""
+"""Results of a finished run: ``all.zip`` in ODM's layout and the outputs in S3 (NodeODM §7.1).
+
+A failed upload is an ``UploadError`` whose message is the task's errorMessage: generic on
+purpose (S3's error text names buckets and keys and tells whether they exist); the details are
+logged.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,10 @@ import zipfile
 from pathlib import Path
 
 from scaleodm.common.domain.progress import clean_line
+from scaleodm.common.logging import get_logger
 from scaleodm.common.store.s3 import S3, S3Url
+
+log = get_logger(__name__)
 
 DEFAULT_OUTPUTS = (
     "odm_orthophoto/odm_orthophoto.tif",
@@ -67,11 +75,19 @@ def build_zip(project: Path, files: list[Path], dest: Path) -> None:
             zf.write(path, path.relative_to(project.resolve()).as_posix())
 
 
+class UploadError(Exception):
+    """The outputs could not be stored; the message is shown to the user as errorMessage."""
+
+
 async def upload_outputs(
     s3: S3, prefix: S3Url, project: Path, files: list[Path], archive: Path
 ) -> None:
     root = project.resolve()
-    for path in files:
-        rel = path.relative_to(root).as_posix()
-        await s3.upload_file(path, S3Url(prefix.bucket, prefix.key + rel))
-    await s3.upload_file(archive, S3Url(prefix.bucket, prefix.key + "all.zip"))
+    try:
+        for path in files:
+            rel = path.relative_to(root).as_posix()
+            await s3.upload_file(path, S3Url(prefix.bucket, prefix.key + rel))
+        await s3.upload_file(archive, S3Url(prefix.bucket, prefix.key + "all.zip"))
+    except Exception as exc:
+        log.error("outputs not uploaded", prefix=str(prefix), error=repr(exc))
+        raise UploadError("Could not store the task's outputs") from exc

@@ -51,11 +51,12 @@ class Runner:
         except asyncio.CancelledError:
             self.rd.write_result("canceled")
             log.info("run canceled")
-        except fetching.InputError as exc:
+        except (fetching.InputError, packaging.UploadError) as exc:
             self._fail(str(exc))
-        except Exception as exc:
+        except Exception:
+            # The exception's text may hold paths, hosts or S3 details: it stays in the log.
             log.exception("run failed")
-            self._fail(f"Run failed: {exc}")
+            self._fail(stages.INTERNAL_ERROR)
 
     def _fail(self, message: str, exit_code: int | None = None) -> None:
         if self.canceled:
@@ -68,7 +69,9 @@ class Runner:
         images = self.project / "images"
         async with S3.open(self.settings.s3) as s3:
             self.rd.set_phase("fetching")
-            count = await stages.fetch_images(self.spec.sources, images, s3, self.settings)
+            count = await stages.fetch_images(
+                self.spec.sources, images, s3, self.settings, task_id=self.spec.task_id
+            )
             log.info("inputs fetched", images=count)
             extra = fetching.control_file_args(images, self.project)
             self.rd.set_phase("processing", images=count)
@@ -105,7 +108,8 @@ class Runner:
             )
         except OSError as exc:
             console.close()
-            raise fetching.InputError(f"Could not start process ({exc})") from exc
+            log.error("engine not started", argv=argv[:3], error=repr(exc))
+            raise fetching.InputError("Could not start the processing engine") from exc
         self.rd.file(localruns.ENGINE_PID).write_text(str(self.engine_proc.pid))
         log.info("engine started", argv=argv[:3], pid=self.engine_proc.pid)
         try:

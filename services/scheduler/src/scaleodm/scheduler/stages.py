@@ -10,7 +10,10 @@ image, before and after the ODM container of the same pod (``workflows.py``); th
 Both steps are the local runner's steps (``runner.py``), built from the same modules:
 
 - **fetch**: ``fetching.fetch_inputs`` into ``<workspace>/<task_id>/images``; no image → a clear
-  message and exit 1. The ODM command line is fixed when the Workflow is created, before the
+  message and exit 1. The project tree is left group-writable with setgid directories
+  (``share_with_group``; the step runs with umask 002): ODM, root without capabilities in the
+  next container, writes there as a member of the pod's ``fsGroup`` (``workflows.py``).
+  The ODM command line is fixed when the Workflow is created, before the
   inputs are seen, so control files cannot become ``--gcp``/``--geo`` flags as in a local run:
   they are classified by ``fetching.control_file_args`` and moved to the names ODM looks for at
   the project root by default (``gcp_list.txt``, ``geo.txt``, ``image_groups.txt``).
@@ -19,14 +22,17 @@ Both steps are the local runner's steps (``runner.py``), built from the same mod
   ``packaging.build_zip`` and ``packaging.upload_outputs`` to ``spec.output_prefix``.
 
 Exit codes: 0 done; 1 the step failed (last stderr line = the reason, which Kubernetes keeps as
-the termination message: the containers use ``FallbackToLogsOnError``); 2 bad command line.
+the termination message: the containers use ``FallbackToLogsOnError``; never a path or an
+exception's text, an unexpected failure reads ``INTERNAL_ERROR``); 2 bad command line.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import shutil
+import stat
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -43,6 +49,7 @@ from scaleodm.scheduler import fetching, packaging
 
 __all__ = [
     "CONSOLE_FILE",
+    "INTERNAL_ERROR",
     "NO_IMAGES",
     "ODM_DEFAULT_NAMES",
     "StageError",
@@ -51,6 +58,7 @@ __all__ = [
     "place_control_files",
     "run_fetch",
     "run_upload",
+    "share_with_group",
 ]
 
 log = get_logger("scaleodm.stages")
@@ -68,7 +76,13 @@ ODM_DEFAULT_NAMES: Final[dict[str, str]] = {
     "--split-image-groups": "image_groups.txt",
 }
 CONSOLE_FILE: Final = "console.log"
+# The errorMessage of any unexpected failure; what happened is in the service log only.
+INTERNAL_ERROR: Final = "Processing failed because of an internal error"
 ARCHIVE_FILE: Final = "all.zip"
+# New files rw-rw-r--, directories rwxrwxr-x: the group (the pod's fsGroup) may write.
+GROUP_UMASK: Final = 0o002
+GROUP_DIR_BITS: Final = stat.S_ISGID | stat.S_IRWXG
+GROUP_FILE_BITS: Final = stat.S_IRGRP | stat.S_IWGRP
 
 
 class StageError(Exception):
@@ -76,14 +90,17 @@ class StageError(Exception):
 
 
 async def fetch_images(
-    sources: list[str], images: Path, s3: S3, settings: SchedulerSettings
+    sources: list[str], images: Path, s3: S3, settings: SchedulerSettings, *, task_id: str
 ) -> int:
     """``fetching.fetch_inputs`` with the scheduler's bounds; ``InputError`` when no image came.
 
-    Shared by the local runner and the fetch step, so both refuse an empty input the same way.
+    Shared by the local runner and the fetch step, so both apply the same limits
+    (``fetching.Limits``), the same ``s3://`` rule for ``task_id`` and refuse an empty input
+    the same way.
     """
     count = await fetching.fetch_inputs(
-        sources, images, s3, max_bytes=settings.zip_max_bytes, timeout_s=settings.fetch_timeout_s,
+        sources, images, s3, task_id=task_id, limits=fetching.Limits.from_settings(settings),
+        timeout_s=settings.fetch_timeout_s,
         outbound=netguard.OutboundPolicy(settings.outbound_allow),
     )
     if count == 0:
@@ -108,6 +125,25 @@ def place_control_files(images: Path, project: Path) -> dict[str, Path]:
     return placed
 
 
+def share_with_group(root: Path) -> None:
+    """Make the tree at ``root`` writable by its group: directories ``g+rwxs``, files ``g+rw``.
+
+    The fetch step runs as uid 10001; ODM runs as root *without capabilities*, so it has no
+    owner rights here and reaches the tree through its supplementary group, the pod's
+    ``fsGroup`` (10001, also our gid). The umask alone is not enough: a file created with an
+    explicit mode (``0600`` temporary files) keeps it. Setgid directories pass gid 10001 on to
+    what ODM creates below them. Symlinks are skipped (chmod would follow them).
+    """
+    for directory, _dirs, files in os.walk(root):
+        here = Path(directory)
+        here.chmod(stat.S_IMODE(here.lstat().st_mode) | GROUP_DIR_BITS)
+        for name in files:
+            path = here / name
+            mode = path.lstat().st_mode
+            if stat.S_ISREG(mode):
+                path.chmod(stat.S_IMODE(mode) | GROUP_FILE_BITS)
+
+
 async def run_fetch(spec: RunSpec, workspace: Path, settings: SchedulerSettings) -> int:
     """The fetch step; returns the number of images in ``<workspace>/<task_id>/images``."""
     project = workspace / spec.task_id
@@ -115,8 +151,9 @@ async def run_fetch(spec: RunSpec, workspace: Path, settings: SchedulerSettings)
     shutil.rmtree(project, ignore_errors=True)
     images = project / "images"
     async with S3.open(settings.s3) as s3:
-        count = await fetch_images(spec.sources, images, s3, settings)
+        count = await fetch_images(spec.sources, images, s3, settings, task_id=spec.task_id)
     placed = place_control_files(images, project)
+    share_with_group(project)
     log.info("inputs fetched", images=count, control_files=sorted(p.name for p in placed.values()))
     return count
 
@@ -127,7 +164,8 @@ async def run_upload(
     """The upload step; returns the number of output files uploaded (besides ``all.zip``)."""
     project = workspace / spec.task_id
     if not project.is_dir():
-        raise StageError(f"Nothing to upload: {project} does not exist")
+        log.error("no project directory", project=str(project))
+        raise StageError("Nothing to upload: the run left no project directory")
     if console is not None and console.is_file():
         packaging.write_task_output(console, project)
     files = packaging.collect(project, spec.outputs)
@@ -182,6 +220,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     workspace: Path = args.workspace
     settings = SchedulerSettings()
     configure_logging("stages", settings.log_level, settings.log_json)
+    # A one-step process: whatever it creates is group-writable (see share_with_group).
+    os.umask(GROUP_UMASK)
     with bind_task(spec.task_id, attempt=spec.attempt, step=args.step):
         try:
             if args.step == "fetch":
@@ -189,10 +229,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 console = args.console or workspace / CONSOLE_FILE
                 asyncio.run(run_upload(spec, workspace, settings, console=console))
-        except (fetching.InputError, StageError) as exc:
+        except (fetching.InputError, StageError, packaging.UploadError) as exc:
             log.error("step failed", error=str(exc))
             # Last line of the log: Kubernetes' termination message (FallbackToLogsOnError).
             sys.stderr.write(f"{exc}\n")
+            return 1
+        except Exception:
+            # Never a traceback as the last line: it would become the task's errorMessage.
+            log.exception("step failed")
+            sys.stderr.write(f"{INTERNAL_ERROR}\n")
             return 1
     return 0
 

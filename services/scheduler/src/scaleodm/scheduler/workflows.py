@@ -35,18 +35,38 @@ Design points (scaleodm.md §4 kept, §10 gaps avoided):
 - ``retryStrategy`` on the template (a retry is a new pod, the whole pipeline re-runs on a fresh
   workspace) for transient errors only, with a bounded backoff; ``activeDeadlineSeconds``,
   ``podGC`` with a delete delay (logs stay readable for the watcher), ``ttlStrategy``.
-- Hardening: seccomp ``RuntimeDefault`` and ``fsGroup`` for the pod; ``fetch``/``upload`` run as
-  our image's non-root user with a read-only root filesystem, no privilege escalation and no
-  capabilities. The ODM image (opendronemap/odm) runs as **root**, its default user: ODM
-  writes into its own tree under ``/code``, which only root owns in that image.
-  It keeps only the file capabilities a root process needs to work in the workspace ``fetch``
-  created as another user (``CHOWN``, ``DAC_OVERRIDE``, ``FOWNER``); with the image's default
-  umask (022) its outputs are world-readable, so ``upload`` can read them.
-- Argo substitutes ``{{…}}`` (and evaluates ``{{=…}}`` expressions) in every string of a
-  template, argv included. User text therefore never reaches a template as ``{{``: in the
-  ``--spec`` JSON a ``{{`` can only sit inside a JSON string and is written ``{\\u007b`` (the same
-  JSON value); an ODM option value holding ``{{`` cannot be escaped in a raw argv item, so
-  ``build_workflow`` refuses it (``ArgoTemplateError``) rather than let Argo interpret it.
+- Hardening: seccomp ``RuntimeDefault`` and ``fsGroup`` (= our uid/gid 10001) for the pod;
+  **no container has any Linux capability** (``drop: [ALL]``, nothing added) and none may
+  escalate privileges. ``fetch``/``upload`` run as our image's non-root user with a read-only
+  root filesystem. What ODM (opendronemap/odm, container ``main``) needs, exactly:
+
+  - the **root user** (uid 0), the image's default: ODM writes into its own tree under
+    ``/code``, which only root owns in that image (as its *owner*, so no capability is needed);
+  - **no capabilities**: the only other place it writes is the project ``/workspace/<task_id>``,
+    which ``fetch`` (uid 10001) creates group-writable for gid 10001 with setgid directories
+    (``stages.share_with_group``: umask 002, then an explicit ``chmod`` of the whole tree).
+    Kubernetes adds the pod's ``fsGroup`` 10001 to every container's supplementary groups, so
+    ODM's processes write there through the *group* permission bits; ``CHOWN``,
+    ``DAC_OVERRIDE`` and ``FOWNER`` (which this container used to add) are not needed. New
+    entries inherit gid 10001 from the setgid directories, and with the image's umask (022)
+    ODM's outputs are readable by all, so ``upload`` can read them.
+- Two template languages read the argv and env strings of the containers, and user text (task
+  name, zipurl, outputs, option values) reaches both:
+
+  - **Kubernetes** expands ``$(NAME)`` in a container's ``command``, ``args`` and env values
+    from the container's environment (env values see the variables defined before them) —
+    ``$(SCALEODM_S3__SECRET_ACCESS_KEY)`` in a zipurl would hand the S3 key to the URL's host.
+    Argo's emissary executor does not change that: the controller only prepends
+    ``/var/run/argo/argoexec emissary … --`` to ``command``; ``args`` stay in the pod spec, and
+    the kubelet expands both before argoexec starts. ``$$`` is the only escape (it becomes
+    ``$``), so the **last step** of ``build_workflow`` doubles every ``$`` in every command,
+    args and env value string of every container of the manifest (``escape_for_kubernetes``,
+    one function over the whole container list: a field added later cannot miss it).
+  - **Argo** substitutes ``{{…}}`` (and evaluates ``{{=…}}``) in every string of a template.
+    In the ``--spec`` JSON a ``{{`` can only sit inside a JSON string and is written
+    ``{\\u007b`` (the same JSON value); an ODM option value holding ``{{`` cannot be escaped in a
+    raw argv item, so ``build_workflow`` refuses it (``ArgoTemplateError``) rather than let
+    Argo interpret it (the gateway refuses such values up front).
 - Every container has ``terminationMessagePolicy: FallbackToLogsOnError``: a failed step's last
   log lines (``stages`` ends with the reason; ODM with its error explanation) become the
   container's termination message, which Argo puts into the node's message.
@@ -55,7 +75,7 @@ Design points (scaleodm.md §4 kept, §10 gaps avoided):
 from __future__ import annotations
 
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Final
 
 from hera.workflows import models as m
@@ -77,6 +97,8 @@ __all__ = [
     "STEP_RESOURCES",
     "argo_safe_json",
     "build_workflow",
+    "escape_for_kubernetes",
+    "kubernetes_literal",
     "labels",
     "shard_of",
 ]
@@ -116,7 +138,6 @@ RETRY_POLICY: Final = "OnTransientError"
 BACKOFF_DURATION: Final = "60s"
 BACKOFF_FACTOR: Final = 2
 BACKOFF_MAX_DURATION: Final = "1h"
-ODM_CAPABILITIES: Final = ("CHOWN", "DAC_OVERRIDE", "FOWNER")
 TERMINATION_MESSAGE_POLICY: Final = "FallbackToLogsOnError"
 
 
@@ -131,6 +152,38 @@ def argo_safe_json(text: str) -> str:
     every ``{{`` is inside a string, where ``\\u007b`` is the same character.
     """
     return text.replace("{{", "{\\u007b")
+
+
+def kubernetes_literal(text: str) -> str:
+    """``text`` as a container string Kubernetes passes on unchanged: every ``$`` doubled.
+
+    Kubernetes' expansion turns ``$$`` into ``$`` and never reads a ``$(`` that follows an
+    escaped ``$``, so the process receives exactly ``text``, whatever follows each ``$``.
+    """
+    return text.replace("$", "$$")
+
+
+def escape_for_kubernetes(containers: Iterable[dict[str, Any]]) -> None:
+    """Escape, in place, every string Kubernetes expands ``$(VAR)`` in: each item of
+    ``command`` and ``args`` and each env ``value`` of every container given."""
+    for container in containers:
+        for key in ("command", "args"):
+            if key in container:
+                container[key] = [kubernetes_literal(item) for item in container[key]]
+        for var in container.get("env", []):
+            if "value" in var:
+                var["value"] = kubernetes_literal(var["value"])
+
+
+def _containers(manifest: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Every container of every template of a dumped Workflow, whatever the template kind."""
+    for template in manifest["spec"]["templates"]:
+        for key in ("container", "script"):
+            if key in template:
+                yield template[key]
+        for key in ("initContainers", "sidecars"):
+            yield from template.get(key, [])
+        yield from template.get("containerSet", {}).get("containers", [])
 
 
 def shard_of(task_id: str, shards: int) -> int:
@@ -221,10 +274,10 @@ def _odm(spec: RunSpec, settings: ArgoSettings) -> m.ContainerNode:
         env=[m.EnvVar(name="ODM_NONINTERACTIVE", value="1")],
         resources=_resources(sizing.size(spec.images_count, spec.options, settings)),
         termination_message_policy=TERMINATION_MESSAGE_POLICY,
-        # Runs as the image's root user (see the module docstring).
+        # The image's root user, without any capability (see the module docstring).
         security_context=m.SecurityContext(
             allow_privilege_escalation=False,
-            capabilities=m.Capabilities(drop=["ALL"], add=list(ODM_CAPABILITIES)),
+            capabilities=m.Capabilities(drop=["ALL"]),
         ),
     )
 
@@ -238,6 +291,7 @@ def build_workflow(
     (``SCALEODM_S3__ENDPOINT_URL``, ``…__REGION``, ``…__BUCKET``); the credentials always come
     from the Secret ``settings.s3_secret``. ``ValueError`` for a task id that is not a uuid or
     for credentials in ``s3_env``; ``ArgoTemplateError`` for an option value holding ``{{``.
+    Every container string Kubernetes would expand is escaped (``$`` → ``$$``, module docstring).
     """
     if not is_task_id(spec.task_id):
         raise ValueError(f"not a task uuid: {spec.task_id!r}")
@@ -296,4 +350,6 @@ def build_workflow(
         ),
     )
     manifest: dict[str, Any] = workflow.model_dump(mode="json", by_alias=True, exclude_none=True)
+    # Last step, over every container: nothing the kubelet expands is left unescaped.
+    escape_for_kubernetes(_containers(manifest))
     return manifest

@@ -12,7 +12,7 @@
   JS ``String(v)`` would print them.
 - ``add_post_processing_options`` is §5.4, ``to_engine_args`` the option part of §5.5.
 
-Deliberate differences from NodeODM (supersets or crash avoidance, never a stricter rule):
+Deliberate differences from NodeODM (supersets or crash avoidance):
 
 - An array entry that is not an object (e.g. ``null``) is ignored like an entry without ``name``;
   NodeODM throws a TypeError there.
@@ -20,6 +20,22 @@ Deliberate differences from NodeODM (supersets or crash avoidance, never a stric
   dropped: NodeODM keeps a value-less entry that no engine command line can represent.
 - ``json`` domain: the value must be a *string* that JSON-parses, as §5.2 states (JavaScript's
   ``JSON.parse`` would also accept a number or boolean after coercing it to a string).
+
+Deliberately stricter than NodeODM (security; no ODM option can use what they refuse). Every
+accepted value is a scalar of the option's declared type, so what is stored, shown and handed to
+the engine is plain data:
+
+- An array or object value is refused for ``int``, ``float``, ``string`` and ``path`` options
+  (``Invalid value <v> (arrays and objects are not accepted)``). NodeODM stores it verbatim for
+  string options and ``parseInt``s ``[5]`` to 5; ``bool`` and ``enum`` options already refuse
+  them with NodeODM's own messages.
+- A ``string``/``path`` option's value is stored as the argument the engine gets (§5.5): a number
+  as its JS ``String()`` form (``7`` -> ``"7"``), ``null``/``false`` dropped (no argument either
+  way); ``true`` (a bare flag, which a string option cannot take) is refused.
+- A string value containing ``{{`` is refused in every option: it is template syntax to the
+  workflow engine runs are built with (Argo), and no ODM option value needs it.
+- Values echoed in messages are cut after ``SHOWN_MAX_CHARS`` characters (``...`` appended), so an
+  options error stays bounded whatever the input.
 
 Pure logic: no I/O beyond reading the packaged catalog, no framework imports.
 """
@@ -352,11 +368,27 @@ def _to_bool(raw: object) -> bool:
         return True
     if isinstance(raw, str) and raw in ("false", "0"):
         return False
-    raise _OptionValueError(f"Cannot convert {js_to_string(raw)} to boolean")
+    raise _OptionValueError(f"Cannot convert {_shown(raw)} to boolean")
+
+
+SHOWN_MAX_CHARS: Final = 200
+TEMPLATE_MARKER: Final = "{{"
+
+
+def _shown(value: object) -> str:
+    """``String(value)`` as a message shows it: at most ``SHOWN_MAX_CHARS`` characters."""
+    text = js_to_string(value)
+    return text if len(text) <= SHOWN_MAX_CHARS else text[:SHOWN_MAX_CHARS] + "..."
+
+
+def _not_scalar(value: object) -> _OptionValueError:
+    return _OptionValueError(f"Invalid value {_shown(value)} (arrays and objects are not accepted)")
 
 
 def _convert(spec: OptionSpec, raw: object) -> object:
-    """§5.1 step 4: type conversion with JS semantics."""
+    """§5.1 step 4: type conversion with JS semantics (arrays and objects refused, see above)."""
+    if isinstance(raw, list | dict) and spec.type in ("int", "float"):
+        raise _not_scalar(raw)  # before parseInt/parseFloat would make [5] a 5
     if spec.type == "int":
         return js_parse_int(raw)
     if spec.type == "float":
@@ -440,16 +472,36 @@ def _check_domain(domain: str | tuple[str, ...], value: object) -> None:
     if isinstance(domain, tuple):
         # Enum: strictly one of the strings.
         if not (isinstance(value, str) and value in domain):
-            raise _OptionValueError(f"Invalid value {js_to_string(value)} (not in enum)")
+            raise _OptionValueError(f"Invalid value {_shown(value)} (not in enum)")
         return
     for pattern, check in _DOMAIN_RULES:
         match = pattern.fullmatch(domain)
         if match is not None:
             if not check(match, value):
                 # NaN lands here for every numeric domain: "Invalid value NaN (out of range)".
-                raise _OptionValueError(f"Invalid value {js_to_string(value)} (out of range)")
+                raise _OptionValueError(f"Invalid value {_shown(value)} (out of range)")
             return
-    raise _OptionValueError(f"Domain value cannot be handled: '{domain}' : '{js_to_string(value)}'")
+    raise _OptionValueError(f"Domain value cannot be handled: '{domain}' : '{_shown(value)}'")
+
+
+def _as_declared(spec: OptionSpec, value: object) -> object:
+    """A domain-checked value as a scalar of the declared type (stricter rules, see above);
+    ``_UNDEFINED`` when the engine would get no argument from it. After the domain check, so
+    that what NodeODM refuses is refused with NodeODM's message."""
+    if spec.type in ("string", "path"):
+        if isinstance(value, list | dict):
+            raise _not_scalar(value)
+        if value is None or value is False:
+            return _UNDEFINED  # §5.5: no argument either way
+        if value is True:
+            raise _OptionValueError("Invalid value true (not a string)")
+        if _is_number(value):
+            value = js_to_string(value)  # §5.5: the engine gets String(value)
+    if isinstance(value, str) and TEMPLATE_MARKER in value:
+        raise _OptionValueError(
+            f"Invalid value {_shown(value)} ({TEMPLATE_MARKER} is not accepted)"
+        )
+    return value
 
 
 def _cap(value: object, cap: int) -> object:
@@ -496,6 +548,8 @@ def validate_options(
             value = _convert(spec, raw_value)  # §5.1 step 4
             if isinstance(spec.domain, tuple) or spec.domain:  # §5.1 step 5: non-empty domain
                 _check_domain(spec.domain, value)
+            if value is not _UNDEFINED:
+                value = _as_declared(spec, value)
         except _OptionValueError as exc:
             errors.append({"name": spec.name, "error": str(exc)})
             continue

@@ -17,13 +17,30 @@ as they arrive from the client):
   writer aborts when the block is left without ``complete()`` (an exception, a cancellation, or
   a forgotten ``complete``). The abort request is shielded from a second cancellation so that a
   client disconnect cannot leave it half-sent.
+
+Part buffers (``PartBuffers``, ``S3.buffers``) bound a process's upload memory: at most
+``upload_buffers`` writers hold a part's bytes at once, whatever the number of uploads. A writer
+draws on them through a ``BufferAccount``: one per upload, or one per request in the gateway (bound
+with ``account.bound()``, so every writer the request opens shares it); an account holds at most
+one buffer. An account's wait for a buffer is bounded (``wait_s``: then ``BuffersBusyError``), and
+so is its hold while it fills a part (``hold_s``): an account past that deadline is preempted, but
+only while another account waits — a slow upload costs nobody anything when buffers are free, and
+memory is bounded by the number of buffers either way; cutting it then would only fail uploads on
+slow links. Preemption calls the account's ``on_preempt`` (the gateway's body reader raises at
+once, even while it waits for the client) and its next ``write`` raises ``BufferPreemptedError``.
+The hold clock runs only while the buffer fills: it stops while a part goes to S3 and restarts
+after it, so a slow S3 never preempts anyone.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
-from collections.abc import AsyncIterator, Awaitable
+import contextvars
+import math
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -39,6 +56,184 @@ MIN_PART = 5 * 1024 * 1024
 MAX_PARTS = 10_000  # S3's limit on the number of parts of one multipart upload
 
 _background: set[asyncio.Task[Any]] = set()  # shielded cleanups still running after a cancel
+
+
+class BuffersBusyError(Exception):
+    """No part buffer came free within the account's ``wait_s``."""
+
+
+class BufferPreemptedError(Exception):
+    """The account held a part buffer past its hold deadline while another account waited."""
+
+
+class BufferAccount:
+    """One upload's (or one request's) draw on the process's part buffers: at most one at a time.
+
+    ``acquire`` is a no-op while the account holds its buffer, so writers sharing an account (one
+    after the other, as the files of one request) never hold two. Not for concurrent writers.
+    """
+
+    def __init__(self, pool: PartBuffers, wait_s: float | None, hold_s: float | None) -> None:
+        self.pool = pool
+        self.wait_s = wait_s
+        self.hold_s = hold_s
+        self.holding = False
+        self.preempted = False
+        self.deadline = math.inf  # loop time the current part must be full by (inf: no clock)
+        self.on_preempt: Callable[[BaseException], None] | None = None
+
+    async def acquire(self) -> None:
+        """Hold one buffer; waits at most ``wait_s`` (``BuffersBusyError``)."""
+        self.check()
+        if not self.holding:
+            await self.pool._acquire(self)
+
+    def check(self) -> None:
+        """Raise ``BufferPreemptedError`` once the account has been preempted."""
+        if self.preempted:
+            raise self._preempted_error()
+
+    def renew(self) -> None:
+        """A new part starts filling: the hold clock restarts."""
+        if self.holding and self.hold_s is not None:
+            self.deadline = asyncio.get_running_loop().time() + self.hold_s
+            self.pool._review()  # someone may wait: watch the new deadline
+
+    def suspend(self) -> None:
+        """The part is full and on its way to S3: the hold clock stops until ``renew``."""
+        self.deadline = math.inf
+
+    def release(self) -> None:
+        """Give the buffer back (idempotent); the longest waiter gets it."""
+        self.pool._release(self)
+
+    @contextlib.contextmanager
+    def bound(self) -> Iterator[BufferAccount]:
+        """Writers opened inside the block (``S3.writer``) draw on this account; the buffer is
+        given back when the block is left."""
+        token = _bound_account.set(self)
+        try:
+            yield self
+        finally:
+            _bound_account.reset(token)
+            self.release()
+
+    def _preempted_error(self) -> BufferPreemptedError:
+        return BufferPreemptedError(
+            f"held a part buffer more than {self.hold_s:g} s without filling it while other "
+            "uploads waited"
+        )
+
+    def _preempt(self) -> None:
+        self.preempted = True
+        if self.on_preempt is not None:
+            self.on_preempt(self._preempted_error())
+
+
+_bound_account: contextvars.ContextVar[BufferAccount | None] = contextvars.ContextVar(
+    "scaleodm_s3_buffer_account", default=None
+)
+
+
+class PartBuffers:
+    """The process's part buffers (``S3Settings.upload_buffers``; None = unbounded).
+
+    Waiters are served first come, first served. While anyone waits, the holders past their hold
+    deadline are preempted, the longest overdue first and no more than there are waiters; a
+    timer reviews the holders again at the next deadline.
+    """
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit
+        self._held: set[BufferAccount] = set()
+        self._waiters: collections.deque[tuple[BufferAccount, asyncio.Future[None]]] = (
+            collections.deque()
+        )
+        self._timer: asyncio.TimerHandle | None = None
+
+    def account(self, *, wait_s: float | None = None, hold_s: float | None = None
+                ) -> BufferAccount:
+        """A new account; ``None`` = wait as long as it takes / no hold deadline."""
+        return BufferAccount(self, wait_s, hold_s)
+
+    @property
+    def held(self) -> int:
+        return len(self._held)
+
+    @property
+    def waiting(self) -> int:
+        return sum(1 for _, fut in self._waiters if not fut.done())
+
+    async def _acquire(self, account: BufferAccount) -> None:
+        if self.limit is None:
+            account.holding = True
+            account.renew()
+            return
+        if len(self._held) < self.limit and not self._waiters:
+            self._grant(account)
+            return
+        entry = (account, asyncio.get_running_loop().create_future())
+        self._waiters.append(entry)
+        self._review()
+        try:
+            async with asyncio.timeout(account.wait_s):
+                await entry[1]
+        except TimeoutError:
+            if not account.holding:  # (granted just as the wait ran out: keep it)
+                raise BuffersBusyError(
+                    f"no part buffer came free within {account.wait_s:g} s"
+                ) from None
+        except BaseException:
+            self._release(account)  # cancelled, perhaps just after the grant
+            raise
+        finally:
+            if entry in self._waiters:
+                self._waiters.remove(entry)
+            self._settle()
+
+    def _grant(self, account: BufferAccount) -> None:
+        account.holding = True
+        self._held.add(account)
+        account.renew()
+
+    def _release(self, account: BufferAccount) -> None:
+        if not account.holding:
+            return
+        account.holding = False
+        account.suspend()
+        self._held.discard(account)
+        while self._waiters and self.limit is not None and len(self._held) < self.limit:
+            waiter, fut = self._waiters.popleft()
+            if fut.done():  # given up (timed out or cancelled)
+                continue
+            self._grant(waiter)
+            fut.set_result(None)
+        self._settle()
+
+    def _settle(self) -> None:
+        if not self.waiting and self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _review(self) -> None:
+        """Preempt overdue holders for the waiters; arm the timer for the next deadline."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        waiting = self.waiting
+        if not waiting:
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        leaving = sum(1 for a in self._held if a.preempted)  # cut off, not yet released
+        overdue = sorted((a for a in self._held if not a.preempted and a.deadline <= now),
+                         key=lambda a: a.deadline)
+        for account in overdue[: max(0, waiting - leaving)]:
+            account._preempt()
+        upcoming = min((a.deadline for a in self._held if not a.preempted and a.deadline > now),
+                       default=math.inf)
+        if upcoming < math.inf:
+            self._timer = loop.call_at(upcoming, self._review)
 
 
 @dataclass(frozen=True)
@@ -70,9 +265,7 @@ class S3:
         self.client = client
         self.settings = settings
         # The process's part buffers: bounds upload memory however many uploads run at once.
-        self.buffers = (
-            asyncio.Semaphore(settings.upload_buffers) if settings.upload_buffers > 0 else None
-        )
+        self.buffers = PartBuffers(settings.upload_buffers if settings.upload_buffers > 0 else None)
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -115,10 +308,16 @@ class S3:
         extra = {"ContentType": content_type} if content_type else {}
         await self.client.put_object(Bucket=url.bucket, Key=url.key, Body=data, **extra)
 
-    def writer(self, url: S3Url, content_type: str | None = None) -> S3Writer:
-        """A streaming writer for one object; see ``S3Writer``."""
+    def writer(self, url: S3Url, content_type: str | None = None,
+               account: BufferAccount | None = None) -> S3Writer:
+        """A streaming writer for one object; see ``S3Writer``.
+
+        It draws on ``account``, else on the account bound by ``BufferAccount.bound``, else on an
+        account of its own (no wait or hold bound).
+        """
+        account = account or _bound_account.get() or self.buffers.account()
         return S3Writer(self.client, url, max(MIN_PART, self.settings.part_size_bytes),
-                        content_type, self.buffers)
+                        content_type, account)
 
     async def upload_stream(self, url: S3Url, chunks: AsyncIterator[bytes]) -> int:
         """Upload an async byte stream; memory is bounded by one part. Returns bytes written."""
@@ -207,7 +406,7 @@ class S3Writer:
 
     def __init__(self, client: Any, url: S3Url, part_size: int,
                  content_type: str | None = None,
-                 budget: asyncio.Semaphore | None = None) -> None:
+                 account: BufferAccount | None = None) -> None:
         if part_size < MIN_PART:
             raise ValueError(f"part size {part_size} is below S3's minimum of {MIN_PART}")
         self.client = client
@@ -219,8 +418,8 @@ class S3Writer:
         self._upload_id: str | None = None
         self._parts: list[dict[str, Any]] = []
         self._state = "open"  # -> "completed" | "aborted"
-        self._budget = budget
-        self._holding = False  # this writer holds one of the process's part buffers
+        self._account = account
+        self._holding = False  # this writer holds its account's part buffer
 
     @property
     def bytes_written(self) -> int:
@@ -246,9 +445,11 @@ class S3Writer:
     async def write(self, data: bytes) -> None:
         """Buffer ``data``; upload every full part right away (awaited: back-pressure).
 
-        With a budget, a writer first waits for one of the process's part buffers, so many
-        concurrent uploads hold at most ``budget`` parts in memory; the others stop reading
-        their requests meanwhile (TCP back-pressure on their clients).
+        With an account, a writer first takes one of the process's part buffers, so many
+        concurrent uploads hold at most ``upload_buffers`` parts in memory; the others stop
+        reading their requests meanwhile (TCP back-pressure on their clients). Raises
+        ``BuffersBusyError`` when none came free in time and ``BufferPreemptedError`` once the
+        account was preempted (see the module docstring).
         """
         self._check_open()
         if not data:
@@ -260,19 +461,25 @@ class S3Writer:
             # Hand the buffer itself to the upload (no copy of a whole part); keep the tail.
             body, self._buf = self._buf, self._buf[self.part_size:]
             del body[self.part_size:]
+            if self._account is not None:
+                self._account.suspend()
             await self._upload_part(body)
+            if self._account is not None:
+                self._account.renew()
         if not self._buf:
             self._release()
 
     async def _hold(self) -> None:
-        if self._budget is not None and not self._holding:
-            await self._budget.acquire()
-            self._holding = True
+        if self._account is not None:
+            self._account.check()
+            if not self._holding:
+                await self._account.acquire()
+                self._holding = True
 
     def _release(self) -> None:
-        if self._budget is not None and self._holding:
+        if self._account is not None and self._holding:
             self._holding = False
-            self._budget.release()
+            self._account.release()
 
     async def _upload_part(self, body: bytes | bytearray) -> None:
         if len(self._parts) >= MAX_PARTS:
@@ -294,6 +501,8 @@ class S3Writer:
         if self._state == "completed":
             return self._total
         self._check_open()
+        if self._account is not None:
+            self._account.suspend()  # nothing more to fill
         if self._upload_id is None:  # smaller than one part: a single PUT
             await self.client.put_object(
                 Bucket=self.url.bucket, Key=self.url.key, Body=bytes(self._buf), **self._extra()
@@ -355,3 +564,70 @@ def task_inputs(bucket: str, task_id: str) -> S3Url:
 
 def task_outputs(bucket: str, task_id: str) -> S3Url:
     return S3Url(bucket, f"tasks/{task_id}/outputs/")
+
+
+TASKS_ROOT = "tasks/"  # all tasks' inputs and outputs live under this prefix of the service bucket
+_BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+_IPV4_LIKE = re.compile(r"[0-9]+\.[0-9]+\.[0-9]+\.[0-9]+")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def valid_bucket(name: str) -> bool:
+    """S3 bucket naming: 3-63 of ``a-z 0-9 . -``, alphanumeric ends, no ``..``, not an IP."""
+    return (
+        _BUCKET_NAME.fullmatch(name) is not None
+        and ".." not in name and ".-" not in name and "-." not in name
+        and _IPV4_LIKE.fullmatch(name) is None
+    )
+
+
+def safe_key(key: str) -> bool:
+    """No empty, ``.`` or ``..`` segment and no control character (a trailing ``/`` is fine).
+
+    S3 keys are literal (``a/../b`` is its own key), but such keys mean something else to
+    anything that normalises paths, so they are never read.
+    """
+    if key == "":
+        return True
+    body = key[:-1] if key.endswith("/") else key
+    return _CONTROL.search(key) is None and all(
+        seg not in ("", ".", "..") for seg in body.split("/")
+    )
+
+
+def _allowed_location(text: str) -> S3Url | None:
+    """An ``input_allow`` entry as a prefix (``s3://b/p`` means ``s3://b/p/``); None if invalid."""
+    try:
+        loc = parse_s3_url(text.strip())
+    except ValueError:
+        return None
+    if not valid_bucket(loc.bucket) or not safe_key(loc.key):
+        return None
+    return loc if loc.is_prefix else S3Url(loc.bucket, loc.key + "/")
+
+
+def input_allowed(url: S3Url, *, task_id: str, bucket: str, allow: Sequence[str]) -> bool:
+    """May the run of ``task_id`` read ``url`` (an object, or a prefix it will list)?
+
+    Yes when ``url`` is under the task's own upload prefix ``tasks/<task_id>/inputs/`` in the
+    service ``bucket``, or under one of the operator's ``allow`` locations (``S3Settings.
+    input_allow``, ``s3://bucket/prefix/``; matched segment-wise, so ``s3://b/allowed`` does
+    not cover ``s3://b/allowed-other/``). Never anything else under ``tasks/`` of the service
+    bucket, nor a prefix whose listing would reach into it, whatever ``allow`` says. Invalid
+    bucket names and unsafe keys (see ``safe_key``) are refused. Pure: no S3 call.
+    """
+    if not valid_bucket(url.bucket) or not safe_key(url.key):
+        return False
+    if task_id and "/" not in task_id and safe_key(task_id):
+        own = task_inputs(bucket, task_id)
+        if url.bucket == own.bucket and url.key.startswith(own.key):
+            return True
+    if url.bucket == bucket and (
+        url.key.startswith(TASKS_ROOT) or (url.is_prefix and TASKS_ROOT.startswith(url.key))
+    ):
+        return False
+    for text in allow:
+        loc = _allowed_location(text)
+        if loc is not None and url.bucket == loc.bucket and url.key.startswith(loc.key):
+            return True
+    return False

@@ -230,7 +230,8 @@ class TaskStore:
         if start >= total:
             return []
         cursor = self.events.find(
-            {"task_id": task_id, "attempt": attempt, "kind": "output", "line_end": {"$gt": start}},
+            {"task_id": task_id, "attempt": attempt, "kind": "output",
+             "line_end": {"$gt": start}, "line_start": {"$lt": total}},  # only chunks in range
             {"line_start": 1, "body": 1},
         ).sort("line_start", ASCENDING)
         lines: list[str] = []
@@ -282,11 +283,19 @@ class MongoHandle:
 
 
 async def open_store(settings: MongoSettings, appname: str) -> MongoHandle:
+    """Connect (credentials from ``username``/``password`` when set, else those in the URL, if
+    any; the user authenticates against ``admin`` unless the URL names ``authSource``)."""
+    credentials: dict[str, Any] = {}
+    if settings.username is not None:
+        credentials["username"] = settings.username
+        if settings.password is not None:
+            credentials["password"] = settings.password.get_secret_value()
     client: AsyncMongoClient[Doc] = AsyncMongoClient(
         settings.url,
         tz_aware=True,
         serverSelectionTimeoutMS=settings.server_selection_timeout_ms,
         appname=appname,
+        **credentials,
     )
     store = TaskStore(client[settings.database])
     await store.ensure_indexes()

@@ -4,6 +4,11 @@ Files stream from the request into S3 as they arrive (``multipart.stream_form`` 
 uploads), so memory stays bounded whatever the upload size and nothing touches local disk. A
 chunked upload's state is in MongoDB and S3 only, so any gateway replica can serve any of its
 requests. Commit validates and answers at once; fetching and processing happen in the run.
+
+Task ids are canonical (lower-case, ``contracts.ids.canonical_task_id``) from the moment they
+enter: ``set-uuid`` and the ``{uuid}`` of upload/commit. Init and commit answer the canonical
+id: a departure from NodeODM's "echo exactly as given" (§3.5) that ClusterODM, which sends the
+lower-case v4 uuids it generates, cannot see.
 """
 
 from __future__ import annotations
@@ -15,27 +20,31 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from scaleodm.common import netguard
-from scaleodm.common.contracts.ids import is_task_id
+from scaleodm.common.contracts.ids import canonical_task_id
 from scaleodm.common.logging import bind_task, get_logger
 from scaleodm.common.store import s3 as s3mod
 from scaleodm.common.store.tasks import TaskExistsError
 from scaleodm.common.store.uploads import UploadNotFoundError
-from scaleodm.gateway import models, multipart, openapi, submission, uploads
+from scaleodm.gateway import bodies, models, multipart, openapi, submission, uploads
 from scaleodm.gateway.deps import Resources, ResourcesDep, TokenDep
-from scaleodm.gateway.errors import NodeOdmError
+from scaleodm.gateway.errors import NodeOdmError, shown
 
 log = get_logger(__name__)
 router = APIRouter(tags=["nodeodm"], dependencies=[TokenDep])
 
 
 async def _checked_set_uuid(request: Request, res: Resources) -> str | None:
-    set_uuid = request.headers.get("set-uuid") or None  # empty counts as absent (NodeODM)
-    if set_uuid is not None and (
-        not is_task_id(set_uuid) or await res.store.get_task(set_uuid, include_removed=True)
-    ):
-        raise NodeOdmError(f"Invalid set-uuid: {set_uuid}")
-    return set_uuid
+    """The canonical id of ``set-uuid``; None when absent or empty (NodeODM)."""
+    set_uuid = request.headers.get("set-uuid") or None
+    if set_uuid is None:
+        return None
+    task_id = canonical_task_id(set_uuid)
+    if task_id is None or await res.store.get_task(task_id, include_removed=True):
+        raise NodeOdmError(f"Invalid set-uuid: {shown(set_uuid)}")
+    return task_id
+
+
+UPLOADS_BUSY = "Server busy: too many uploads in progress, please retry"
 
 
 async def _parse(
@@ -48,13 +57,29 @@ async def _parse(
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise NodeOdmError(f"Request too large (limit {limit} bytes)")
+    # One part buffer at most for the whole request, its wait and hold bounded (store/s3.py);
+    # a preemption cuts the body read short, even while it waits for the client.
+    account = res.s3.buffers.account(wait_s=res.settings.upload_buffer_wait_s,
+                                     hold_s=res.settings.upload_buffer_hold_s)
+    body = bodies.BodyReader(request.stream(), res.settings.body_idle_timeout_s)
+    account.on_preempt = body.interrupt
     try:
-        return await multipart.stream_form(
-            request.stream(), ctype, open_sink, max_body_bytes=limit
-        )
-    except multipart.MultipartError as exc:
+        with account.bound():
+            return await multipart.stream_form(
+                body.chunks(), ctype, open_sink, max_body_bytes=limit,
+                max_field_bytes=res.settings.max_field_bytes,
+                max_fields=res.settings.max_form_fields,
+                max_text_bytes=res.settings.max_form_text_bytes,
+            )
+    except (multipart.MultipartError, bodies.BodyError) as exc:
         await cleanup(exc)
         raise NodeOdmError(str(exc)) from exc
+    except s3mod.BuffersBusyError as exc:
+        await cleanup(exc)
+        raise NodeOdmError(UPLOADS_BUSY) from exc
+    except s3mod.BufferPreemptedError as exc:
+        await cleanup(exc)
+        raise NodeOdmError(f"Upload too slow: {exc}, please retry") from exc
     except BaseException as exc:  # client gone, S3 down: drop what was stored, then re-raise
         await asyncio.shield(cleanup(exc))
         raise
@@ -86,12 +111,12 @@ async def create_task(request: Request, res: ResourcesDep) -> dict[str, str]:
                 raise NodeOdmError(f"{count} images uploaded, but this node can only process "
                                    f"up to {settings.max_images}.")
             fields = submission.TaskFields.from_text(form.text)
-            options = submission.validated_options(fields.options, skip_pp=fields.skip_pp)
+            options = await submission.accepted_options(res, fields)
             sources = [str(inputs)] if count else []
             if zipurl:
                 sources.append(await submission.check_zipurl(
-                    zipurl, settings.zipurl_schemes,
-                    netguard.OutboundPolicy(settings.outbound_allow),
+                    zipurl, settings.zipurl_schemes, submission.outbound_policy(res),
+                    task_id=task_id, bucket=settings.s3.bucket, s3_allow=settings.s3.input_allow,
                 ))
             await submission.submit(res, task_id, fields, options=options, sources=sources,
                                     images_count=count)
@@ -114,13 +139,13 @@ async def init_task(request: Request, res: ResourcesDep) -> dict[str, str]:
 
     form = await _parse(request, res, uploads.refuse_files(), cleanup=nothing)
     fields = submission.TaskFields.from_text(form.text)
-    submission.validated_options(fields.options, skip_pp=fields.skip_pp)  # pre-check (§5.3)
+    await submission.accepted_options(res, fields)  # pre-check (§5.3)
     try:
         await res.uploads.init(upload_id, fields.to_dict())
     except UploadNotFoundError as exc:  # committed meanwhile: it is a task now
         raise NodeOdmError(f"Invalid set-uuid: {upload_id}") from exc
     log.info("upload opened", task_id=upload_id)
-    return {"uuid": upload_id}  # echoed exactly as given (ClusterODM compares it)
+    return {"uuid": upload_id}  # canonical; ClusterODM compares it with its lower-case uuid
 
 
 @router.post("/task/new/upload/{uuid}", operation_id="nodeodm-upload_files", response_model=None,
@@ -128,20 +153,23 @@ async def init_task(request: Request, res: ResourcesDep) -> dict[str, str]:
              openapi_extra=openapi.UPLOAD_BODY)
 async def upload_files(uuid: str, request: Request, res: ResourcesDep) -> dict[str, Any]:
     """Add files to an open upload; duplicate names are renamed as NodeODM does (§3.5)."""
+    task_id = canonical_task_id(uuid)
     try:
-        await res.uploads.get_open(uuid)
+        if task_id is None:
+            raise UploadNotFoundError(uuid)
+        await res.uploads.get_open(task_id)
     except UploadNotFoundError as exc:
         raise NodeOdmError("Invalid uuid (not found)") from exc
-    inputs = s3mod.task_inputs(res.settings.s3.bucket, uuid)
-    registry = uploads.NameRegistry(upload_id=uuid, uploads=res.uploads)
+    inputs = s3mod.task_inputs(res.settings.s3.bucket, task_id)
+    registry = uploads.NameRegistry(upload_id=task_id, uploads=res.uploads)
 
     async def drop_completed(exc: BaseException) -> None:
         for stored in multipart.completed_files(exc):
             with contextlib.suppress(Exception):
                 await res.s3.delete(s3mod.S3Url(inputs.bucket, inputs.key + stored.result))
-                await res.uploads.release_name(uuid, stored.result)
+                await res.uploads.release_name(task_id, stored.result)
 
-    with bind_task(uuid):
+    with bind_task(task_id):
         form = await _parse(request, res, uploads.s3_sinks(res.s3, inputs, registry),
                             cleanup=drop_completed)
         if not form.files:
@@ -155,13 +183,16 @@ async def upload_files(uuid: str, request: Request, res: ResourcesDep) -> dict[s
 async def commit_task(uuid: str, res: ResourcesDep) -> dict[str, str]:
     """Turn an upload into a task and queue it; heavy work happens in the run (§3.5)."""
     settings = res.settings
-    inputs = s3mod.task_inputs(settings.s3.bucket, uuid)
-    with bind_task(uuid):
-        session = await res.uploads.get(uuid)
+    task_id = canonical_task_id(uuid)
+    if task_id is None:
+        raise NodeOdmError("Invalid uuid (not found)")
+    inputs = s3mod.task_inputs(settings.s3.bucket, task_id)
+    with bind_task(task_id):
+        session = await res.uploads.get(task_id)
         # A session committed without a task: the commit that closed it died before creating
         # the task; this (retried) commit finishes it. With a task, it is one no longer.
         if session is None or (
-            session.get("committed") and await res.store.get_task(uuid, include_removed=True)
+            session.get("committed") and await res.store.get_task(task_id, include_removed=True)
         ):
             raise NodeOdmError("Invalid uuid (not found)")
         try:
@@ -169,15 +200,15 @@ async def commit_task(uuid: str, res: ResourcesDep) -> dict[str, str]:
         except (TypeError, ValueError) as exc:
             raise NodeOdmError("Malformed body.json") from exc
         try:
-            options = submission.validated_options(fields.options, skip_pp=fields.skip_pp)
+            options = await submission.accepted_options(res, fields)
         except NodeOdmError:
-            await _discard(res, uuid, inputs)
+            await _discard(res, task_id, inputs)
             raise
-        count = len(await res.uploads.stored_names(uuid))
+        count = len(await res.uploads.stored_names(task_id))
         if count == 0:
-            await _discard(res, uuid, inputs)
+            await _discard(res, task_id, inputs)
             raise NodeOdmError("Need at least 1 file.")
-        if not session.get("committed") and not await res.uploads.commit(uuid):
+        if not session.get("committed") and not await res.uploads.commit(task_id):
             raise NodeOdmError("Invalid uuid (not found)")
         await submission.failpoint(res, "gateway.commit.before_submit")
         failure = None
@@ -185,14 +216,14 @@ async def commit_task(uuid: str, res: ResourcesDep) -> dict[str, str]:
             failure = (f"{count} images uploaded, but this node can only process up to "
                        f"{settings.max_images}.")
         try:
-            await submission.submit(res, uuid, fields, options=options, sources=[str(inputs)],
+            await submission.submit(res, task_id, fields, options=options, sources=[str(inputs)],
                                     images_count=count, failure=failure)
         except NodeOdmError as exc:
             if isinstance(exc.__cause__, TaskExistsError):  # a concurrent retry created it
                 raise NodeOdmError("Invalid uuid (not found)") from exc
             raise
-        await res.uploads.delete(uuid)
-    return {"uuid": uuid}
+        await res.uploads.delete(task_id)
+    return {"uuid": task_id}
 
 
 async def _discard(res: Resources, upload_id: str, inputs: s3mod.S3Url) -> None:

@@ -17,27 +17,35 @@ Both: ``event:`` = the event kind, ``data:`` = the event JSON as on the bus (Asy
 ``Last-Event-ID`` header (what EventSource sends) or ``?since=<id>`` (the header wins); the next
 event is the one after that id. Heartbeat comments every ``sse_heartbeat_s``; at shutdown the
 streams end cleanly (clients reconnect elsewhere). Token as on every route (``?token=``). Errors
-before the stream starts are NodeODM-style: 200 ``{"error": ...}``.
+before the stream starts are NodeODM-style: 200 ``{"error": ...}``, among them ``Too many event
+streams ...`` beyond ``sse_max_streams`` open streams per process or ``sse_max_streams_per_client``
+per client (the client is its ``?token=`` when the node has a token, else its address).
 How replay and live events are joined: ``scaleodm.gateway.eventstream``.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
 import anyio
-from fastapi import APIRouter, Header, Query
+from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import Response
 from sse_starlette import EventSourceResponse, ServerSentEvent
+from sse_starlette.sse import SendTimeoutError
+from starlette.types import Receive, Scope, Send
 
 from scaleodm.common.contracts import events
-from scaleodm.common.contracts.ids import is_task_id
+from scaleodm.common.contracts.ids import canonical_task_id
 from scaleodm.common.domain.status import TERMINAL_STATES, TaskState
+from scaleodm.common.logging import get_logger
+from scaleodm.common.settings import GatewaySettings
 from scaleodm.gateway import eventstream, openapi
 from scaleodm.gateway.deps import Resources, ResourcesDep, TokenDep
 from scaleodm.gateway.errors import NodeOdmError, not_found
 
+log = get_logger(__name__)
 router = APIRouter(tags=["events"], dependencies=[TokenDep])
 
 KINDS = ("queued", "running", "inputs", "progress", "output", "completed", "failed", "canceled",
@@ -45,9 +53,21 @@ KINDS = ("queued", "running", "inputs", "progress", "output", "completed", "fail
 
 
 class SseResponse(EventSourceResponse):
-    """sse-starlette's response, with its media type visible to OpenAPI."""
+    """sse-starlette's response, with its media type visible to OpenAPI; it gives its stream
+    slot back when it ends, however it ends."""
 
     media_type = "text/event-stream"
+    release: Callable[[], None] | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        except SendTimeoutError:  # the client stopped reading: not an application error
+            log.info("event stream client not reading; disconnected",
+                     send_timeout_s=self.send_timeout)
+        finally:
+            if self.release is not None:
+                self.release()
 
 
 def _inline(node: Any, defs: dict[str, Any]) -> Any:
@@ -162,25 +182,45 @@ def _cursor(last_event_id: str | None, since: str | None) -> int | None:
 
 def _hub(res: Resources) -> eventstream.EventHub:
     if res.event_hub is None:
-        res.event_hub = eventstream.EventHub(res.broker.connection, res.settings.sse_queue_size)
+        res.event_hub = eventstream.EventHub.for_settings(res.broker.connection, res.settings)
     return res.event_hub
+
+
+def client_key(request: Request, settings: GatewaySettings) -> str:
+    """Whose stream this is, for ``sse_max_streams_per_client``: the token when the node has
+    one (hashed: the key must not hold the secret), else the peer address."""
+    if settings.token is not None:
+        token = request.query_params.get("token", "")
+        return "token:" + hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
+    return "addr:" + (request.client.host if request.client else "?")
 
 
 SHUTDOWN_GRACE_S = 2.0  # streams end cleanly at shutdown (uvicorn waits up to 20 s)
 
 
 def _respond(
-    res: Resources, stream: Callable[[anyio.Event], AsyncIterator[ServerSentEvent]]
+    request: Request, res: Resources,
+    stream: Callable[[anyio.Event], AsyncIterator[ServerSentEvent]],
 ) -> SseResponse:
+    try:  # counted before anything is streamed; given back when the response ends
+        release = _hub(res).streams.take(client_key(request, res.settings))
+    except eventstream.TooManyStreamsError as exc:
+        raise NodeOdmError(str(exc)) from exc
     stop = anyio.Event()  # set by sse-starlette when the server shuts down
-    return SseResponse(
-        stream(stop),
-        ping=res.settings.sse_heartbeat_s,
-        ping_message_factory=eventstream.heartbeat,
-        send_timeout=res.settings.sse_send_timeout_s,
-        shutdown_event=stop,
-        shutdown_grace_period=SHUTDOWN_GRACE_S,
-    )
+    try:
+        response = SseResponse(
+            stream(stop),
+            ping=res.settings.sse_heartbeat_s,
+            ping_message_factory=eventstream.heartbeat,
+            send_timeout=res.settings.sse_send_timeout_s,
+            shutdown_event=stop,
+            shutdown_grace_period=SHUTDOWN_GRACE_S,
+        )
+    except BaseException:
+        release()
+        raise
+    response.release = release
+    return response
 
 
 @router.get(
@@ -188,24 +228,26 @@ def _respond(
     response_class=SseResponse, response_model=None, responses=TASK_RESPONSES,
 )
 async def stream_task_events(
-    uuid: str, res: ResourcesDep, since: SinceQuery = None,
+    uuid: str, request: Request, res: ResourcesDep, since: SinceQuery = None,
     last_event_id: LastEventIdHeader = None,
 ) -> Response:
     """One task's events as Server-Sent Events: history after the cursor, then live, until the
     current attempt's terminal event. `id` = per-task `seq`."""
     cursor = _cursor(last_event_id, since) or 0
-    doc = await res.store.get_task(uuid) if is_task_id(uuid) else None
-    if doc is None:
+    task_id = canonical_task_id(uuid)  # one spelling per task (contracts/ids.py)
+    doc = await res.store.get_task(task_id) if task_id is not None else None
+    if task_id is None or doc is None:
         raise not_found(uuid)
+    uuid = task_id
     if TaskState(doc["state"]) in TERMINAL_STATES:
         through = await res.store.terminal_seq(uuid, int(doc["attempt"]))
         if through is not None and cursor >= through:
             return Response(status_code=204)
-        return _respond(res, lambda stop: eventstream.replay_task(
+        return _respond(request, res, lambda stop: eventstream.replay_task(
             res.store, uuid, cursor, through, stop
         ))
     hub = _hub(res)
-    return _respond(res, lambda stop: eventstream.follow_task(
+    return _respond(request, res, lambda stop: eventstream.follow_task(
         res.store, hub, uuid, cursor, resync_s=res.settings.sse_heartbeat_s, stop=stop
     ))
 
@@ -215,6 +257,7 @@ async def stream_task_events(
     response_class=SseResponse, response_model=None, responses=ALL_RESPONSES,
 )
 async def stream_events(
+    request: Request,
     res: ResourcesDep,
     status: Annotated[
         list[int] | None,
@@ -232,6 +275,7 @@ async def stream_events(
         raise NodeOdmError(f"Invalid status: {unknown[0]}")
     cursor = _cursor(last_event_id, since)
     subjects = eventstream.status_filter(statuses)
-    return _respond(res, lambda stop: eventstream.follow_all(
-        res.broker.connection, cursor, subjects, stop=stop
+    return _respond(request, res, lambda stop: eventstream.follow_all(
+        res.broker.connection, cursor, subjects, stop=stop,
+        max_pending_bytes=res.settings.sse_max_pending_bytes,
     ))

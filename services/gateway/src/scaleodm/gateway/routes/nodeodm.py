@@ -1,24 +1,36 @@
-"""The NodeODM REST API (nodeodm-api.md), as PyODM, WebODM and ClusterODM call it."""
+"""The NodeODM REST API (nodeodm-api.md), as PyODM, WebODM and ClusterODM call it.
+
+Hardened on purpose (departures from NodeODM that its clients do not notice):
+
+- Task ids are canonical (lower-case) from the moment they enter, ``{uuid}`` and action bodies
+  alike (``contracts.ids.canonical_task_id``): one task, one spelling.
+- Console output comes in pages of at most ``output_page_lines`` lines from where the client
+  asked. WebODM polls ``with_output=<lines it has>`` and appends, CloudODM polls
+  ``output?line=<lines seen>`` (§12.2, §12.4), so a short page is simply continued by the next poll.
+- cancel/remove/restart bodies are read up to ``max_action_body_bytes`` and no further, with
+  the body idle timeout (``bodies.read_capped``).
+"""
 
 from __future__ import annotations
 
 import json
 import os
 from typing import Annotated, Any
+from urllib.parse import parse_qsl
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
 from scaleodm.common.contracts import bus, commands, events
-from scaleodm.common.contracts.ids import TaskId
+from scaleodm.common.contracts.ids import TaskId, canonical_task_id
 from scaleodm.common.domain import options as odm_options
 from scaleodm.common.domain import taskinfo
 from scaleodm.common.domain.status import TERMINAL_STATES, TaskState
 from scaleodm.common.logging import bind_task, get_logger
 from scaleodm.common.store import s3 as s3mod
-from scaleodm.gateway import downloads, models, openapi, submission
+from scaleodm.gateway import bodies, downloads, models, openapi, submission
 from scaleodm.gateway.deps import ResourcesDep, TokenDep
-from scaleodm.gateway.errors import NodeOdmError, not_found
+from scaleodm.gateway.errors import NodeOdmError, not_found, shown
 
 log = get_logger(__name__)
 router = APIRouter(tags=["nodeodm"], dependencies=[TokenDep])
@@ -67,10 +79,12 @@ async def list_tasks(res: ResourcesDep) -> list[dict[str, str]]:
     return [{"uuid": t} for t in await res.store.list_task_ids()]
 
 
-async def _task_or_error(res: ResourcesDep, task_id: str) -> dict[str, Any]:
-    doc = await res.store.get_task(task_id)
+async def _task_or_error(res: ResourcesDep, uuid: str) -> dict[str, Any]:
+    """The task a ``{uuid}`` path parameter names, else NodeODM's ``<uuid> not found``."""
+    task_id = canonical_task_id(uuid)
+    doc = await res.store.get_task(task_id) if task_id is not None else None
     if doc is None:
-        raise not_found(task_id)
+        raise not_found(uuid)
     return doc
 
 
@@ -93,9 +107,11 @@ async def read_task_info(
 
 
 async def _output(res: ResourcesDep, doc: dict[str, Any], n: int) -> list[str]:
+    """Lines from NodeODM's slice start for ``n`` on (§3.6), one page at most."""
     total = int(doc.get("output_lines", 0))
     start = taskinfo.slice_start(n, total)
-    return await res.store.read_output(doc["_id"], doc["attempt"], start, total)
+    end = min(total, start + res.settings.output_page_lines)
+    return await res.store.read_output(doc["_id"], doc["attempt"], start, end)
 
 
 @router.get("/task/{uuid}/output", operation_id="nodeodm-read_task_output", response_model=None,
@@ -108,21 +124,40 @@ async def read_task_output(
     return await _output(res, doc, taskinfo.parse_line_param(line))
 
 
-async def _action_body(request: Request) -> dict[str, Any]:
-    """cancel/remove/restart bodies: urlencoded or JSON (NodeODM §1.5)."""
+async def _capped_body(request: Request, res: ResourcesDep) -> bytes:
+    """The whole body, at most ``max_action_body_bytes`` of it, with the body idle timeout.
+
+    What follows the cap is not kept: the server drops the rest of an unread body as it
+    arrives. The connection is not closed on purpose: closing with unread input makes the
+    kernel reset it, and the client would lose the answer it is sent.
+    """
+    try:
+        return await bodies.read_capped(
+            request.stream(), res.settings.max_action_body_bytes,
+            res.settings.body_idle_timeout_s,
+            content_length=request.headers.get("content-length"),
+        )
+    except bodies.BodyError as exc:
+        raise NodeOdmError(str(exc)) from exc
+
+
+async def _action_body(request: Request, res: ResourcesDep) -> dict[str, Any]:
+    """cancel/remove/restart bodies: urlencoded or JSON (NodeODM §1.5), size-capped."""
     ctype = request.headers.get("content-type", "")
     if ctype.startswith("application/json"):
-        raw = await request.body()
+        raw = await _capped_body(request, res)
         if not raw.strip():
             return {}
         try:
             body = json.loads(raw)
         except (ValueError, RecursionError) as exc:  # RecursionError: nested too deep
-            raise NodeOdmError(str(exc)) from exc
+            raise NodeOdmError(shown(str(exc))) from exc
         return body if isinstance(body, dict) else {}
     if ctype.startswith("application/x-www-form-urlencoded"):
-        form = await request.form()
-        return {k: v for k, v in form.items() if isinstance(v, str)}
+        raw = await _capped_body(request, res)
+        # As Starlette's form parser did: bytes as latin-1, %-escapes as UTF-8 (invalid ones
+        # U+FFFD), blank values kept, the last of repeated names wins.
+        return dict(parse_qsl(raw.decode("latin-1"), keep_blank_values=True))
     return {}
 
 
@@ -135,12 +170,17 @@ def _uuid_param(body: dict[str, Any]) -> str:
     return submission.valid_unicode(value)
 
 
-async def _task_for_action(request: Request, res: ResourcesDep) -> tuple[str, dict[str, Any]]:
-    task_id = _uuid_param(await _action_body(request))
-    doc = await res.store.get_task(task_id)
-    if doc is None:
-        raise NodeOdmError(f"{task_id} not found", action=True)
+async def _lookup_for_action(res: ResourcesDep, uuid: str) -> tuple[str, dict[str, Any]]:
+    """The canonical id and task an action body's ``uuid`` names, else ``<uuid> not found``."""
+    task_id = canonical_task_id(uuid)
+    doc = await res.store.get_task(task_id) if task_id is not None else None
+    if task_id is None or doc is None:
+        raise NodeOdmError(f"{shown(uuid)} not found", action=True)
     return task_id, doc
+
+
+async def _task_for_action(request: Request, res: ResourcesDep) -> tuple[str, dict[str, Any]]:
+    return await _lookup_for_action(res, _uuid_param(await _action_body(request, res)))
 
 
 async def _record_and_command(
@@ -184,8 +224,8 @@ async def remove_task(request: Request, res: ResourcesDep) -> dict[str, Any]:
              openapi_extra=openapi.action_body(restart=True))
 async def restart_task(request: Request, res: ResourcesDep) -> dict[str, Any]:
     """Run a finished task again under the same uuid, optionally with new options (§3.11)."""
-    body = await _action_body(request)
-    task_id = _uuid_param(body)
+    body = await _action_body(request, res)
+    uuid = _uuid_param(body)
     raw = body.get("options")
     new_options: list[dict[str, Any]] | None = None
     if raw not in (None, "", []):
@@ -196,9 +236,8 @@ async def restart_task(request: Request, res: ResourcesDep) -> dict[str, Any]:
             ))
         except odm_options.OptionsError as exc:
             raise NodeOdmError(exc.error) from exc
-    doc = await res.store.get_task(task_id)
-    if doc is None:
-        raise NodeOdmError(f"{task_id} not found", action=True)
+        await submission.check_option_urls(new_options, submission.outbound_policy(res))
+    task_id, doc = await _lookup_for_action(res, uuid)
     if TaskState(doc["state"]) not in TERMINAL_STATES:
         raise NodeOdmError("Task cannot be restarted", action=True)
     attempt = doc["attempt"] + 1

@@ -13,6 +13,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from fastapi import APIRouter
 
+from scaleodm.common.contracts.ids import canonical_task_id
 from scaleodm.common.store.deliveries import DeliveryStore
 from scaleodm.gateway import models, openapi
 from scaleodm.gateway.deps import ResourcesDep, TokenDep
@@ -69,7 +70,8 @@ def _delivery_public(doc: dict[str, Any]) -> dict[str, Any]:
                 list[models.WebhookDelivery], "The deliveries, oldest first.", path_params=True))
 async def read_task_webhooks(uuid: str, res: ResourcesDep) -> list[dict[str, Any]]:
     """The task's webhook deliveries: target, status (pending/delivered/dead), every attempt."""
-    if await res.store.get_task(uuid) is None:
+    task_id = canonical_task_id(uuid)  # one spelling per task (contracts/ids.py)
+    if task_id is None or await res.store.get_task(task_id) is None:
         raise not_found(uuid)
     deliveries = DeliveryStore(res.store.db)
-    return [_delivery_public(d) for d in await deliveries.for_task(uuid)]
+    return [_delivery_public(d) for d in await deliveries.for_task(task_id)]

@@ -9,6 +9,7 @@ Workflow; restart is simply the next attempt's create. The scheduler needs no Ar
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from kubernetes_asyncio import client, config
@@ -49,6 +50,8 @@ class ArgoExecutor:
         env = {"SCALEODM_S3__REGION": s3.region, "SCALEODM_S3__BUCKET": s3.bucket}
         if s3.endpoint_url:
             env["SCALEODM_S3__ENDPOINT_URL"] = s3.endpoint_url
+        if s3.input_allow:  # the fetch step applies the same s3:// input rule as a local run
+            env["SCALEODM_S3__INPUT_ALLOW"] = json.dumps(s3.input_allow)
         return env
 
     async def start(self, spec: RunSpec) -> StartOutcome:

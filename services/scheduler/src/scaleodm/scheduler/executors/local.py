@@ -5,6 +5,9 @@ and created with ``mkdir`` (the claim), so a redelivered create finds it and cha
 claim whose runner never started (the scheduler died between the two) is started again. Runs must
 share a host with the watcher (``SCALEODM_LOCAL__RUNS_DIR``); any scheduler on that host can
 cancel any run, since the runner's pid is in its directory.
+
+A run that cannot be prepared raises ``RunNotStartedError``, whose text may reach the task's
+errorMessage: it never carries the run directory's path or the OS error (both are logged).
 """
 
 from __future__ import annotations
@@ -28,6 +31,10 @@ from scaleodm.scheduler.executors.base import StartOutcome
 log = get_logger(__name__)
 
 
+class RunNotStartedError(RuntimeError):
+    """The run directory or the runner process could not be created (details in the log)."""
+
+
 class LocalExecutor:
     def __init__(self, runs_dir: Path, engine: EngineKind) -> None:
         self.runs_dir = runs_dir
@@ -41,6 +48,13 @@ class LocalExecutor:
 
     async def start(self, spec: RunSpec) -> StartOutcome:
         rd = self._dir(spec.task_id, spec.attempt)
+        try:
+            return self._start(rd, spec)
+        except OSError as exc:
+            log.error("run not started", run=str(rd.path), error=repr(exc))
+            raise RunNotStartedError("the local run could not be prepared") from exc
+
+    def _start(self, rd: localruns.RunDir, spec: RunSpec) -> StartOutcome:
         try:
             rd.path.mkdir()
         except FileExistsError:

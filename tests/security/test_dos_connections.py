@@ -1,0 +1,133 @@
+"""Connection-level attacks on a real gateway process (``scaleodm.gateway.serving``).
+
+One gateway of its own (no other service) with a 1.5 s header deadline and a 0.5 s keep-alive
+timeout, attacked with raw sockets on loopback. Covered: a connection that sends nothing, half a
+request line, or half its headers — at once or one byte at a time, never idle — is closed within
+the header deadline (a ``408`` when part of a request came); 200 such connections open at once
+do not keep an honest request from being served while they wait; an idle keep-alive connection
+is closed after the keep-alive timeout, long before the header deadline.
+
+Left out: the concurrency limit (``max_connections``: uvicorn's 503, not ours) and closing a
+connection whose peer stopped reading a response (``test_sse_limits.py`` drives it).
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.harness import servers
+from tests.harness.stack import Stack
+from tests.security.gateway_only import gateway_only
+
+pytestmark = pytest.mark.integration
+
+HEADER_TIMEOUT_S = 1.5
+KEEP_ALIVE_S = 0.5
+MARGIN_S = 1.0
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory, mongo_url: str,
+            s3: servers.S3Endpoint) -> Iterator[Stack]:
+    env = {"SCALEODM_HEADER_TIMEOUT_S": str(HEADER_TIMEOUT_S),
+           "SCALEODM_KEEP_ALIVE_TIMEOUT_S": str(KEEP_ALIVE_S)}
+    with gateway_only(Path(tmp_path_factory.mktemp("dos-connections")), mongo_url, s3,
+                      env) as stack:
+        yield stack
+
+
+def _connect(stack: Stack) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", stack.ports["gateway"]), timeout=10)
+
+
+def _until_closed(sock: socket.socket, timeout_s: float) -> tuple[float, bytes]:
+    """Seconds until the server closed ``sock`` (EOF or reset), and what it sent before."""
+    started = time.monotonic()
+    sock.settimeout(timeout_s)
+    got = bytearray()
+    try:
+        while chunk := sock.recv(65536):
+            got += chunk
+    except ConnectionResetError:
+        pass
+    except TimeoutError as exc:
+        raise AssertionError(f"still open after {timeout_s} s; got {bytes(got)[:200]!r}") from exc
+    return time.monotonic() - started, bytes(got)
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [
+        pytest.param(b"", id="nothing"),
+        pytest.param(b"GET /info HT", id="half-request-line"),
+        pytest.param(b"GET /info HTTP/1.1\r\nHost: gateway\r\nX-Slow: ", id="half-headers"),
+    ],
+)
+def test_half_sent_request_is_closed_at_the_header_deadline(gateway: Stack, sent: bytes) -> None:
+    with _connect(gateway) as sock:
+        sock.sendall(sent)
+        waited, answer = _until_closed(sock, HEADER_TIMEOUT_S + MARGIN_S)
+    assert HEADER_TIMEOUT_S - 0.3 < waited < HEADER_TIMEOUT_S + MARGIN_S
+    if sent:
+        assert answer.startswith(b"HTTP/1.1 408 "), answer
+    else:
+        assert answer == b""
+
+
+def test_headers_dripped_byte_by_byte_are_closed_too(gateway: Stack) -> None:
+    """Never idle (a byte every 0.2 s), so only the deadline on the whole headers can end it."""
+    request = b"GET /info HTTP/1.1\r\nHost: gateway\r\nX-Padding: " + b"a" * 100
+    with _connect(gateway) as sock:
+        started = time.monotonic()
+        closed = False
+        for byte in request:
+            try:
+                sock.sendall(bytes([byte]))
+            except (BrokenPipeError, ConnectionResetError):
+                closed = True
+                break
+            time.sleep(0.2)
+            if time.monotonic() - started > HEADER_TIMEOUT_S + MARGIN_S:
+                break
+        if not closed:
+            _until_closed(sock, 0.5)
+    assert time.monotonic() - started < HEADER_TIMEOUT_S + MARGIN_S + 0.5
+
+
+def test_two_hundred_half_open_connections_do_not_stop_an_honest_request(
+    gateway: Stack,
+) -> None:
+    attackers = [_connect(gateway) for _ in range(200)]
+    try:
+        for i, sock in enumerate(attackers):
+            sock.sendall(b"GET /info HTTP/1.1\r\nHost: gateway\r\n" if i % 2 else b"POST /ta")
+        started = time.monotonic()
+        resp = httpx.get(f"{gateway.gateway_url}/info", timeout=5)
+        served_in = time.monotonic() - started
+        assert resp.status_code == 200 and "version" in resp.json()
+        assert served_in < 1.0, served_in  # while every attacker is still connected
+        for sock in attackers:  # and each of them is closed at its deadline
+            _until_closed(sock, HEADER_TIMEOUT_S + MARGIN_S)
+    finally:
+        for sock in attackers:
+            sock.close()
+
+
+def test_idle_keep_alive_connection_is_closed(gateway: Stack) -> None:
+    with _connect(gateway) as sock:
+        sock.sendall(b"GET /info HTTP/1.1\r\nHost: gateway\r\n\r\n")
+        sock.settimeout(5)
+        head = sock.recv(65536)
+        assert head.startswith(b"HTTP/1.1 200 "), head
+        while b"\r\n\r\n" not in head:  # the whole response is small: headers then JSON
+            head += sock.recv(65536)
+        waited, rest = _until_closed(sock, HEADER_TIMEOUT_S + MARGIN_S)
+    # The keep-alive timer, not the (later) header deadline, closed it.
+    assert KEEP_ALIVE_S - 0.2 < waited < HEADER_TIMEOUT_S - 0.3, waited
+    assert b"HTTP/1.1" not in rest

@@ -1,0 +1,356 @@
+"""Uploads that try to starve the others, against a real gateway process; the part-buffer pool's
+rules in memory.
+
+One gateway of its own (no other service) with 2 part buffers of 5 MiB, a 2 s body idle timeout,
+a 3 s hold deadline and a 6 s wait bound. Attackers are raw sockets speaking HTTP by hand
+(``POST /task/new``, one image, ``set-uuid`` so their S3 prefixes are known); the honest client is
+httpx sending 3 images of 6 MiB (each one a 5 MiB part and a 1 MiB last part).
+
+Covered, on the gateway: two uploads that send a part and a few KiB more and then stall hold both
+buffers and an S3 multipart upload each; an honest upload started meanwhile completes within a
+few seconds, the stalled ones are cut off by the idle timeout with a NodeODM-style error, their
+connections closed and their multipart uploads aborted (moto lists none) with nothing stored; two
+slowloris uploads (a byte every 0.5 s, never idle) lose their buffers to honest uploads that
+wait for one, each as soon as it is past its hold deadline and only then — one waiter cuts one
+of them, the other goes on undisturbed until more honest uploads wait. The gateway's peak RSS
+stays under 300 MiB throughout. In memory (``PartBuffers``): the wait bound, preemption only
+while someone waits, the longest overdue first and no more than the waiters, the hold clock
+stopped while a part goes to S3, one buffer per account, cancelled waiters, and a preempted
+writer's next write failing.
+
+Left out: the chunked upload route (``/task/new/upload``, the same ``_parse``) and real AWS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import httpx
+import pytest
+
+from scaleodm.common.store import s3 as s3mod
+from tests.harness import servers
+from tests.harness.stack import Stack
+from tests.security.gateway_only import gateway_only, peak_rss_bytes, s3_keys
+
+MiB = 1024 * 1024
+PART = 5 * MiB
+IDLE_S = 2.0
+HOLD_S = 3.0
+WAIT_S = 6.0
+HEADER_S = 2.0
+RSS_LIMIT = 300 * MiB
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory, mongo_url: str,
+            s3: servers.S3Endpoint) -> Iterator[Stack]:
+    env = {
+        "SCALEODM_S3__UPLOAD_BUFFERS": "2",
+        "SCALEODM_S3__PART_SIZE_BYTES": str(PART),
+        "SCALEODM_BODY_IDLE_TIMEOUT_S": str(IDLE_S),
+        "SCALEODM_UPLOAD_BUFFER_HOLD_S": str(HOLD_S),
+        "SCALEODM_UPLOAD_BUFFER_WAIT_S": str(WAIT_S),
+        "SCALEODM_HEADER_TIMEOUT_S": str(HEADER_S),
+        "SCALEODM_KEEP_ALIVE_TIMEOUT_S": "1",
+    }
+    with gateway_only(Path(tmp_path_factory.mktemp("dos-uploads")), mongo_url, s3, env) as stack:
+        yield stack
+
+
+class RawUpload:
+    """``POST /task/new`` with one image of ``size`` bytes, its bytes sent when told to."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 task_id: str) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.task_id = task_id
+        self.last_sent = time.monotonic()
+
+    @classmethod
+    async def open(cls, stack: Stack, size: int) -> RawUpload:
+        task_id, boundary = str(uuid.uuid4()), uuid.uuid4().hex
+        head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"images\"; "
+                f"filename=\"a.jpg\"\r\nContent-Type: image/jpeg\r\n\r\n").encode()
+        length = len(head) + size + len(f"\r\n--{boundary}--\r\n")
+        reader, writer = await asyncio.open_connection("127.0.0.1", stack.ports["gateway"])
+        writer.write(
+            f"POST /task/new HTTP/1.1\r\nHost: gateway\r\nset-uuid: {task_id}\r\n"
+            f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
+            f"Content-Length: {length}\r\n\r\n".encode() + head
+        )
+        upload = cls(reader, writer, task_id)
+        await upload.send(b"")
+        return upload
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+        self.last_sent = time.monotonic()
+
+    async def drip(self, every_s: float) -> None:
+        """One byte every ``every_s`` until the server closes the connection."""
+        with contextlib.suppress(ConnectionError):
+            while not self.writer.is_closing():
+                await self.send(b"d")
+                await asyncio.sleep(every_s)
+
+    async def answer(self, timeout_s: float) -> dict[str, Any] | None:
+        """The response's JSON body; None if none came within ``timeout_s`` (nothing taken)."""
+        try:
+            head = await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), timeout_s)
+        except TimeoutError:
+            return None
+        assert head.startswith(b"HTTP/1.1 200 "), head
+        length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length:"))
+        body: dict[str, Any] = json.loads(await self.reader.readexactly(length))
+        return body
+
+    async def closed_within(self, timeout_s: float) -> bool:
+        try:
+            while await asyncio.wait_for(self.reader.read(65536), timeout_s):
+                pass
+        except TimeoutError:
+            return False
+        except ConnectionError:
+            pass
+        return True
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def _s3(stack: Stack) -> Any:
+    return boto3.client("s3", endpoint_url=stack.s3.url, aws_access_key_id=stack.s3.access_key,
+                        aws_secret_access_key=stack.s3.secret_key, region_name=stack.s3.region)
+
+
+def _multipart_uploads(stack: Stack, task_ids: list[str]) -> list[str]:
+    listed = _s3(stack).list_multipart_uploads(Bucket=stack.bucket).get("Uploads", [])
+    return [u["Key"] for u in listed if any(t in u["Key"] for t in task_ids)]
+
+
+async def _until(cond: Any, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not await asyncio.to_thread(cond):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout_s} s: {what}")
+        await asyncio.sleep(0.1)
+
+
+async def _honest_upload(stack: Stack) -> float:
+    """3 images of 6 MiB through ``/task/new``; seconds it took."""
+    images = [("images", (f"h{i}.jpg", bytes([i]) * (6 * MiB), "image/jpeg")) for i in range(3)]
+    started = time.monotonic()
+    async with httpx.AsyncClient(base_url=stack.gateway_url, timeout=60) as client:
+        resp = await client.post("/task/new", files=images)
+    assert resp.status_code == 200 and "uuid" in resp.json(), resp.text
+    return time.monotonic() - started
+
+
+@pytest.mark.integration
+async def test_stalled_uploads_are_cut_off_and_do_not_starve_an_honest_one(
+    gateway: Stack,
+) -> None:
+    pid = gateway.procs["gateway"].pid
+    stalled = [await RawUpload.open(gateway, 20 * MiB) for _ in range(2)]
+    try:
+        for upload in stalled:  # a whole part (into S3) and a few KiB held in the buffer
+            await upload.send(b"s" * (PART + 4096))
+        ids = [u.task_id for u in stalled]
+        await _until(lambda: len(_multipart_uploads(gateway, ids)) == 2, 10,
+                     "both stalled uploads hold a buffer and a multipart upload")
+
+        honest_s = await _honest_upload(gateway)
+        assert honest_s < IDLE_S + 6, honest_s
+
+        for upload in stalled:
+            answer = await upload.answer(IDLE_S + 2)
+            cut_after = time.monotonic() - upload.last_sent
+            assert answer == {"error": f"Request body stalled: nothing received for {IDLE_S:g} s"}
+            assert cut_after < IDLE_S + 5
+            assert await upload.closed_within(HEADER_S + 2)
+        await _until(lambda: not _multipart_uploads(gateway, ids), 5, "multipart uploads aborted")
+        for task_id in ids:
+            assert s3_keys(gateway, f"tasks/{task_id}/") == []
+        peak = peak_rss_bytes(pid)
+        print(f"honest upload {honest_s:.1f} s beside 2 stalled; gateway peak RSS "
+              f"{peak / MiB:.0f} MiB")
+        assert peak < RSS_LIMIT
+    finally:
+        for upload in stalled:
+            upload.close()
+
+
+@pytest.mark.integration
+async def test_slow_uploads_lose_their_buffers_to_waiting_ones_only(gateway: Stack) -> None:
+    pid = gateway.procs["gateway"].pid
+    slow = [await RawUpload.open(gateway, MiB) for _ in range(2)]
+    drips: list[asyncio.Task[None]] = []
+    try:
+        for upload in slow:
+            await upload.send(b"x" * 1024)  # the first file bytes: a buffer is taken
+        drips = [asyncio.create_task(upload.drip(0.5)) for upload in slow]
+        await asyncio.sleep(0.5)
+
+        first_s = await _honest_upload(gateway)  # waits until one of them is past its deadline
+        assert first_s < HOLD_S + 4, first_s
+        answers = [await upload.answer(1.0) for upload in slow]
+        cut = [a for a in answers if a is not None]
+        assert len(cut) == 1, answers  # one waiter, one slow upload cut off
+        assert cut[0]["error"].startswith("Upload too slow: held a part buffer more than 3 s")
+        assert cut[0]["error"].endswith("please retry")
+        survivor = slow[answers.index(None)]
+        await asyncio.sleep(1.0)  # past its deadline too, but nobody waits: it goes on
+        assert await survivor.answer(0.1) is None
+
+        more = await asyncio.gather(_honest_upload(gateway), _honest_upload(gateway))
+        assert max(more) < HOLD_S + 4, more
+        last = await survivor.answer(2.0)
+        assert last is not None and last["error"].startswith("Upload too slow")
+        for upload in slow:  # the server closes them (header deadline after the answer)
+            assert await upload.closed_within(HEADER_S + 3)
+            assert s3_keys(gateway, f"tasks/{upload.task_id}/") == []
+        peak = peak_rss_bytes(pid)
+        print(f"honest uploads beside 2 slowloris: {first_s:.1f} s, then "
+              f"{', '.join(f'{s:.1f}' for s in more)} s; gateway peak RSS {peak / MiB:.0f} MiB")
+        assert peak < RSS_LIMIT
+    finally:
+        for task in drips:
+            task.cancel()
+        for upload in slow:
+            upload.close()
+
+
+# -- the pool in memory -----------------------------------------------------------------------
+
+
+async def test_waiting_for_a_buffer_is_bounded() -> None:
+    pool = s3mod.PartBuffers(1)
+    holder = pool.account()
+    await holder.acquire()
+    waiter = pool.account(wait_s=0.1)
+    started = time.monotonic()
+    with pytest.raises(s3mod.BuffersBusyError):
+        await waiter.acquire()
+    assert 0.08 < time.monotonic() - started < 1
+    assert pool.waiting == 0 and not waiter.holding
+    holder.release()
+    await waiter.acquire()  # free again: at once
+    assert pool.held == 1
+
+
+async def test_overdue_holders_are_preempted_only_while_someone_waits() -> None:
+    pool = s3mod.PartBuffers(2)
+    cut: list[str] = []
+    holders = {name: pool.account(hold_s=0.05) for name in ("old", "young")}
+    for name, account in holders.items():
+        account.on_preempt = lambda exc, name=name: cut.append(name)
+        await account.acquire()
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(0.2)  # both overdue, nobody waits
+    assert cut == [] and pool.held == 2
+
+    waiter = pool.account(wait_s=2)
+    waiting = asyncio.create_task(waiter.acquire())
+    await asyncio.sleep(0.05)
+    assert cut == ["old"]  # the longest overdue, and one per waiter
+    with pytest.raises(s3mod.BufferPreemptedError):
+        holders["old"].check()
+    assert not waiting.done()
+    holders["old"].release()  # what its request does once cut off
+    await asyncio.wait_for(waiting, 1)
+    assert waiter.holding and not holders["young"].preempted
+    with pytest.raises(s3mod.BufferPreemptedError):
+        await holders["old"].acquire()  # a preempted account gets no buffer again
+
+
+async def test_a_holder_is_preempted_when_its_deadline_passes_during_a_wait() -> None:
+    pool = s3mod.PartBuffers(1)
+    holder = pool.account(hold_s=0.3)
+    preempted = asyncio.Event()
+    holder.on_preempt = lambda exc: (preempted.set(), holder.release())
+    await holder.acquire()
+    started = time.monotonic()
+    await pool.account(wait_s=2).acquire()
+    assert preempted.is_set() and 0.2 < time.monotonic() - started < 1
+
+
+async def test_the_hold_clock_stops_while_a_part_goes_to_s3() -> None:
+    pool = s3mod.PartBuffers(1)
+    holder = pool.account(hold_s=0.1)
+    await holder.acquire()
+    holder.suspend()  # a full part on its way to S3
+    waiter = asyncio.create_task(pool.account(wait_s=0.3).acquire())
+    await asyncio.sleep(0.2)
+    assert not holder.preempted
+    holder.renew()  # the next part starts filling: 0.1 s from now
+    with pytest.raises(s3mod.BuffersBusyError):
+        await waiter  # 0.3 s wait < renew + 0.1 s? no: the holder is preempted, never released
+    assert holder.preempted
+
+
+async def test_one_buffer_per_account_and_cancelled_waiters_leave_nothing() -> None:
+    pool = s3mod.PartBuffers(2)
+    account = pool.account()
+    await account.acquire()
+    await account.acquire()
+    assert pool.held == 1
+    other = pool.account()
+    await other.acquire()
+    cancelled = asyncio.create_task(pool.account().acquire())
+    queued = pool.account(wait_s=1)
+    queued_task = asyncio.create_task(queued.acquire())
+    await asyncio.sleep(0.01)
+    assert pool.waiting == 2
+    cancelled.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await cancelled
+    account.release()
+    await asyncio.wait_for(queued_task, 1)  # first come first served, the cancelled one skipped
+    assert queued.holding and pool.held == 2 and pool.waiting == 0
+
+
+class FakeClient:
+    """The S3 calls S3Writer makes, in memory."""
+
+    def __init__(self) -> None:
+        self.aborted = 0
+
+    async def create_multipart_upload(self, **_: Any) -> dict[str, Any]:
+        return {"UploadId": "u1"}
+
+    async def upload_part(self, **_: Any) -> dict[str, Any]:
+        return {"ETag": "e"}
+
+    async def abort_multipart_upload(self, **_: Any) -> None:
+        self.aborted += 1
+
+
+async def test_a_preempted_writer_fails_its_next_write_and_frees_its_buffer() -> None:
+    pool = s3mod.PartBuffers(1)
+    account = pool.account(hold_s=0.05)
+    client = FakeClient()
+    url = s3mod.S3Url("bucket", "key")
+    with account.bound():
+        writer = s3mod.S3Writer(client, url, PART, account=account)
+        await writer.write(b"a" * (PART + 10))  # one part sent, 10 bytes buffered
+        assert pool.held == 1
+        waiter = asyncio.create_task(pool.account(wait_s=1).acquire())
+        await asyncio.sleep(0.1)
+        assert account.preempted
+        with pytest.raises(s3mod.BufferPreemptedError):
+            await writer.write(b"b")
+        await writer.abort()
+        await asyncio.wait_for(waiter, 1)
+    assert client.aborted == 1 and pool.held == 1
