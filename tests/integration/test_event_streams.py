@@ -5,8 +5,9 @@ Covered: a client reconnecting with ``Last-Event-ID`` mid-run sees every event e
 (ids 1..N) and the same messages as a full replay after the task ended; ``?since=``; a finished
 task is replayed and the stream ends, a cursor at its end answers 204; unknown uuids and bad
 cursors answer NodeODM-style before streaming; 100 concurrent clients of one task get the
-complete, identical sequence; ``/events?status=40`` carries only completions, with JetStream
-sequence ids that resume; heartbeat comments at a 1 s interval and the token on a second gateway.
+complete, identical sequence (from ten client addresses: at most 16 streams per client);
+``/events?status=40`` carries only completions, with JetStream sequence ids that resume;
+heartbeat comments at a 1 s interval and the token on a second gateway.
 
 Left out (unit-tested in ``tests/unit/test_eventstream.py``): the seam under out-of-order,
 duplicate, seq-less and lost bus events, overflow of a slow client's queue, restarts.
@@ -128,26 +129,35 @@ async def test_unknown_task_and_bad_cursor_answer_before_streaming(
 
 
 async def test_hundred_concurrent_clients_get_the_same_complete_sequence(
-    ec: httpx.AsyncClient, nats: servers.Nats
+    ec: httpx.AsyncClient, events_url: str, nats: servers.Nats
 ) -> None:
     task_id = await _new_task(ec)
     path = f"/task/{task_id}/events"
     rng = random.Random(7)
+    # Ten client addresses (any 127/8 address is loopback), ten streams each: within the
+    # gateway's streams-per-client cap (sse_max_streams_per_client, 16 by default).
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    hosts = [httpx.AsyncClient(base_url=events_url, timeout=30, limits=limits,
+                               transport=httpx.AsyncHTTPTransport(local_address=f"127.0.0.{i}",
+                                                                  limits=limits))
+             for i in range(10, 20)]
 
-    async def client(delay: float) -> list[sse.Message]:
+    async def client(n: int, delay: float) -> list[sse.Message]:
         await asyncio.sleep(delay)  # join before, during and after the run
-        got = await sse.read(ec, path, timeout_s=45)
+        got = await sse.read(hosts[n % len(hosts)], path, timeout_s=45)
         assert got.ended
         return got.events
 
     started = time.monotonic()
     subject = f"events.task.{task_id}.>"
-    clients = asyncio.gather(*(client(rng.uniform(0, 2.5)) for _ in range(100)))
+    clients = asyncio.gather(*(client(n, rng.uniform(0, 2.5)) for n in range(100)))
     await _until_subscription(nats, subject, present=True)
     results = await clients
     _check_sequence(results[0], task_id)
     keys = [m.key() for m in results[0]]
     assert all([m.key() for m in r] == keys for r in results)
+    for host in hosts:
+        await host.aclose()
     full = await sse.read(ec, path)
     assert [m.key() for m in full.events] == keys
     assert time.monotonic() - started < 40

@@ -5,22 +5,31 @@ timeout, attacked with raw sockets on loopback. Covered: a connection that sends
 request line, or half its headers — at once or one byte at a time, never idle — is closed within
 the header deadline (a ``408`` when part of a request came); 200 such connections open at once
 do not keep an honest request from being served while they wait; an idle keep-alive connection
-is closed after the keep-alive timeout, long before the header deadline.
+is closed after the keep-alive timeout, long before the header deadline. In-process, the same
+protocol class under uvicorn with an app that gives up on a client that stopped reading (as an
+event stream does after its send timeout): the connection, closed with bytes still unsent, is
+aborted after the keep-alive timeout instead of waiting for the client to read.
 
-Left out: the concurrency limit (``max_connections``: uvicorn's 503, not ours) and closing a
-connection whose peer stopped reading a response (``test_sse_limits.py`` drives it).
+Left out: the concurrency limit (``max_connections``: uvicorn's 503, not ours), and a client
+that stops reading a response the app never gives up on (no write timeout outside SSE yet).
 """
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import anyio
 import httpx
 import pytest
+import uvicorn
 
+from scaleodm.common.settings import GatewaySettings
+from scaleodm.gateway import serving
 from tests.harness import servers
 from tests.harness.stack import Stack
 from tests.security.gateway_only import gateway_only
@@ -131,3 +140,50 @@ def test_idle_keep_alive_connection_is_closed(gateway: Stack) -> None:
     # The keep-alive timer, not the (later) header deadline, closed it.
     assert KEEP_ALIVE_S - 0.2 < waited < HEADER_TIMEOUT_S - 0.3, waited
     assert b"HTTP/1.1" not in rest
+
+
+async def test_a_closed_connection_whose_peer_does_not_read_is_aborted() -> None:
+    gave_up = asyncio.Event()
+    sent = 0
+
+    async def app(scope: dict[str, Any], _receive: Any, send: Any) -> None:
+        nonlocal sent
+        assert scope["type"] == "http"
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        while True:  # until a send waits too long: the client stopped reading
+            with anyio.move_on_after(0.3) as waited:
+                await send({"type": "http.response.body", "body": b"x" * 65536,
+                            "more_body": True})
+            if waited.cancel_called:
+                gave_up.set()
+                return  # uvicorn closes the connection, bytes still unsent
+            sent += 65536
+
+    settings = GatewaySettings(keep_alive_timeout_s=KEEP_ALIVE_S, header_timeout_s=5)
+    server = uvicorn.Server(uvicorn.Config(
+        app, host="127.0.0.1", port=servers.free_port(), lifespan="off", log_config=None,
+        http=serving.protocol_class(settings),
+    ))
+    serving_task = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            await asyncio.sleep(0.01)
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", server.config.port))
+        with sock:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            await asyncio.wait_for(gave_up.wait(), 20)
+            closed_at = time.monotonic()
+            while server.server_state.connections:  # asyncio would wait for the client to read
+                assert time.monotonic() - closed_at < KEEP_ALIVE_S + MARGIN_S, "not aborted"
+                await asyncio.sleep(0.05)
+            assert time.monotonic() - closed_at > KEEP_ALIVE_S - 0.2
+            sock.settimeout(5)
+            received = 0
+            while chunk := await asyncio.to_thread(sock.recv, 1 << 20):
+                received += chunk.count(b"x")
+        assert received < sent  # what was still buffered in the server was dropped
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(serving_task, 10)

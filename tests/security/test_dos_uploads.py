@@ -28,7 +28,7 @@ import contextlib
 import json
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -160,7 +160,7 @@ async def _honest_upload(stack: Stack) -> float:
 
 @pytest.mark.integration
 async def test_stalled_uploads_are_cut_off_and_do_not_starve_an_honest_one(
-    gateway: Stack,
+    gateway: Stack, record_property: Callable[[str, object], None],
 ) -> None:
     pid = gateway.procs["gateway"].pid
     stalled = [await RawUpload.open(gateway, 20 * MiB) for _ in range(2)]
@@ -184,8 +184,8 @@ async def test_stalled_uploads_are_cut_off_and_do_not_starve_an_honest_one(
         for task_id in ids:
             assert s3_keys(gateway, f"tasks/{task_id}/") == []
         peak = peak_rss_bytes(pid)
-        print(f"honest upload {honest_s:.1f} s beside 2 stalled; gateway peak RSS "
-              f"{peak / MiB:.0f} MiB")
+        record_property("honest_upload_s", round(honest_s, 2))
+        record_property("gateway_peak_rss_mib", round(peak / MiB, 1))
         assert peak < RSS_LIMIT
     finally:
         for upload in stalled:
@@ -193,7 +193,9 @@ async def test_stalled_uploads_are_cut_off_and_do_not_starve_an_honest_one(
 
 
 @pytest.mark.integration
-async def test_slow_uploads_lose_their_buffers_to_waiting_ones_only(gateway: Stack) -> None:
+async def test_slow_uploads_lose_their_buffers_to_waiting_ones_only(
+    gateway: Stack, record_property: Callable[[str, object], None],
+) -> None:
     pid = gateway.procs["gateway"].pid
     slow = [await RawUpload.open(gateway, MiB) for _ in range(2)]
     drips: list[asyncio.Task[None]] = []
@@ -222,8 +224,8 @@ async def test_slow_uploads_lose_their_buffers_to_waiting_ones_only(gateway: Sta
             assert await upload.closed_within(HEADER_S + 3)
             assert s3_keys(gateway, f"tasks/{upload.task_id}/") == []
         peak = peak_rss_bytes(pid)
-        print(f"honest uploads beside 2 slowloris: {first_s:.1f} s, then "
-              f"{', '.join(f'{s:.1f}' for s in more)} s; gateway peak RSS {peak / MiB:.0f} MiB")
+        record_property("honest_upload_s", [round(s, 2) for s in (first_s, *more)])
+        record_property("gateway_peak_rss_mib", round(peak / MiB, 1))
         assert peak < RSS_LIMIT
     finally:
         for task in drips:
@@ -289,15 +291,16 @@ async def test_a_holder_is_preempted_when_its_deadline_passes_during_a_wait() ->
 async def test_the_hold_clock_stops_while_a_part_goes_to_s3() -> None:
     pool = s3mod.PartBuffers(1)
     holder = pool.account(hold_s=0.1)
+    holder.on_preempt = lambda exc: holder.release()
     await holder.acquire()
-    holder.suspend()  # a full part on its way to S3
-    waiter = asyncio.create_task(pool.account(wait_s=0.3).acquire())
-    await asyncio.sleep(0.2)
-    assert not holder.preempted
-    holder.renew()  # the next part starts filling: 0.1 s from now
-    with pytest.raises(s3mod.BuffersBusyError):
-        await waiter  # 0.3 s wait < renew + 0.1 s? no: the holder is preempted, never released
-    assert holder.preempted
+    holder.suspend()  # a full part on its way to S3: not filling, not overdue
+    waiter = asyncio.create_task(pool.account(wait_s=1).acquire())
+    await asyncio.sleep(0.3)
+    assert not holder.preempted and not waiter.done()
+    renewed = time.monotonic()
+    holder.renew()  # the next part starts filling: 0.1 s from now it is overdue
+    await asyncio.wait_for(waiter, 1)
+    assert holder.preempted and 0.05 < time.monotonic() - renewed < 0.5
 
 
 async def test_one_buffer_per_account_and_cancelled_waiters_leave_nothing() -> None:

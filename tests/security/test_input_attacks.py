@@ -13,7 +13,8 @@ that the ``tasks/`` rule is shown to hold even against a broad operator entry). 
 4. ``{{`` in option values refused (``$(`` is not);
 5. option values that are not scalars of their declared type refused, nothing stored;
 6. ``s3://`` zipurls outside the allowed locations (another task's data) refused;
-7. a 400 MiB action body refused after 64 KiB with the gateway's peak RSS bounded;
+7. a 400 MiB action body refused after 64 KiB with the gateway's peak RSS bounded; multipart
+   text fields capped in number, each, and in all;
 8. console output served in bounded pages that a client polling like WebODM reads whole.
 
 Left out: the fuzzing of ``/task/new`` (``test_fuzz_task_new.py``), internal errors and ``/readyz``
@@ -521,6 +522,34 @@ async def test_action_bodies_within_the_limit_keep_their_meaning(gw: httpx.Async
     assert answer(resp) == {"success": False, "error": f"\ufffd{task_id} not found"}
     resp = await gw.post("/task/remove", json={"uuid": task_id.upper(), "pad": padding})
     assert answer(resp) == {"success": True}
+
+
+MiB = 1024 * 1024
+
+
+@pytest.mark.parametrize(
+    ("parts", "error"),
+    [
+        pytest.param([(f"f{i}", None, b"x") for i in range(65)], "Too many fields (limit 64)",
+                     id="too-many-fields"),
+        pytest.param([("name", None, b"x" * (MiB + 1))],
+                     f"Field name too large (limit {MiB} bytes)", id="field-too-large"),
+        pytest.param([(f"f{i}", None, b"x" * (MiB - 10)) for i in range(3)],
+                     f"Text fields too large (limit {2 * MiB} bytes in all)",
+                     id="text-too-large-in-all"),
+    ],
+)
+async def test_multipart_text_fields_are_capped(
+    gw: httpx.AsyncClient, parts: list[tuple[str, str | None, bytes]], error: str
+) -> None:
+    before = await listed(gw)
+    body, ctype = multipart_body([("images", "DJI_0001.JPG", data.JPEG), *parts])
+    for route in ("/task/new", "/task/new/init"):
+        if route.endswith("init"):
+            body, ctype = multipart_body(parts)
+        resp = await gw.post(route, content=body, headers={"content-type": ctype})
+        assert answer(resp) == {"error": error}
+    assert await listed(gw) == before
 
 
 # --------------------------------------------------------------------------------------------

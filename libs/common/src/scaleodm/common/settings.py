@@ -265,8 +265,9 @@ class GatewaySettings(BaseServiceSettings):
     )
     upload_buffer_hold_s: float = Field(
         120.0, gt=0,
-        description="Longest time one upload may hold a part buffer while filling it: an upload "
-        "slower than part size / this is cut off, so slow clients cannot starve the others.",
+        description="Longest time one upload may hold a part buffer while filling it when "
+        "other uploads wait for one: an upload slower than part size / this is then cut off, so "
+        "slow clients cannot starve the others (with buffers free, slow uploads go on).",
     )
     header_timeout_s: float = Field(
         10.0, gt=0,

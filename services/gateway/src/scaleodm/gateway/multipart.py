@@ -2,7 +2,9 @@
 
 Starlette's ``request.form()`` spools every file to a temporary file before the handler runs; a
 1 GB upload would then sit on the gateway's disk (or in RAM on a tmpfs). ``stream_form`` instead
-drives ``python_multipart``'s low-level ``MultipartParser`` over ``request.stream()``:
+drives ``python_multipart``'s low-level ``MultipartParser`` over the request's chunks (the
+gateway passes ``bodies.BodyReader(request.stream(), ...).chunks()``, which adds the body idle
+timeout and lets a preempted upload be cut off; their errors take the clean-up path below):
 
 - the parser is push-based and its callbacks are synchronous, so they do no I/O. While one
   network chunk is parsed they only record events — "file part opened", "file bytes" (slices of

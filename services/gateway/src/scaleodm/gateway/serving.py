@@ -13,11 +13,14 @@ and naming the class makes sure this one runs, whatever is installed later):
   such a body can keep the connection too, while the client gets time to see the answer;
 - **keep-alive**: uvicorn's own timer, with ``keep_alive_timeout_s`` as given (uvicorn's
   setting is whole seconds);
-- **closing**: a connection the server has closed whose peer does not take the rest of the
-  response within ``keep_alive_timeout_s`` of the write buffer filling up is aborted, freeing the
-  buffer, the socket and its place under the connection limit (an event-stream client that
-  stopped reading is closed this way after its send timeout);
+- **closing**: asyncio closes a connection only once its peer has taken every byte still
+  buffered for it, so a client that stops reading would keep the buffer, the socket and its
+  place under the connection limit for as long as it likes (an event-stream client that stopped
+  reading, after its send timeout). A connection closed with bytes still unsent is aborted
+  ``keep_alive_timeout_s`` later;
 - **concurrency**: ``limit_concurrency = max_connections`` (uvicorn answers 503 beyond it).
+
+The event loop is asyncio's (``loop="asyncio"``): the closing bound wraps its transports' ``close``.
 """
 
 from __future__ import annotations
@@ -49,17 +52,27 @@ class DeadlineH11Protocol(H11Protocol):
         super().__init__(*args, **kwargs)
         self.timeout_keep_alive = self.keep_alive_timeout_s  # type: ignore[assignment]
         self._header_timer: asyncio.TimerHandle | None = None
-        self._stall_timer: asyncio.TimerHandle | None = None
+        self._lost = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        close = transport.close
+
+        def close_bounded() -> None:  # every close, whoever asks for it (uvicorn or us)
+            close()
+            if not self._lost and transport.get_write_buffer_size():
+                self.loop.call_later(self.keep_alive_timeout_s, self._abort_unflushed)
+
+        try:
+            transport.close = close_bounded  # type: ignore[method-assign]
+        except AttributeError:  # a transport without instance attributes (not asyncio's own)
+            log.warning("unflushed closed connections are not bounded on this transport",
+                        transport=type(transport).__name__)
         super().connection_made(transport)
         self._arm_header_deadline()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        for timer in (self._header_timer, self._stall_timer):
-            if timer is not None:
-                timer.cancel()
-        self._header_timer = self._stall_timer = None
+        self._lost = True
+        self._disarm_header_deadline()
         super().connection_lost(exc)
 
     def handle_events(self) -> None:
@@ -74,16 +87,6 @@ class DeadlineH11Protocol(H11Protocol):
             self._arm_header_deadline()
         super().on_response_complete()
 
-    def pause_writing(self) -> None:
-        super().pause_writing()
-        self._watch_stall()
-
-    def resume_writing(self) -> None:
-        super().resume_writing()
-        if self._stall_timer is not None:
-            self._stall_timer.cancel()
-            self._stall_timer = None
-
     def _arm_header_deadline(self) -> None:
         self._disarm_header_deadline()
         self._header_timer = self.loop.call_later(self.header_timeout_s, self._headers_late)
@@ -97,25 +100,21 @@ class DeadlineH11Protocol(H11Protocol):
         self._header_timer = None
         if self.transport.is_closing():
             return
-        partial, _ = self.conn.trailing_data
-        if self.conn.their_state is h11.IDLE and partial:
-            self.transport.write(REQUEST_TIMEOUT)
-        log.info("request headers not complete in time; connection closed",
-                 client=_peer(self.client), timeout_s=self.header_timeout_s)
+        if self.conn.their_state is h11.IDLE:
+            partial, _ = self.conn.trailing_data
+            if partial:
+                self.transport.write(REQUEST_TIMEOUT)
+            log.info("request headers not complete in time; connection closed",
+                     client=_peer(self.client), timeout_s=self.header_timeout_s)
+        else:  # still sending the body of a request answered early (refused, cut off)
+            log.info("body of an answered request still arriving; connection closed",
+                     client=_peer(self.client), timeout_s=self.header_timeout_s)
         self.transport.close()
 
-    def _watch_stall(self) -> None:
-        if self._stall_timer is None:
-            self._stall_timer = self.loop.call_later(self.keep_alive_timeout_s, self._stalled)
-
-    def _stalled(self) -> None:
-        """The peer took nothing for a while: abort if the connection is closing, else wait on
-        (the app has its own send timeouts)."""
-        self._stall_timer = None
-        if self.transport.is_closing():
+    def _abort_unflushed(self) -> None:
+        if not self._lost:  # the peer still has not taken the rest
+            log.info("closed connection's peer takes no data; aborted", client=_peer(self.client))
             self.transport.abort()
-        elif self.flow.write_paused:
-            self._watch_stall()
 
 
 def _peer(client: tuple[str, int] | None) -> str:
@@ -137,6 +136,7 @@ def config(app: Any, settings: GatewaySettings) -> uvicorn.Config:
         host=settings.gateway_host,
         port=settings.gateway_port,
         http=protocol_class(settings),
+        loop="asyncio",  # the closing bound wraps asyncio's own transports (see the protocol)
         timeout_keep_alive=max(1, math.ceil(settings.keep_alive_timeout_s)),
         limit_concurrency=settings.max_connections,
         log_config=None,
