@@ -12,8 +12,10 @@ few seconds, the stalled ones are cut off by the idle timeout with a NodeODM-sty
 connections closed and their multipart uploads aborted (moto lists none) with nothing stored; two
 slowloris uploads (a byte every 0.5 s, never idle) lose their buffers to honest uploads that
 wait for one, each as soon as it is past its hold deadline and only then — one waiter cuts one
-of them, the other goes on undisturbed until more honest uploads wait. The gateway's peak RSS
-stays under 300 MiB throughout. In memory (``PartBuffers``): the wait bound, preemption only
+of them, the other goes on undisturbed until more honest uploads wait; an upload that finds
+both buffers held by uploads that keep filling their parts in time is refused after the wait
+bound with ``Server busy: ...``, nothing of it stored. The gateway's peak RSS stays under 300 MiB
+throughout. In memory (``PartBuffers``): the wait bound, preemption only
 while someone waits, the longest overdue first and no more than the waiters, the hold clock
 stopped while a part goes to S3, one buffer per account, cancelled waiters, and a preempted
 writer's next write failing.
@@ -232,6 +234,45 @@ async def test_slow_uploads_lose_their_buffers_to_waiting_ones_only(
             task.cancel()
         for upload in slow:
             upload.close()
+
+
+@pytest.mark.integration
+async def test_an_upload_that_waits_too_long_for_a_buffer_is_refused_as_busy(
+    gateway: Stack,
+) -> None:
+    """Both buffers held by uploads that fill a part every 1.5 s (never overdue): a third upload
+    gets none within the wait bound and is refused, nothing of it stored."""
+    steady = [await RawUpload.open(gateway, 64 * MiB) for _ in range(2)]
+
+    async def feed(upload: RawUpload) -> None:
+        # Sizes that never add up to a whole part: a buffer emptied exactly at a part's end is
+        # given back, and the waiter would rightly get it.
+        with contextlib.suppress(ConnectionError):
+            while True:
+                await upload.send(b"f" * 1_000_003)
+                await asyncio.sleep(0.3)
+
+    feeders = [asyncio.create_task(feed(upload)) for upload in steady]
+    waiter = None
+    try:
+        await asyncio.sleep(0.5)
+        waiter = await RawUpload.open(gateway, MiB)
+        started = time.monotonic()
+        await waiter.send(b"w" * 65536)
+        answer = await waiter.answer(WAIT_S + 3)
+        waited = time.monotonic() - started
+        assert answer == {"error": "Server busy: too many uploads in progress, please retry"}
+        assert WAIT_S - 0.5 < waited < WAIT_S + 3, waited
+        for upload in steady:  # they were never cut off: still uploading
+            assert await upload.answer(0.01) is None
+        assert s3_keys(gateway, f"tasks/{waiter.task_id}/") == []
+    finally:
+        for task in feeders:
+            task.cancel()
+        for upload in (*steady, *([waiter] if waiter else [])):
+            upload.close()
+    ids = [u.task_id for u in steady]  # dropped by their client: aborted, nothing left
+    await _until(lambda: not _multipart_uploads(gateway, ids), 10, "multipart uploads aborted")
 
 
 # -- the pool in memory -----------------------------------------------------------------------

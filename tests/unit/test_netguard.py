@@ -102,7 +102,7 @@ async def test_mixed_dns_answer_is_refused(
         with pytest.raises(httpx.ConnectError) as info:
             await client.get(f"http://mixed.test:{port}/x")
     assert netguard.refusal_of(info.value) == (
-        "mixed.test resolves to 169.254.169.254, refused (link-local/metadata address)"
+        "mixed.test refused (it resolves to a link-local/metadata address)"
     )
     assert heads == [], "nothing may be sent when any answer is refused"
 
@@ -116,7 +116,7 @@ async def test_refused_without_allow_entry(
         with pytest.raises(httpx.ConnectError) as info:
             await client.get(f"http://inside.test:{port}/x")
     assert netguard.refusal_of(info.value) == (
-        "inside.test resolves to 127.0.0.1, refused (private/loopback address)"
+        "inside.test refused (it resolves to a private/loopback address)"
     )
     async with _client([]) as client:
         with pytest.raises(httpx.ConnectError) as info:

@@ -38,6 +38,10 @@ from typing import Any, NamedTuple
 import httpcore
 import httpx
 
+from scaleodm.common.logging import get_logger
+
+log = get_logger(__name__)
+
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -265,9 +269,31 @@ class OutboundPolicy:
         for address in addresses:
             reason = self.refusal(address)
             if reason is not None:
-                shown = host if host == address else f"{host} resolves to {address},"
-                raise RefusedAddressError(f"{shown} refused ({reason})")
+                if host.strip("[]") == address:
+                    raise RefusedAddressError(f"{address} refused ({reason})")
+                if _numeric_host(host):  # 2130706433, 0x7f.1, [::ffff:7f00:1]: no DNS involved
+                    raise RefusedAddressError(f"{host} resolves to {address}, refused ({reason})")
+                # The address stays in the operator's log: told to the client, it would answer
+                # questions about internal DNS names.
+                log.info("outbound target refused", host=host, address=address, reason=reason)
+                kind = reason.split(": ", 1)[-1]  # "embeds a.b.c.d: <kind>" names the address
+                raise RefusedAddressError(f"{host} refused (it resolves to a {kind})")
         return addresses
+
+
+def _numeric_host(host: str) -> bool:
+    """Whether ``host`` is an address written as a number (no resolver answer is disclosed)."""
+    bare = host.strip("[]").split("%", 1)[0]
+    try:
+        ipaddress.ip_address(bare)
+        return True
+    except ValueError:
+        pass
+    try:
+        socket.inet_aton(bare)  # the classic forms getaddrinfo accepts: 127.1, 0x7f.1, 017...
+        return True
+    except OSError:
+        return False
 
 
 async def resolve(host: str, port: int) -> list[str]:

@@ -38,15 +38,16 @@ Memory: between the bus and each client sits one queue, bounded in count (``sse_
 per-task streams) and in bytes of event data (``sse_max_pending_bytes``, both streams). A client
 further behind than that is disconnected and resumes with ``Last-Event-ID``: nothing after the
 overflow is ever sent, so it misses nothing (an all-tasks stream first sends what it had queued
-before the overflow, so that each connection of a slow client makes progress). All-tasks streams take JetStream messages into that
-queue as they arrive (a subscription callback), so the NATS client holds nothing for them; at an
-overflow the consumer is stopped at once. JetStream pushes a replay (``?since=``) faster than any
-client reads, so a replay advances by about ``sse_max_pending_bytes`` per connection; the bound
-trades replay speed for memory. sse-starlette writes each message with ``send_timeout``
-(``sse_send_timeout_s``) and uvicorn's transport holds at most its high-water mark (64 KiB) plus
-one message before that send waits, so a client that stops reading costs at most its queue and
-that buffer, then is disconnected after the send timeout (``serving.py`` then aborts the socket
-if the client still takes nothing).
+before the overflow, so that each connection of a slow client makes progress). All-tasks
+streams take JetStream messages into that queue as they arrive (a subscription callback), so the
+NATS client holds nothing for them; at an overflow the consumer is stopped at once. JetStream
+pushes a replay (``?since=``) faster than a client reads, so a replay advances by about
+``sse_max_pending_bytes`` per connection: the bound trades replay speed for memory.
+sse-starlette writes each message with ``send_timeout`` (``sse_send_timeout_s``), and uvicorn's
+transport takes a write only below its high-water mark (64 KiB), so a client that stops reading
+costs at most its queue, that buffer and one message, and is disconnected after the send
+timeout; ``serving.py`` aborts the connection if the client still takes nothing (socket buffers
+in the kernel aside).
 
 Open streams are counted (``StreamSlots``): at most ``sse_max_streams`` per process and
 ``sse_max_streams_per_client`` per client; beyond, the route answers a NodeODM-style error

@@ -19,6 +19,7 @@ import uuid as uuidlib
 from typing import Any
 
 from fastapi import APIRouter, Request
+from starlette.requests import ClientDisconnect
 
 from scaleodm.common.contracts.ids import canonical_task_id
 from scaleodm.common.logging import bind_task, get_logger
@@ -80,7 +81,10 @@ async def _parse(
     except s3mod.BufferPreemptedError as exc:
         await cleanup(exc)
         raise NodeOdmError(f"Upload too slow: {exc}, please retry") from exc
-    except BaseException as exc:  # client gone, S3 down: drop what was stored, then re-raise
+    except ClientDisconnect as exc:  # nobody to answer: one log line, not two tracebacks
+        await asyncio.shield(cleanup(exc))
+        raise NodeOdmError("Client disconnected during the upload") from exc
+    except BaseException as exc:  # S3 down, cancelled: drop what was stored, then re-raise
         await asyncio.shield(cleanup(exc))
         raise
 

@@ -187,12 +187,16 @@ def _hub(res: Resources) -> eventstream.EventHub:
 
 
 def client_key(request: Request, settings: GatewaySettings) -> str:
-    """Whose stream this is, for ``sse_max_streams_per_client``: the token when the node has
-    one (hashed: the key must not hold the secret), else the peer address."""
+    """Whose stream this is, for ``sse_max_streams_per_client``: the peer address, and the
+    token when the node has one (hashed: the key must not hold the secret). With one node token
+    shared by every client, the token alone would make the whole node one client; per-tenant
+    caps come with tenants' own tokens."""
+    addr = request.client.host if request.client else "?"
     if settings.token is not None:
         token = request.query_params.get("token", "")
-        return "token:" + hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
-    return "addr:" + (request.client.host if request.client else "?")
+        digest = hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
+        return f"token:{digest}:addr:{addr}"
+    return "addr:" + addr
 
 
 SHUTDOWN_GRACE_S = 2.0  # streams end cleanly at shutdown (uvicorn waits up to 20 s)
