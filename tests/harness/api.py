@@ -51,3 +51,40 @@ async def poll_until(
 
 def status_is(*codes: int) -> Callable[[dict[str, Any]], bool]:
     return lambda i: "status" in i and i["status"]["code"] in codes
+
+
+# --- webhook deliveries (GET /task/{uuid}/webhooks) ----------------------------------------------
+
+
+async def deliveries(hc: httpx.AsyncClient, task_id: str) -> list[dict[str, Any]]:
+    """The task's webhook delivery records."""
+    resp = await hc.get(f"/task/{task_id}/webhooks")
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert isinstance(body, list), body
+    return body
+
+
+async def wait_deliveries(
+    hc: httpx.AsyncClient, task_id: str, done: Callable[[list[dict[str, Any]]], bool],
+    timeout_s: float = 30,
+) -> list[dict[str, Any]]:
+    """The delivery records once ``done(records)``; fails after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        current = await deliveries(hc, task_id)
+        if done(current):
+            return current
+        assert time.monotonic() < deadline, f"deliveries of {task_id} stuck at {current}"
+        await asyncio.sleep(0.1)
+
+
+def deliveries_settled(count: int) -> Callable[[list[dict[str, Any]]], bool]:
+    """``count`` deliveries, none pending any more."""
+    return lambda ds: len(ds) == count and all(d["status"] != "pending" for d in ds)
+
+
+def delivery_to(records: list[dict[str, Any]], path: str) -> dict[str, Any]:
+    """The one delivery whose URL ends with ``path``."""
+    [found] = [d for d in records if d["url"].endswith(path)]
+    return found

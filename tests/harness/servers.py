@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -18,7 +19,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -207,3 +208,28 @@ def _moto_process(tmp: Path | None) -> Iterator[S3Endpoint]:
         stop_process(proc)
         if not isinstance(log, int):
             log.close()
+
+
+
+def peak_rss_bytes(pid: int) -> int:
+    """``VmHWM`` of a process: the most resident memory it has ever had."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmHWM for pid {pid}")
+
+
+@contextlib.asynccontextmanager
+async def recording_http_server() -> AsyncIterator[tuple[int, list[bytes]]]:
+    """A minimal HTTP server on 127.0.0.1 answering 200 ``ok``: (its port, each request head)."""
+    heads: list[bytes] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        heads.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    async with server:
+        yield server.sockets[0].getsockname()[1], heads

@@ -23,7 +23,7 @@ import base64
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -99,36 +99,6 @@ async def _finished_task(hc: httpx.AsyncClient, webhook: str) -> str:
     return task_id
 
 
-async def _deliveries(hc: httpx.AsyncClient, task_id: str) -> list[dict[str, Any]]:
-    resp = await hc.get(f"/task/{task_id}/webhooks")
-    assert resp.status_code == 200, resp.text
-    body = resp.json()
-    assert isinstance(body, list), body
-    return body
-
-
-async def _wait_deliveries(
-    hc: httpx.AsyncClient, task_id: str, done: Callable[[list[dict[str, Any]]], bool],
-    timeout_s: float = 30,
-) -> list[dict[str, Any]]:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        current = await _deliveries(hc, task_id)
-        if done(current):
-            return current
-        assert time.monotonic() < deadline, f"deliveries of {task_id} stuck at {current}"
-        await asyncio.sleep(0.1)
-
-
-def _settled(count: int) -> Callable[[list[dict[str, Any]]], bool]:
-    return lambda ds: len(ds) == count and all(d["status"] != "pending" for d in ds)
-
-
-def _by_path(deliveries: list[dict[str, Any]], path: str) -> dict[str, Any]:
-    [found] = [d for d in deliveries if d["url"].endswith(path)]
-    return found
-
-
 async def _wait_posts(http_fixture: HttpFixture, path: str, count: int = 1,
                       timeout_s: float = 30) -> list[Received]:
     return await asyncio.to_thread(http_fixture.wait_posts, path, count, timeout_s)
@@ -155,15 +125,15 @@ async def test_retries_until_delivered_signed_and_listed(
     assert (body["status"], body["images"]) == ({"code": 50}, [])
     assert posts[-1].headers["Content-Type"] == "application/json"
 
-    deliveries = await _wait_deliveries(hc, task_id, _settled(2))
-    task_hook = _by_path(deliveries, hook)
+    deliveries = await api.wait_deliveries(hc, task_id, api.deliveries_settled(2))
+    task_hook = api.delivery_to(deliveries, hook)
     assert task_hook["url"] == http_fixture.url(hook), "no query-string secrets shown"
     assert task_hook["id"] == posts[0].headers["webhook-id"]
     assert (task_hook["status"], task_hook["reason"]) == ("delivered", None)
     assert [a["statusCode"] for a in task_hook["attempts"]] == [503, 503, 200]
     assert [a["error"] for a in task_hook["attempts"]] == ["HTTP 503", "HTTP 503", None]
     assert all(a["at"] and a["latencyMs"] >= 0 for a in task_hook["attempts"])
-    node = _by_path(deliveries, node_hook)
+    node = api.delivery_to(deliveries, node_hook)
     assert (node["status"], len(node["attempts"])) == ("delivered", 1)
     assert "node-secret" not in str(deliveries)
     assert len(_node_posts(http_fixture, node_hook, task_id)) == 1
@@ -179,13 +149,13 @@ async def test_redirects_client_errors_and_dropped_connections_are_retried(
     tasks = {first: await _finished_task(hc, http_fixture.url(hook))
              for first, hook in hooks.items()}
     for first, task_id in tasks.items():
-        deliveries = await _wait_deliveries(hc, task_id, _settled(2))
-        attempts = _by_path(deliveries, hooks[first])["attempts"]
+        deliveries = await api.wait_deliveries(hc, task_id, api.deliveries_settled(2))
+        attempts = api.delivery_to(deliveries, hooks[first])["attempts"]
         assert [a["statusCode"] for a in attempts] == [
             first if isinstance(first, int) else None, 200
         ]
         assert attempts[0]["error"].startswith(cases[first]), attempts
-        assert _by_path(deliveries, hooks[first])["status"] == "delivered"
+        assert api.delivery_to(deliveries, hooks[first])["status"] == "delivered"
 
 
 async def test_hanging_receiver_times_out_without_delaying_others_then_dead_letters(
@@ -211,14 +181,16 @@ async def test_hanging_receiver_times_out_without_delaying_others_then_dead_lett
 
     for task_id, path, last in ((slow_task, hanging, f"timed out after {TIMEOUT_S}s"),
                                 (failing_task, failing, "HTTP 500")):
-        deliveries = await _wait_deliveries(hc, task_id, _settled(2), timeout_s=HORIZON_S + 20)
-        dead = _by_path(deliveries, path)
+        deliveries = await api.wait_deliveries(
+            hc, task_id, api.deliveries_settled(2), timeout_s=HORIZON_S + 20
+        )
+        dead = api.delivery_to(deliveries, path)
         assert dead["status"] == "dead"
         assert dead["reason"].startswith("gave up after ") and dead["reason"].endswith(
             f"over {HORIZON_S}s; last: {last}"), dead["reason"]
         assert len(dead["attempts"]) >= 2
         assert {a["error"] for a in dead["attempts"]} == {last}
-        assert _by_path(deliveries, node_hook)["status"] == "delivered"
+        assert api.delivery_to(deliveries, node_hook)["status"] == "delivered"
 
 
 async def test_notifier_killed_mid_retry_resumes_with_the_same_webhook_id(
@@ -233,8 +205,8 @@ async def test_notifier_killed_mid_retry_resumes_with_the_same_webhook_id(
     http_fixture.fail_times(hook, 0)
     hook_stack.start("notifier")
 
-    deliveries = await _wait_deliveries(hc, task_id, _settled(2))
-    delivered = _by_path(deliveries, hook)
+    deliveries = await api.wait_deliveries(hc, task_id, api.deliveries_settled(2))
+    delivered = api.delivery_to(deliveries, hook)
     assert delivered["status"] == "delivered"
     posts = http_fixture.posts(hook)
     assert len(posts) > before and posts[-1].at > posts[before - 1].at

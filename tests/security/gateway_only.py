@@ -61,11 +61,3 @@ def multipart_body(parts: list[Part]) -> tuple[bytes, str]:
         out += b"\r\n" + payload + b"\r\n"
     out += f"--{boundary}--\r\n".encode()
     return bytes(out), f"multipart/form-data; boundary={boundary}"
-
-
-def peak_rss_bytes(pid: int) -> int:
-    """``VmHWM`` of a process: the most resident memory it has ever had."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmHWM for pid {pid}")

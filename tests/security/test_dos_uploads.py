@@ -41,7 +41,7 @@ import pytest
 from scaleodm.common.store import s3 as s3mod
 from tests.harness import servers
 from tests.harness.stack import Stack
-from tests.security.gateway_only import gateway_only, peak_rss_bytes, s3_keys
+from tests.security.gateway_only import gateway_only, s3_keys
 
 MiB = 1024 * 1024
 PART = 5 * MiB
@@ -185,7 +185,7 @@ async def test_stalled_uploads_are_cut_off_and_do_not_starve_an_honest_one(
         await _until(lambda: not _multipart_uploads(gateway, ids), 5, "multipart uploads aborted")
         for task_id in ids:
             assert s3_keys(gateway, f"tasks/{task_id}/") == []
-        peak = peak_rss_bytes(pid)
+        peak = servers.peak_rss_bytes(pid)
         record_property("honest_upload_s", round(honest_s, 2))
         record_property("gateway_peak_rss_mib", round(peak / MiB, 1))
         assert peak < RSS_LIMIT
@@ -225,7 +225,7 @@ async def test_slow_uploads_lose_their_buffers_to_waiting_ones_only(
         for upload in slow:  # the server closes them (header deadline after the answer)
             assert await upload.closed_within(HEADER_S + 3)
             assert s3_keys(gateway, f"tasks/{upload.task_id}/") == []
-        peak = peak_rss_bytes(pid)
+        peak = servers.peak_rss_bytes(pid)
         record_property("honest_upload_s", [round(s, 2) for s in (first_s, *more)])
         record_property("gateway_peak_rss_mib", round(peak / MiB, 1))
         assert peak < RSS_LIMIT

@@ -40,7 +40,7 @@ from scaleodm.common.contracts import events
 from scaleodm.common.store.tasks import TaskStore
 from tests.harness import data, servers
 from tests.harness.stack import Stack
-from tests.security.gateway_only import gateway_only, multipart_body, peak_rss_bytes, s3_keys
+from tests.security.gateway_only import gateway_only, multipart_body, s3_keys
 
 pytestmark = pytest.mark.integration
 
@@ -470,14 +470,14 @@ async def test_huge_action_body_is_refused_with_bounded_memory(
 ) -> None:
     pid = gateway.procs["gateway"].pid
     port = gateway.ports["gateway"]
-    before = peak_rss_bytes(pid)
+    before = servers.peak_rss_bytes(pid)
     started = time.monotonic()
     raw, sent = await _stream_chunked(port, "/task/cancel", "application/json", BIG_BODY)
     elapsed = time.monotonic() - started
     head, _, body = raw.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200"), head
     assert json.loads(body) == {"error": f"Request too large (limit {ACTION_LIMIT} bytes)"}
-    peak = peak_rss_bytes(pid)
+    peak = servers.peak_rss_bytes(pid)
     record_property("peak_rss_mib_before", round(before / 2**20, 1))
     record_property("peak_rss_mib_after", round(peak / 2**20, 1))
     record_property("sent_mib", round(sent / 2**20, 1))

@@ -35,7 +35,7 @@ from scaleodm.common.contracts import events, streams
 from scaleodm.gateway import eventstream
 from tests.harness import servers, sse
 from tests.harness.stack import Stack
-from tests.security.gateway_only import gateway_only, peak_rss_bytes
+from tests.security.gateway_only import gateway_only
 
 MiB = 1024 * 1024
 MAX_STREAMS = 5
@@ -183,7 +183,7 @@ async def test_clients_that_do_not_keep_up_are_disconnected_and_memory_stays_bou
     silent = [_silent_reader(gateway) for _ in range(PER_CLIENT)]
     try:
         await asyncio.sleep(0.5)  # their streams are open (empty so far)
-        before = peak_rss_bytes(pid)
+        before = servers.peak_rss_bytes(pid)
         started = time.monotonic()
         follower = asyncio.create_task(_follow_with_resume(gateway, EVENTS))
         await _publish(gateway, EVENTS)  # 30 MiB of event data
@@ -198,13 +198,13 @@ async def test_clients_that_do_not_keep_up_are_disconnected_and_memory_stays_bou
             raw, ended = await asyncio.to_thread(_drain, sock, 5)
             assert ended in ("eof", "reset"), f"still open after {len(raw)} bytes"
             assert len(_ids(raw)) < EVENTS
-        grown = peak_rss_bytes(pid) - before
-        record_property("gateway_peak_rss_mib", round(peak_rss_bytes(pid) / MiB, 1))
+        grown = servers.peak_rss_bytes(pid) - before
+        record_property("gateway_peak_rss_mib", round(servers.peak_rss_bytes(pid) / MiB, 1))
         record_property("gateway_peak_rss_growth_mib", round(grown / MiB, 1))
         record_property("follower_connections", connections)
         # Without the bound each silent client would hold up to what JetStream pushed to it.
         assert grown < 20 * MiB, grown / MiB
-        assert peak_rss_bytes(pid) < 300 * MiB
+        assert servers.peak_rss_bytes(pid) < 300 * MiB
     finally:
         for sock in silent:
             sock.close()

@@ -15,7 +15,6 @@ the callers (tests/security/test_webhook_attacks.py, tests/integration/test_webh
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 from collections.abc import AsyncIterator
 
@@ -25,6 +24,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from scaleodm.common import netguard
+from tests.harness import servers
 
 V4 = ipaddress.IPv4Address
 V6 = ipaddress.IPv6Address
@@ -165,17 +165,8 @@ async def test_numeric_host_forms_resolve_to_loopback_and_are_refused(host: str)
 @pytest.fixture(scope="module")
 async def listener() -> AsyncIterator[tuple[int, list[bytes]]]:
     """An HTTP server on 127.0.0.1 answering 200; records each request head."""
-    heads: list[bytes] = []
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        heads.append(await reader.readuntil(b"\r\n\r\n"))
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
-        await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    async with server:
-        yield server.sockets[0].getsockname()[1], heads
+    async with servers.recording_http_server() as server:
+        yield server
 
 
 PRIVATE = netguard.PRIVATE_REASON

@@ -210,38 +210,6 @@ async def _finished_task(gw: httpx.AsyncClient, webhook: str | None = None) -> s
     return task_id
 
 
-async def _wait_deliveries(
-    gw: httpx.AsyncClient, task_id: str, done: Callable[[list[dict[str, Any]]], bool],
-    timeout_s: float = 30,
-) -> list[dict[str, Any]]:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        resp = await gw.get(f"/task/{task_id}/webhooks")
-        assert resp.status_code == 200, resp.text
-        current: list[dict[str, Any]] = resp.json()
-        if done(current):
-            return current
-        assert time.monotonic() < deadline, f"deliveries of {task_id} stuck at {current}"
-        await asyncio.sleep(0.1)
-
-
-def _settled(count: int) -> Callable[[list[dict[str, Any]]], bool]:
-    return lambda ds: len(ds) == count and all(d["status"] != "pending" for d in ds)
-
-
-def _by_path(deliveries: list[dict[str, Any]], path: str) -> dict[str, Any]:
-    [found] = [d for d in deliveries if d["url"].endswith(path)]
-    return found
-
-
-def _peak_rss(pid: int) -> int:
-    """The process's peak resident set (``VmHWM``), in bytes."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError(f"no VmHWM for {pid}")
-
-
 def _notifier_consumer(nats: servers.Nats) -> dict[str, Any]:
     url = f"{nats.monitor_url}/jsz?consumers=true"
     with urllib.request.urlopen(url, timeout=5) as resp:  # noqa: S310 - loopback only
@@ -260,15 +228,15 @@ async def test_gigabyte_response_is_not_read(
 ) -> None:
     stack, _ = attack_stack
     with notifier(stack, receiver.url("/big-length")) as pid:
-        started_rss = _peak_rss(pid)
+        started_rss = servers.peak_rss_bytes(pid)
         task_id = await _finished_task(gw, receiver.url("/big-chunked"))
-        deliveries = await _wait_deliveries(gw, task_id, _settled(2))
-        peak = _peak_rss(pid)
+        deliveries = await api.wait_deliveries(gw, task_id, api.deliveries_settled(2))
+        peak = servers.peak_rss_bytes(pid)
     record_property("notifier_rss_after_start_mib", round(started_rss / MIB, 1))
     record_property("notifier_peak_rss_mib", round(peak / MIB, 1))
 
     for path in ("/big-length", "/big-chunked"):
-        delivery = _by_path(deliveries, path)
+        delivery = api.delivery_to(deliveries, path)
         assert delivery["status"] == "delivered", delivery
         assert [(a["statusCode"], a["error"]) for a in delivery["attempts"]] == [(200, None)]
         [hit] = receiver.of(path, task_id)
@@ -305,14 +273,14 @@ async def test_webhook_that_can_never_work_is_dead_after_one_attempt(
     stack, nats = attack_stack
     with notifier(stack, url):
         task_id = await _finished_task(gw)
-        [dead] = await _wait_deliveries(gw, task_id, _settled(1))
+        [dead] = await api.wait_deliveries(gw, task_id, api.deliveries_settled(1))
         assert dead["status"] == "dead" and dead["reason"].startswith(reason), dead
         assert [(a["statusCode"], a["error"]) for a in dead["attempts"]] == [
             (None, dead["reason"])]
         assert len(dead["url"]) <= 2100, "the record keeps a bounded URL"
         # Longer than several retry delays (0.2-0.4 s): nothing more is tried or redelivered.
         await asyncio.sleep(1.0)
-        assert await _wait_deliveries(gw, task_id, lambda _: True) == [dead]
+        assert await api.wait_deliveries(gw, task_id, lambda _: True) == [dead]
         consumer = _notifier_consumer(nats)
         assert (consumer["num_ack_pending"], consumer["num_pending"]) == (0, 0), consumer
     assert "terminal event not handled" not in stack.log("notifier")
@@ -325,17 +293,17 @@ async def test_trickling_receiver_is_cut_at_the_attempt_timeout(
     slack_s = 1.5  # process scheduling on a loaded machine
     with notifier(stack, receiver.url("/trickle-headers")):
         task_id = await _finished_task(gw, receiver.url("/trickle-body"))
-        deliveries = await _wait_deliveries(gw, task_id, _settled(2))
+        deliveries = await api.wait_deliveries(gw, task_id, api.deliveries_settled(2))
 
     # Headers never complete: a timed-out attempt, then a retry (which this receiver answers).
-    headers = _by_path(deliveries, "/trickle-headers")
+    headers = api.delivery_to(deliveries, "/trickle-headers")
     assert headers["status"] == "delivered"
     first, retry = headers["attempts"]
     assert (first["statusCode"], first["error"]) == (None, f"timed out after {TIMEOUT_S}s")
     assert TIMEOUT_S * 1000 <= first["latencyMs"] < (TIMEOUT_S + slack_s) * 1000, first
     assert (retry["statusCode"], retry["error"]) == (200, None)
     # The body never completes: the status line, received in time, decides.
-    body = _by_path(deliveries, "/trickle-body")
+    body = api.delivery_to(deliveries, "/trickle-body")
     [only] = body["attempts"]
     assert (body["status"], only["statusCode"], only["error"]) == ("delivered", 200, None)
     assert TIMEOUT_S * 1000 <= only["latencyMs"] < (TIMEOUT_S + slack_s) * 1000, only

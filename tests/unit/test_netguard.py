@@ -20,6 +20,7 @@ import httpx
 import pytest
 
 from scaleodm.common import netguard
+from tests.harness import servers
 
 
 @pytest.mark.parametrize(
@@ -54,18 +55,8 @@ def test_policy(address: str, allow: list[str], reason: str | None) -> None:
 @pytest.fixture
 async def loopback_server() -> AsyncIterator[tuple[int, list[bytes]]]:
     """A minimal HTTP server on 127.0.0.1 answering 200; records each request head."""
-    heads: list[bytes] = []
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        heads.append(await reader.readuntil(b"\r\n\r\n"))
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
-        await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    async with server:
-        yield port, heads
+    async with servers.recording_http_server() as server:
+        yield server
 
 
 def _fake_dns(monkeypatch: pytest.MonkeyPatch, answers: dict[str, list[str]]) -> list[str]:
