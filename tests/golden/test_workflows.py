@@ -18,7 +18,7 @@ template syntax); every ``$`` of a container's command, args and env values is e
 (Kubernetes' ``$(VAR)`` expansion; the attack itself is in
 ``tests/security/test_workflow_injection.py``); the ``--spec`` argument decodes to the preset's
 ``RunSpec``; no container adds a capability; labels on the Workflow and its pods; determinism.
-Builder errors: an option value holding ``{{``, credentials in ``s3_env``, a task id that is
+Builder errors: an option value holding ``{{``, credentials in ``step_env``, a task id that is
 not a uuid, zero shards.
 
 Left out: what Argo does with the manifest (cluster tests), the sizing arithmetic
@@ -40,8 +40,9 @@ from hera.workflows import models as m
 from scaleodm.common.contracts.commands import CreateTask, RestartTask, RunSpec
 from scaleodm.common.contracts.ids import run_name
 from scaleodm.common.domain.options import add_post_processing_options, to_engine_args
-from scaleodm.common.settings import ArgoSettings
+from scaleodm.common.settings import ArgoSettings, S3Settings, SchedulerSettings
 from scaleodm.scheduler import workflows
+from scaleodm.scheduler.executors import argo
 
 GOLDEN = Path(__file__).parent / "workflows"
 REGENERATE = os.environ.get("SCALEODM_REGENERATE_GOLDEN") == "1"
@@ -52,11 +53,11 @@ HEADER = (
 
 TASK_ID = "6f1c2d3e-4b5a-4c6d-8e7f-9a0b1c2d3e4f"
 BUCKET = "scaleodm"
-S3_ENV = {
-    "SCALEODM_S3__ENDPOINT_URL": "http://minio.scaleodm.svc.cluster.local:9000",
-    "SCALEODM_S3__REGION": "us-east-1",
-    "SCALEODM_S3__BUCKET": BUCKET,
-}
+# What the Argo executor passes to the fetch/upload steps: S3's plain values, the fetch limits
+# and the outbound allow-list, from the scheduler's settings (defaults, plus the dev endpoint).
+STEP_ENV = argo.step_env(SchedulerSettings(
+    s3=S3Settings(endpoint_url="http://minio.scaleodm.svc.cluster.local:9000", bucket=BUCKET),
+))
 INPUTS = f"s3://{BUCKET}/tasks/{TASK_ID}/inputs/"
 OUTPUTS = f"s3://{BUCKET}/tasks/{TASK_ID}/outputs/"
 
@@ -163,7 +164,7 @@ IDS = list(PRESETS)
 def build(preset: str) -> dict[str, Any]:
     spec, settings = PRESETS[preset]
     return workflows.build_workflow(
-        spec, settings, shard=workflows.shard_of(spec.task_id, settings.shards), s3_env=S3_ENV
+        spec, settings, shard=workflows.shard_of(spec.task_id, settings.shards), step_env=STEP_ENV
     )
 
 
@@ -305,7 +306,7 @@ def test_option_value_with_argo_template_syntax_is_refused() -> None:
     spec, settings = PRESETS["default"]
     bad = spec.model_copy(update={"options": [{"name": "cameras", "value": '{"x": "{{y}}"}'}]})
     with pytest.raises(workflows.ArgoTemplateError, match="template syntax"):
-        workflows.build_workflow(bad, settings, shard=0, s3_env=S3_ENV)
+        workflows.build_workflow(bad, settings, shard=0, step_env=STEP_ENV)
 
 
 @pytest.mark.parametrize(
@@ -314,19 +315,50 @@ def test_option_value_with_argo_template_syntax_is_refused() -> None:
         pytest.param("SCALEODM_S3__SECRET_ACCESS_KEY", id="secret"),
         pytest.param("SCALEODM_S3__ACCESS_KEY_ID", id="key-id"),
         pytest.param("AWS_SECRET_ACCESS_KEY", id="other-prefix"),
+        pytest.param("SCALEODM_TOKEN", id="not-a-step-setting"),
     ],
 )
-def test_s3_env_refuses_credentials(name: str) -> None:
+def test_step_env_refuses_credentials_and_other_settings(name: str) -> None:
     spec, settings = PRESETS["default"]
     with pytest.raises(ValueError, match="Secret"):
-        workflows.build_workflow(spec, settings, shard=0, s3_env={name: "x"})
+        workflows.build_workflow(spec, settings, shard=0, step_env={name: "x"})
+
+
+def test_fetch_step_gets_the_operators_limits_and_allow_list(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An Argo run fetches with the scheduler's limits, not the step image's defaults."""
+    settings = SchedulerSettings(
+        zip_max_entries=123, zip_max_ratio=7.5, task_disk_budget_bytes=10**9,
+        outbound_allow=["10.1.0.0/16"],
+        s3=S3Settings(input_allow=["s3://datasets/drone/"]),
+    )
+    spec, argo_settings = PRESETS["default"]
+    manifest = workflows.build_workflow(spec, argo_settings, shard=0,
+                                        step_env=argo.step_env(settings))
+    steps = containers(manifest)
+    env = {e["name"]: e.get("value") for e in steps["fetch"]["env"]}
+    assert env["SCALEODM_ZIP_MAX_ENTRIES"] == "123"
+    assert env["SCALEODM_ZIP_MAX_RATIO"] == "7.5"
+    assert env["SCALEODM_TASK_DISK_BUDGET_BYTES"] == str(10**9)
+    assert env["SCALEODM_OUTBOUND_ALLOW"] == '["10.1.0.0/16"]'
+    assert env["SCALEODM_S3__INPUT_ALLOW"] == '["s3://datasets/drone/"]'
+    # ...and the step, reading its environment, gets the same settings.
+    for name, value in env.items():
+        if value is not None:
+            monkeypatch.setenv(name, value.replace("$$", "$"))
+    read = SchedulerSettings()
+    assert read.zip_max_entries == 123 and read.zip_max_ratio == 7.5
+    assert [str(n) for n in read.outbound_allow] == ["10.1.0.0/16"]
+    assert read.s3.input_allow == ["s3://datasets/drone/"]
+    assert all(e["name"] == "ODM_NONINTERACTIVE" for e in steps["main"]["env"])
 
 
 def test_task_id_must_be_a_uuid() -> None:
     spec, settings = PRESETS["default"]
     with pytest.raises(ValueError, match="uuid"):
         workflows.build_workflow(
-            spec.model_copy(update={"task_id": "not-a-uuid"}), settings, shard=0, s3_env=S3_ENV
+            spec.model_copy(update={"task_id": "not-a-uuid"}), settings, shard=0, step_env=STEP_ENV
         )
 
 

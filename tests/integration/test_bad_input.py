@@ -17,6 +17,7 @@ import pytest
 
 from tests.harness import api, data
 from tests.harness.httpfixture import HttpFixture
+from tests.harness.stack import S3_INPUT_PREFIX
 
 pytestmark = pytest.mark.integration
 
@@ -93,6 +94,10 @@ async def test_input_problems_end_30_and_leave_other_tasks_alone(
         "no-images": (await _serve(http_fixture, "docs.zip",
                                    data.zip_bytes({"readme.md": b"hi", "a.pdf": b"%PDF"})),
                       "No images found"),
+        # A location the s3:// rule permits (the stack's input_allow) that lists empty: no
+        # images, as NodeODM says of an empty zip; S3 errors stay "not found or not permitted".
+        "s3-empty-prefix": (f"s3://scaleodm/{S3_INPUT_PREFIX}empty-{uuid.uuid4()}/",
+                            "No images found"),
     }
     good = (await api.create(client, zipurl=good_url, name="good"))["uuid"]
     bad = {

@@ -4,9 +4,10 @@ Every failure text of a run (``fetching.InputError``, ``packaging.UploadError``,
 upload steps' last line, the runner's ``result.json``) is shown to whoever can read the task.
 
 Covered:
-- ``s3://`` reads: a missing bucket, a missing key, an empty prefix, and a read S3 refuses
-  (``AccessDenied``) all give the very same text (the URL aside), without S3's error code or
-  botocore's message;
+- ``s3://`` reads: a missing bucket, a missing key, and a read S3 refuses (``AccessDenied``) all
+  give the very same text (the URL aside), without S3's error code or botocore's message (a
+  permitted prefix that lists empty is no S3 failure: "No images found", in
+  ``test_s3_inputs.py``);
 - http(s) downloads: HTTP 404, a connection refused, an address the outbound guard refuses (by
   IP and by a host name resolving to it: the resolved address is not shown), a non-zip, a zip
   with a damaged member;
@@ -110,7 +111,6 @@ def _denied(operation: str) -> ClientError:
         pytest.param("s3://{missing}/data/", False, id="missing-bucket-prefix"),
         pytest.param("s3://{existing}/data/IMG_9.zip", False, id="missing-key"),
         pytest.param("s3://{existing}/data/IMG_9.JPG", False, id="missing-image-key"),
-        pytest.param("s3://{existing}/data/empty/", False, id="empty-prefix"),
         pytest.param("s3://{service}/tasks/{t}/inputs/missing.zip", False, id="own-missing-key"),
         pytest.param("s3://{existing}/data/IMG_1.JPG", True, id="forbidden-object"),
         pytest.param("s3://{existing}/data/", True, id="forbidden-prefix"),

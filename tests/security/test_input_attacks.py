@@ -15,7 +15,8 @@ that the ``tasks/`` rule is shown to hold even against a broad operator entry). 
 6. ``s3://`` zipurls outside the allowed locations (another task's data) refused;
 7. a 400 MiB action body refused after 64 KiB with the gateway's peak RSS bounded; multipart
    text fields capped in number, each, and in all;
-8. console output served in bounded pages that a client polling like WebODM reads whole.
+8. console output served in bounded pages that a client polling like WebODM reads whole; a
+   negative N answers the tail (the last ``min(|N|, page)`` lines).
 
 Left out: the fuzzing of ``/task/new`` (``test_fuzz_task_new.py``), internal errors and ``/readyz``
 (``test_gateway_leaks.py``), the runs' own checks at fetch and connect time (scheduler and notifier
@@ -171,6 +172,9 @@ BAD_NAMES = [
     pytest.param("a\x1bb.jpg", "control character", id="escape"),
     pytest.param("a\x85b.jpg", "control character", id="c1-control"),
     pytest.param("dir\x00/ok.jpg", "control character", id="nul-in-dropped-directory"),
+    pytest.param("photo\u202egpj.exe", "invisible format character", id="bidi-override"),
+    pytest.param("a\u200bb.jpg", "invisible format character", id="zero-width-space"),
+    pytest.param("a\u2028b.jpg", "invisible format character", id="line-separator"),
     pytest.param("x" * 252 + ".jpg", "longer than 255 bytes", id="256-bytes"),
     pytest.param("\u00e9" * 126 + ".jpg", "longer than 255 bytes", id="256-bytes-utf8"),
     pytest.param("CON.jpg", "reserved name", id="con-jpg"),
@@ -584,8 +588,10 @@ async def test_console_output_comes_in_bounded_pages(
         assert await read(180) == []
         assert await read(10**30) == []
         assert await read(-3) == lines[-3:]
-        assert await read(-120) == lines[60:60 + PAGE_LINES]  # last 120, first page of them
-        assert await read(-(10**30)) == lines[:PAGE_LINES]
+        assert await read(-PAGE_LINES) == lines[-PAGE_LINES:]
+        # NodeODM's slice for -N ends at the last line (§3.6): a page of it is its tail
+        assert await read(-120) == lines[-PAGE_LINES:]
+        assert await read(-(10**30)) == lines[-PAGE_LINES:]
     # WebODM polls with_output=<lines it has> and appends: it still gets everything, in order
     seen: list[str] = []
     for _ in range(10):

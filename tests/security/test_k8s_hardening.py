@@ -250,7 +250,7 @@ def run_workflow(objects: list[Obj]) -> dict[str, Any]:
         sources=["https://example.com/x.zip"], output_prefix="s3://scaleodm/tasks/x/outputs/",
     )
     return workflows.build_workflow(
-        spec, settings.argo, shard=0, s3_env={"SCALEODM_S3__BUCKET": settings.s3.bucket}
+        spec, settings.argo, shard=0, step_env={"SCALEODM_S3__BUCKET": settings.s3.bucket}
     )
 
 
@@ -670,6 +670,23 @@ def test_no_container_adds_capabilities(overlay: str) -> None:
         problems += _privilege_problems(f"workflow/{container['name']}", manifest["spec"],
                                         container)
     assert not problems, "\n".join(problems)
+
+
+@overlays
+def test_run_containers_get_no_kubernetes_token(overlay: str) -> None:
+    """ODM works on hostile input: a token of the run's service account (allowed to write
+    workflowtaskresults) must not be readable by it, nor by fetch/upload. Kubernetes mounts the
+    token only where a container has no mount at its directory; ours all have an empty one."""
+    manifest = run_workflow(rendered(overlay))
+    (template,) = manifest["spec"]["templates"]
+    volumes = {v["name"]: v for v in template["volumes"]}
+    shared = template["containerSet"].get("volumeMounts", [])
+    for container in template["containerSet"]["containers"]:
+        mounts = [*shared, *container.get("volumeMounts", [])]
+        [cover] = [mt for mt in mounts if mt["mountPath"] == workflows.SERVICE_ACCOUNT_DIR]
+        assert cover.get("readOnly") is True, container["name"]
+        volume = volumes[cover["name"]]
+        assert set(volume) == {"name", "emptyDir"}, volume  # empty: no projected token in it
 
 
 # --- availability -----------------------------------------------------------------------------

@@ -64,6 +64,9 @@ def test_the_gateway_log_has_the_access_lines_and_no_token(gateway: Stack) -> No
             assert stream.headers["content-type"].startswith("text/event-stream")
         raw = httpx.get(f"{gateway.gateway_url}/info?TOKEN={TOKEN}&x=1")  # any spelling
         assert raw.status_code == 200
+        # The name percent-encoded: the server decodes it and authenticates, so it is the token.
+        encoded = httpx.get(f"{gateway.gateway_url}/task/list?tok%65n={TOKEN}")
+        assert isinstance(encoded.json(), list), encoded.text  # authenticated: not an error
     gateway.stop()  # flushes and closes the log
     text = gateway.log("gateway")
     assert TOKEN not in text and WRONG not in text
@@ -73,7 +76,8 @@ def test_the_gateway_log_has_the_access_lines_and_no_token(gateway: Stack) -> No
                      f'"GET /task/{unknown}/info?token=[REDACTED] HTTP/1.1" 200',
                      '"POST /task/cancel?token=[REDACTED] HTTP/1.1" 200',
                      '"GET /events?token=[REDACTED] HTTP/1.1" 200',
-                     '"GET /info?TOKEN=[REDACTED]&x=1 HTTP/1.1" 200'):
+                     '"GET /info?TOKEN=[REDACTED]&x=1 HTTP/1.1" 200',
+                     '"GET /task/list?tok%65n=[REDACTED] HTTP/1.1" 200'):
         assert any(line.endswith(expected) for line in access), (expected, access)
     assert any("token%3D[REDACTED]" in line for line in access), access
 
@@ -101,6 +105,9 @@ def test_the_gateway_log_has_the_access_lines_and_no_token(gateway: Stack) -> No
                      id="presigned-url"),
         pytest.param("webhook_secret=whsec_abc api_key=k", "webhook_secret=[REDACTED] "
                      "api_key=[REDACTED]", id="other-names"),
+        pytest.param("GET /x?%74ok%65n=abc&a=1", "GET /x?%74ok%65n=[REDACTED]&a=1",
+                     id="encoded-name"),
+        pytest.param("GET /x?na%6De=abc", "GET /x?na%6De=abc", id="encoded-harmless-name"),
         pytest.param("task 5b0e4c3e queued, 3 images", "task 5b0e4c3e queued, 3 images",
                      id="nothing-secret"),
     ],

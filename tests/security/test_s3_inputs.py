@@ -13,8 +13,10 @@ Covered:
 - fetching against moto: task A uploaded images; task B's run given A's inputs, A's outputs,
   ``tasks/<A>/../``, another bucket, or an allowed prefix's sibling is refused with a clear
   message before any S3 call, and B's ``images/`` gets nothing of A; an allowed prefix and B's
-  own uploads work; a listing of an allowed prefix returning keys that are not allowed
-  (``..`` or empty segments) is refused before anything is downloaded;
+  own uploads work; an allowed prefix that lists empty brings no image and ends as "No images
+  found" (``stages.NO_IMAGES``), not as an S3 failure; a listing of an allowed prefix returning
+  keys that are not allowed (``..`` or empty segments) is refused before anything is
+  downloaded;
 - end to end on the shared stack: task B created with A's input prefix as its zipurl ends
   without any of A's files: refused at submission, or failed with the refusal, and B's output
   prefix holds no object of A.
@@ -35,9 +37,9 @@ import httpx
 import pytest
 
 from scaleodm.common.contracts.ids import run_name
-from scaleodm.common.settings import S3Settings
+from scaleodm.common.settings import S3Settings, SchedulerSettings
 from scaleodm.common.store.s3 import S3, S3Url, input_allowed, parse_s3_url
-from scaleodm.scheduler import fetching
+from scaleodm.scheduler import fetching, stages
 from scaleodm.scheduler.fetching import InputError, Limits
 from tests.harness import api, data, servers
 from tests.harness.stack import Stack
@@ -251,6 +253,24 @@ async def test_own_uploads_and_allowed_prefix_work(
     assert count == 2
     assert sorted(p.name for p in images.iterdir()) == ["IMG_OK.JPG", "IMG_T1.JPG"]
     assert all(f"/tasks/{A}/" not in c and "allowed-other" not in c for c in calls.made)
+
+
+@pytest.mark.integration
+async def test_permitted_empty_prefix_is_no_images(
+    tmp_path: Path, buckets: Buckets, facade: S3, calls: Calls
+) -> None:
+    """Listed without an error and empty: no images (NodeODM's words), not "not found"."""
+    url = f"s3://{buckets.allowed}/allowed/empty-{uuid.uuid4().hex}/"
+    images = tmp_path / T / "images"
+
+    assert await _fetch(facade, [url], images) == 0
+    assert calls.made == [f"list {url}"]
+    assert list(images.iterdir()) == []
+
+    with pytest.raises(InputError) as failed:
+        await stages.fetch_images([url], tmp_path / "again", facade, SchedulerSettings(),
+                                  task_id=T)
+    assert str(failed.value) == stages.NO_IMAGES
 
 
 @pytest.mark.integration

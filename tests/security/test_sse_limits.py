@@ -216,24 +216,27 @@ async def test_clients_that_do_not_keep_up_are_disconnected_and_memory_stays_bou
 TASK = "5b0e4c3e-8d9a-4f6b-9c1d-2e3f4a5b6c7d"
 
 
-def _live(i: int, size: int) -> eventstream.LiveEvent:
-    return eventstream.LiveEvent(events.progressed(TASK, 1, 1, i), size)
+def _live(i: int) -> eventstream.LiveEvent:
+    return eventstream.LiveEvent(events.progressed(TASK, 1, 1, i))
 
 
 async def test_listener_is_bounded_in_bytes_as_well_as_count() -> None:
-    listener = eventstream.Listener(asyncio.Queue(maxsize=100), max_bytes=1000)
+    listener = eventstream.Listener(max_items=100, max_bytes=1000)
     for i in range(3):
-        listener.offer(_live(i, 300))
+        assert listener.offer(_live(i), 300)
     assert not listener.overflowed and listener.pending_bytes == 900
     got = await listener.get(1)
     assert got is not None and listener.pending_bytes == 600
-    listener.offer(_live(3, 300))
+    assert listener.offer(_live(3), 300)
     assert not listener.overflowed
-    listener.offer(_live(4, 300))  # 1200 bytes behind: disconnected, nothing more queued
+    # 1200 bytes behind: disconnected, nothing more queued (even what would fit)
+    assert not listener.offer(_live(4), 300)
     assert listener.overflowed and listener.queue.qsize() == 3
-    by_count = eventstream.Listener(asyncio.Queue(maxsize=2), max_bytes=10**9)
+    assert not listener.offer(_live(5), 1)
+    assert listener.queue.qsize() == 3
+    by_count = eventstream.Listener(max_items=2, max_bytes=10**9)
     for i in range(3):
-        by_count.offer(_live(i, 1))
+        by_count.offer(_live(i), 1)
     assert by_count.overflowed
 
 

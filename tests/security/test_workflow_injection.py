@@ -62,7 +62,7 @@ RUNTIME_ENV = {
     "KUBERNETES_SERVICE_HOST": "10.96.0.1",
     "MONGO_PORT": "tcp://10.96.0.7:27017",
 }
-S3_ENV = {
+STEP_ENV = {
     "SCALEODM_S3__ENDPOINT_URL": "http://minio.scaleodm.svc:9000",
     "SCALEODM_S3__REGION": "us-east-1",
     "SCALEODM_S3__BUCKET": "scaleodm",
@@ -166,9 +166,9 @@ def spec_fields(spec: RunSpec) -> dict[str, Any]:
     return RunSpec.model_validate_json(own).model_dump()
 
 
-def assert_runs_as_meant(spec: RunSpec, s3_env: Mapping[str, str]) -> dict[str, Any]:
+def assert_runs_as_meant(spec: RunSpec, step_env: Mapping[str, str]) -> dict[str, Any]:
     """Build ``spec``'s Workflow and check every container gets exactly the intended strings."""
-    manifest = workflows.build_workflow(spec, ArgoSettings(), shard=0, s3_env=s3_env)
+    manifest = workflows.build_workflow(spec, ArgoSettings(), shard=0, step_env=step_env)
     steps = containers(manifest)
     assert set(steps) == {"fetch", "main", "upload"}
     for name, container in steps.items():
@@ -197,7 +197,7 @@ def assert_runs_as_meant(spec: RunSpec, s3_env: Mapping[str, str]) -> dict[str, 
             )
             assert env == {
                 **{var: SECRETS[(SECRET_NAME, key)] for var, key in workflows.SECRET_KEYS.items()},
-                **s3_env,
+                **step_env,
             }
         for item in argv:
             for secret in SECRETS.values():
@@ -284,7 +284,7 @@ ATTACK = RunSpec(
 
 
 def test_secret_theft_through_kubernetes_expansion_fails() -> None:
-    manifest = assert_runs_as_meant(ATTACK, S3_ENV)
+    manifest = assert_runs_as_meant(ATTACK, STEP_ENV)
     steps = containers(manifest)
     # The attack is really in the manifest, escaped: each reference reaches the process as text.
     argv, _ = container_process(steps["fetch"], SECRETS)
@@ -305,7 +305,7 @@ def test_secret_theft_through_kubernetes_expansion_fails() -> None:
 def test_option_value_with_argo_tag_is_refused() -> None:
     spec = ATTACK.model_copy(update={"options": [{"name": "cameras", "value": "{{x}}"}]})
     with pytest.raises(workflows.ArgoTemplateError):
-        workflows.build_workflow(spec, ArgoSettings(), shard=0, s3_env=S3_ENV)
+        workflows.build_workflow(spec, ArgoSettings(), shard=0, step_env=STEP_ENV)
 
 
 # --- (b) property over arbitrary input ------------------------------------------------------
@@ -355,21 +355,21 @@ run_specs = st.builds(
     outputs=st.none() | st.lists(texts, max_size=3),
     images_count=st.none() | st.integers(min_value=0, max_value=10**6),
 )
-s3_envs = st.fixed_dictionaries(
+step_envs = st.fixed_dictionaries(
     {"SCALEODM_S3__ENDPOINT_URL": operator_texts, "SCALEODM_S3__REGION": operator_texts,
      "SCALEODM_S3__BUCKET": operator_texts}
 )
 
 
 @settings(max_examples=300, deadline=None, derandomize=True)
-@given(spec=run_specs, s3_env=s3_envs)
-def test_no_input_is_expanded_by_kubernetes_or_argo(spec: RunSpec, s3_env: dict[str, str]) -> None:
+@given(spec=run_specs, step_env=step_envs)
+def test_no_input_is_expanded_by_kubernetes_or_argo(spec: RunSpec, step_env: dict[str, str]) -> None:
     if not is_task_id(spec.task_id):
         with pytest.raises(ValueError, match="uuid"):
-            workflows.build_workflow(spec, ArgoSettings(), shard=0, s3_env=s3_env)
+            workflows.build_workflow(spec, ArgoSettings(), shard=0, step_env=step_env)
         return
     if any(argo_reads_tag(arg) for arg in to_engine_args(spec.options)):
         with pytest.raises(workflows.ArgoTemplateError):
-            workflows.build_workflow(spec, ArgoSettings(), shard=0, s3_env=s3_env)
+            workflows.build_workflow(spec, ArgoSettings(), shard=0, step_env=step_env)
         return
-    assert_runs_as_meant(spec, s3_env)
+    assert_runs_as_meant(spec, step_env)

@@ -26,19 +26,21 @@ Left out: Argo runs (same ``stages.fetch_images``; see ``tests/unit/test_stages.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import json
 import re
 import struct
 import time
+import tracemalloc
 import uuid
 import zipfile
 import zlib
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import boto3
 import httpx
@@ -233,10 +235,15 @@ def test_declared_compressed_size_lies_large(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "claim",
-    [pytest.param(None, id="honest-count"), pytest.param(10, id="count-lies-small")],
+    ("claim", "message"),
+    [
+        pytest.param(None, "Input archive refused: it has 100000 entries, more than the limit "
+                     "of 1000", id="honest-count"),
+        pytest.param(10, "Input archive refused: it has more entries than the limit of 1000",
+                     id="count-lies-small"),
+    ],
 )
-def test_hundred_thousand_entries(tmp_path: Path, claim: int | None) -> None:
+def test_hundred_thousand_entries(tmp_path: Path, claim: int | None, message: str) -> None:
     archive = _many_entries(tmp_path / "many.zip", claim_entries=claim)
     dest = tmp_path / "images"
     dest.mkdir()
@@ -245,11 +252,85 @@ def test_hundred_thousand_entries(tmp_path: Path, claim: int | None) -> None:
     with pytest.raises(InputError) as refused:
         extract_zip(archive, dest, _limits(entries=1000))
 
-    assert str(refused.value) == (
-        "Input archive refused: it has 100000 entries, more than the limit of 1000"
-    )
+    assert str(refused.value) == message
     assert _files(dest) == []
     assert time.monotonic() - started < 5
+
+
+def _lying_directory(path: Path, records: int, *, zip64: bool = False) -> Path:
+    """``records`` central-directory records of 47 bytes (a one-letter name, no local data),
+    under end records declaring one entry in a directory of their true size: ``zipfile`` would
+    read them all and build an object per record before counting anything. With ``zip64`` the
+    classic end record also says its directory is one record long; the zip64 record behind its
+    locator (which ``zipfile`` believes whatever the classic fields say) gives the true size."""
+    one = _CENTRAL.pack(b"PK\x01\x02", 20, 20, 0, 0, 0, 0x21, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0)
+    central = (one + b"a") * records
+    with path.open("wb") as fh:
+        fh.write(central)
+        if zip64:
+            fh.write(_END64.pack(b"PK\x06\x06", _END64.size - 12, 45, 45, 0, 0, 1, 1,
+                                 len(central), 0))
+            fh.write(_END64_LOCATOR.pack(b"PK\x06\x07", 0, len(central), 1))
+            fh.write(_END.pack(b"PK\x05\x06", 0, 0, 1, 1, len(one) + 1, 0, 0))
+        else:
+            fh.write(_END.pack(b"PK\x05\x06", 0, 0, 1, 1, len(central), 0, 0))
+    return path
+
+
+@pytest.fixture
+def zipfile_unopened(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Opening an archive with ``zipfile`` fails the test: it parses the whole directory."""
+
+    def opened(*_a: Any, **_k: Any) -> zipfile.ZipFile:
+        raise AssertionError("zipfile opened the archive: its directory was parsed")
+
+    monkeypatch.setattr(zipfile, "ZipFile", opened)
+
+
+@pytest.mark.usefixtures("zipfile_unopened")
+@pytest.mark.parametrize(
+    ("records", "zip64"),
+    [
+        # 9.4 MB of directory: over 1000 x (46 + 1024) bytes, refused on its size alone
+        pytest.param(200_000, False, id="directory-too-large"),
+        pytest.param(200_000, True, id="zip64-directory-too-large"),
+        # 940 KB: within that size, but 20,000 records when 1000 are allowed
+        pytest.param(20_000, False, id="records-over-the-count"),
+    ],
+)
+def test_declared_count_lies_about_a_huge_directory(
+    tmp_path: Path, records: int, zip64: bool
+) -> None:
+    archive = _lying_directory(tmp_path / "liar.zip", records, zip64=zip64)
+    dest = tmp_path / "images"
+    dest.mkdir()
+
+    tracemalloc.start()
+    try:
+        with pytest.raises(InputError) as refused:
+            extract_zip(archive, dest, _limits(entries=1000))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+
+    assert str(refused.value) == (
+        "Input archive refused: it has more entries than the limit of 1000"
+    )
+    # The end records, and at most the directory's capped bytes, never an object per record.
+    assert peak < 1000 * (46 + 1024) + 256 * 1024, peak
+    assert _files(dest) == []
+
+
+def test_records_within_the_limits_open(tmp_path: Path) -> None:
+    """An honest directory of exactly the limit's entries, long names included, is read."""
+    archive = tmp_path / "ok.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for i in range(999):
+            zf.writestr(f"{'d' * 900}/{i}.txt", b"")
+        zf.writestr("IMG_0001.JPG", data.JPEG)
+    dest = tmp_path / "images"
+    dest.mkdir()
+    assert extract_zip(archive, dest, _limits(entries=1000)) == 1000
 
 
 def test_many_members_each_under_the_ratio(tmp_path: Path, upfront: bool) -> None:
@@ -383,6 +464,70 @@ async def test_s3_zip_bomb(
     assert not images.exists()
     (budget,) = budgets
     assert budget.peak <= bomb.stat().st_size + 1024  # the download only: refused up front
+
+
+# --------------------------------------------------------------------------------------------
+# Downloads
+# --------------------------------------------------------------------------------------------
+
+
+def _gzip_zeros(mib: int) -> bytes:
+    """A gzip body of ``mib`` MiB of zeros (RFC 1952: header, raw deflate, CRC and size)."""
+    header = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"
+    trailer = struct.pack("<2L", _zeros_crc(mib), (mib * MiB) & 0xFFFFFFFF)
+    return header + _deflated_zeros(mib) + trailer
+
+
+@contextlib.asynccontextmanager
+async def _gzip_server(body: bytes) -> AsyncIterator[tuple[str, list[bytes]]]:
+    """Answers every GET with ``body`` as ``Content-Encoding: gzip``, whatever was asked:
+    (the URL, each request head)."""
+    heads: list[bytes] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        heads.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/zip\r\n"
+                     b"Content-Encoding: gzip\r\nContent-Length: %d\r\n"
+                     b"Connection: close\r\n\r\n" % len(body))
+        writer.write(body)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    async with server:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/bomb.zip", heads
+
+
+async def test_gzip_encoded_download_is_stored_raw(
+    tmp_path: Path, budgets: list[DiskBudget]
+) -> None:
+    """A zipurl answering 1 GiB of zeros gzip-encoded (~1 MB on the wire). Inflating it as it
+    comes would turn one 64 KiB network read into 64 MiB of memory; the fetch asks for no
+    encoding, keeps the bytes as sent (counted against the download limit and the disk budget),
+    and refuses them as not a zip."""
+    body = _gzip_zeros(1024)
+    images = tmp_path / "task" / "images"
+
+    async with _gzip_server(body) as (url, heads):
+        tracemalloc.start()
+        try:
+            with pytest.raises(InputError) as refused:
+                await fetching.fetch_inputs(
+                    [url], images, cast(S3, None), task_id=str(uuid.uuid4()),
+                    limits=_limits(download_bytes=8 * MiB), timeout_s=10,
+                    outbound=netguard.OutboundPolicy(["127.0.0.0/8"]),
+                )
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+
+    assert str(refused.value) == "Could not extract .zip file: not a valid zip archive"
+    (head,) = heads
+    assert b"\r\naccept-encoding: identity\r\n" in head.lower(), head
+    assert peak < 16 * MiB, peak
+    (budget,) = budgets
+    assert budget.peak == len(body), "the raw bytes, as sent"
+    assert not images.exists()
 
 
 # --------------------------------------------------------------------------------------------

@@ -7,9 +7,13 @@ event recorded but never published is found by the idle re-read; the stream ends
 current attempt's terminal event (passing through an older attempt's) or ``removed``, when
 idle and the task is over past the cursor, and cleanly at shutdown; a client whose queue
 overflows is disconnected; live and replayed messages are byte-identical; ``wait_for`` (timeout,
-stop, a cancelled get takes nothing); the status filter's subjects.
+stop, a cancelled get takes nothing); the status filter's subjects. The all-tasks stream
+(``follow_all``) over a fake JetStream subscription: at an overflow the consumer is stopped once,
+from the message callback, what was queued before is sent, and the stream ends only once that
+stop is done, even when its response is cancelled meanwhile.
 
-Left out: NATS and HTTP (``tests/integration/test_event_streams.py``).
+Left out: NATS and HTTP (``tests/integration/test_event_streams.py``), the queue bounds
+(``tests/security/test_sse_limits.py``).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
+from types import SimpleNamespace
 from typing import Any
 
 import anyio
@@ -66,7 +71,7 @@ class FakeLog:
 
 class FakeHub:
     def __init__(self, size: int = 100) -> None:
-        self.listener = Listener(asyncio.Queue(maxsize=size))
+        self.listener = Listener(max_items=size)
         self.subscribed = asyncio.Event()
         self.left = False
 
@@ -80,7 +85,7 @@ class FakeHub:
             self.left = True
 
     def publish(self, ev: events.TaskEvent) -> None:
-        self.listener.offer(LiveEvent(ev))
+        self.listener.offer(LiveEvent(ev), len(ev.model_dump_json()))
 
 
 async def _collect(gen: AsyncIterator[ServerSentEvent], out: list[ServerSentEvent]) -> None:
@@ -246,6 +251,99 @@ async def test_task_removed_before_the_stream_starts_ends_it() -> None:
     task, out = _start(log, hub)
     await asyncio.wait_for(task, 2)
     assert out == []
+
+
+# -- all tasks: the early stop at an overflow --------------------------------------------------
+
+
+class FakeSub:
+    """A JetStream subscription whose unsubscribe takes until ``release`` is set."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.calls = 0
+        self.done = False
+
+    async def unsubscribe(self) -> None:
+        self.calls += 1
+        await self.release.wait()
+        self.done = True
+
+
+class FakeNats:
+    """``nc.jetstream().subscribe(..., cb=...)``: keeps the callback, returns a FakeSub."""
+
+    is_closed = False
+
+    def __init__(self) -> None:
+        self.sub = FakeSub()
+        self.cb: Any = None
+
+    def jetstream(self) -> FakeNats:
+        return self
+
+    async def subscribe(self, subject: str, **kw: Any) -> FakeSub:
+        self.cb = kw["cb"]
+        return self.sub
+
+
+def _bus_msg(stream_seq: int) -> Any:
+    data = events.progressed(TASK, 1, stream_seq, "x").model_dump_json().encode()
+    return SimpleNamespace(data=data, subject=f"events.task.{TASK}.progressed",
+                           metadata=SimpleNamespace(sequence=SimpleNamespace(stream=stream_seq)))
+
+
+async def _overflowed_all_tasks_stream() -> tuple[FakeNats, AsyncIterator[ServerSentEvent]]:
+    """An all-tasks stream with room for 2 messages, sent 3: the consumer is being stopped."""
+    nc = FakeNats()
+    size = len(_bus_msg(1).data)
+    gen = eventstream.follow_all(nc, 0, ["events.task.>"],  # type: ignore[arg-type]
+                                 max_pending_bytes=2 * size)
+    assert (await anext(gen)).retry == eventstream.RETRY_MS
+    for seq in (1, 2, 3, 4):
+        await nc.cb(_bus_msg(seq))
+    await _until(lambda: nc.sub.calls == 1)  # at once, from the callback, and only once
+    return nc, gen
+
+
+async def _yield_a_while() -> None:
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+async def test_all_tasks_stream_ends_after_its_early_stop_is_done() -> None:
+    nc, gen = await _overflowed_all_tasks_stream()
+    assert [(await anext(gen)).id for _ in range(2)] == ["1", "2"]  # queued before: sent
+    ending = asyncio.ensure_future(anext(gen))
+    await _yield_a_while()
+    assert not ending.done()  # the stream's end waits for the stop
+    nc.sub.release.set()
+    with pytest.raises(StopAsyncIteration):
+        await asyncio.wait_for(ending, 2)
+    assert nc.sub.done and nc.sub.calls == 1  # not unsubscribed a second time
+
+
+async def test_a_cancelled_all_tasks_stream_still_waits_for_its_early_stop() -> None:
+    nc, gen = await _overflowed_all_tasks_stream()
+    scope = anyio.CancelScope()  # the response's, as sse-starlette's task group cancels it
+    reading = asyncio.Event()
+
+    async def read() -> None:
+        with scope:
+            await anext(gen)
+            reading.set()
+            await anext(gen)
+            await anext(gen)  # blocks: nothing more is queued
+        await gen.aclose()
+
+    task = asyncio.ensure_future(read())
+    await reading.wait()
+    scope.cancel()  # the response is torn down while the stop is under way
+    await _yield_a_while()
+    assert not task.done() and not nc.sub.done  # the shielded end waits for the stop
+    nc.sub.release.set()
+    await asyncio.wait_for(task, 2)
+    assert nc.sub.done and nc.sub.calls == 1
 
 
 def test_status_filter_subjects() -> None:

@@ -9,7 +9,9 @@ Covered: text fields before and after files; many files; empty files (zero bytes
 paths returned unsanitised); the same body split at every position, into 1-byte, 7-byte and
 random-size chunks, giving identical results; malformed bodies (bad Content-Type, no boundary,
 garbage, truncated at every position, bad part headers) with the open sink aborted and completed
-files reported; body and field limits; a stream that raises mid-file, a cancelled parse, errors
+files reported; field limits; the body's own limits as the gateway reads it
+(``bodies.BodyReader``: size cap, epilogue included, declared length, idle timeout), whose errors
+pass through with the same clean-up; a stream that raises mid-file, a cancelled parse, errors
 from ``open_sink`` and from a sink; and bounded buffering — a 50 MB file fed in 64 KiB chunks is
 written as it arrives, never in writes larger than about one chunk, with a tracemalloc peak
 under 10 MB.
@@ -29,8 +31,8 @@ from typing import Any
 
 import pytest
 
+from scaleodm.gateway import bodies
 from scaleodm.gateway.multipart import (
-    BodyTooLargeError,
     FileSink,
     MultipartError,
     StoredFile,
@@ -42,7 +44,7 @@ from scaleodm.gateway.multipart import (
 
 BOUNDARY = "----scaleodmTestBoundary7MA4YWxk"
 CTYPE = f"multipart/form-data; boundary={BOUNDARY}"
-LIMIT = 1 << 40
+IDLE_S = 60.0  # never reached: the fake streams do not stall
 
 
 # --- fakes and builders -------------------------------------------------------------------------
@@ -148,10 +150,11 @@ def random_split(body: bytes, seed: int) -> list[bytes]:
 
 
 async def parse(chunks: Iterable[bytes], sinks: Sinks | None = None, *, ctype: str = CTYPE,
-                **limits: int) -> tuple[StreamedForm, Sinks]:
+                max_body_bytes: int | None = None, **limits: int) -> tuple[StreamedForm, Sinks]:
+    """``stream_form`` over ``chunks`` read as the gateway reads them (``bodies.BodyReader``)."""
     sinks = sinks if sinks is not None else Sinks()
-    kw: dict[str, int] = {"max_body_bytes": LIMIT, **limits}
-    form = await stream_form(feed(chunks), ctype, sinks, **kw)
+    body = bodies.BodyReader(feed(chunks), IDLE_S, max_bytes=max_body_bytes)
+    form = await stream_form(body.chunks(), ctype, sinks, **limits)
     return form, sinks
 
 
@@ -338,7 +341,7 @@ async def test_garbage_and_bad_headers(body: bytes) -> None:
     with pytest.raises(MultipartError) as info:
         await parse(split(body, 3) if body else [])
     assert str(info.value).startswith("Malformed multipart body: ")
-    assert not isinstance(info.value, BodyTooLargeError)
+    assert not isinstance(info.value, bodies.BodyTooLargeError)
 
 
 async def test_truncated_at_every_position() -> None:
@@ -371,11 +374,10 @@ async def test_truncated_mid_file_aborts_it_and_reports_completed() -> None:
 async def test_body_too_large_aborts_the_open_sink() -> None:
     body = build([Part("images", b"small", "1.jpg"), Part("images", b"y" * 100_000, "2.jpg")])
     sinks = Sinks()
-    with pytest.raises(BodyTooLargeError) as info:
+    with pytest.raises(bodies.BodyTooLargeError) as info:  # the reader's, passed through
         await parse(split(body, 1000), sinks, max_body_bytes=50_000)
     assert str(info.value) == "Request too large (limit 50000 bytes)"
-    assert isinstance(info.value, MultipartError)
-    assert [f.filename for f in info.value.completed] == ["1.jpg"]
+    assert [f.filename for f in completed_files(info.value)] == ["1.jpg"]
     assert [(s.completed, s.aborted) for s in sinks.opened] == [(1, 0), (0, 1)]
     assert sinks.opened[1].total <= 50_000
 
@@ -383,8 +385,55 @@ async def test_body_too_large_aborts_the_open_sink() -> None:
 async def test_body_exactly_at_the_limit_is_accepted() -> None:
     form, _ = await parse(split(SMALL_BODY, 10), max_body_bytes=len(SMALL_BODY))
     assert len(form.files) == 3
-    with pytest.raises(BodyTooLargeError):
+    with pytest.raises(bodies.BodyTooLargeError):
         await parse(split(SMALL_BODY, 10), max_body_bytes=len(SMALL_BODY) - 1)
+
+
+async def test_an_epilogue_counts_against_the_limit() -> None:
+    body = SMALL_BODY + b"epilogue"  # ignored by the parser, but it is still body
+    form, _ = await parse(split(body, 10), max_body_bytes=len(body))
+    assert len(form.files) == 3
+    with pytest.raises(bodies.BodyTooLargeError):
+        await parse(split(body, 10), max_body_bytes=len(SMALL_BODY))
+
+
+@pytest.mark.parametrize(
+    ("declared", "refused"),
+    [
+        pytest.param(None, False, id="absent"),
+        pytest.param("", False, id="empty"),
+        pytest.param("100", False, id="at-the-limit"),
+        pytest.param(" 101 ", True, id="over-with-spaces"),
+        pytest.param("1" + "0" * 30, True, id="huge"),
+        pytest.param("\u00b2\u00b3\u00b9", False, id="non-ascii-digits-left-to-the-reader"),
+        pytest.param("-5", False, id="not-a-length"),
+    ],
+)
+def test_declared_length_check(declared: str | None, refused: bool) -> None:
+    if not refused:
+        bodies.check_declared(declared, 100)
+        return
+    with pytest.raises(bodies.BodyTooLargeError, match=r"^Request too large \(limit 100 bytes\)$"):
+        bodies.check_declared(declared, 100)
+
+
+async def test_a_stalled_body_aborts_the_open_sink() -> None:
+    body = build([Part("images", b"first", "1.jpg"), Part("images", b"s" * 1000, "2.jpg")])
+    gone_quiet = asyncio.Event()
+
+    async def stalls() -> AsyncIterator[bytes]:
+        yield body[: body.index(b"s" * 500)]
+        gone_quiet.set()
+        await asyncio.Event().wait()  # the client sends nothing more
+        yield b""  # pragma: no cover
+
+    sinks = Sinks()
+    reader = bodies.BodyReader(stalls(), 0.01)
+    with pytest.raises(bodies.BodyStalledError, match="nothing received for 0.01 s") as info:
+        await stream_form(reader.chunks(), CTYPE, sinks)
+    assert gone_quiet.is_set()
+    assert [f.filename for f in completed_files(info.value)] == ["1.jpg"]
+    assert [(s.completed, s.aborted) for s in sinks.opened] == [(1, 0), (0, 1)]
 
 
 async def test_field_too_large() -> None:
@@ -422,7 +471,7 @@ async def test_stream_raising_mid_file() -> None:
 
     sinks = Sinks()
     with pytest.raises(ClientGone) as info:
-        await stream_form(chunks(), CTYPE, sinks, max_body_bytes=LIMIT)
+        await stream_form(chunks(), CTYPE, sinks)
     assert [(f.filename, f.size) for f in completed_files(info.value)] == [("1.jpg", 3000)]
     assert [(s.completed, s.aborted) for s in sinks.opened] == [(1, 0), (0, 1)]
     assert bytes(sinks.opened[1].data) == b"b" * sinks.opened[1].total
@@ -446,9 +495,7 @@ async def test_cancelled_while_a_sink_writes() -> None:
         return sink
 
     body = build([Part("images", b"z" * 10_000, "slow.jpg")])
-    task = asyncio.create_task(
-        stream_form(feed(split(body, 1024)), CTYPE, open_sink, max_body_bytes=LIMIT)
-    )
+    task = asyncio.create_task(stream_form(feed(split(body, 1024)), CTYPE, open_sink))
     await started.wait()
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -489,7 +536,7 @@ async def test_abort_failure_does_not_mask_the_error() -> None:
 
     body = build([Part("images", b"q" * 100, "1.jpg")])
     with pytest.raises(MultipartError, match="unexpected end of body"):
-        await stream_form(feed([body[:-40]]), CTYPE, open_sink, max_body_bytes=LIMIT)
+        await stream_form(feed([body[:-40]]), CTYPE, open_sink)
     assert opened[0].aborted == 1
 
 
@@ -533,7 +580,7 @@ async def test_large_file_streams_with_bounded_memory() -> None:
 
     tracemalloc.start()
     try:
-        form = await stream_form(chunks(), CTYPE, open_sink, max_body_bytes=LIMIT)
+        form = await stream_form(chunks(), CTYPE, open_sink)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()

@@ -191,7 +191,7 @@ def _run(
         spec,
         ArgoSettings(),
         shard=0,
-        s3_env={
+        step_env={
             "SCALEODM_S3__ENDPOINT_URL": s3.url,
             "SCALEODM_S3__REGION": s3.region,
             "SCALEODM_S3__BUCKET": bucket,

@@ -22,15 +22,9 @@ log = get_logger(__name__)
 async def main() -> None:
     settings = get_scheduler_settings()
     configure_logging("bootstrap", settings.log_level, settings.log_json)
-    auth: dict[str, str] = {}
-    if settings.nats.user is not None:  # the same credentials as the services (runtime.py)
-        auth["user"] = settings.nats.user
-        auth["password"] = (
-            settings.nats.password.get_secret_value() if settings.nats.password else ""
-        )
     conn = await nats.connect(
         servers=settings.nats.servers(), connect_timeout=int(settings.nats.connect_timeout_s),
-        **auth,
+        **settings.nats.credentials(),  # the same credentials as the services (runtime.py)
     )
     try:
         js = conn.jetstream()

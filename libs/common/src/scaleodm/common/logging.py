@@ -22,6 +22,7 @@ import contextlib
 import logging
 import re
 import sys
+import urllib.parse
 from collections.abc import Iterator, MutableMapping
 from typing import Any
 
@@ -59,8 +60,23 @@ _MAX_DEPTH = 12
 _PLAIN = (int, float, bool, type(None))
 
 
+# A query parameter whose *name* is percent-encoded (``?tok%65n=...``): servers decode names, so
+# it authenticates like ``token=``; redacted when the decoded name is a secret's.
+_ENCODED_PARAM = re.compile(rf"([?&;])([^=&\s\"'?#]*%[0-9A-Fa-f]{{2}}[^=&\s\"'?#]*)=({_VALUE})")
+_SECRET_NAME = re.compile(rf"(?i){_NAME}")
+
+
+def _encoded_param(match: re.Match[str]) -> str:
+    name = urllib.parse.unquote_plus(match.group(2))
+    if _SECRET_NAME.fullmatch(name):
+        return f"{match.group(1)}{match.group(2)}={REDACTED}"
+    return match.group(0)
+
+
 def redact_text(text: str) -> str:
     """``text`` with the secrets it shows replaced by ``[REDACTED]`` (see the module docstring)."""
+    if "%" in text:
+        text = _ENCODED_PARAM.sub(_encoded_param, text)
     if not _HINT.search(text):
         return text
     for pattern, replacement in _TEXT_RULES:

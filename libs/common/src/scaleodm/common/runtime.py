@@ -31,10 +31,10 @@ def nats_security(nats: NatsSettings) -> NatsUserPassword | None:
 
     FastStream refuses it together with credentials in the URL (``SetupError`` at start-up).
     """
-    if nats.user is None:
+    credentials = nats.credentials()
+    if not credentials:
         return None
-    password = nats.password.get_secret_value() if nats.password is not None else ""
-    return NatsUserPassword(nats.user, password)
+    return NatsUserPassword(credentials["user"], credentials["password"])
 
 
 def make_broker(settings: BaseServiceSettings) -> NatsBroker:
@@ -50,24 +50,30 @@ def make_broker(settings: BaseServiceSettings) -> NatsBroker:
 READY_CHECK_TIMEOUT_S = 2.0
 
 
+async def check_readiness(checks: Sequence[ReadyCheck]) -> tuple[bool, dict[str, str]]:
+    """Run each check: ``ok``, ``down`` or ``timeout`` per name, never an exception's text (the
+    readiness probes are unauthenticated and that text names hosts and URLs); the log has the
+    repr. Shared by every service's ``/readyz``."""
+    results: dict[str, str] = {}
+    for name, check in checks:
+        try:
+            await asyncio.wait_for(check(), READY_CHECK_TIMEOUT_S)
+            results[name] = "ok"
+        except TimeoutError:
+            log.warning("readiness check timed out", check=name, timeout_s=READY_CHECK_TIMEOUT_S)
+            results[name] = "timeout"
+        except Exception as exc:
+            log.warning("readiness check failed", check=name, error=repr(exc))
+            results[name] = "down"
+    return all(v == "ok" for v in results.values()), results
+
+
 def _readiness(checks: Sequence[ReadyCheck]) -> Any:
-    """``/readyz``: each check answers ``ok``, ``down`` or ``timeout``, never an exception's text
-    (the probe is unauthenticated and that text names hosts and URLs); the log has the repr."""
+    """``/readyz`` of a bus service (``check_readiness``)."""
 
     @get(include_in_schema=False)
     async def ready(scope: Any) -> AsgiResponse:  # noqa: ARG001
-        results: dict[str, str] = {}
-        for name, check in checks:
-            try:
-                await asyncio.wait_for(check(), READY_CHECK_TIMEOUT_S)
-                results[name] = "ok"
-            except TimeoutError:
-                log.warning("readiness check timed out", check=name)
-                results[name] = "timeout"
-            except Exception as exc:
-                log.warning("readiness check failed", check=name, error=repr(exc))
-                results[name] = "down"
-        ok = all(v == "ok" for v in results.values())
+        ok, results = await check_readiness(checks)
         body = json.dumps({"ready": ok, "checks": results}).encode()
         return AsgiResponse(body, 200 if ok else 503, headers={"content-type": "application/json"})
 

@@ -34,6 +34,13 @@ class NatsSettings(BaseModel):
     def servers(self) -> list[str]:
         return [s.strip() for s in self.url.split(",") if s.strip()]
 
+    def credentials(self) -> dict[str, str]:
+        """``user``/``password`` keyword arguments for a NATS client; empty without a user."""
+        if self.user is None:
+            return {}
+        password = self.password.get_secret_value() if self.password is not None else ""
+        return {"user": self.user, "password": password}
+
 
 class MongoSettings(BaseModel):
     """MongoDB connection (MongoDB 6+ or a wire-compatible server)."""
@@ -232,13 +239,19 @@ class GatewaySettings(BaseServiceSettings):
     )
     sse_max_streams_per_client: int = Field(
         16, ge=1,
-        description="Event streams (SSE): most open streams per client (its token, or its "
-        "address without a token) per gateway process.",
+        description="Event streams (SSE): most open streams per client (its address, behind "
+        "`trusted_proxies` the forwarded one, together with its token) per gateway process.",
     )
     sse_max_pending_bytes: int = Field(
         1024 * 1024, ge=1024,
         description="Event streams (SSE): most bytes of events buffered for one client; a "
         "client further behind is disconnected (it resumes with Last-Event-ID).",
+    )
+    trusted_proxies: list[IPvAnyNetwork] = Field(
+        default_factory=list,
+        description="CIDRs (JSON list) of reverse proxies (the ingress) whose X-Forwarded-For and "
+        "X-Forwarded-Proto are believed: per-client limits then count the client behind the "
+        "proxy. None by default (forwarded headers ignored).",
     )
     max_action_body_bytes: int = Field(
         64 * 1024, ge=1024,

@@ -34,20 +34,21 @@ replays from ``cursor + 1`` and continues live, in order, gap-free by constructi
 de-duplicates re-publishes by ``Nats-Msg-Id``, so an event appears once). Without a cursor the
 stream is live only. A status filter becomes the consumer's subject filter.
 
-Memory: between the bus and each client sits one queue, bounded in count (``sse_queue_size``,
-per-task streams) and in bytes of event data (``sse_max_pending_bytes``, both streams). A client
-further behind than that is disconnected and resumes with ``Last-Event-ID``: nothing after the
-overflow is ever sent, so it misses nothing (an all-tasks stream first sends what it had queued
-before the overflow, so that each connection of a slow client makes progress). All-tasks
-streams take JetStream messages into that queue as they arrive (a subscription callback), so the
-NATS client holds nothing for them; at an overflow the consumer is stopped at once. JetStream
-pushes a replay (``?since=``) faster than a client reads, so a replay advances by about
-``sse_max_pending_bytes`` per connection: the bound trades replay speed for memory.
-sse-starlette writes each message with ``send_timeout`` (``sse_send_timeout_s``), and uvicorn's
-transport takes a write only below its high-water mark (64 KiB), so a client that stops reading
-costs at most its queue, that buffer and one message, and is disconnected after the send
-timeout; ``serving.py`` aborts the connection if the client still takes nothing (socket buffers
-in the kernel aside).
+Memory: between the bus and each client sits one queue (``ClientQueue``), bounded in count
+(``sse_queue_size``, per-task streams) and in bytes of event data (``sse_max_pending_bytes``,
+both streams). A client further behind than that is disconnected and resumes with
+``Last-Event-ID``: nothing after the overflow is ever sent, so it misses nothing (an all-tasks
+stream first sends what it had queued before the overflow, so that each connection of a slow
+client makes progress). All-tasks streams take JetStream messages into that queue as they
+arrive (a subscription callback), so the NATS client holds nothing for them; at an overflow the
+consumer is stopped at once (the stream's end waits for that stop, shielded, and logs a
+failure). JetStream pushes a replay (``?since=``) faster than a client reads, so a replay
+advances by about ``sse_max_pending_bytes`` per connection: the bound trades replay speed for
+memory. sse-starlette writes each message with ``send_timeout`` (``sse_send_timeout_s``), and
+uvicorn's transport takes a write only below its high-water mark (64 KiB), so a client that
+stops reading costs at most its queue, that buffer and one message, and is disconnected after
+the send timeout; ``serving.py`` aborts the connection if the client still takes nothing
+(socket buffers in the kernel aside).
 
 Open streams are counted (``StreamSlots``): at most ``sse_max_streams`` per process and
 ``sse_max_streams_per_client`` per client; beyond, the route answers a NodeODM-style error
@@ -62,7 +63,7 @@ import contextlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import anyio
 from nats.aio.client import Client as NatsClient
@@ -164,7 +165,6 @@ class LiveEvent:
     """An event received on the bus, decoded once and shared by every listener."""
 
     event: events.TaskEvent
-    size: int = 0  # bytes of the message's data, counted against a listener's byte bound
 
     @property
     def seq(self) -> int | None:
@@ -174,36 +174,54 @@ class LiveEvent:
         return self.event if self.event.seq == seq else self.event.model_copy(update={"seq": seq})
 
 
-@dataclass(eq=False)  # hashed by identity: a hub holds a set of them
-class Listener:
-    """One client's queue of live events, bounded in count (the queue's ``maxsize``) and in
-    bytes (``max_bytes`` of event data; None: count only)."""
+class ClientQueue(Generic[T]):
+    """What one client has not been sent yet, bounded in count (``max_items``; 0: no bound) and
+    in bytes of event data (``max_bytes``; None: no bound). Both streams use it: the per-task
+    ones for live events (:data:`Listener`), the all-tasks one for JetStream messages.
 
-    queue: asyncio.Queue[LiveEvent]
-    max_bytes: int | None = None
-    overflowed: bool = False
-    pending_bytes: int = 0
+    Passing a bound latches ``overflowed``: nothing is queued from then on, and the stream ends
+    (the client resumes from its last id, so it misses nothing). Hashed by identity: a hub
+    holds a set of them.
+    """
 
-    def offer(self, item: LiveEvent) -> None:
+    def __init__(self, *, max_items: int = 0, max_bytes: int | None = None) -> None:
+        self.queue: asyncio.Queue[tuple[T, int]] = asyncio.Queue(maxsize=max_items)
+        self.max_bytes = max_bytes
+        self.pending_bytes = 0
+        self.overflowed = False
+
+    def offer(self, item: T, size: int) -> bool:
+        """Queue ``item`` of ``size`` bytes; False (and nothing queued from now on) once a
+        bound is passed."""
         if self.overflowed:
-            return
-        if self.max_bytes is not None and self.pending_bytes + item.size > self.max_bytes:
-            self.overflowed = True  # the client is too far behind: it will be disconnected
-            return
+            return False
+        if self.max_bytes is not None and self.pending_bytes + size > self.max_bytes:
+            self.overflowed = True
+            return False
         try:
-            self.queue.put_nowait(item)
+            self.queue.put_nowait((item, size))
         except asyncio.QueueFull:
             self.overflowed = True
-            return
-        self.pending_bytes += item.size
+            return False
+        self.pending_bytes += size
+        return True
 
-    async def get(self, timeout_s: float, stop: anyio.Event | None = None) -> LiveEvent | None:
-        """The next live event, None after ``timeout_s`` without one; :class:`Stopped` when
-        ``stop`` is set first."""
-        item = await wait_for(self.queue.get(), timeout_s, stop)
-        if item is not None:
-            self.pending_bytes -= item.size
+    def empty(self) -> bool:
+        return self.queue.empty()
+
+    async def get(self, timeout_s: float, stop: anyio.Event | None = None) -> T | None:
+        """The next item, None after ``timeout_s`` without one; :class:`Stopped` when ``stop``
+        is set first."""
+        got = await wait_for(self.queue.get(), timeout_s, stop)  # Queue.get: cancellation-safe
+        if got is None:
+            return None
+        item, size = got
+        self.pending_bytes -= size
         return item
+
+
+Listener = ClientQueue[LiveEvent]
+"""One per-task client's queue of live events (``EventHub.listen``)."""
 
 
 class TooManyStreamsError(Exception):
@@ -281,7 +299,7 @@ class EventHub:
 
     @contextlib.asynccontextmanager
     async def listen(self, subject: str) -> AsyncIterator[Listener]:
-        listener = Listener(asyncio.Queue(maxsize=self.queue_size), self.max_pending_bytes)
+        listener = Listener(max_items=self.queue_size, max_bytes=self.max_pending_bytes)
         async with self._lock:
             topic = self._topics.get(subject)
             if topic is None:
@@ -313,9 +331,9 @@ class EventHub:
             except ValidationError:
                 log.warning("undecodable event on the bus", subject=msg.subject)
                 return
-            item = LiveEvent(ev, len(msg.data))
+            item = LiveEvent(ev)
             for listener in tuple(topic.listeners):
-                listener.offer(item)
+                listener.offer(item, len(msg.data))
 
         return deliver
 
@@ -492,34 +510,6 @@ def status_filter(statuses: list[int]) -> list[str]:
     return [streams.event_subject("*", kind) for kind in kinds]
 
 
-class _Backlog:
-    """An all-tasks client's JetStream messages not sent yet, bounded in bytes of data."""
-
-    def __init__(self, max_bytes: int | None) -> None:
-        self.queue: asyncio.Queue[Msg] = asyncio.Queue()
-        self.max_bytes = max_bytes
-        self.pending_bytes = 0
-        self.overflowed = False
-
-    def offer(self, msg: Msg) -> bool:
-        """Queue ``msg``; False (and nothing queued from now on) once the bound is passed."""
-        if self.overflowed:
-            return False
-        size = len(msg.data)
-        if self.max_bytes is not None and self.pending_bytes + size > self.max_bytes:
-            self.overflowed = True
-            return False
-        self.queue.put_nowait(msg)
-        self.pending_bytes += size
-        return True
-
-    async def get(self, timeout_s: float, stop: anyio.Event | None) -> Msg | None:
-        msg = await wait_for(self.queue.get(), timeout_s, stop)  # Queue.get: cancellation-safe
-        if msg is not None:
-            self.pending_bytes -= len(msg.data)
-        return msg
-
-
 async def follow_all(
     nc: NatsClient, cursor: int | None, subjects: list[str], *, stop: anyio.Event | None = None,
     max_pending_bytes: int | None = None,
@@ -539,17 +529,18 @@ async def follow_all(
     else:
         policy = DeliverPolicy.BY_START_SEQUENCE
         config.opt_start_seq = cursor + 1
-    backlog = _Backlog(max_pending_bytes)
-    subscribed: list[Any] = []  # the subscription, once js.subscribe returned
-    stopping: set[asyncio.Task[None]] = set()
+    backlog: ClientQueue[Msg] = ClientQueue(max_bytes=max_pending_bytes)
+    subscribed: list[Subscription] = []  # the subscription, once js.subscribe returned
+    stopping: list[asyncio.Task[None]] = []  # the consumer's early stop, at most one
+    ended = False  # the stream's own stop runs: no early one from now on
 
     async def take(msg: Msg) -> None:
-        if backlog.offer(msg) or stopping or not subscribed:
+        if backlog.offer(msg, len(msg.data)) or stopping or not subscribed or ended:
             return
         # Too far behind: stop the consumer now rather than when the stream next runs (it may
-        # be stuck in a send for up to the send timeout while JetStream goes on pushing).
-        task = asyncio.get_running_loop().create_task(_unsubscribe(subscribed[0]))
-        stopping.add(task)
+        # be stuck in a send for up to the send timeout while JetStream goes on pushing). The
+        # stream's end awaits this stop.
+        stopping.append(asyncio.get_running_loop().create_task(_unsubscribe(subscribed[0])))
 
     js = nc.jetstream()
     sub = await js.subscribe(
@@ -564,7 +555,7 @@ async def follow_all(
     try:
         yield preamble()
         while True:
-            if backlog.overflowed and backlog.queue.empty():  # what came before it is sent
+            if backlog.overflowed and backlog.empty():  # what came before it is sent
                 log.info("event stream client too slow; disconnected")
                 return
             try:
@@ -584,6 +575,18 @@ async def follow_all(
             kind = ev.kind if ev is not None else str(raw.get("kind", "message"))
             yield ServerSentEvent(data, event=kind, id=str(msg.metadata.sequence.stream))
     finally:
+        ended = True
         with anyio.CancelScope(shield=True):
-            if not nc.is_closed and not stopping:
+            if stopping:  # stopped early, at an overflow: wait until it is done
+                await _settled(stopping[0])
+            elif not nc.is_closed:
                 await _unsubscribe(sub)
+
+
+async def _settled(task: asyncio.Task[None]) -> None:
+    """Wait for the early stop ``task`` to end (the caller shields the wait); log a failure."""
+    await asyncio.wait({task})
+    if task.cancelled():
+        log.warning("stopping an event consumer failed", error="cancelled")
+    elif (exc := task.exception()) is not None:
+        log.warning("stopping an event consumer failed", error=repr(exc))

@@ -2,9 +2,11 @@
 
 Starlette's ``request.form()`` spools every file to a temporary file before the handler runs; a
 1 GB upload would then sit on the gateway's disk (or in RAM on a tmpfs). ``stream_form`` instead
-drives ``python_multipart``'s low-level ``MultipartParser`` over the request's chunks (the
-gateway passes ``bodies.BodyReader(request.stream(), ...).chunks()``, which adds the body idle
-timeout and lets a preempted upload be cut off; their errors take the clean-up path below):
+drives ``python_multipart``'s low-level ``MultipartParser`` over the request's chunks. The body's
+own limits are not kept here: the gateway passes ``bodies.BodyReader(request.stream(), ...,
+max_bytes=...).chunks()``, which enforces the size cap and the idle timeout and lets a
+preempted upload be cut off; its errors (``bodies.BodyTooLargeError``, ...) take the clean-up
+path below and propagate unchanged:
 
 - the parser is push-based and its callbacks are synchronous, so they do no I/O. While one
   network chunk is parsed they only record events — "file part opened", "file bytes" (slices of
@@ -20,9 +22,9 @@ timeout and lets a preempted upload be cut off; their errors take the clean-up p
 - a part is a file part when its ``Content-Disposition`` has ``filename`` or ``filename*``
   (RFC 5987, preferred when both are present), even an empty one: browsers send an empty file
   input as ``filename=""``. The filename is returned raw (decoded, not sanitised);
-- the whole body is limited to ``max_body_bytes`` (``BodyTooLargeError``); a body that is not
-  well-formed multipart, or ends before the closing boundary, raises ``MultipartError`` with the
-  client-facing text ``Malformed multipart body: ...``;
+- a body that is not well-formed multipart, or ends before the closing boundary, raises
+  ``MultipartError`` with the client-facing text ``Malformed multipart body: ...``; bytes after
+  the closing boundary are read (so the reader counts them) and ignored;
 - on any error, including the client disconnecting (the stream raises) or the request task
   being cancelled, the sink of a file that is not completed yet is ``abort()``-ed (shielded from
   a further cancellation) and the files completed so far are attached to the exception as
@@ -65,10 +67,6 @@ class MultipartError(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.completed: list[StoredFile] = []
-
-
-class BodyTooLargeError(MultipartError):
-    """The body exceeded ``max_body_bytes``."""
 
 
 def _malformed(detail: str) -> MultipartError:
@@ -403,13 +401,13 @@ async def stream_form(
     content_type: str,
     open_sink: SinkFactory,
     *,
-    max_body_bytes: int,
     max_field_bytes: int = 1 << 20,
     max_fields: int = 1000,
     max_text_bytes: int | None = None,
 ) -> StreamedForm:
     """Parse a ``multipart/form-data`` body from ``chunks``, streaming file parts to sinks.
 
+    ``chunks`` carries the body's size and idle limits (``bodies.BodyReader``).
     ``max_text_bytes`` bounds all text fields together (None: only ``max_fields`` x
     ``max_field_bytes``)."""
     form = StreamedForm()
@@ -420,15 +418,11 @@ async def stream_form(
             parser = MultipartParser(_boundary(content_type), callbacks=collector.callbacks())
         except FormParserError as exc:
             raise _malformed(str(exc)) from exc
-        received = 0
         async for chunk in chunks:
             if not chunk:
                 continue
-            received += len(chunk)
-            if received > max_body_bytes:
-                raise BodyTooLargeError(f"Request too large (limit {max_body_bytes} bytes)")
             if collector.ended:
-                continue  # epilogue after the closing boundary: ignored, but counted
+                continue  # epilogue after the closing boundary: ignored (the reader counts it)
             try:
                 parser.write(chunk)
             except FormParserError as exc:

@@ -18,7 +18,10 @@ and naming the class makes sure this one runs, whatever is installed later):
   place under the connection limit for as long as it likes (an event-stream client that stopped
   reading, after its send timeout). A connection closed with bytes still unsent is aborted
   ``keep_alive_timeout_s`` later;
-- **concurrency**: ``limit_concurrency = max_connections`` (uvicorn answers 503 beyond it).
+- **concurrency**: ``limit_concurrency = max_connections`` (uvicorn answers 503 beyond it);
+- **client address**: ``X-Forwarded-For`` is believed only from ``trusted_proxies`` (the
+  ingress), so per-client limits count the client behind the proxy, and nobody else can choose
+  the address they are counted as.
 
 The event loop is asyncio's (``loop="asyncio"``): the closing bound wraps its transports' ``close``.
 """
@@ -139,6 +142,10 @@ def config(app: Any, settings: GatewaySettings) -> uvicorn.Config:
         loop="asyncio",  # the closing bound wraps asyncio's own transports (see the protocol)
         timeout_keep_alive=max(1, math.ceil(settings.keep_alive_timeout_s)),
         limit_concurrency=settings.max_connections,
+        # Forwarded headers only from the configured proxies (uvicorn trusts loopback otherwise,
+        # which would let a local client pick its own address for the per-client limits).
+        proxy_headers=bool(settings.trusted_proxies),
+        forwarded_allow_ips=[str(n) for n in settings.trusted_proxies],
         log_config=None,
         timeout_graceful_shutdown=20,
     )

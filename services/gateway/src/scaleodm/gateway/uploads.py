@@ -33,10 +33,25 @@ class InvalidFileNameError(MultipartError):
         super().__init__(f"Invalid file name: \"{shown(filename, 60)}\" ({reason})")
 
 
+# Characters no file name needs that change how a name is shown: bidi overrides and other
+# invisible format characters (a "gpj.exe" shown as "exe.jpg"), line/paragraph separators.
+_INVISIBLE = frozenset({"Cf", "Zl", "Zp"})
+
+
+def _bad_character(text: str) -> str | None:
+    categories = {unicodedata.category(c) for c in text}
+    if "Cc" in categories or "Cs" in categories:
+        return "control character"
+    if categories & _INVISIBLE:
+        return "invisible format character"
+    return None
+
+
 def _refusal(name: str) -> str | None:
     """Why ``name`` (a base name) cannot be a stored file's name, or None when it can."""
-    if any(unicodedata.category(c) == "Cc" for c in name):
-        return "control character"
+    bad = _bad_character(name)
+    if bad is not None:
+        return bad
     if len(name.encode("utf-8", errors="surrogatepass")) > MAX_NAME_BYTES:
         return f"longer than {MAX_NAME_BYTES} bytes"
     if not name.strip(". "):
@@ -52,8 +67,9 @@ def safe_basename(filename: str) -> str:
 
     Raises ``InvalidFileNameError`` for a name that cannot be stored (module docstring).
     """
-    if any(unicodedata.category(c) == "Cc" for c in filename):  # in any part, even dropped ones
-        raise InvalidFileNameError(filename, "control character")
+    bad = _bad_character(filename)  # in any part, even dropped ones
+    if bad is not None:
+        raise InvalidFileNameError(filename, bad)
     base = posixpath.basename(filename.replace("\\", "/"))
     if base == "":
         return "file"  # browsers send an empty file input as filename=""

@@ -15,13 +15,21 @@ the fetch at once: per archive its entries and expanded bytes, per member its ex
 per download its size, and per task a ``DiskBudget`` over everything the fetch holds on disk
 (downloads, extracted files, ``s3://`` objects). A failed fetch removes what it wrote.
 
+Memory is bounded as well as disk. ``zipfile`` holds an archive's whole central directory in
+memory and builds an object per record, so the entries are checked before it opens the archive:
+the count the end records declare, the directory's size, and the records counted in it
+(``_check_directory``). Downloads ask for no content encoding and keep the bytes as sent: an
+inflated body has no bound on what one network read becomes.
+
 ``s3://`` sources are read with the service's credentials, so each one, and every key a prefix
 listing returns, must pass ``s3.input_allowed`` (the rule the gateway applies at submission)
 before any S3 call for it.
 
 Messages of ``InputError`` become the task's ``errorMessage``: they name the limit and its value
 or the user's own ``s3://`` URL, never a local path, an exception's text, or whether a bucket
-exists (every S3 failure reads the same); the details go to the service log.
+exists (every S3 failure reads the same); the details go to the service log. A permitted prefix
+that lists empty is no failure here: it adds no image, and the caller reports that as NodeODM
+does ("No images found", ``stages.NO_IMAGES``).
 """
 
 from __future__ import annotations
@@ -34,7 +42,7 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Final
+from typing import IO, Final, NamedTuple
 from urllib.parse import urlsplit
 
 import httpx
@@ -99,7 +107,12 @@ class Limits:
             disk_bytes=settings.task_disk_budget_bytes,
         )
 
-    def too_many_entries(self, count: int) -> InputError:
+    def too_many_entries(self, count: int | None = None) -> InputError:
+        """``count`` when the archive says it honestly; without it when its directory lies."""
+        if count is None:
+            return InputError(
+                f"Input archive refused: it has more entries than the limit of {self.entries}"
+            )
         return InputError(
             f"Input archive refused: it has {count} entries, more than the limit of "
             f"{self.entries}"
@@ -181,34 +194,127 @@ def _shown(text: str) -> str:
 _EOCD = struct.Struct("<4s4H2LH")  # end of central directory record
 _ZIP64_LOCATOR = struct.Struct("<4sLQL")
 _ZIP64_EOCD = struct.Struct("<4sQ2H2L4Q")
+_CENTRAL = struct.Struct("<4s6H3L5H2L")  # one central directory record, before its names
+# What one entry's record may take on average beyond its fixed part: its name, extra fields and
+# comment. Real archives stay far below (a name, a zip64 extra of 28 bytes, a timestamp extra
+# of ~36), and every field may reach 65,535 bytes, so a bound from the format would let one
+# entry weigh 196 KiB. ``zipfile`` reads the whole directory into memory and builds an object
+# per record, so the directory it may read is capped at ``entries`` times this plus the fixed
+# part: 53.5 MB at the default 50,000 entries. Records are then counted within that cap.
+_RECORD_ALLOWANCE_BYTES: Final = 1024
 
 
-def _declared_entries(archive: Path) -> int | None:
-    """The entry count the archive's end record declares, read before the directory is parsed.
+class _Directory(NamedTuple):
+    """An archive's central directory as its end records declare it, and as ``zipfile`` will
+    look for it."""
 
-    ``zipfile`` builds an object per entry when it opens an archive; a count far over the limit
-    is refused before that costs memory. The actual count is checked after opening as well.
+    entries: int
+    size: int  # bytes
+    start: int  # offset in the file
+
+
+def _directory(archive: Path) -> _Directory | None:
+    """The central directory the end records declare, read before ``zipfile`` parses it.
+
+    Found the way ``zipfile`` finds it (``_EndRecData``, ``_EndRecData64``, ``_RealGetContents``),
+    so the bounds hold for the directory it would read: the end record at the very end or the
+    last one in the final 64 KiB, and the zip64 end record just before its locator whenever the
+    locator precedes the end record, whatever the classic fields say. A zip64 record at the
+    locator's stated offset (where other readers look) counts too: the larger claims win. None
+    when there is no end record (``zipfile`` refuses such a file).
     """
     size = archive.stat().st_size
     with archive.open("rb") as fh:
-        start = max(0, size - _EOCD.size - 0xFFFF)  # the record, then a comment of <= 64 KiB
-        fh.seek(start)
+        base = max(0, size - _EOCD.size - 0xFFFF)  # the record, then a comment of <= 64 KiB
+        fh.seek(base)
         tail = fh.read()
-        at = tail.rfind(b"PK\x05\x06")
-        if at < 0 or at + _EOCD.size > len(tail):
-            return None
-        entries = int(_EOCD.unpack_from(tail, at)[4])
-        loc = at - _ZIP64_LOCATOR.size
-        if entries != 0xFFFF or loc < 0 or tail[loc : loc + 4] != b"PK\x06\x07":
-            return entries
-        offset = int(_ZIP64_LOCATOR.unpack_from(tail, loc)[2])
-        if offset + _ZIP64_EOCD.size > size:
-            return entries
-        fh.seek(offset)
-        record = fh.read(_ZIP64_EOCD.size)
-        if record[:4] != b"PK\x06\x06":
-            return entries
-        return int(_ZIP64_EOCD.unpack(record)[7])
+        at = len(tail) - _EOCD.size
+        if at < 0 or tail[at : at + 4] != b"PK\x05\x06" or tail[-2:] != b"\0\0":
+            at = tail.rfind(b"PK\x05\x06")
+            if at < 0 or at + _EOCD.size > len(tail):
+                return None
+        _, _, _, _, entries, cd_size, _, _ = _EOCD.unpack_from(tail, at)
+        end = base + at
+        found = _Directory(int(entries), int(cd_size), end - int(cd_size))
+        if end < _ZIP64_LOCATOR.size:
+            return found
+        fh.seek(end - _ZIP64_LOCATOR.size)
+        locator = fh.read(_ZIP64_LOCATOR.size)
+        if locator[:4] != b"PK\x06\x07":
+            return found
+        behind = end - _ZIP64_LOCATOR.size - _ZIP64_EOCD.size
+        stated = int(_ZIP64_LOCATOR.unpack(locator)[2])
+        # zipfile's view: the record behind the locator if there is one, else the classic fields.
+        seen = _zip64_record(fh, behind, end) or found
+        other = _zip64_record(fh, stated, end) if stated != behind else None
+        if other is None:
+            return seen
+        return _Directory(max(seen.entries, other.entries), max(seen.size, other.size), seen.start)
+
+
+def _zip64_record(fh: IO[bytes], offset: int, end: int) -> _Directory | None:
+    """The zip64 end record at ``offset`` (for the end record at ``end``), if one is there."""
+    if offset < 0:
+        return None
+    fh.seek(offset)
+    record = fh.read(_ZIP64_EOCD.size)
+    if len(record) != _ZIP64_EOCD.size or record[:4] != b"PK\x06\x06":
+        return None
+    fields = _ZIP64_EOCD.unpack(record)
+    cd_size = int(fields[8])
+    return _Directory(int(fields[7]), cd_size,
+                      end - cd_size - _ZIP64_LOCATOR.size - _ZIP64_EOCD.size)
+
+
+def _count_records(archive: Path, directory: _Directory, limit: int) -> int:
+    """Records in the directory as ``zipfile`` will walk it, up to ``limit + 1``.
+
+    Reads ``directory.size`` bytes (already bounded by the caller) and unpacks the fixed part of
+    each record, building nothing per record. Counting stops where ``zipfile`` would refuse the
+    directory (a truncated or foreign record): what lies beyond is never parsed.
+    """
+    if directory.start < 0:
+        return 0
+    with archive.open("rb") as fh:
+        fh.seek(directory.start)
+        data = fh.read(directory.size)
+    count = pos = 0
+    while pos < directory.size and count <= limit:
+        if pos + _CENTRAL.size > len(data) or data[pos : pos + 4] != b"PK\x01\x02":
+            break
+        record = _CENTRAL.unpack_from(data, pos)
+        pos += _CENTRAL.size + record[10] + record[11] + record[12]  # name, extra, comment
+        count += 1
+    return count
+
+
+def _check_directory(archive: Path, limits: Limits) -> None:
+    """Refuse an archive with more entries than ``limits.entries`` before ``zipfile`` opens it.
+
+    The declared count is the attacker's to choose, so the directory's size is bounded too, and
+    the records in it are counted; only then is it parsed into objects.
+    """
+    try:
+        directory = _directory(archive)
+    except (OSError, struct.error) as exc:
+        log.warning("zip end record unreadable", error=repr(exc))
+        return  # zipfile cannot read it either and refuses it as not a zip
+    if directory is None:
+        return
+    if directory.entries > limits.entries:
+        raise limits.too_many_entries(directory.entries)
+    if directory.size > limits.entries * (_CENTRAL.size + _RECORD_ALLOWANCE_BYTES):
+        log.warning("zip directory too large", declared_entries=directory.entries,
+                    directory_bytes=directory.size)
+        raise limits.too_many_entries()
+    try:
+        counted = _count_records(archive, directory, limits.entries)
+    except OSError as exc:
+        log.warning("zip directory unreadable", error=repr(exc))
+        return
+    if counted > limits.entries:
+        log.warning("zip entry count lies", declared_entries=directory.entries)
+        raise limits.too_many_entries()
 
 
 def _open_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> IO[bytes]:
@@ -257,13 +363,7 @@ def extract_zip(
     """
     budget = budget or DiskBudget(limits.disk_bytes)
     archive_size = archive.stat().st_size
-    try:
-        declared = _declared_entries(archive)
-    except (OSError, struct.error) as exc:
-        log.warning("zip end record unreadable", error=repr(exc))
-        declared = None
-    if declared is not None and declared > limits.entries:
-        raise limits.too_many_entries(declared)
+    _check_directory(archive, limits)
     try:
         zf = zipfile.ZipFile(archive)
     except (*_ZIP_READ_ERRORS, OSError) as exc:
@@ -313,7 +413,12 @@ async def _download_http(
         async with httpx.AsyncClient(
             transport=transport, timeout=timeout, follow_redirects=True
         ) as client:
-            async with client.stream("GET", url) as resp:
+            # The archive as sent: httpx would inflate a gzip or deflate body with no bound on
+            # what one network read becomes, so none is asked for, and a body encoded anyway is
+            # stored raw (then refused as not a zip), counted in the bytes that came.
+            async with client.stream(
+                "GET", url, headers={"Accept-Encoding": "identity"}
+            ) as resp:
                 if resp.status_code != 200:
                     raise InputError(f"Could not download zipurl: HTTP {resp.status_code}")
                 declared = resp.headers.get("content-length", "")
@@ -323,7 +428,7 @@ async def _download_http(
                     budget.check(int(declared))
                 size = 0
                 with path.open("wb") as fh:
-                    async for chunk in resp.aiter_bytes(CHUNK_BYTES):
+                    async for chunk in resp.aiter_raw(CHUNK_BYTES):
                         size += len(chunk)
                         if size > limits.download_bytes:
                             raise limits.too_large_download()
@@ -446,9 +551,8 @@ async def _fetch_s3(
         except Exception as exc:
             log.warning("s3 input not listed", source=str(url), error=repr(exc))
             raise _unreadable(url) from exc
-        if not keys:  # an empty prefix reads as a missing bucket or key does
-            log.warning("s3 input prefix empty", source=str(url))
-            raise _unreadable(url)
+        if not keys:  # a permitted, empty prefix: no images, which the caller reports
+            log.info("s3 input prefix empty", source=str(url))
     else:
         keys = [(url.key, None)]
     for key, _ in keys:

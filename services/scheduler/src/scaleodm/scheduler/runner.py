@@ -16,6 +16,7 @@ import fcntl
 import os
 import signal
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 from scaleodm.common import localruns
@@ -30,6 +31,12 @@ from scaleodm.scheduler import engines, fetching, packaging, stages
 log = get_logger("scaleodm.runner")
 KILL_GRACE_S = 10.0
 
+
+
+def engine_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """The engine's environment: the runner's without any ``SCALEODM_*`` setting. The engine
+    works on hostile input and needs none of them (S3 keys, database and bus passwords)."""
+    return {k: v for k, v in environ.items() if not k.upper().startswith("SCALEODM_")}
 
 class Runner:
     def __init__(self, rd: localruns.RunDir, settings: SchedulerSettings) -> None:
@@ -97,7 +104,7 @@ class Runner:
             project_path=self.project.parent, project_name=self.spec.task_id,
             container_name=self.rd.path.name,
         )
-        env = {**os.environ, "ODM_NONINTERACTIVE": "1"}
+        env = {**engine_environment(os.environ), "ODM_NONINTERACTIVE": "1"}
         if self.engine is EngineKind.TEST:
             env["ODM_TEST_ENGINE_SECONDS"] = str(self.settings.test_engine_seconds)
         console = self.rd.file(localruns.CONSOLE_FILE).open("ab")

@@ -30,8 +30,11 @@ Design points (scaleodm.md §4 kept, §10 gaps avoided):
 - The pod is scheduled for the *sum* of the three containers' requests (all are created at once
   and wait on their dependencies), so ``fetch``/``upload`` ask for little.
 - S3 credentials reach ``fetch``/``upload`` only via ``secretKeyRef`` to ``settings.s3_secret``
-  (ADR 0002 in §9); endpoint, region and bucket are plain values from the caller (``s3_env``).
-  The ODM container gets no S3 access at all.
+  (ADR 0002 in §9); endpoint, region and bucket are plain values from the caller
+  (``step_env``), with the fetch limits and the outbound allow-list (``STEP_SETTINGS``).
+  The ODM container gets no S3 access at all, and none of our containers gets the service
+  account's Kubernetes token: an empty read-only volume covers its directory
+  (``NO_TOKEN_VOLUME``), so only Argo's injected ``wait`` sidecar keeps it.
 - ``retryStrategy`` on the template (a retry is a new pod, the whole pipeline re-runs on a fresh
   workspace) for transient errors only, with a bounded backoff; ``activeDeadlineSeconds``,
   ``podGC`` with a delete delay (logs stay readable for the watcher), ``ttlStrategy``.
@@ -106,6 +109,11 @@ __all__ = [
 API_VERSION: Final = "argoproj.io/v1alpha1"
 TEMPLATE: Final = "odm"
 WORKSPACE_VOLUME: Final = "workspace"
+# An empty, read-only volume mounted over the service account token's directory in each of our
+# containers: Kubernetes then mounts no token there. Argo's own `wait` sidecar (not one of ours)
+# keeps the pod's token to record step results; fetch, ODM and upload need no Kubernetes access.
+NO_TOKEN_VOLUME: Final = "no-service-account-token"
+SERVICE_ACCOUNT_DIR: Final = "/var/run/secrets/kubernetes.io/serviceaccount"
 WORKSPACE: Final = "/workspace"
 STAGES_MODULE: Final = "scaleodm.scheduler.stages"
 ODM_RUN: Final = "/code/run.py"
@@ -122,6 +130,18 @@ SECRET_KEYS: Final[dict[str, str]] = {
     "SCALEODM_S3__SECRET_ACCESS_KEY": "secret_access_key",
 }
 S3_ENV_PREFIX: Final = "SCALEODM_S3__"
+# The scheduler's own settings the fetch/upload steps read (stages.py builds SchedulerSettings
+# from its environment): without them an Argo run would fetch with the defaults, not the
+# operator's limits and outbound allow-list.
+STEP_SETTINGS: Final = frozenset({
+    "SCALEODM_ZIP_MAX_BYTES",
+    "SCALEODM_ZIP_MAX_EXPANDED_BYTES",
+    "SCALEODM_ZIP_MAX_RATIO",
+    "SCALEODM_ZIP_MAX_ENTRIES",
+    "SCALEODM_TASK_DISK_BUDGET_BYTES",
+    "SCALEODM_FETCH_TIMEOUT_S",
+    "SCALEODM_OUTBOUND_ALLOW",
+})
 
 # The runtime user of our image (Dockerfile: scaleodm, uid/gid 10001).
 RUNNER_UID: Final = 10001
@@ -210,7 +230,7 @@ def _resources(res: sizing.Resources) -> m.ResourceRequirements:
     )
 
 
-def _s3_env(s3_env: Mapping[str, str], secret: str) -> list[m.EnvVar]:
+def _step_env(step_env: Mapping[str, str], secret: str) -> list[m.EnvVar]:
     env = [
         m.EnvVar(
             name=name,
@@ -218,13 +238,14 @@ def _s3_env(s3_env: Mapping[str, str], secret: str) -> list[m.EnvVar]:
         )
         for name, key in SECRET_KEYS.items()
     ]
-    for name in sorted(s3_env):
-        if name in SECRET_KEYS or not name.startswith(S3_ENV_PREFIX):
+    for name in sorted(step_env):
+        plain_s3 = name.startswith(S3_ENV_PREFIX) and name not in SECRET_KEYS
+        if not (plain_s3 or name in STEP_SETTINGS):
             raise ValueError(
-                f"s3_env takes plain {S3_ENV_PREFIX}* values, credentials come from the "
-                f"Secret: {name!r}"
+                f"step_env takes plain {S3_ENV_PREFIX}* values and the step settings "
+                f"{sorted(STEP_SETTINGS)}; credentials come from the Secret: {name!r}"
             )
-        env.append(m.EnvVar(name=name, value=s3_env[name]))
+        env.append(m.EnvVar(name=name, value=step_env[name]))
     return env
 
 
@@ -283,27 +304,36 @@ def _odm(spec: RunSpec, settings: ArgoSettings) -> m.ContainerNode:
 
 
 def build_workflow(
-    spec: RunSpec, settings: ArgoSettings, *, shard: int, s3_env: Mapping[str, str]
+    spec: RunSpec, settings: ArgoSettings, *, shard: int, step_env: Mapping[str, str]
 ) -> dict[str, Any]:
     """The Workflow manifest of ``spec``'s attempt, camelCase, ``None`` fields omitted.
 
-    ``s3_env`` holds the plain S3 settings of the fetch/upload steps by env var name
-    (``SCALEODM_S3__ENDPOINT_URL``, ``…__REGION``, ``…__BUCKET``); the credentials always come
+    ``step_env`` holds the plain settings of the fetch/upload steps by env var name: S3's
+    (``SCALEODM_S3__ENDPOINT_URL``, ``…__REGION``, ``…__BUCKET``, ``…__INPUT_ALLOW``) and the
+    ``STEP_SETTINGS`` (fetch limits, outbound allow-list); the credentials always come
     from the Secret ``settings.s3_secret``. ``ValueError`` for a task id that is not a uuid or
-    for credentials in ``s3_env``; ``ArgoTemplateError`` for an option value holding ``{{``.
+    for credentials in ``step_env``; ``ArgoTemplateError`` for an option value holding ``{{``.
     Every container string Kubernetes would expand is escaped (``$`` → ``$$``, module docstring).
     """
     if not is_task_id(spec.task_id):
         raise ValueError(f"not a task uuid: {spec.task_id!r}")
     # Only the RunSpec's own fields (a CreateTask/RestartTask also carries its verb).
     spec_json = argo_safe_json(spec.model_dump_json(include=set(RunSpec.model_fields)))
-    env = _s3_env(s3_env, settings.s3_secret)
+    env = _step_env(step_env, settings.s3_secret)
     own_labels = labels(spec, shard)
     template = m.Template(
         name=TEMPLATE,
-        volumes=[m.Volume(name=WORKSPACE_VOLUME, empty_dir=m.EmptyDirVolumeSource())],
+        volumes=[
+            m.Volume(name=WORKSPACE_VOLUME, empty_dir=m.EmptyDirVolumeSource()),
+            m.Volume(name=NO_TOKEN_VOLUME,
+                     empty_dir=m.EmptyDirVolumeSource(size_limit=m.Quantity("1Ki"))),
+        ],
         container_set=m.ContainerSetTemplate(
-            volume_mounts=[m.VolumeMount(name=WORKSPACE_VOLUME, mount_path=WORKSPACE)],
+            volume_mounts=[
+                m.VolumeMount(name=WORKSPACE_VOLUME, mount_path=WORKSPACE),
+                m.VolumeMount(name=NO_TOKEN_VOLUME, mount_path=SERVICE_ACCOUNT_DIR,
+                              read_only=True),
+            ],
             containers=[
                 _step("fetch", settings.runner_image, spec_json, env, None),
                 _odm(spec, settings),

@@ -55,19 +55,22 @@ async def _parse(
     if not multipart.is_multipart(ctype):
         return multipart.StreamedForm(fields={}, files=[])  # NodeODM §1.5: multipart only
     limit = res.settings.max_request_bytes
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise NodeOdmError(f"Request too large (limit {limit} bytes)")
+    try:
+        bodies.check_declared(request.headers.get("content-length"), limit)
+    except bodies.BodyTooLargeError as exc:  # refused unread: nothing to clean up
+        raise NodeOdmError(str(exc)) from exc
     # One part buffer at most for the whole request, its wait and hold bounded (store/s3.py);
-    # a preemption cuts the body read short, even while it waits for the client.
+    # a preemption cuts the body read short, even while it waits for the client. The reader
+    # keeps the body's size and idle limits (bodies.py); the parser lets its errors through.
     account = res.s3.buffers.account(wait_s=res.settings.upload_buffer_wait_s,
                                      hold_s=res.settings.upload_buffer_hold_s)
-    body = bodies.BodyReader(request.stream(), res.settings.body_idle_timeout_s)
+    body = bodies.BodyReader(request.stream(), res.settings.body_idle_timeout_s,
+                             max_bytes=limit)
     account.on_preempt = body.interrupt
     try:
         with account.bound():
             return await multipart.stream_form(
-                body.chunks(), ctype, open_sink, max_body_bytes=limit,
+                body.chunks(), ctype, open_sink,
                 max_field_bytes=res.settings.max_field_bytes,
                 max_fields=res.settings.max_form_fields,
                 max_text_bytes=res.settings.max_form_text_bytes,

@@ -19,7 +19,8 @@ event is the one after that id. Heartbeat comments every ``sse_heartbeat_s``; at
 streams end cleanly (clients reconnect elsewhere). Token as on every route (``?token=``). Errors
 before the stream starts are NodeODM-style: 200 ``{"error": ...}``, among them ``Too many event
 streams ...`` beyond ``sse_max_streams`` open streams per process or ``sse_max_streams_per_client``
-per client (the client is its ``?token=`` when the node has a token, else its address).
+per client (the client is its address — behind ``trusted_proxies`` the forwarded one — together
+with its ``?token=``).
 How replay and live events are joined: ``scaleodm.gateway.eventstream``.
 """
 

@@ -7,6 +7,8 @@ Hardened on purpose (departures from NodeODM that its clients do not notice):
 - Console output comes in pages of at most ``output_page_lines`` lines from where the client
   asked. WebODM polls ``with_output=<lines it has>`` and appends, CloudODM polls
   ``output?line=<lines seen>`` (§12.2, §12.4), so a short page is simply continued by the next poll.
+  A negative N (the last |N| lines, §3.6) keeps its meaning of "the tail": the last
+  ``min(|N|, output_page_lines)`` lines.
 - cancel/remove/restart bodies are read up to ``max_action_body_bytes`` and no further, with
   the body idle timeout (``bodies.read_capped``).
 """
@@ -107,10 +109,14 @@ async def read_task_info(
 
 
 async def _output(res: ResourcesDep, doc: dict[str, Any], n: int) -> list[str]:
-    """Lines from NodeODM's slice start for ``n`` on (§3.6), one page at most."""
+    """NodeODM's slice for ``n`` (§3.6), one page at most: from ``n`` on, or the tail."""
     total = int(doc.get("output_lines", 0))
+    page = res.settings.output_page_lines
     start = taskinfo.slice_start(n, total)
-    end = min(total, start + res.settings.output_page_lines)
+    if n < 0:  # the last |n| lines (§3.6): a page of them is their tail
+        start, end = max(start, total - page), total
+    else:  # one page from n on: a departure (module docstring)
+        end = min(total, start + page)
     return await res.store.read_output(doc["_id"], doc["attempt"], start, end)
 
 

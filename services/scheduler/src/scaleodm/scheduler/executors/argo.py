@@ -38,6 +38,28 @@ async def api_client(kubeconfig: str | None) -> client.ApiClient:
     return client.ApiClient(cfg)
 
 
+def step_env(settings: SchedulerSettings) -> dict[str, str]:
+    """What the run's fetch/upload steps must know of this scheduler's settings, by env var:
+    S3's plain values and the ``workflows.STEP_SETTINGS`` (limits, outbound allow-list)."""
+    s3 = settings.s3
+    env = {
+        "SCALEODM_S3__REGION": s3.region,
+        "SCALEODM_S3__BUCKET": s3.bucket,
+        "SCALEODM_ZIP_MAX_BYTES": str(settings.zip_max_bytes),
+        "SCALEODM_ZIP_MAX_EXPANDED_BYTES": str(settings.zip_max_expanded_bytes),
+        "SCALEODM_ZIP_MAX_RATIO": repr(settings.zip_max_ratio),
+        "SCALEODM_ZIP_MAX_ENTRIES": str(settings.zip_max_entries),
+        "SCALEODM_TASK_DISK_BUDGET_BYTES": str(settings.task_disk_budget_bytes),
+        "SCALEODM_FETCH_TIMEOUT_S": repr(settings.fetch_timeout_s),
+        "SCALEODM_OUTBOUND_ALLOW": json.dumps([str(n) for n in settings.outbound_allow]),
+    }
+    if s3.endpoint_url:
+        env["SCALEODM_S3__ENDPOINT_URL"] = s3.endpoint_url
+    if s3.input_allow:  # the fetch step applies the same s3:// input rule as a local run
+        env["SCALEODM_S3__INPUT_ALLOW"] = json.dumps(s3.input_allow)
+    return env
+
+
 class ArgoExecutor:
     def __init__(self, api: client.ApiClient, settings: SchedulerSettings) -> None:
         self.api = api
@@ -45,19 +67,10 @@ class ArgoExecutor:
         self.argo = settings.argo
         self.custom = client.CustomObjectsApi(api)
 
-    def _s3_env(self) -> dict[str, str]:
-        s3 = self.settings.s3
-        env = {"SCALEODM_S3__REGION": s3.region, "SCALEODM_S3__BUCKET": s3.bucket}
-        if s3.endpoint_url:
-            env["SCALEODM_S3__ENDPOINT_URL"] = s3.endpoint_url
-        if s3.input_allow:  # the fetch step applies the same s3:// input rule as a local run
-            env["SCALEODM_S3__INPUT_ALLOW"] = json.dumps(s3.input_allow)
-        return env
-
     async def start(self, spec: RunSpec) -> StartOutcome:
         manifest = workflows.build_workflow(
             spec, self.argo, shard=workflows.shard_of(spec.task_id, self.argo.shards),
-            s3_env=self._s3_env(),
+            step_env=step_env(self.settings),
         )
         try:
             await self.custom.create_namespaced_custom_object(
