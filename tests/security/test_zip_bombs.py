@@ -6,22 +6,29 @@ The hostile archives are built here, byte by byte where a header has to lie:
 - a member whose declared uncompressed size lies small, and one whose declared compressed size
   lies large (to make its ratio look harmless);
 - many members, each within the ratio, together over the expanded-bytes limit;
-- a zip inside a zip.
+- a zip inside a zip;
+- a central directory of 200,000 (or 20,000) tiny records declared as one entry, with a classic
+  and with a zip64 end record;
+- a zipurl answering 1 GiB of zeros gzip-encoded (~1 MB on the wire).
 
 Covered (unit level, small limits, extraction must stop early): every refusal names its limit
 and value; the limits are enforced on the bytes actually written too (the up-front check on
 declared sizes switched off, the same refusal comes while extracting, within one chunk of the
 limit); nothing extracted is left behind; peak disk (``DiskBudget.peak``) stays under the limit;
 the per-task disk budget spans sources (an http zip plus ``s3://`` images); a nested zip is a
-dropped file, never extracted. End to end, on a running stack (default ratio, entries and
-expanded size set low): tasks whose zipurl is the 1 GiB bomb, the 100,000 entries, or the sum
-over the total fail with their limit's errorMessage within seconds, and one whose second member
-lies about its size after a good first one fails as damaged; their run directories hold no
-input (the extracted image is removed), and the runner's logged disk peak is the download
-(plus, for the liar, the bytes claimed).
+dropped file, never extracted; a lying central directory is refused on its size or its counted
+records before ``zipfile`` opens it (traced memory stays under the capped directory); an honest
+directory of exactly the limit, with long names, is read; a gzip-encoded download asks for no
+encoding, is stored as the raw bytes (then not a zip) and its traced memory stays small. End to
+end, on a running stack (default ratio, entries and expanded size set low): tasks whose zipurl
+is the 1 GiB bomb, the 100,000 entries, or the sum over the total fail with their limit's
+errorMessage within seconds, and one whose second member lies about its size after a good first
+one fails as damaged; their run directories hold no input (the extracted image is removed), and
+the runner's logged disk peak is the download (plus, for the liar, the bytes claimed).
 
 Left out: Argo runs (same ``stages.fetch_images``; see ``tests/unit/test_stages.py``), memory of
-``zipfile`` parsing a lying huge central directory (bounded by the download size limit).
+``zipfile`` parsing an honest directory within the limits (at most ``limits.entries`` records in
+``entries x 1070`` bytes).
 """
 
 from __future__ import annotations
@@ -48,7 +55,7 @@ import pytest
 
 from scaleodm.common import netguard
 from scaleodm.common.contracts.ids import run_name
-from scaleodm.common.settings import S3Settings
+from scaleodm.common.settings import S3Settings, SchedulerSettings
 from scaleodm.common.store.s3 import S3
 from scaleodm.scheduler import fetching
 from scaleodm.scheduler.fetching import DiskBudget, InputError, Limits, extract_zip
@@ -619,3 +626,25 @@ async def test_bomb_tasks_fail_fast_and_leave_nothing(
         # (and, for the liar, the good image and the 1000 bytes claimed).
         peak = _peak((rd / "runner.log").read_text())
         assert sizes[name] <= peak <= sizes[name] + extracted.get(name, 0), (name, peak)
+
+
+def test_many_members_of_one_name_and_hostile_names_extract(tmp_path: Path) -> None:
+    """300 members named ``a.jpg`` in as many folders, one with NUL, one of 400 characters: no
+    name grows past the file system's limit (before: ``a___…_.jpg`` until ENAMETOOLONG, an
+    internal error), every image is kept, and nothing lands outside the images folder."""
+    archive = tmp_path / "same-names.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for i in range(300):
+            zf.writestr(f"d{i}/a.jpg", data.JPEG)
+        zf.writestr("x/evil\x00name.jpg", data.JPEG)
+        zf.writestr("b" * 400 + ".jpg", data.JPEG)
+        zf.writestr("../../..jpg", data.JPEG)
+    dest = tmp_path / "images"
+    dest.mkdir()
+    written = extract_zip(archive, dest, Limits.from_settings(SchedulerSettings()))
+    names = sorted(p.name for p in dest.iterdir())
+    # zipfile cuts a name at NUL ("x/evil": no image) and "..jpg" has no extension: dropped
+    assert written == len(names) == 301
+    assert max(len(n.encode()) for n in names) <= 255
+    assert not [n for n in names if "\x00" in n or n.startswith(".")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "same-names.zip"]

@@ -266,6 +266,11 @@ class GatewaySettings(BaseServiceSettings):
         description="Largest total of a multipart request's text fields.",
     )
     max_form_fields: int = Field(64, ge=1, description="Most text fields in a multipart request.")
+    max_files_per_request: int = Field(
+        20_000, ge=1,
+        description="Most files one upload request may carry (each becomes an S3 object; "
+        "`max_images` is checked only once the request is complete).",
+    )
     body_idle_timeout_s: float = Field(
         30.0, gt=0,
         description="A request body that sends nothing for this long is cut off (stalled "

@@ -134,12 +134,18 @@ class NameRegistry:
         self.taken.discard(name)
 
 
-def s3_sinks(s3: S3, prefix: S3Url, registry: NameRegistry) -> Any:
-    """A sink factory storing ``images`` parts under ``prefix``; other file fields are refused."""
+def s3_sinks(s3: S3, prefix: S3Url, registry: NameRegistry, *, max_files: int) -> Any:
+    """A sink factory storing ``images`` parts under ``prefix``; other file fields are refused,
+    and so is a request's file beyond ``max_files`` (each is an S3 object and a name claim)."""
+    opened = 0
 
     async def open_sink(field_name: str, filename: str, content_type: str | None) -> FileSink:
+        nonlocal opened
         if field_name != IMAGES_FIELD:
             raise MultipartError("Unexpected field")
+        opened += 1
+        if opened > max_files:
+            raise MultipartError(f"Too many files in one request (limit {max_files})")
         name = await registry.claim(safe_basename(filename))
         reason = _refusal(name)  # a duplicate's "_" suffixes may take it past the limit
         if reason is not None:

@@ -176,13 +176,31 @@ def _wanted(name: str) -> bool:
     return _ext(name) in IMAGE_EXTS or _ext(name) in CONTROL_EXTS
 
 
+_NAME_BYTES = 200  # a stored name's most bytes: room for duplicate suffixes below 255
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_suffixes: dict[Path, int] = {}  # base path -> duplicates stored so far (per process: one run)
+
+
 def _target(dest: Path, name: str) -> Path:
-    base = posixpath.basename(name.replace("\\", "/")) or "file"
-    path = dest / base
-    while path.exists():
-        stem, ext = posixpath.splitext(path.name)
-        path = dest / f"{stem}_{ext}"
-    return path
+    """Where an input named ``name`` (a zip member or S3 key) is stored in ``dest``: flattened,
+    control characters replaced, cut to ``_NAME_BYTES``; a clash gets NodeODM's ``_`` suffix,
+    then a number (a thousand ``a.jpg`` in one zip must not make a name too long, nor cost a
+    thousand lookups each)."""
+    base = _CONTROL.sub("_", posixpath.basename(name.replace("\\", "/")))
+    stem, ext = posixpath.splitext(base)
+    ext = ext[:16]
+    stem = stem.lstrip(".") or "file"
+    budget = _NAME_BYTES - len(ext.encode())
+    stem = stem.encode()[:budget].decode(errors="ignore") or "file"
+    def nth(n: int) -> Path:
+        return dest / (f"{stem}{'_' * n}{ext}" if n <= 3 else f"{stem}_{n}{ext}")
+
+    first = nth(0)
+    n = _suffixes.get(first, 0)
+    while nth(n).exists():
+        n += 1
+    _suffixes[first] = n + 1
+    return nth(n)
 
 
 def _shown(text: str) -> str:

@@ -6,6 +6,8 @@ stored file name (``_id`` = ``<uuid>/<name>``), so claiming a name is one insert
 ``_id`` makes atomic: two replicas storing ``a.jpg`` at once end with ``a.jpg`` and ``a_.jpg``, as
 NodeODM renames duplicates. Commit flips ``committed`` with a guarded update, so exactly one commit
 wins; the session stays until the task exists, so a commit cut off in between can be retried.
+A single-request ``/task/new`` holds its id here too (``reserve``), so that two requests, or a
+request and a chunked upload, never share one id's files.
 """
 
 from __future__ import annotations
@@ -49,6 +51,19 @@ class UploadStore:
             )
             if res.matched_count == 0:
                 raise UploadNotFoundError(upload_id) from None
+
+    async def reserve(self, upload_id: str) -> bool:
+        """Hold ``upload_id`` for one single-request ``/task/new`` until its task exists (then
+        ``delete``). The held id is no open upload, so no chunked route takes it; False when the
+        id is already held (an open or committed upload, another request)."""
+        try:
+            await self.sessions.insert_one({
+                "_id": upload_id, "fields": {}, "committed": True, "reserved": True,
+                "created_at": dt.datetime.now(dt.UTC),
+            })
+        except DuplicateKeyError:
+            return False
+        return True
 
     async def get(self, upload_id: str) -> Doc | None:
         """The upload, open or committed (a committed one whose task is missing was cut off)."""

@@ -100,15 +100,29 @@ async def create_task(request: Request, res: ResourcesDep) -> dict[str, str]:
     settings = res.settings
     task_id = await _checked_set_uuid(request, res) or str(uuidlib.uuid4())
     inputs = s3mod.task_inputs(settings.s3.bucket, task_id)
+    # Held before a byte is stored: a concurrent /task/new, init or commit with this id is
+    # refused, instead of mixing its files with these or deleting them when it fails.
+    if not await res.uploads.reserve(task_id):
+        raise NodeOdmError(f"Invalid set-uuid: {shown(task_id)}")
+    stored: list[multipart.StoredFile] = []
 
-    async def drop_inputs(_: object = None) -> None:
+    async def drop_inputs(exc: BaseException | None = None) -> None:
+        """Delete what this request stored (only that: the prefix may hold nothing else, but
+        a failure must never touch more than its own files), then free the id."""
+        files = stored or (multipart.completed_files(exc) if exc is not None else [])
+        for file in files:
+            with contextlib.suppress(Exception):
+                await res.s3.delete(s3mod.S3Url(inputs.bucket, inputs.key + file.result))
         with contextlib.suppress(Exception):
-            await res.s3.delete_prefix(inputs)
+            await res.uploads.delete(task_id)
 
     with bind_task(task_id):
         registry = uploads.NameRegistry()
-        form = await _parse(request, res, uploads.s3_sinks(res.s3, inputs, registry),
+        form = await _parse(request, res,
+                            uploads.s3_sinks(res.s3, inputs, registry,
+                                             max_files=settings.max_files_per_request),
                             cleanup=drop_inputs)
+        stored = form.files
         try:
             zipurl = (form.text("zipurl") or "").strip()
             count = len(form.files)
@@ -130,6 +144,7 @@ async def create_task(request: Request, res: ResourcesDep) -> dict[str, str]:
         except NodeOdmError:
             await drop_inputs()
             raise
+        await res.uploads.delete(task_id)  # the task exists now: it holds the id
     return {"uuid": task_id}
 
 
@@ -177,7 +192,9 @@ async def upload_files(uuid: str, request: Request, res: ResourcesDep) -> dict[s
                 await res.uploads.release_name(task_id, stored.result)
 
     with bind_task(task_id):
-        form = await _parse(request, res, uploads.s3_sinks(res.s3, inputs, registry),
+        form = await _parse(request, res,
+                            uploads.s3_sinks(res.s3, inputs, registry,
+                                             max_files=res.settings.max_files_per_request),
                             cleanup=drop_completed)
         if not form.files:
             raise NodeOdmError("Need at least 1 file.", noRetry=True)
@@ -198,7 +215,7 @@ async def commit_task(uuid: str, res: ResourcesDep) -> dict[str, str]:
         session = await res.uploads.get(task_id)
         # A session committed without a task: the commit that closed it died before creating
         # the task; this (retried) commit finishes it. With a task, it is one no longer.
-        if session is None or (
+        if session is None or session.get("reserved") or (  # reserved: a /task/new's own id
             session.get("committed") and await res.store.get_task(task_id, include_removed=True)
         ):
             raise NodeOdmError("Invalid uuid (not found)")
