@@ -173,6 +173,7 @@ PRIVATE = netguard.PRIVATE_REASON
 EMBEDS_LOOPBACK = f"embeds 127.0.0.1: {netguard.PRIVATE_REASON}"
 
 
+@pytest.mark.integration  # a real HTTP listener on loopback
 @pytest.mark.parametrize(
     ("host", "reason", "opened_by"),
     [

@@ -363,7 +363,9 @@ step_envs = st.fixed_dictionaries(
 
 @settings(max_examples=300, deadline=None, derandomize=True)
 @given(spec=run_specs, step_env=step_envs)
-def test_no_input_is_expanded_by_kubernetes_or_argo(spec: RunSpec, step_env: dict[str, str]) -> None:
+def test_no_input_is_expanded_by_kubernetes_or_argo(
+    spec: RunSpec, step_env: dict[str, str]
+) -> None:
     if not is_task_id(spec.task_id):
         with pytest.raises(ValueError, match="uuid"):
             workflows.build_workflow(spec, ArgoSettings(), shard=0, step_env=step_env)

@@ -22,6 +22,7 @@ from scaleodm.common import failpoints, netguard
 from scaleodm.common.contracts import bus, commands, events
 from scaleodm.common.contracts.ids import TaskId
 from scaleodm.common.domain import options as odm_options
+from scaleodm.common.domain import webhooks
 from scaleodm.common.logging import get_logger
 from scaleodm.common.store import s3 as s3mod
 from scaleodm.common.store.tasks import TaskExistsError
@@ -91,11 +92,6 @@ async def accepted_options(res: Resources, fields: TaskFields) -> list[dict[str,
 
 def outbound_policy(res: Resources) -> netguard.OutboundPolicy:
     return netguard.OutboundPolicy(res.settings.outbound_allow)
-
-
-def webhook_or_none(raw: str | None) -> str | None:
-    url = (raw or "").strip()
-    return url if len(url) > 3 else None  # §8: "each only if longer than 3 characters"
 
 
 def validated_options(raw: str | None, *, skip_pp: bool) -> list[dict[str, Any]]:
@@ -206,7 +202,7 @@ async def check_webhook(raw: str | None, outbound: netguard.OutboundPolicy) -> s
     Checked at submission like a zipurl, so a webhook no delivery could ever make (another
     scheme, malformed, a private address) is refused now instead of failing later unseen.
     """
-    url = webhook_or_none(raw)
+    url = webhooks.webhook_target(raw)
     if url is None:
         return None
     try:
@@ -326,7 +322,7 @@ async def submit(
         "date_created_ms": _int(fields.date_created) or now_ms(),
         "options": options,
         "images_count": images_count,
-        "webhook": webhook_or_none(fields.webhook),
+        "webhook": webhooks.webhook_target(fields.webhook),
         "skip_post_processing": fields.skip_pp,
         "outputs": outputs,
         "sources": sources,

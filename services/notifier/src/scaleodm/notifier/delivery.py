@@ -47,7 +47,7 @@ import standardwebhooks
 
 from scaleodm.common import netguard
 from scaleodm.common.contracts import events
-from scaleodm.common.domain import taskinfo
+from scaleodm.common.domain import taskinfo, webhooks
 from scaleodm.common.domain.status import TERMINAL_STATES, TaskState
 from scaleodm.common.logging import bind_task, get_logger
 from scaleodm.common.store.deliveries import DeliveryStore
@@ -158,8 +158,8 @@ class Notifier:
             if TaskState(doc["state"]) not in TERMINAL_STATES:
                 return  # the projection has not caught up; NodeODM receivers want final info
             # NodeODM §8: the task's and the node's webhook, each only if longer than 3 chars
-            targets = [u for u in (doc.get("webhook"), self.node_webhook)
-                       if isinstance(u, str) and len(u) > 3]
+            targets = [u for u in map(webhooks.webhook_target, (doc.get("webhook"),
+                                                                 self.node_webhook)) if u]
             if not targets:
                 return
             payload = {**taskinfo.task_info(doc, now_ms()), "images": await self._images(doc)}
