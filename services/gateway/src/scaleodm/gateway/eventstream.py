@@ -539,8 +539,8 @@ async def follow_all(
             return
         # Too far behind: stop the consumer now rather than when the stream next runs (it may
         # be stuck in a send for up to the send timeout while JetStream goes on pushing). The
-        # stream's end awaits this stop.
-        stopping.append(asyncio.get_running_loop().create_task(_unsubscribe(subscribed[0])))
+        # stream's end awaits this stop and logs how it failed, if it did.
+        stopping.append(asyncio.get_running_loop().create_task(subscribed[0].unsubscribe()))
 
     js = nc.jetstream()
     sub = await js.subscribe(
@@ -584,7 +584,8 @@ async def follow_all(
 
 
 async def _settled(task: asyncio.Task[None]) -> None:
-    """Wait for the early stop ``task`` to end (the caller shields the wait); log a failure."""
+    """Wait for the early stop ``task`` to end (the caller shields the wait); log a failure
+    (the task's exception is observed here, never left to the loop's "never retrieved")."""
     await asyncio.wait({task})
     if task.cancelled():
         log.warning("stopping an event consumer failed", error="cancelled")
