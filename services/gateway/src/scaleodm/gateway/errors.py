@@ -10,7 +10,6 @@ Client input echoed in an error goes through ``shown``: bounded, control charact
 from __future__ import annotations
 
 import html
-import re
 import secrets
 from typing import Any
 
@@ -19,6 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from scaleodm.common.domain.text import shown
 from scaleodm.common.logging import get_logger
 
 log = get_logger(__name__)
@@ -31,17 +31,6 @@ class NodeOdmError(Exception):
         super().__init__(error)
         self.body: dict[str, Any] = {**({"success": False} if extra.pop("action", False) else {}),
                                      "error": error, **extra}
-
-
-SHOWN_MAX_CHARS = 120
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-
-
-def shown(value: str, limit: int = SHOWN_MAX_CHARS) -> str:
-    """Client input as an error message may echo it: control characters escaped (``\\x00``),
-    at most ``limit`` characters of it (then ``...``), so an error stays one short line."""
-    text = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", value[: limit + 1])
-    return text[:limit] + "..." if len(text) > limit else text
 
 
 def not_found(task_id: str) -> NodeOdmError:

@@ -23,11 +23,12 @@ from scaleodm.common.contracts import bus, commands, events
 from scaleodm.common.contracts.ids import TaskId
 from scaleodm.common.domain import options as odm_options
 from scaleodm.common.domain import webhooks
+from scaleodm.common.domain.text import shown
 from scaleodm.common.logging import get_logger
 from scaleodm.common.store import s3 as s3mod
 from scaleodm.common.store.tasks import TaskExistsError
 from scaleodm.gateway.deps import Resources
-from scaleodm.gateway.errors import NodeOdmError, shown
+from scaleodm.gateway.errors import NodeOdmError
 
 log = get_logger(__name__)
 

@@ -16,9 +16,9 @@ import unicodedata
 from dataclasses import dataclass, field
 from typing import Any
 
+from scaleodm.common.domain.text import shown
 from scaleodm.common.store.s3 import S3, S3Url, S3Writer
 from scaleodm.common.store.uploads import UploadStore
-from scaleodm.gateway.errors import shown
 from scaleodm.gateway.multipart import FileSink, MultipartError
 
 IMAGES_FIELD = "images"

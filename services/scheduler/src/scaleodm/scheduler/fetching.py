@@ -48,6 +48,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from scaleodm.common import netguard
+from scaleodm.common.domain.text import shown
 from scaleodm.common.logging import get_logger
 from scaleodm.common.settings import SchedulerSettings
 from scaleodm.common.store import s3 as s3mod
@@ -71,7 +72,6 @@ _DAMAGED: Final = (
     "compression method"
 )
 _SHOWN_MAX: Final = 200
-_UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
 
 
 class InputError(Exception):
@@ -201,12 +201,6 @@ def _target(dest: Path, name: str) -> Path:
         n += 1
     _suffixes[first] = n + 1
     return nth(n)
-
-
-def _shown(text: str) -> str:
-    """User-supplied text as it may appear in a message: printable ASCII, bounded length."""
-    text = _UNPRINTABLE.sub("?", text)
-    return text if len(text) <= _SHOWN_MAX else text[: _SHOWN_MAX - 3] + "..."
 
 
 _EOCD = struct.Struct("<4s4H2LH")  # end of central directory record
@@ -534,20 +528,22 @@ def _parse_s3(source: str) -> S3Url:
     try:
         return s3mod.parse_s3_url(source)
     except ValueError as exc:
-        raise InputError(f"Invalid s3:// URL: {_shown(source)}") from exc
+        raise InputError(f"Invalid s3:// URL: {shown(source, _SHOWN_MAX)}") from exc
 
 
 def _not_permitted(url: S3Url) -> InputError:
     return InputError(
-        f"Could not read inputs from {_shown(str(url))}: not a permitted location (a task may "
-        "read its own uploads and the locations the operator allows)"
+        f"Could not read inputs from {shown(str(url), _SHOWN_MAX)}: not a permitted location "
+        "(a task may read its own uploads and the locations the operator allows)"
     )
 
 
 def _unreadable(url: S3Url) -> InputError:
     # Same words for a missing bucket, a missing key and a refused read: S3's answers would
     # otherwise tell who owns which bucket.
-    return InputError(f"Could not read inputs from {_shown(str(url))} (not found or not permitted)")
+    return InputError(
+        f"Could not read inputs from {shown(str(url), _SHOWN_MAX)} (not found or not permitted)"
+    )
 
 
 async def _fetch_s3(

@@ -376,7 +376,9 @@ TEMPLATE_MARKER: Final = "{{"
 
 
 def _shown(value: object) -> str:
-    """``String(value)`` as a message shows it: at most ``SHOWN_MAX_CHARS`` characters."""
+    """``String(value)`` as an options error shows it: at most ``SHOWN_MAX_CHARS`` characters.
+    Not ``text.shown``: these errors travel JSON-encoded (NodeODM's format), which already
+    escapes control characters the way NodeODM's answers show them."""
     text = js_to_string(value)
     return text if len(text) <= SHOWN_MAX_CHARS else text[:SHOWN_MAX_CHARS] + "..."
 

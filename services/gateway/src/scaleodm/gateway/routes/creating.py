@@ -22,13 +22,14 @@ from fastapi import APIRouter, Request
 from starlette.requests import ClientDisconnect
 
 from scaleodm.common.contracts.ids import canonical_task_id
+from scaleodm.common.domain.text import shown
 from scaleodm.common.logging import bind_task, get_logger
 from scaleodm.common.store import s3 as s3mod
 from scaleodm.common.store.tasks import TaskExistsError
 from scaleodm.common.store.uploads import UploadNotFoundError
 from scaleodm.gateway import bodies, models, multipart, openapi, submission, uploads
 from scaleodm.gateway.deps import Resources, ResourcesDep, TokenDep
-from scaleodm.gateway.errors import NodeOdmError, shown
+from scaleodm.gateway.errors import NodeOdmError
 
 log = get_logger(__name__)
 router = APIRouter(tags=["nodeodm"], dependencies=[TokenDep])

@@ -28,11 +28,12 @@ from scaleodm.common.contracts.ids import TaskId, canonical_task_id
 from scaleodm.common.domain import options as odm_options
 from scaleodm.common.domain import taskinfo
 from scaleodm.common.domain.status import TERMINAL_STATES, TaskState
+from scaleodm.common.domain.text import shown
 from scaleodm.common.logging import bind_task, get_logger
 from scaleodm.common.store import s3 as s3mod
 from scaleodm.gateway import bodies, downloads, models, openapi, submission
 from scaleodm.gateway.deps import ResourcesDep, TokenDep
-from scaleodm.gateway.errors import NodeOdmError, not_found, shown
+from scaleodm.gateway.errors import NodeOdmError, not_found
 
 log = get_logger(__name__)
 router = APIRouter(tags=["nodeodm"], dependencies=[TokenDep])
