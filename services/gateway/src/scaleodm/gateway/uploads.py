@@ -18,7 +18,7 @@ from typing import Any
 
 from scaleodm.common.domain.text import shown
 from scaleodm.common.store.s3 import S3, S3Url, S3Writer
-from scaleodm.common.store.uploads import UploadStore
+from scaleodm.common.store.uploads import NamesExhaustedError, UploadStore
 from scaleodm.gateway.multipart import FileSink, MultipartError
 
 IMAGES_FIELD = "images"
@@ -118,7 +118,10 @@ class NameRegistry:
 
     async def claim(self, name: str) -> str:
         if self.uploads is not None and self.upload_id is not None:
-            return await self.uploads.claim_name(self.upload_id, name, next_name)
+            try:
+                return await self.uploads.claim_name(self.upload_id, name, next_name)
+            except NamesExhaustedError as exc:
+                raise MultipartError(f"Too many files named like {shown(name, 60)}") from exc
         while name in self.taken:
             name = next_name(name)
         self.taken.add(name)

@@ -28,6 +28,10 @@ class UploadNotFoundError(Exception):
     """No open (uncommitted) upload with this uuid."""
 
 
+class NamesExhaustedError(Exception):
+    """Every renaming of a file name is taken already (``_MAX_RENAMES``)."""
+
+
 class UploadStore:
     def __init__(self, db: AsyncDatabase[Doc]) -> None:
         self.sessions = db["upload_sessions"]
@@ -89,7 +93,7 @@ class UploadStore:
                 return candidate
             except DuplicateKeyError:
                 candidate = next_name(candidate)
-        raise RuntimeError(f"too many files named like {name}")
+        raise NamesExhaustedError(name)
 
     async def mark_stored(self, upload_id: str, name: str, size: int) -> None:
         await self.files.update_one(
