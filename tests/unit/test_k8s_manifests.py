@@ -787,12 +787,8 @@ def test_one_image_for_services_and_workflow_steps(overlay: str) -> None:
     assert split_image(image)[1] == ("dev" if overlay == "dev" else "latest")
 
 
-@overlays
-def test_s3_secret(overlay: str) -> None:
-    objects = rendered(overlay)
-    scheduler = build_settings(objects, the_container(objects, "scaleodm-scheduler"))
-    assert isinstance(scheduler, SchedulerSettings)
-    name = scheduler.argo.s3_secret
+def secret_keys_used(objects: list[dict[str, Any]], name: str) -> set[str]:
+    """The keys of Secret ``name`` that containers read (none of them optional)."""
     refs = set()
     for container in containers(objects):
         for var in container.spec.get("env") or []:
@@ -800,6 +796,16 @@ def test_s3_secret(overlay: str) -> None:
             if ref and ref["name"] == name:
                 refs.add(ref["key"])
                 assert not ref.get("optional"), container.name
+    return refs
+
+
+@overlays
+def test_s3_secret(overlay: str) -> None:
+    objects = rendered(overlay)
+    scheduler = build_settings(objects, the_container(objects, "scaleodm-scheduler"))
+    assert isinstance(scheduler, SchedulerSettings)
+    name = scheduler.argo.s3_secret
+    refs = secret_keys_used(objects, name)
     assert refs == S3_SECRET_KEYS
     for program in ("scaleodm-gateway", "scaleodm-scheduler", "scaleodm-notifier"):
         env = environment(objects, the_container(objects, program))
@@ -824,13 +830,7 @@ def test_s3_secret(overlay: str) -> None:
 def test_bus_and_database_secrets(overlay: str, name: str) -> None:
     objects = rendered(overlay)
     keys, template_path = CREDENTIAL_SECRETS[name]
-    refs = set()
-    for container in containers(objects):
-        for var in container.spec.get("env") or []:
-            ref = (var.get("valueFrom") or {}).get("secretKeyRef")
-            if ref and ref["name"] == name:
-                refs.add(ref["key"])
-                assert not ref.get("optional"), container.name
+    refs = secret_keys_used(objects, name)
     assert refs == keys
     secret = find(objects, "Secret", name)
     if overlay == "base":
