@@ -40,6 +40,7 @@ import shutil
 import struct
 import zipfile
 import zlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Final, NamedTuple
@@ -438,14 +439,7 @@ async def _download_http(
                     if int(declared) > limits.download_bytes:
                         raise limits.too_large_download()
                     budget.check(int(declared))
-                size = 0
-                with path.open("wb") as fh:
-                    async for chunk in resp.aiter_raw(CHUNK_BYTES):
-                        size += len(chunk)
-                        if size > limits.download_bytes:
-                            raise limits.too_large_download()
-                        budget.charge(len(chunk))
-                        fh.write(chunk)
+                await _write_capped(resp.aiter_raw(CHUNK_BYTES), path, budget, limits)
     except httpx.HTTPError as exc:
         log.warning("zipurl download failed", host=_host(url), error=repr(exc))
         raise InputError(f"Could not download zipurl: {_http_reason(exc)}") from exc
@@ -592,24 +586,34 @@ async def _download_s3(
     s3: S3, obj: S3Url, source: S3Url, path: Path, budget: DiskBudget, limits: Limits | None
 ) -> None:
     """One object to ``path``, charged to ``budget``; ``limits`` bound it as an archive."""
+    try:
+        await _write_capped(s3.iter_object(obj), path, budget, limits)
+    except InputError:
+        raise
+    except Exception as exc:
+        log.warning("s3 input not read", source=str(source), key=obj.key, error=repr(exc))
+        raise _unreadable(source) from exc
+
+
+async def _write_capped(
+    chunks: AsyncIterator[bytes], path: Path, budget: DiskBudget, limits: Limits | None
+) -> None:
+    """A download to ``path``, every byte charged to ``budget`` before it is written;
+    ``limits`` bound it as an archive download. On any failure the partial file is removed and
+    its bytes given back."""
     size = 0
     try:
         with path.open("wb") as fh:
-            async for chunk in s3.iter_object(obj):
+            async for chunk in chunks:
                 if limits is not None and size + len(chunk) > limits.download_bytes:
                     raise limits.too_large_download()
                 budget.charge(len(chunk))
                 size += len(chunk)
                 fh.write(chunk)
-    except InputError:
+    except BaseException:
         path.unlink(missing_ok=True)
         budget.release(size)
         raise
-    except Exception as exc:
-        path.unlink(missing_ok=True)
-        budget.release(size)
-        log.warning("s3 input not read", source=str(source), key=obj.key, error=repr(exc))
-        raise _unreadable(source) from exc
 
 
 def control_file_args(images: Path, project: Path) -> list[str]:

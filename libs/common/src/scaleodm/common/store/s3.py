@@ -352,15 +352,6 @@ class S3:
         finally:
             body.close()
 
-    async def download_file(self, url: S3Url, path: Path) -> int:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        total = 0
-        with path.open("wb") as fh:
-            async for chunk in self.iter_object(url):
-                fh.write(chunk)
-                total += len(chunk)
-        return total
-
     async def size(self, url: S3Url) -> int | None:
         try:
             head = await self.client.head_object(Bucket=url.bucket, Key=url.key)
@@ -554,19 +545,20 @@ class S3Writer:
             await self.abort()
 
 
+TASKS_ROOT = "tasks/"  # all tasks' inputs and outputs live under this prefix of the service bucket
+
+
 def task_prefix(bucket: str, task_id: str) -> S3Url:
-    return S3Url(bucket, f"tasks/{task_id}/")
+    return S3Url(bucket, f"{TASKS_ROOT}{task_id}/")
 
 
 def task_inputs(bucket: str, task_id: str) -> S3Url:
-    return S3Url(bucket, f"tasks/{task_id}/inputs/")
+    return S3Url(bucket, f"{TASKS_ROOT}{task_id}/inputs/")
 
 
 def task_outputs(bucket: str, task_id: str) -> S3Url:
-    return S3Url(bucket, f"tasks/{task_id}/outputs/")
+    return S3Url(bucket, f"{TASKS_ROOT}{task_id}/outputs/")
 
-
-TASKS_ROOT = "tasks/"  # all tasks' inputs and outputs live under this prefix of the service bucket
 _BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _IPV4_LIKE = re.compile(r"[0-9]+\.[0-9]+\.[0-9]+\.[0-9]+")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")

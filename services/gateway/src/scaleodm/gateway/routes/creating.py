@@ -111,9 +111,7 @@ async def create_task(request: Request, res: ResourcesDep) -> dict[str, str]:
         """Delete what this request stored (only that: the prefix may hold nothing else, but
         a failure must never touch more than its own files), then free the id."""
         files = stored or (multipart.completed_files(exc) if exc is not None else [])
-        for file in files:
-            with contextlib.suppress(Exception):
-                await res.s3.delete(s3mod.S3Url(inputs.bucket, inputs.key + file.result))
+        await _delete_stored(res, inputs, files)
         with contextlib.suppress(Exception):
             await res.uploads.delete(task_id)
 
@@ -187,10 +185,7 @@ async def upload_files(uuid: str, request: Request, res: ResourcesDep) -> dict[s
     registry = uploads.NameRegistry(upload_id=task_id, uploads=res.uploads)
 
     async def drop_completed(exc: BaseException) -> None:
-        for stored in multipart.completed_files(exc):
-            with contextlib.suppress(Exception):
-                await res.s3.delete(s3mod.S3Url(inputs.bucket, inputs.key + stored.result))
-                await res.uploads.release_name(task_id, stored.result)
+        await _delete_stored(res, inputs, multipart.completed_files(exc), upload_id=task_id)
 
     with bind_task(task_id):
         form = await _parse(request, res,
@@ -249,6 +244,17 @@ async def commit_task(uuid: str, res: ResourcesDep) -> dict[str, str]:
             raise
         await res.uploads.delete(task_id)
     return {"uuid": task_id}
+
+
+async def _delete_stored(res: Resources, inputs: s3mod.S3Url, files: list[multipart.StoredFile],
+                         *, upload_id: str | None = None) -> None:
+    """Delete the files a request stored under ``inputs`` (and free their names in the chunked
+    upload ``upload_id``); best effort: the request is failing already."""
+    for file in files:
+        with contextlib.suppress(Exception):
+            await res.s3.delete(s3mod.S3Url(inputs.bucket, inputs.key + file.result))
+            if upload_id is not None:
+                await res.uploads.release_name(upload_id, file.result)
 
 
 async def _discard(res: Resources, upload_id: str, inputs: s3mod.S3Url) -> None:

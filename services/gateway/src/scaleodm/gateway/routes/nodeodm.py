@@ -82,10 +82,15 @@ async def list_tasks(res: ResourcesDep) -> list[dict[str, str]]:
     return [{"uuid": t} for t in await res.store.list_task_ids()]
 
 
+async def _find_task(res: ResourcesDep, uuid: str) -> dict[str, Any] | None:
+    """The task a client-given ``uuid`` names (any spelling of its id), or None."""
+    task_id = canonical_task_id(uuid)
+    return await res.store.get_task(task_id) if task_id is not None else None
+
+
 async def _task_or_error(res: ResourcesDep, uuid: str) -> dict[str, Any]:
     """The task a ``{uuid}`` path parameter names, else NodeODM's ``<uuid> not found``."""
-    task_id = canonical_task_id(uuid)
-    doc = await res.store.get_task(task_id) if task_id is not None else None
+    doc = await _find_task(res, uuid)
     if doc is None:
         raise not_found(uuid)
     return doc
@@ -179,11 +184,10 @@ def _uuid_param(body: dict[str, Any]) -> str:
 
 async def _lookup_for_action(res: ResourcesDep, uuid: str) -> tuple[str, dict[str, Any]]:
     """The canonical id and task an action body's ``uuid`` names, else ``<uuid> not found``."""
-    task_id = canonical_task_id(uuid)
-    doc = await res.store.get_task(task_id) if task_id is not None else None
-    if task_id is None or doc is None:
+    doc = await _find_task(res, uuid)
+    if doc is None:
         raise NodeOdmError(f"{shown(uuid)} not found", action=True)
-    return task_id, doc
+    return str(doc["_id"]), doc
 
 
 async def _task_for_action(request: Request, res: ResourcesDep) -> tuple[str, dict[str, Any]]:
