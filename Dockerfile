@@ -36,6 +36,7 @@ WORKDIR /app
 # Third-party dependencies first: this layer only changes with the lock or a pyproject.
 COPY pyproject.toml uv.lock ./
 COPY libs/common/pyproject.toml libs/common/
+COPY libs/run/pyproject.toml libs/run/
 COPY services/gateway/pyproject.toml services/gateway/
 COPY services/scheduler/pyproject.toml services/scheduler/
 COPY services/watcher/pyproject.toml services/watcher/

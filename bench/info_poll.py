@@ -147,25 +147,35 @@ async def _seed_one(store: TaskStore, rng: random.Random, state: str, lines: int
         "sources": [str(s3mod.task_inputs(BUCKET, task))],
         "output_prefix": str(s3mod.task_outputs(BUCKET, task)),
     }
-    await store.create_task(doc, events.queued(task, 1))
+    await store.create_task(doc, events.new(events.TaskQueued, task, 1))
     written = 0
     if state in ("running", "completed", "failed") or (state == "canceled" and rng.random() < .5):
-        await store.apply_event(events.running(task, 1))
-        await store.apply_event(events.inputs_ready(task, 1, images))
+        await store.apply_event(events.new(events.TaskRunning, task, 1))
+        await store.apply_event(events.new(events.TaskInputsReady, task, 1, images_count=images))
         total = lines if state in ("completed", "failed") else rng.randint(10, lines)
         chunk = 200  # the watcher's output_batch_lines default
         for start in range(0, total, chunk):
             count = min(chunk, total - start)
-            await store.apply_event(events.output(task, 1, start, _console(task, start, count)))
+            await store.apply_event(events.new(
+                events.TaskOutput, task, 1, line_start=start, lines=_console(task, start, count)
+            ))
             await store.apply_event(
-                events.progressed(task, 1, round(100 * (start + count) / (lines + 1), 1), start))
+                events.new(
+                    events.TaskProgressed,
+                    task,
+                    1,
+                    key=start,
+                    progress=round(100 * (start + count) / (lines + 1), 1),
+                ))
         written = total
     if state == "completed":
-        await store.apply_event(events.completed(task, 1))
+        await store.apply_event(events.new(events.TaskCompleted, task, 1))
     elif state == "failed":
-        await store.apply_event(events.failed(task, 1, "Cannot process dataset"))
+        await store.apply_event(events.new(
+            events.TaskFailed, task, 1, error_message="Cannot process dataset"
+        ))
     elif state == "canceled":
-        await store.apply_event(events.canceled(task, 1))
+        await store.apply_event(events.new(events.TaskCanceled, task, 1))
     return task, Stored(int(CODES[state]), written)
 
 

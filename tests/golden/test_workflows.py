@@ -19,7 +19,7 @@ template syntax); every ``$`` of a container's command, args and env values is e
 ``tests/security/test_workflow_injection.py``); the ``--spec`` argument decodes to the preset's
 ``RunSpec``; no container adds a capability; labels on the Workflow and its pods; determinism.
 Builder errors: an option value holding ``{{``, credentials in ``step_env``, a task id that is
-not a uuid, zero shards.
+not a uuid, zero shards (``argoruns.shard_of``, shared with the watcher).
 
 Left out: what Argo does with the manifest (cluster tests), the sizing arithmetic
 (``tests/unit/test_sizing.py``) and the steps' behaviour (``tests/unit/test_stages.py``).
@@ -37,6 +37,7 @@ import pytest
 import yaml
 from hera.workflows import models as m
 
+from scaleodm.common import argoruns
 from scaleodm.common.contracts.commands import CreateTask, RestartTask, RunSpec
 from scaleodm.common.contracts.ids import run_name
 from scaleodm.common.domain.options import add_post_processing_options, to_engine_args
@@ -164,7 +165,7 @@ IDS = list(PRESETS)
 def build(preset: str) -> dict[str, Any]:
     spec, settings = PRESETS[preset]
     return workflows.build_workflow(
-        spec, settings, shard=workflows.shard_of(spec.task_id, settings.shards), step_env=STEP_ENV
+        spec, settings, shard=argoruns.shard_of(spec.task_id, settings.shards), step_env=STEP_ENV
     )
 
 
@@ -292,7 +293,7 @@ def test_name_and_labels(preset: str) -> None:
         "app.kubernetes.io/managed-by": "scaleodm",
         "scaleodm.io/task": TASK_ID,
         "scaleodm.io/attempt": str(spec.attempt),
-        "scaleodm.io/shard": str(workflows.shard_of(TASK_ID, settings.shards)),
+        "scaleodm.io/shard": str(argoruns.shard_of(TASK_ID, settings.shards)),
     }
     assert manifest["spec"]["podMetadata"]["labels"] == meta["labels"]
 
@@ -371,7 +372,7 @@ def test_task_id_must_be_a_uuid() -> None:
     ],
 )
 def test_shard_of(task_id: str, shards: int, expected: int | None) -> None:
-    shard = workflows.shard_of(task_id, shards)
+    shard = argoruns.shard_of(task_id, shards)
     assert shard == zlib.crc32(TASK_ID.encode()) % shards
     assert 0 <= shard < shards
     if expected is not None:
@@ -380,4 +381,4 @@ def test_shard_of(task_id: str, shards: int, expected: int | None) -> None:
 
 def test_shard_of_refuses_zero_shards() -> None:
     with pytest.raises(ValueError, match="shards"):
-        workflows.shard_of(TASK_ID, 0)
+        argoruns.shard_of(TASK_ID, 0)

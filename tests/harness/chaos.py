@@ -18,6 +18,18 @@ Shared by ``scripts/chaos.py`` (``uv run task chaos``, minutes) and
 - a killer, seeded, picks a service every few seconds, SIGKILLs its process group (each service
   is its own session, so the detached local runs of the scheduler are never hit), waits a little
   and restarts it on the same port (waiting for ``/readyz``);
+- with ``replicas`` > 1 every service runs that many processes (``scheduler``, ``scheduler-2``,
+  ...; the client spreads its requests over the gateways and moves on from one that does not
+  answer, as a load balancer would) and the killer hits one process at a time (a failpoint
+  crash may still take the other replica meanwhile);
+- with ``nats_nodes`` > 1 the bus is a NATS cluster (``servers.nats_cluster``, streams
+  replicated ``min(3, nodes)``, created first as the bootstrap Job does, services given every
+  node's URL) and every ``nats_kill_every``-th kill, starting with the first, SIGKILLs a NATS
+  node instead, every other one of them the leader of ``TASKS`` or ``EVENTS`` (so even a short
+  run loses a leader); the node restarts on its ports and store and the killer waits until it
+  has caught up (``/healthz``) before the next kill, so at most one node is ever down (R3
+  keeps a majority). A probe publishing to a stream of its own (R3 as well) times how long
+  publishing stalls around each NATS kill;
 - failpoints (``CRASH_POINTS``, ``crash:p``) make services exit at once, now and then, exactly
   between two writes (task recorded / command published, upload closed / task created, run
   started / command acked), which random kills almost never hit; a reviver restarts them;
@@ -36,11 +48,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import itertools
 import json
 import os
 import random
 import signal
+import subprocess
 import time
+import urllib.request
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable
@@ -50,17 +65,19 @@ from typing import Any
 import httpx
 import nats
 import standardwebhooks
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
 from pymongo import MongoClient
 
 from tests.harness import data
 from tests.harness.httpfixture import HttpFixture, Received
-from tests.harness.stack import SERVICES, Stack
+from tests.harness.servers import BIN, NatsCluster
+from tests.harness.stack import SERVICES, Stack, service_of
 
 TERMINAL = (30, 40, 50)
 SECRET = "whsec_" + "Y2hhb3MtdGVzdC1zZWNyZXQtMDEyMzQ1Njc4OWFi"  # fixed: verify signatures
 FAIL_IMAGE = "odm-test-engine-fail-1.jpg"
 INTENDED = {"ok": 40, "fail": 30, "cancel": 50}
+PROBE_STREAM = "CHAOS_PROBE"  # subject ``chaos_probe``: publish stalls around NATS kills
 RETRYABLE = (httpx.TransportError,)  # connect refused, reset, cut off mid-answer, timeouts
 # Crashes (exit 97) right inside the windows between two writes that a random kill rarely hits.
 CRASH_POINTS = ",".join((
@@ -87,7 +104,14 @@ class ChaosConfig:
     cancel_share: float = 0.2
     hook_fail_share: float = 0.15
     crash_points: str = CRASH_POINTS  # SCALEODM_FAILPOINTS of every service; "" = none
+    replicas: int = 1  # processes per service
+    nats_nodes: int = 1  # > 1: run_chaos gets the NatsCluster (streams R min(3, nodes))
+    nats_kill_every: int = 3  # with a cluster: kills 1, 1 + n, 1 + 2n, ... hit a NATS node
     log: Callable[[str], None] = print
+
+    @property
+    def stream_replicas(self) -> int:
+        return min(3, self.nats_nodes)
 
 
 @dataclass
@@ -98,6 +122,7 @@ class TaskRecord:
     hook: str
     cancel_delay_s: float = 0.0  # after it is seen running (``cancel`` tasks)
     submitted_at: float = 0.0
+    finished_at: float = 0.0  # first seen terminal (monotonic)
     accepted: bool = False
     retries: int = 0  # requests repeated after a cut-off
     accepted_as_existing: bool = False  # "Invalid set-uuid"/"not found" after a cut-off + /info
@@ -117,11 +142,29 @@ class Kill:
 
 
 @dataclass
+class NatsKill:
+    at: float
+    node: str
+    pid: int
+    led: list[str]  # streams and durables this node led when it was killed
+    down_s: float
+    restart_s: float = 0.0  # restart until caught up (/healthz 200)
+    probe_stall_s: float = 0.0  # longest time without an acknowledged probe publish
+
+    @property
+    def led_ours(self) -> bool:
+        return any(not name.startswith(PROBE_STREAM) for name in self.led)
+
+
+@dataclass
 class ChaosReport:
     seed: int
     tasks: list[TaskRecord] = field(default_factory=list)
     kills: list[Kill] = field(default_factory=list)
     crashes: list[Kill] = field(default_factory=list)  # at failpoints (``crash:p``)
+    nats_kills: list[NatsKill] = field(default_factory=list)
+    replicas: int = 1
+    nats_nodes: int = 1
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     submit_s: float = 0.0
@@ -144,8 +187,9 @@ class ChaosReport:
 
     def summary(self) -> str:
         by_status = Counter(t.final for t in self.tasks if t.accepted)
-        kills = Counter(k.service for k in self.kills)
-        crashes = Counter(k.service for k in self.crashes)
+        kills = Counter(service_of(k.service) for k in self.kills)
+        crashes = Counter(service_of(k.service) for k in self.crashes)
+        took = sorted(t.finished_at - t.submitted_at for t in self.tasks if t.finished_at)
         chunked = sum(t.chunked for t in self.tasks)
         retried = sum(t.retries > 0 for t in self.tasks)
         existing = sum(t.accepted_as_existing for t in self.tasks)
@@ -161,8 +205,20 @@ class ChaosReport:
              + f"  not terminal: {sum(t.accepted and t.final not in TERMINAL for t in self.tasks)}"
              + f"  not accepted: {sum(not t.accepted for t in self.tasks)}"),
             ("not as intended", f"{len(mismatched)} (informational: e.g. a cancel after the end)"),
+            ("task duration", f"p50 {took[len(took) // 2]:.1f} s, max {took[-1]:.1f} s "
+                              "(submitted -> seen terminal)" if took else "-"),
+            ("topology", f"{self.replicas} process(es) per service; NATS "
+                         + (f"cluster of {self.nats_nodes}" if self.nats_nodes > 1
+                            else "single server")),
             ("kills", "  ".join(f"{s} {kills.get(s, 0)}" for s in SERVICES)
              + f"  (total {len(self.kills)})"),
+            *([("NATS node kills", f"{len(self.nats_kills)}, "
+                f"{sum(k.led_ours for k in self.nats_kills)} of a TASKS/EVENTS (or durable) "
+                "leader; " + (
+                    f"publish stall max {max(k.probe_stall_s for k in self.nats_kills):.1f} s, "
+                    f"back and caught up in max "
+                    f"{max(k.restart_s for k in self.nats_kills):.1f} s"
+                    if self.nats_kills else "-"))] if self.nats_nodes > 1 else []),
             ("failpoint crashes", "  ".join(f"{s} {crashes.get(s, 0)}" for s in SERVICES)
              + f"  (total {len(self.crashes)})"),
             ("webhooks", f"{self.webhook_tasks} tasks notified, {self.webhook_posts} POSTs "
@@ -177,6 +233,9 @@ class ChaosReport:
         ]
         width = max(len(k) for k, _ in rows)
         lines = ["chaos summary", *(f"  {k.ljust(width)}  {v}" for k, v in rows)]
+        lines += [f"  NATS kill at {k.at:.1f}s: {k.node} (led {', '.join(k.led) or 'nothing'}),"
+                  f" down {k.down_s:.1f}s, caught up {k.restart_s:.1f}s after restart, probe "
+                  f"stall {k.probe_stall_s:.1f}s" for k in self.nats_kills]
         lines += [f"  problem: {p}" for p in self.problems]
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
@@ -196,6 +255,7 @@ def stack_env(config: ChaosConfig) -> dict[str, str]:
         "SCALEODM_OUTBOX_INTERVAL_S": "1",
         "SCALEODM_OUTBOX_MIN_AGE_S": "1",
         "SCALEODM_FAILPOINTS": config.crash_points,
+        "SCALEODM_NATS__STREAM_REPLICAS": str(config.stream_replicas),
     }
 
 
@@ -213,14 +273,21 @@ def signed(post: Received) -> bool:
 
 
 class Chaos:
-    def __init__(self, stack: Stack, http: HttpFixture, config: ChaosConfig) -> None:
+    def __init__(self, stack: Stack, http: HttpFixture, config: ChaosConfig,
+                 cluster: NatsCluster | None = None) -> None:
+        if (cluster is None) != (config.nats_nodes == 1):
+            raise ValueError("a NatsCluster is needed exactly when nats_nodes > 1")
         self.stack = stack
         self.http = http
         self.config = config
+        self.cluster = cluster
+        self.gateway_turn = 0
+        self.probe_acks: list[float] = []  # when probe publishes were acknowledged (run clock)
         # Two streams, so the task plan and the kill plan each follow from the seed alone.
         self.plan_rng = random.Random(config.seed)
         self.kill_rng = random.Random(config.seed + 1)
-        self.report = ChaosReport(seed=config.seed)
+        self.report = ChaosReport(seed=config.seed, replicas=config.replicas,
+                                  nats_nodes=config.nats_nodes)
         self.prefix = f"/chaos-{uuid.uuid4().hex[:8]}"
         self.t0 = time.monotonic()
         self.submitting = True
@@ -234,7 +301,14 @@ class Chaos:
         self.config.log(f"[{time.monotonic() - self.t0:7.2f}s] {message}")
 
     def url(self, path: str) -> str:
-        return self.stack.gateway_url + path
+        """The next gateway in turn (one, or ``replicas``); a retry goes to the next one."""
+        gateways = self.stack.instances("gateway")
+        self.gateway_turn += 1
+        port = self.stack.ports[gateways[self.gateway_turn % len(gateways)]]
+        return f"http://127.0.0.1:{port}{path}"
+
+    def nats_servers(self) -> list[str]:
+        return self.cluster.servers() if self.cluster else [self.stack.nats_url]
 
     async def request(self, client: httpx.AsyncClient, method: str, path: str,
                       task: TaskRecord | None = None, patience_s: float = 120.0,
@@ -335,6 +409,7 @@ class Chaos:
             code = resp.json().get("status", {}).get("code")
             if code in TERMINAL:
                 task.final = code
+                task.finished_at = time.monotonic()
                 return
             now = time.monotonic()
             if task.kind == "cancel" and not task.cancel_sent:
@@ -404,7 +479,7 @@ class Chaos:
                 self.report.notes.append(f"restart of {service} failed: {exc}")
                 if failures == 3:
                     raise RuntimeError(f"{service} does not restart") from exc
-                if service != "gateway":
+                if service_of(service) != "gateway":
                     port = 0  # a fresh (health) port
 
     async def killer(self) -> None:
@@ -414,7 +489,12 @@ class Chaos:
                 await asyncio.wait_for(self.stop_killing.wait(), self.kill_rng.uniform(lo, hi))
             if self.stop_killing.is_set():
                 return
-            service = self.kill_rng.choice(self.config.services)
+            turn = len(self.report.kills) + len(self.report.nats_kills)
+            if self.cluster and turn % self.config.nats_kill_every == 0:
+                await self.kill_nats_node(self.cluster)
+                continue
+            victims = [n for s in self.config.services for n in self.stack.instances(s)]
+            service = self.kill_rng.choice(victims)
             down = self.kill_rng.uniform(*self.config.down_s)
             async with self.stack_lock:
                 at = time.monotonic() - self.t0
@@ -422,6 +502,63 @@ class Chaos:
                 self.log(f"kill -9 {service} (pid {pid}); down {down:.1f}s")
                 await asyncio.sleep(down)
                 await self.bring_back(Kill(at, service, pid, down, 0.0), self.report.kills)
+
+    async def kill_nats_node(self, cluster: NatsCluster) -> None:
+        """SIGKILL one node (every other time the leader of TASKS or EVENTS), restart it after
+        ``down_s`` on its ports and store, and return once it has caught up: never two down."""
+        rng = self.kill_rng
+        stream: str | None = rng.choice(("TASKS", "EVENTS"))
+        if len(self.report.nats_kills) % 2:
+            stream = None  # any node
+        down = rng.uniform(*self.config.down_s)
+        pick = rng.randrange(len(cluster.nodes))
+        async with self.stack_lock:
+            leaders = await asyncio.to_thread(nats_leaders, cluster)
+            by_name = {n.name: n for n in cluster.nodes}
+            node = by_name.get(leaders.get(stream or "", ""), cluster.nodes[pick])
+            led = sorted(k for k, v in leaders.items() if v == node.name)
+            kill = NatsKill(time.monotonic() - self.t0, node.name, 0, led, down)
+            kill.pid = await asyncio.to_thread(node.kill)
+            self.log(f"kill -9 NATS {node.name} (pid {kill.pid}, led {', '.join(led) or '-'});"
+                     f" down {down:.1f}s")
+            await asyncio.sleep(down)
+            started = time.monotonic()
+            node.start()
+            await asyncio.to_thread(node.wait_current, 90.0)
+            await asyncio.to_thread(cluster.wait_ready, 90.0)
+            kill.restart_s = time.monotonic() - started
+            self.report.nats_kills.append(kill)
+            self.log(f"NATS {node.name} back and caught up in {kill.restart_s:.1f}s")
+
+    async def probe(self) -> None:
+        """Publish to a probe stream (replicated like ours) every 0.1 s; note each ack."""
+        async def quiet(exc: Exception) -> None:  # a killed node is the point; no tracebacks
+            del exc
+
+        nc = await nats.connect(self.nats_servers(), max_reconnect_attempts=-1,
+                                reconnect_time_wait=0.1, connect_timeout=5, error_cb=quiet)
+        try:
+            js = nc.jetstream()
+            await js.add_stream(StreamConfig(
+                name=PROBE_STREAM, subjects=[PROBE_STREAM.lower()], max_msgs=1000,
+                storage=StorageType.FILE, num_replicas=self.config.stream_replicas))
+            while True:
+                with contextlib.suppress(nats.errors.Error, TimeoutError):
+                    await js.publish(PROBE_STREAM.lower(), b"", timeout=2.0)
+                    self.probe_acks.append(time.monotonic() - self.t0)
+                await asyncio.sleep(0.1)
+        finally:
+            await nc.close()
+
+    def probe_stalls(self) -> None:
+        """Per NATS kill: the longest time without a probe ack, from the kill to recovery."""
+        acks = self.probe_acks
+        for kill in self.report.nats_kills:
+            end = kill.at + kill.down_s + kill.restart_s
+            window = [kill.at, *(a for a in acks if kill.at < a <= end + 5.0)]
+            after = next((a for a in acks if a > end + 5.0), end + 5.0)
+            window.append(after)
+            kill.probe_stall_s = max(b - a for a, b in itertools.pairwise(window))
 
     async def reviver(self) -> None:
         """Restarts a service that crashed at one of its failpoints (exit code 97)."""
@@ -460,8 +597,12 @@ class Chaos:
         self.log(f"seed {cfg.seed}: {cfg.tasks} tasks over {cfg.duration_s:g}s, "
                  f"{cfg.workers} in flight, kills every {cfg.kill_every_s[0]:g}-"
                  f"{cfg.kill_every_s[1]:g}s among {', '.join(cfg.services)}")
+        self.stack.replicas = cfg.replicas
+        if self.cluster:
+            await asyncio.to_thread(self.bootstrap)
         await asyncio.to_thread(self.stack.start_all, *SERVICES)
         self.t0 = time.monotonic()
+        probe = asyncio.create_task(self.probe()) if self.cluster else None
         schedule: asyncio.Queue[float] = asyncio.Queue()
         for i in range(cfg.tasks):
             schedule.put_nowait(i * cfg.duration_s / cfg.tasks)
@@ -482,10 +623,22 @@ class Chaos:
             self.report.settle_s = time.monotonic() - self.t0 - self.report.submit_s
             await self.check()
         finally:
-            reviver.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reviver
+            # A restart in flight runs in a thread that cancelling does not stop: let it finish,
+            # or it would start a service after the caller's stack.stop().
+            async with self.stack_lock:
+                for helper in (reviver, probe):
+                    if helper is not None:
+                        helper.cancel()
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await helper
+        self.probe_stalls()
         return self.report
+
+    def bootstrap(self) -> None:
+        """Streams and durables first, as the bootstrap Job does on Kubernetes: services starting
+        together would race to create the R3 streams, and the losers wait out a timeout."""
+        subprocess.run([str(BIN / "scaleodm-bootstrap")], env=self.stack.env("scheduler"),
+                       check=True, capture_output=True, timeout=120)
 
     async def settle(self) -> None:
         """Until every task is terminal and notified, the outbox empty, or the deadline."""
@@ -537,7 +690,7 @@ class Chaos:
 
     async def stream_event_ids(self) -> Counter[str]:
         """Every event id in JetStream's EVENTS stream (an ephemeral consumer reads it all)."""
-        nc = await nats.connect(self.stack.nats_url)
+        nc = await nats.connect(self.nats_servers())
         try:
             js = nc.jetstream()
             total = (await js.stream_info("EVENTS")).state.messages
@@ -668,7 +821,32 @@ class Chaos:
                             f"{sorted(missing)[:3]}")
 
 
-async def run_chaos(stack: Stack, http: HttpFixture, config: ChaosConfig) -> ChaosReport:
-    """Start ``stack`` (not started yet), run the chaos, check; the caller stops the stack."""
-    return await Chaos(stack, http, config).run()
+def nats_leaders(cluster: NatsCluster) -> dict[str, str]:
+    """Leader node of each stream and durable (``TASKS``, ``TASKS/scheduler``, ...), from the
+    monitoring endpoint of a running node (``/jsz``)."""
+    for node in cluster.nodes:
+        if node.proc is None:
+            continue
+        url = f"{node.monitor_url}/jsz?acc=%24G&streams=true&consumers=true"
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:  # noqa: S310 - loopback
+                jsz = json.load(resp)
+        except OSError:
+            continue
+        leaders: dict[str, str] = {}
+        for account in jsz.get("account_details", []):
+            for stream in account.get("stream_detail", []):
+                leaders[stream["name"]] = stream.get("cluster", {}).get("leader", "")
+                for consumer in stream.get("consumer_detail", []):
+                    leader = consumer.get("cluster", {}).get("leader", "")
+                    leaders[f"{stream['name']}/{consumer['name']}"] = leader
+        return leaders
+    return {}
+
+
+async def run_chaos(stack: Stack, http: HttpFixture, config: ChaosConfig,
+                    cluster: NatsCluster | None = None) -> ChaosReport:
+    """Start ``stack`` (not started yet), run the chaos, check; the caller stops the stack.
+    ``cluster``: the NATS cluster ``stack`` uses, when ``config.nats_nodes`` > 1."""
+    return await Chaos(stack, http, config, cluster).run()
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import shutil
 import signal
@@ -92,6 +93,116 @@ def nats_server(tmp: Path, port: int | None = None) -> Iterator[Nats]:
         log.close()
 
 
+@dataclass
+class NatsNode:
+    """One server of :func:`nats_cluster`: killed and restarted on the same ports and store."""
+
+    name: str
+    port: int
+    monitor_port: int
+    cluster_port: int
+    store: Path
+    log_path: Path
+    peers: list[int]  # the other nodes' cluster ports (routes)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    @property
+    def monitor_url(self) -> str:
+        return f"http://127.0.0.1:{self.monitor_port}"
+
+    def start(self) -> None:
+        routes = ",".join(f"nats://127.0.0.1:{p}" for p in self.peers)
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [str(BIN / "nats-server"), "-js", "-n", self.name, "-a", "127.0.0.1",
+                 "-p", str(self.port), "-m", str(self.monitor_port), "-sd", str(self.store),
+                 "--cluster_name", "scaleodm-test",
+                 "--cluster", f"nats://127.0.0.1:{self.cluster_port}", "--routes", routes],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+
+    def kill(self) -> int:
+        """SIGKILL (no flush, no leadership hand-over); returns the pid."""
+        assert self.proc is not None
+        pid = self.proc.pid
+        self.proc.kill()
+        self.proc.wait()
+        self.proc = None
+        return pid
+
+    def wait_current(self, timeout_s: float = 60.0) -> None:
+        """Until ``/healthz`` answers 200: JetStream on, meta leader known, this node's stream
+        and consumer replicas caught up (what NATS's own readiness probe asks)."""
+        wait_http(f"{self.monitor_url}/healthz", timeout_s=timeout_s, proc=self.proc)
+
+
+@dataclass
+class NatsCluster:
+    nodes: list[NatsNode]
+
+    @property
+    def url(self) -> str:
+        """Every node's client URL, comma separated (``SCALEODM_NATS__URL``)."""
+        return ",".join(n.url for n in self.nodes)
+
+    def servers(self) -> list[str]:
+        return [n.url for n in self.nodes]
+
+    def meta_leader(self) -> str | None:
+        """The JetStream meta leader every running node agrees on (None: none, or no agreement)."""
+        import json
+
+        seen: set[str | None] = set()
+        for node in self.nodes:
+            if node.proc is None:
+                continue
+            try:
+                with urllib.request.urlopen(f"{node.monitor_url}/jsz", timeout=1) as resp:  # noqa: S310
+                    seen.add(json.load(resp).get("meta_cluster", {}).get("leader"))
+            except Exception:
+                return None
+        return seen.pop() if len(seen) == 1 else None
+
+    def wait_ready(self, timeout_s: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        for node in self.nodes:
+            if node.proc is not None:
+                node.wait_current(max(1.0, deadline - time.monotonic()))
+        while self.meta_leader() is None:
+            if time.monotonic() > deadline:
+                raise TimeoutError("NATS cluster: no JetStream meta leader")
+            time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def nats_cluster(tmp: Path, size: int = 3) -> Iterator[NatsCluster]:
+    """``size`` nats-servers routed to each other on loopback, JetStream on, one store dir each;
+    yielded once they agree on a JetStream meta leader. Streams R``size`` need all of them to
+    start; afterwards a majority serves (R3: one node may be down)."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    cports = [free_port() for _ in range(size)]
+    nodes = [
+        NatsNode(f"n{i + 1}", free_port(), free_port(), cports[i], tmp / f"n{i + 1}",
+                 tmp / f"n{i + 1}.log", [p for j, p in enumerate(cports) if j != i])
+        for i in range(size)
+    ]
+    try:
+        for node in nodes:
+            node.store.mkdir(exist_ok=True)
+            node.start()
+        cluster = NatsCluster(nodes)
+        cluster.wait_ready()
+        yield cluster
+    finally:
+        for node in nodes:
+            if node.proc is not None:
+                stop_process(node.proc)
+
+
 def _wait_mongo(url: str, proc: subprocess.Popen[bytes] | None, timeout_s: float = 30.0) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
@@ -114,6 +225,7 @@ def _wait_mongo(url: str, proc: subprocess.Popen[bytes] | None, timeout_s: float
 MONGO_KINDS = ("nx", "mongoeco")
 
 
+@functools.cache  # one probe per test session, however many modules ask
 def mongoeco_available() -> str | None:
     """None if the mongoeco server can run here, else the reason it cannot."""
     if shutil.which("uv") is None:

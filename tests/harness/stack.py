@@ -30,6 +30,9 @@ class Stack:
     console: bool = False  # services log to this terminal instead of files
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     ports: dict[str, int] = field(default_factory=dict)
+    # Processes per service in ``start_all``: "scheduler", then "scheduler-2", ... (instance
+    # names key ``procs``/``ports``/logs; every method taking a service takes an instance name).
+    replicas: int = 1
 
     @property
     def runs_dir(self) -> Path:
@@ -73,11 +76,19 @@ class Stack:
         self.wait_ready(service)
 
     def start_all(self, *services: str, extra: dict[str, dict[str, str]] | None = None) -> None:
-        """Start several services at once (their imports overlap), then wait for each."""
-        for service in services:
-            self.spawn(service, (extra or {}).get(service))
-        for service in services:
-            self.wait_ready(service)
+        """Start several services (each ``replicas`` times) at once (their imports overlap),
+        then wait for each."""
+        names = [name for service in services for name in self.instances(service)]
+        for name in names:
+            self.spawn(name, (extra or {}).get(service_of(name)))
+        for name in names:
+            self.wait_ready(name)
+
+    def instances(self, service: str) -> list[str]:
+        """``service`` and its further replicas (``service-2``, ...); an instance name stays."""
+        if service != service_of(service):
+            return [service]
+        return [service, *(f"{service}-{i}" for i in range(2, self.replicas + 1))]
 
     def wait_ready(self, service: str) -> None:
         wait_http(f"http://127.0.0.1:{self.ports[service]}/readyz", timeout_s=60,
@@ -87,11 +98,15 @@ class Stack:
               port: int | None = None) -> None:
         port = port or free_port()
         self.ports[service] = port
+        kind = service_of(service)
         env = self.env(service, extra)
-        env["SCALEODM_GATEWAY_PORT" if service == "gateway" else "SCALEODM_HEALTH_PORT"] = str(port)
+        env["SCALEODM_GATEWAY_PORT" if kind == "gateway" else "SCALEODM_HEALTH_PORT"] = str(port)
+        if kind == "watcher" and self.replicas > 1:  # as the StatefulSet ordinal does
+            env.setdefault("SCALEODM_REPLICA", str(self.instances(kind).index(service)))
+            env.setdefault("SCALEODM_REPLICAS", str(self.replicas))
         out = None if self.console else (self.tmp / f"{service}.log").open("ab")
         proc = subprocess.Popen(
-            [sys.executable, "-m", f"scaleodm.{service}.main"],
+            [sys.executable, "-m", f"scaleodm.{kind}.main"],
             env=env, stdout=out, stderr=subprocess.STDOUT,
             start_new_session=True,  # Ctrl-C reaches the launcher only, which stops in order
         )
@@ -116,6 +131,11 @@ class Stack:
             stop_process(proc, 25)
         self.procs.clear()
         kill_runners(self.runs_dir)
+
+
+def service_of(instance: str) -> str:
+    """``scheduler-2`` -> ``scheduler``."""
+    return instance.partition("-")[0]
 
 
 def kill_runners(runs_dir: Path) -> None:

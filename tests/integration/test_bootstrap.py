@@ -1,4 +1,4 @@
-"""``scaleodm-bootstrap`` creates both streams and the three durables on a real nats-server.
+"""``scaleodm-bootstrap`` creates both streams and the two durables on a real nats-server.
 
 Also checks it is idempotent (a second run succeeds and changes nothing). Leaves out KEDA itself.
 """
@@ -36,7 +36,7 @@ def test_bootstrap_creates_streams_and_durables(tmp_path: Path) -> None:
     consumers = {
         c["name"]: c["config"] for s in streams.values() for c in s.get("consumer_detail") or []
     }
-    assert set(consumers) == {"scheduler", "projection", "notifier"}
+    assert set(consumers) == {"scheduler", "notifier"}
     assert consumers["scheduler"]["ack_wait"] == 42 * 10**9
     assert sorted(consumers["notifier"]["filter_subjects"]) == [
         "events.task.*.canceled", "events.task.*.completed", "events.task.*.failed"

@@ -118,7 +118,7 @@ async def test_a_creation_cut_off_between_its_two_writes_is_completed_by_the_ret
     the retry dies too, after inserting the task and before queueing its run."""
     task_id = str(uuid.uuid4())
     async with _store(crash_stack) as store:
-        await store._record(events.queued(task_id, 1))
+        await store._record(events.new(events.TaskQueued, task_id, 1))
         await store.mark_published(f"{task_id}:1:queued")
     _restart_gateway(crash_stack, "gateway.run.before_publish=crash")
     await _cut_off(crash_stack, gw.post("/task/new", headers={"set-uuid": task_id},
@@ -166,9 +166,9 @@ async def test_an_event_recorded_but_not_applied_is_applied_before_it_is_publish
             "options": [], "images_count": 1, "webhook": http_fixture.url(hook),
             "skip_post_processing": False, "outputs": None, "sources": [],
             "output_prefix": f"s3://{crash_stack.bucket}/tasks/{task_id}/outputs/",
-        }, events.queued(task_id, 1))
+        }, events.new(events.TaskQueued, task_id, 1))
         await store.mark_published(f"{task_id}:1:queued")  # its run is not the point here
-        await store._record(events.canceled(task_id, 1))  # recorded, then the crash
+        await store._record(events.new(events.TaskCanceled, task_id, 1))  # recorded, then the crash
     final = await api.poll_until(gw, task_id, api.status_is(30, 40, 50), timeout_s=20)
     assert final["status"] == {"code": 50}
     [post] = await asyncio.to_thread(http_fixture.wait_posts, hook, 1, 20)

@@ -64,7 +64,7 @@ async def _run_dir(store: TaskStore, root: Path, console: bytes, held: list[int]
                    result: str | None) -> tuple[str, localruns.RunDir]:
     task_id = str(uuid.uuid4())
     await store.create_task({"_id": task_id, "name": "t", "date_created_ms": 1, "options": []},
-                            events.queued(task_id, 1))
+                            events.new(events.TaskQueued, task_id, 1))
     rd = localruns.RunDir(root / run_name(task_id, 1))
     rd.path.mkdir(parents=True)
     localruns.write_json_atomic(rd.file(localruns.RUN_FILE),

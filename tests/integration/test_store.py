@@ -8,7 +8,9 @@ Covered: task creation and duplicate uuids; idempotent ``apply_event`` (same seq
 gap-free ``seq`` allocation under concurrent writers; the lifecycle projection (monotonic
 progress, terminal states stick, ``canceled`` wins); restarts (attempt + 1 only from a terminal
 state, old-attempt events ignored afterwards); console output slices per attempt; removal and
-physical deletion (only of removed tasks); the outbox (``unpublished_events``/``mark_published``);
+physical deletion (only of removed tasks); the outbox (``unpublished_events``/``mark_published``,
+commands recorded in the same document as the event that causes them, never for an ignored
+event, given again to a retried creation; ``run_command``);
 ``count_active``; webhook delivery records; BSON types surviving updates (booleans set by ``$set``,
 subdocuments appended by ``$push``) — two known nx-27017 bugs, expected to fail there (strict
 xfail, so a fixed nx shows up); the event-log reads of the SSE routes (``read_events`` pages
@@ -31,9 +33,10 @@ from typing import Any
 import pytest
 from pymongo import AsyncMongoClient
 
-from scaleodm.common.contracts import events
+from scaleodm.common.contracts import commands, events
+from scaleodm.common.contracts.ids import TaskId
 from scaleodm.common.store.deliveries import DeliveryStore
-from scaleodm.common.store.tasks import Outcome, TaskExistsError, TaskStore
+from scaleodm.common.store.tasks import Outcome, TaskExistsError, TaskStore, run_command
 from tests.harness import servers
 
 pytestmark = pytest.mark.integration
@@ -106,7 +109,7 @@ def _tid() -> str:
 async def _create(store: TaskStore, task_id: str | None = None, **extra: Any) -> str:
     task_id = task_id or _tid()
     doc = {"_id": task_id, "name": "t", "date_created_ms": 1_000, "options": [], **extra}
-    res = await store.create_task(doc, events.queued(task_id, 1))
+    res = await store.create_task(doc, events.new(events.TaskQueued, task_id, 1))
     assert res.outcome is Outcome.APPLIED
     assert res.seq == 1
     return task_id
@@ -138,7 +141,9 @@ async def test_create_then_get_and_duplicate_create_fails(store: TaskStore) -> N
     assert doc["created_at"].tzinfo is not None
 
     with pytest.raises(TaskExistsError):
-        await store.create_task({"_id": task_id, "name": "second"}, events.queued(task_id, 1))
+        await store.create_task(
+            {"_id": task_id, "name": "second"}, events.new(events.TaskQueued, task_id, 1)
+        )
     assert (await _task(store, task_id))["name"] == "first"
     assert await store.tasks.count_documents({"_id": task_id}) == 1
     assert await _n_events(store, task_id) == 1
@@ -147,7 +152,7 @@ async def test_create_then_get_and_duplicate_create_fails(store: TaskStore) -> N
 
 async def test_apply_event_twice_is_a_duplicate_with_the_same_seq(store: TaskStore) -> None:
     task_id = await _create(store)
-    ev = events.running(task_id, 1)
+    ev = events.new(events.TaskRunning, task_id, 1)
     first = await store.apply_event(ev)
     second = await store.apply_event(ev)
     assert first.outcome is Outcome.APPLIED
@@ -160,7 +165,8 @@ async def test_apply_event_twice_is_a_duplicate_with_the_same_seq(store: TaskSto
     assert await _n_events(store, task_id) == 2
 
     # The same after the state moved on (the plan is None by then): still recognised.
-    assert (await store.apply_event(events.completed(task_id, 1))).outcome is Outcome.APPLIED
+    done = await store.apply_event(events.new(events.TaskCompleted, task_id, 1))
+    assert done.outcome is Outcome.APPLIED
     again = await store.apply_event(ev)
     assert (again.outcome, again.seq) == (Outcome.DUPLICATE, 2)
     assert await _n_events(store, task_id) == 3
@@ -168,7 +174,7 @@ async def test_apply_event_twice_is_a_duplicate_with_the_same_seq(store: TaskSto
 
 async def test_unknown_task_is_ignored(store: TaskStore) -> None:
     task_id = _tid()
-    res = await store.apply_event(events.running(task_id, 1))
+    res = await store.apply_event(events.new(events.TaskRunning, task_id, 1))
     assert res.outcome is Outcome.IGNORED
     assert res.recorded is False
     assert await _n_events(store, task_id) == 0
@@ -177,7 +183,9 @@ async def test_unknown_task_is_ignored(store: TaskStore) -> None:
 async def test_concurrent_writers_get_gap_free_unique_seqs(store: TaskStore) -> None:
     task_id = await _create(store)
     n = 30
-    evs = [events.output(task_id, 1, i, [f"line {i}"]) for i in range(n)]
+    evs = [events.new(
+        events.TaskOutput, task_id, 1, line_start=i, lines=[f"line {i}"]
+    ) for i in range(n)]
     results = await asyncio.gather(*(store.apply_event(ev) for ev in evs))
     assert all(r.outcome is Outcome.APPLIED for r in results), results
     assert sorted(r.seq for r in results if r.seq is not None) == list(range(2, n + 2))
@@ -192,17 +200,19 @@ async def test_concurrent_writers_get_gap_free_unique_seqs(store: TaskStore) -> 
 
 async def test_lifecycle_progress_rises_terminal_sticks_cancel_wins(store: TaskStore) -> None:
     task_id = await _create(store)
-    assert (await store.apply_event(events.running(task_id, 1))).changed
+    assert (await store.apply_event(events.new(events.TaskRunning, task_id, 1))).changed
     doc = await _task(store, task_id)
     assert doc["state"] == "running"
     assert isinstance(doc["started_at_ms"], int)
 
-    await store.apply_event(events.progressed(task_id, 1, 50, "a"))
-    lower = await store.apply_event(events.progressed(task_id, 1, 30, "b"))
+    await store.apply_event(events.new(events.TaskProgressed, task_id, 1, key="a", progress=50))
+    lower = await store.apply_event(events.new(
+        events.TaskProgressed, task_id, 1, key="b", progress=30
+    ))
     assert lower.outcome is Outcome.APPLIED  # recorded in the log, but cannot lower progress
     assert (await _task(store, task_id))["progress"] == 50
 
-    done = await store.apply_event(events.completed(task_id, 1))
+    done = await store.apply_event(events.new(events.TaskCompleted, task_id, 1))
     assert (done.outcome, done.changed) == (Outcome.APPLIED, True)
     doc = await _task(store, task_id)
     assert doc["state"] == "completed"
@@ -210,15 +220,21 @@ async def test_lifecycle_progress_rises_terminal_sticks_cancel_wins(store: TaskS
     assert isinstance(doc["finished_at_ms"], int)
     finished = doc["finished_at_ms"]
 
-    late_fail = await store.apply_event(events.failed(task_id, 1, "boom"))
+    late_fail = await store.apply_event(events.new(
+        events.TaskFailed, task_id, 1, error_message="boom"
+    ))
     assert late_fail.outcome is Outcome.IGNORED
-    late_progress = await store.apply_event(events.progressed(task_id, 1, 10, "c"))
+    late_progress = await store.apply_event(events.new(
+        events.TaskProgressed, task_id, 1, key="c", progress=10
+    ))
     assert late_progress.outcome is Outcome.IGNORED
     doc = await _task(store, task_id)
     assert (doc["state"], doc["error_message"], doc["progress"]) == ("completed", None, 100)
-    assert await store.event_seen(events.failed(task_id, 1, "boom").event_id) is False
+    assert await store.event_seen(events.new(
+        events.TaskFailed, task_id, 1, error_message="boom"
+    ).event_id) is False
 
-    cancel = await store.apply_event(events.canceled(task_id, 1))
+    cancel = await store.apply_event(events.new(events.TaskCanceled, task_id, 1))
     assert (cancel.outcome, cancel.changed) == (Outcome.APPLIED, True)
     doc = await _task(store, task_id)
     assert doc["state"] == "canceled"
@@ -229,9 +245,9 @@ async def test_lifecycle_progress_rises_terminal_sticks_cancel_wins(store: TaskS
 
 async def test_canceled_then_failed_stays_canceled(store: TaskStore) -> None:
     task_id = await _create(store)
-    await store.apply_event(events.running(task_id, 1))
-    assert (await store.apply_event(events.canceled(task_id, 1))).changed
-    res = await store.apply_event(events.failed(task_id, 1, "killed"))
+    await store.apply_event(events.new(events.TaskRunning, task_id, 1))
+    assert (await store.apply_event(events.new(events.TaskCanceled, task_id, 1))).changed
+    res = await store.apply_event(events.new(events.TaskFailed, task_id, 1, error_message="killed"))
     assert res.outcome is Outcome.IGNORED
     doc = await _task(store, task_id)
     assert doc["state"] == "canceled"
@@ -242,16 +258,16 @@ async def test_canceled_then_failed_stays_canceled(store: TaskStore) -> None:
 async def test_restart_opens_next_attempt_and_ignores_the_old_one(store: TaskStore) -> None:
     task_id = await _create(store)
     for ev in (
-        events.running(task_id, 1),
-        events.progressed(task_id, 1, 70, "a"),
-        events.output(task_id, 1, 0, ["x", "y"]),
-        events.completed(task_id, 1),
+        events.new(events.TaskRunning, task_id, 1),
+        events.new(events.TaskProgressed, task_id, 1, key="a", progress=70),
+        events.new(events.TaskOutput, task_id, 1, line_start=0, lines=["x", "y"]),
+        events.new(events.TaskCompleted, task_id, 1),
     ):
         await store.apply_event(ev)
 
     opts = [{"name": "dsm", "value": True}]
     res = await store.apply_event(
-        events.queued(task_id, 2, options=opts, date_created_ms=2_000)
+        events.new(events.TaskQueued, task_id, 2, options=opts, date_created_ms=2_000)
     )
     assert (res.outcome, res.changed) == (Outcome.APPLIED, True)
     doc = await _task(store, task_id)
@@ -265,44 +281,47 @@ async def test_restart_opens_next_attempt_and_ignores_the_old_one(store: TaskSto
     n_events = await _n_events(store, task_id)
 
     for stale in (
-        events.running(task_id, 1),  # a redelivery: recorded before, so a duplicate
-        events.progressed(task_id, 1, 90, "late"),
-        events.output(task_id, 1, 2, ["z"]),
-        events.failed(task_id, 1, "late"),
-        events.canceled(task_id, 1),
+        events.new(events.TaskRunning, task_id, 1),  # a redelivery: recorded before, so a duplicate
+        events.new(events.TaskProgressed, task_id, 1, key="late", progress=90),
+        events.new(events.TaskOutput, task_id, 1, line_start=2, lines=["z"]),
+        events.new(events.TaskFailed, task_id, 1, error_message="late"),
+        events.new(events.TaskCanceled, task_id, 1),
     ):
         out = await store.apply_event(stale)
         assert out.outcome in (Outcome.IGNORED, Outcome.DUPLICATE), stale.kind
         assert out.changed is False, stale.kind
-    assert await store.event_seen(events.canceled(task_id, 1).event_id) is False
+    assert await store.event_seen(events.new(events.TaskCanceled, task_id, 1).event_id) is False
     assert await _n_events(store, task_id) == n_events
     assert await _task(store, task_id) == doc
 
     # Attempt 2 runs normally.
-    await store.apply_event(events.running(task_id, 2))
+    await store.apply_event(events.new(events.TaskRunning, task_id, 2))
     assert (await _task(store, task_id))["state"] == "running"
 
 
 async def test_restart_while_running_is_ignored(store: TaskStore) -> None:
     task_id = await _create(store)
-    await store.apply_event(events.running(task_id, 1))
-    res = await store.apply_event(events.queued(task_id, 2, options=[{"name": "x", "value": 1}]))
+    await store.apply_event(events.new(events.TaskRunning, task_id, 1))
+    res = await store.apply_event(events.new(
+        events.TaskQueued, task_id, 2, options=[{"name": "x", "value": 1}]
+    ))
     assert res.outcome is Outcome.IGNORED
     doc = await _task(store, task_id)
     assert (doc["attempt"], doc["state"], doc["options"]) == (1, "running", [])
-    assert await store.event_seen(events.queued(task_id, 2).event_id) is False
+    assert await store.event_seen(events.new(events.TaskQueued, task_id, 2).event_id) is False
 
 
 async def test_event_log_reads_for_streams(store: TaskStore) -> None:
     """What the SSE routes read: pages, a range, a seq by event id, an attempt's terminal seq."""
     task_id = await _create(store)
     for ev in (
-        events.running(task_id, 1),
-        events.progressed(task_id, 1, 50, "a"),
-        events.completed(task_id, 1),
-        events.canceled(task_id, 1),  # cancel turns 40 into 50: recorded after the first terminal
-        events.queued(task_id, 2),
-        events.running(task_id, 2),
+        events.new(events.TaskRunning, task_id, 1),
+        events.new(events.TaskProgressed, task_id, 1, key="a", progress=50),
+        events.new(events.TaskCompleted, task_id, 1),
+        # cancel turns 40 into 50: recorded after the first terminal
+        events.new(events.TaskCanceled, task_id, 1),
+        events.new(events.TaskQueued, task_id, 2),
+        events.new(events.TaskRunning, task_id, 2),
     ):
         assert (await store.apply_event(ev)).outcome is Outcome.APPLIED, ev.kind
 
@@ -314,8 +333,10 @@ async def test_event_log_reads_for_streams(store: TaskStore) -> None:
     assert await seqs(2, through_seq=4) == [3, 4]
     assert await seqs(2, through_seq=6, limit=3) == [3, 4, 5]
     assert await seqs(6, through_seq=4) == []
-    assert await store.event_seq(events.completed(task_id, 1).event_id) == 4
-    assert await store.event_seq(events.failed(task_id, 1, "x").event_id) is None
+    assert await store.event_seq(events.new(events.TaskCompleted, task_id, 1).event_id) == 4
+    assert await store.event_seq(events.new(
+        events.TaskFailed, task_id, 1, error_message="x"
+    ).event_id) is None
     assert await store.terminal_seq(task_id, 1) == 4
     assert await store.terminal_seq(task_id, 2) is None
 
@@ -325,10 +346,14 @@ async def test_event_log_reads_for_streams(store: TaskStore) -> None:
 
 async def test_output_slices_per_attempt(store: TaskStore) -> None:
     task_id = await _create(store)
-    await store.apply_event(events.running(task_id, 1))
+    await store.apply_event(events.new(events.TaskRunning, task_id, 1))
     # Recorded out of order on purpose: slices are ordered by line_start, not by seq.
-    await store.apply_event(events.output(task_id, 1, 3, ["l3", "l4"]))
-    await store.apply_event(events.output(task_id, 1, 0, ["l0", "l1", "l2"]))
+    await store.apply_event(events.new(
+        events.TaskOutput, task_id, 1, line_start=3, lines=["l3", "l4"]
+    ))
+    await store.apply_event(events.new(
+        events.TaskOutput, task_id, 1, line_start=0, lines=["l0", "l1", "l2"]
+    ))
     assert await store.output_end(task_id, 1) == 5
     assert (await _task(store, task_id))["output_lines"] == 5
     assert await store.read_output(task_id, 1, 0, 5) == ["l0", "l1", "l2", "l3", "l4"]
@@ -337,11 +362,11 @@ async def test_output_slices_per_attempt(store: TaskStore) -> None:
     assert await store.read_output(task_id, 1, 1, 4) == ["l1", "l2", "l3"]
     assert await store.read_output(task_id, 1, 5, 5) == []
 
-    await store.apply_event(events.completed(task_id, 1))
-    await store.apply_event(events.queued(task_id, 2))
+    await store.apply_event(events.new(events.TaskCompleted, task_id, 1))
+    await store.apply_event(events.new(events.TaskQueued, task_id, 2))
     assert await store.output_end(task_id, 2) == 0
     assert await store.read_output(task_id, 2, 0, 5) == []
-    await store.apply_event(events.output(task_id, 2, 0, ["n0"]))
+    await store.apply_event(events.new(events.TaskOutput, task_id, 2, line_start=0, lines=["n0"]))
     assert await store.read_output(task_id, 2, 0, 1) == ["n0"]
     assert await store.output_end(task_id, 2) == 1
     assert await store.read_output(task_id, 1, 0, 5) == ["l0", "l1", "l2", "l3", "l4"]
@@ -353,11 +378,11 @@ async def test_output_slices_per_attempt(store: TaskStore) -> None:
 async def test_removed_hides_the_task_and_delete_removes_everything(store: TaskStore) -> None:
     kept = await _create(store)
     gone = await _create(store)
-    await store.apply_event(events.output(gone, 1, 0, ["a"]))
+    await store.apply_event(events.new(events.TaskOutput, gone, 1, line_start=0, lines=["a"]))
     assert await store.count_active() == 2
     assert await store.list_task_ids() == [kept, gone]
 
-    res = await store.apply_event(events.removed(gone, 1))
+    res = await store.apply_event(events.new(events.TaskRemoved, gone, 1))
     assert (res.outcome, res.changed) == (Outcome.APPLIED, True)
     assert await store.get_task(gone) is None
     hidden = await store.get_task(gone, include_removed=True)
@@ -366,7 +391,8 @@ async def test_removed_hides_the_task_and_delete_removes_everything(store: TaskS
     assert isinstance(hidden["removed_at_ms"], int)
     assert await store.list_task_ids() == [kept]
     assert await store.count_active() == 1
-    assert (await store.apply_event(events.running(gone, 1))).outcome is Outcome.IGNORED
+    late = await store.apply_event(events.new(events.TaskRunning, gone, 1))
+    assert late.outcome is Outcome.IGNORED
 
     await store.delete_task(gone)
     assert await store.get_task(gone, include_removed=True) is None
@@ -377,7 +403,7 @@ async def test_removed_hides_the_task_and_delete_removes_everything(store: TaskS
 
 async def test_delete_task_leaves_a_task_that_is_not_removed_alone(store: TaskStore) -> None:
     task_id = await _create(store)
-    await store.apply_event(events.running(task_id, 1))
+    await store.apply_event(events.new(events.TaskRunning, task_id, 1))
     await store.delete_task(task_id)
     assert (await _task(store, task_id))["state"] == "running"
     assert [d["seq"] for d in await store.read_events(task_id)] == [1, 2]
@@ -390,7 +416,7 @@ async def test_updated_flags_stay_booleans(
     _known_nx_bug(request, store_server, "a top-level $set of True stores the integer 1")
     task_id = await _create(store)
     await store.mark_published(f"{task_id}:1:queued")
-    await store.apply_event(events.removed(task_id, 1))
+    await store.apply_event(events.new(events.TaskRemoved, task_id, 1))
     event = await store.events.find_one({"_id": f"{task_id}:1:queued"})
     assert event is not None
     assert event["published"] is True
@@ -400,7 +426,7 @@ async def test_updated_flags_stay_booleans(
 
 async def test_outbox_lists_events_until_published(store: TaskStore) -> None:
     task_id = await _create(store)
-    await store.apply_event(events.running(task_id, 1))
+    await store.apply_event(events.new(events.TaskRunning, task_id, 1))
     later = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=5)
     earlier = dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)
 
@@ -421,12 +447,12 @@ async def test_outbox_lists_events_until_published(store: TaskStore) -> None:
 async def test_count_active_counts_queued_and_running_only(store: TaskStore) -> None:
     assert await store.count_active() == 0
     ids = [await _create(store) for _ in range(5)]
-    await store.apply_event(events.running(ids[1], 1))
-    await store.apply_event(events.completed(ids[2], 1))
-    await store.apply_event(events.failed(ids[3], 1, "x"))
-    await store.apply_event(events.canceled(ids[4], 1))
+    await store.apply_event(events.new(events.TaskRunning, ids[1], 1))
+    await store.apply_event(events.new(events.TaskCompleted, ids[2], 1))
+    await store.apply_event(events.new(events.TaskFailed, ids[3], 1, error_message="x"))
+    await store.apply_event(events.new(events.TaskCanceled, ids[4], 1))
     assert await store.count_active() == 2
-    await store.apply_event(events.completed(ids[1], 1))
+    await store.apply_event(events.new(events.TaskCompleted, ids[1], 1))
     assert await store.count_active() == 1
     assert await store.list_task_ids() == ids
 
@@ -474,3 +500,54 @@ async def test_delivery_attempts_are_subdocuments(
         (503, 12, "HTTP 503"), (200, 7, None)
     ]
     assert all(isinstance(a["at"], dt.datetime) and a["at"].tzinfo for a in doc["attempts"])
+
+
+async def test_a_command_is_recorded_with_the_event_that_causes_it(store: TaskStore) -> None:
+    task_id = await _create(store, sources=["s3://b/tasks/x/inputs/"], images_count=3,
+                            output_prefix="s3://b/tasks/x/outputs/")
+    cancel = commands.CancelTask(task_id=TaskId(task_id), attempt=1)
+    result = await store.apply_event(events.new(events.TaskCanceled, task_id, 1), cancel)
+    assert result.outcome is Outcome.APPLIED
+    [pending] = [d for d in await store.unpublished_events(
+        dt.datetime.now(dt.UTC) + dt.timedelta(seconds=5)) if d["kind"] == "canceled"]
+    assert commands.COMMAND_ADAPTER.validate_python(pending["command"]) == cancel
+    queued = await store.events.find_one({"_id": f"{task_id}:1:queued"})
+    assert queued is not None and queued["command"] is None  # _create gave none
+
+    # An event the task ignores is not recorded, and neither is its command.
+    again = await store.apply_event(events.new(events.TaskCanceled, task_id, 1), cancel)
+    assert again.outcome is Outcome.DUPLICATE
+    stale = await store.apply_event(events.new(events.TaskCanceled, task_id, 7),
+                                    commands.CancelTask(task_id=TaskId(task_id), attempt=7))
+    assert stale.outcome is Outcome.IGNORED
+    assert await store.events.find_one({"_id": f"{task_id}:7:canceled"}) is None
+
+
+async def test_a_retried_creation_gets_its_command_and_goes_back_to_the_outbox(
+    store: TaskStore,
+) -> None:
+    """A creation cut off after its event: the retry completes it with the run command."""
+    task_id = _tid()
+    await store._record(events.new(events.TaskQueued, task_id, 1))
+    await store.mark_published(f"{task_id}:1:queued")
+    doc = {"_id": task_id, "name": "t", "date_created_ms": 1, "options": [], "images_count": 2,
+           "sources": ["s3://b/in/"], "output_prefix": "s3://b/tasks/x/outputs/"}
+    command = run_command({**doc, "attempt": 1})
+    result = await store.create_task(doc, events.new(events.TaskQueued, task_id, 1), command)
+    assert result.seq == 1
+    [recorded] = await store.unpublished_events(
+        dt.datetime.now(dt.UTC) + dt.timedelta(seconds=5))
+    assert recorded["_id"] == f"{task_id}:1:queued"
+    assert commands.COMMAND_ADAPTER.validate_python(recorded["command"]) == command
+
+
+def test_run_command_is_built_from_the_task_document() -> None:
+    doc: Doc = {"_id": "0f0e0d0c-0000-4000-8000-000000000001", "attempt": 2, "name": "n",
+                "options": [{"name": "dsm", "value": True}], "sources": ["s3://b/in/"],
+                "output_prefix": "s3://b/tasks/t/outputs/", "skip_post_processing": True,
+                "outputs": ["odm_orthophoto/odm_orthophoto.tif"], "images_count": 0}
+    cmd = run_command(doc)
+    assert isinstance(cmd, commands.RestartTask)
+    assert (cmd.attempt, cmd.options, cmd.skip_post_processing, cmd.images_count) == (
+        2, [{"name": "dsm", "value": True}], True, None)
+    assert isinstance(run_command({**doc, "attempt": 1}), commands.CreateTask)

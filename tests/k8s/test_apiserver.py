@@ -29,6 +29,10 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from tests.k8s.apiserver import PODS, FakeApiServer, merge_patch, parse_label_selector
 from tests.k8s.controller import FakeCluster, engine_options, fnv1a_32, node_id, pod_name
 
+# A server on loopback and a controller running engines in real time (runs of 2 s): the
+# integration layer, not ``task test:fast``.
+pytestmark = pytest.mark.integration
+
 GROUP, VERSION, PLURAL = "argoproj.io", "v1alpha1", "workflows"
 MERGE = "application/merge-patch+json"
 STAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}Z ")

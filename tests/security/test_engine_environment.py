@@ -17,7 +17,7 @@ import pytest
 from scaleodm.common import localruns
 from scaleodm.common.contracts.commands import RunSpec
 from scaleodm.common.settings import EngineKind, SchedulerSettings
-from scaleodm.scheduler import runner
+from scaleodm.run import runner
 
 T = "5c0a4a4e-8f5e-4a55-9a0e-6a8e9b2c1d3f"
 SECRETS = {

@@ -43,8 +43,8 @@ from scaleodm.common import localruns, netguard
 from scaleodm.common.contracts.commands import RunSpec
 from scaleodm.common.settings import EngineKind, S3Settings, SchedulerSettings
 from scaleodm.common.store.s3 import S3, S3Url
-from scaleodm.scheduler import fetching, packaging, runner, stages
-from scaleodm.scheduler.fetching import InputError, Limits
+from scaleodm.run import fetching, packaging, runner, stages
+from scaleodm.run.fetching import InputError, Limits
 from tests.harness import api, data, servers
 from tests.harness.httpfixture import HttpFixture
 from tests.harness.stack import Stack

@@ -568,7 +568,9 @@ async def test_console_output_comes_in_bounded_pages(
     client, store = await store_of(gateway)
     try:
         for start in range(0, len(lines), 60):  # as the watcher records them, in batches
-            await store.apply_event(events.output(task_id, 1, start, lines[start:start + 60]))
+            await store.apply_event(events.new(
+                events.TaskOutput, task_id, 1, line_start=start, lines=lines[start:start + 60]
+            ))
     finally:
         await client.close()
 

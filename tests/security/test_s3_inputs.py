@@ -39,8 +39,8 @@ import pytest
 from scaleodm.common.contracts.ids import run_name
 from scaleodm.common.settings import S3Settings, SchedulerSettings
 from scaleodm.common.store.s3 import S3, S3Url, input_allowed, parse_s3_url
-from scaleodm.scheduler import fetching, stages
-from scaleodm.scheduler.fetching import InputError, Limits
+from scaleodm.run import fetching, stages
+from scaleodm.run.fetching import InputError, Limits
 from tests.harness import api, data, servers
 from tests.harness.stack import Stack
 

@@ -150,7 +150,9 @@ async def _publish(stack: Stack, count: int) -> None:
             await asyncio.gather(*(
                 js.publish(
                     streams.event_subject(task, "output"),
-                    events.output(task, 1, i, [LINE]).model_dump_json().encode(),
+                    events.new(
+                        events.TaskOutput, task, 1, line_start=i, lines=[LINE]
+                    ).model_dump_json().encode(),
                     headers={"Nats-Msg-Id": f"{task}:1:output:{i}"}, timeout=10,
                 )
                 for i in range(start, min(start + 100, count))
@@ -217,7 +219,7 @@ TASK = "5b0e4c3e-8d9a-4f6b-9c1d-2e3f4a5b6c7d"
 
 
 def _live(i: int) -> eventstream.LiveEvent:
-    return eventstream.LiveEvent(events.progressed(TASK, 1, 1, i))
+    return eventstream.LiveEvent(events.new(events.TaskProgressed, TASK, 1, key=i, progress=1))
 
 
 async def test_listener_is_bounded_in_bytes_as_well_as_count() -> None:

@@ -57,8 +57,8 @@ from scaleodm.common import netguard
 from scaleodm.common.contracts.ids import run_name
 from scaleodm.common.settings import S3Settings, SchedulerSettings
 from scaleodm.common.store.s3 import S3
-from scaleodm.scheduler import fetching
-from scaleodm.scheduler.fetching import DiskBudget, InputError, Limits, extract_zip
+from scaleodm.run import fetching
+from scaleodm.run.fetching import DiskBudget, InputError, Limits, extract_zip
 from tests.harness import api, data, servers
 from tests.harness.httpfixture import HttpFixture
 from tests.harness.stack import Stack

@@ -8,7 +8,7 @@ Covered:
 - deterministic event ids ``<task>:<attempt>:<kind>[:<key>]`` from every constructor function, and
   ``idempotency_key`` of every command;
 - subjects (``command_subject``, ``event_subject``, ``TERMINAL_EVENT_SUBJECTS``), the two stream
-  configs and the three durables with their filters (the notifier sees terminal subjects only);
+  configs and the two durables with their filters (the notifier sees terminal subjects only);
 - ``is_task_id`` (NodeODM's set-uuid rules), ``canonical_task_id`` and ``run_name``;
 - ``publish_command`` / ``publish_event`` against a recording stand-in broker: subject, stream,
   ``Nats-Msg-Id`` header and a payload that validates back to the same message.
@@ -70,62 +70,77 @@ COMMANDS = [
 # (constructor call, class, expected event_id)
 EVENTS = [
     pytest.param(
-        lambda: events.queued(TASK, 1), events.TaskQueued, f"{TASK}:1:queued", id="queued"
+        lambda: events.new(events.TaskQueued, TASK, 1), events.TaskQueued, f"{TASK}:1:queued",
+        id="queued",
     ),
     pytest.param(
-        lambda: events.queued(
-            TASK, 3, options=[{"name": "dsm", "value": True}], date_created_ms=1795323496602
+        lambda: events.new(
+            events.TaskQueued,
+            TASK,
+            3,
+            options=[{"name": "dsm", "value": True}],
+            date_created_ms=1795323496602,
         ),
         events.TaskQueued,
         f"{TASK}:3:queued",
         id="queued-restart",
     ),
     pytest.param(
-        lambda: events.running(TASK, 1), events.TaskRunning, f"{TASK}:1:running", id="running"
+        lambda: events.new(events.TaskRunning, TASK, 1), events.TaskRunning, f"{TASK}:1:running",
+        id="running",
     ),
     pytest.param(
-        lambda: events.inputs_ready(TASK, 1, 42), events.TaskInputsReady, f"{TASK}:1:inputs",
+        lambda: events.new(events.TaskInputsReady, TASK, 1, images_count=42),
+        events.TaskInputsReady,
+        f"{TASK}:1:inputs",
         id="inputs",
     ),
     pytest.param(
-        lambda: events.progressed(TASK, 1, 22.5, "opensfm"),
+        lambda: events.new(events.TaskProgressed, TASK, 1, key="opensfm", progress=22.5),
         events.TaskProgressed,
         f"{TASK}:1:progress:opensfm",
         id="progress-str-key",
     ),
     pytest.param(
-        lambda: events.progressed(TASK, 2, 93.0, 93),
+        lambda: events.new(events.TaskProgressed, TASK, 2, key=93, progress=93.0),
         events.TaskProgressed,
         f"{TASK}:2:progress:93",
         id="progress-int-key",
     ),
     pytest.param(
-        lambda: events.output(TASK, 1, 200, ["a", "", "[INFO]    Running dataset stage"]),
+        lambda: events.new(
+            events.TaskOutput, TASK, 1, line_start=200,
+            lines=["a", "", "[INFO]    Running dataset stage"],
+        ),
         events.TaskOutput,
         f"{TASK}:1:output:200",
         id="output",
     ),
     pytest.param(
-        lambda: events.output(TASK, 1, 0, []),
+        lambda: events.new(events.TaskOutput, TASK, 1, line_start=0, lines=[]),
         events.TaskOutput,
         f"{TASK}:1:output:0",
         id="output-key-zero",
     ),
     pytest.param(
-        lambda: events.completed(TASK, 4), events.TaskCompleted, f"{TASK}:4:completed",
+        lambda: events.new(events.TaskCompleted, TASK, 4),
+        events.TaskCompleted,
+        f"{TASK}:4:completed",
         id="completed",
     ),
     pytest.param(
-        lambda: events.failed(TASK, 1, "Not enough memory"),
+        lambda: events.new(events.TaskFailed, TASK, 1, error_message="Not enough memory"),
         events.TaskFailed,
         f"{TASK}:1:failed",
         id="failed",
     ),
     pytest.param(
-        lambda: events.canceled(TASK, 1), events.TaskCanceled, f"{TASK}:1:canceled", id="canceled"
+        lambda: events.new(events.TaskCanceled, TASK, 1), events.TaskCanceled,
+        f"{TASK}:1:canceled", id="canceled",
     ),
     pytest.param(
-        lambda: events.removed(TASK, 1), events.TaskRemoved, f"{TASK}:1:removed", id="removed"
+        lambda: events.new(events.TaskRemoved, TASK, 1), events.TaskRemoved, f"{TASK}:1:removed",
+        id="removed",
     ),
 ]
 
@@ -259,13 +274,14 @@ def test_every_event_kind_is_covered() -> None:
     ],
 )
 def test_event_rejected(change: dict[str, Any]) -> None:
-    payload = {**events.progressed(TASK, 1, 50.0, "x").model_dump(mode="json"), **change}
+    event = events.new(events.TaskProgressed, TASK, 1, key="x", progress=50.0)
+    payload = {**event.model_dump(mode="json"), **change}
     with pytest.raises(ValidationError):
         events.EVENT_ADAPTER.validate_python(payload)
 
 
 def test_event_without_kind_rejected() -> None:
-    payload = events.completed(TASK, 1).model_dump(mode="json")
+    payload = events.new(events.TaskCompleted, TASK, 1).model_dump(mode="json")
     del payload["kind"]
     with pytest.raises(ValidationError):
         events.EVENT_ADAPTER.validate_python(payload)
@@ -335,7 +351,6 @@ def test_exactly_two_streams() -> None:
     ("name", "stream", "filter_subject", "filter_subjects"),
     [
         pytest.param("scheduler", "TASKS", "tasks.commands.>", None, id="scheduler"),
-        pytest.param("projection", "EVENTS", "events.task.>", None, id="projection"),
         pytest.param(
             "notifier",
             "EVENTS",
@@ -349,7 +364,7 @@ def test_durables(
     name: str, stream: str, filter_subject: str | None, filter_subjects: list[str] | None
 ) -> None:
     by_name = {d.config.durable_name: d for d in streams.durables()}
-    assert set(by_name) == {"scheduler", "projection", "notifier"}
+    assert set(by_name) == {"scheduler", "notifier"}
     durable = by_name[name]
     assert durable.stream == stream
     assert durable.config.filter_subject == filter_subject
@@ -362,7 +377,6 @@ def test_durables_tuning_applies_to_the_scheduler_only() -> None:
     default = {d.config.durable_name: d.config for d in streams.durables()}
     tuned = {d.config.durable_name: d.config for d in streams.durables(ack_wait_s=7, max_deliver=3)}
     assert (tuned["scheduler"].ack_wait, tuned["scheduler"].max_deliver) == (7, 3)
-    assert tuned["projection"] == default["projection"]
     assert tuned["notifier"] == default["notifier"]
 
 

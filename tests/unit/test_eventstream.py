@@ -113,21 +113,24 @@ async def _until(cond: Any, timeout_s: float = 2.0) -> None:
 
 async def test_seam_out_of_order_duplicates_and_missing_seq() -> None:
     log, hub = FakeLog(), FakeHub()
-    published = [log.record(e) for e in (events.queued(TASK, 1), events.running(TASK, 1))]
+    published = [log.record(events.new(kind, TASK, 1))
+                 for kind in (events.TaskQueued, events.TaskRunning)]
     for ev in published:  # published after the subscription, before the replay read them
         hub.publish(ev)
     task, out = _start(log, hub)
     await _until(lambda: _ids(out) == [1, 2])
 
-    p3 = log.record(events.progressed(TASK, 1, 10, "a"))
-    p4 = log.record(events.progressed(TASK, 1, 20, "b"))
+    p3 = log.record(events.new(events.TaskProgressed, TASK, 1, key="a", progress=10))
+    p4 = log.record(events.new(events.TaskProgressed, TASK, 1, key="b", progress=20))
     hub.publish(p4)  # the second writer's publish overtakes the first's
     hub.publish(p3)
     hub.publish(p4)
-    o5 = log.record(events.output(TASK, 1, 0, ["line"]))
+    o5 = log.record(events.new(events.TaskOutput, TASK, 1, line_start=0, lines=["line"]))
     hub.publish(o5.model_copy(update={"seq": None}))  # seq-less: found by event id
-    hub.publish(events.output(TASK, 1, 1, ["never recorded"]))  # seq-less, not in the log: skip
-    hub.publish(log.record(events.completed(TASK, 1)))
+    hub.publish(events.new(
+        events.TaskOutput, TASK, 1, line_start=1, lines=["never recorded"]
+    ))  # seq-less, not in the log: skip
+    hub.publish(log.record(events.new(events.TaskCompleted, TASK, 1)))
     await asyncio.wait_for(task, 2)
 
     assert _ids(out) == [1, 2, 3, 4, 5, 6]
@@ -140,9 +143,10 @@ async def test_seam_out_of_order_duplicates_and_missing_seq() -> None:
 
 async def test_live_frames_equal_replayed_frames() -> None:
     log, hub = FakeLog(), FakeHub()
-    evs = [events.queued(TASK, 1, options=[{"name": "dsm", "value": True}]),
-           events.running(TASK, 1), events.progressed(TASK, 1, 37.5, "x"),
-           events.failed(TASK, 1, "Not enough memory")]
+    evs = [events.new(events.TaskQueued, TASK, 1, options=[{"name": "dsm", "value": True}]),
+           events.new(events.TaskRunning, TASK, 1),
+           events.new(events.TaskProgressed, TASK, 1, key="x", progress=37.5),
+           events.new(events.TaskFailed, TASK, 1, error_message="Not enough memory")]
     task, live = _start(log, hub)
     await hub.subscribed.wait()
     await asyncio.sleep(0.01)
@@ -156,37 +160,39 @@ async def test_live_frames_equal_replayed_frames() -> None:
 
 async def test_recorded_but_unpublished_event_is_read_when_idle() -> None:
     log, hub = FakeLog(), FakeHub()
-    log.record(events.queued(TASK, 1))
+    log.record(events.new(events.TaskQueued, TASK, 1))
     task, out = _start(log, hub, resync_s=0.05)
     await _until(lambda: _ids(out) == [1])
-    log.record(events.running(TASK, 1))  # its publish was lost: the outbox will resend it later
+    # its publish was lost: the outbox will resend it later
+    log.record(events.new(events.TaskRunning, TASK, 1))
     await _until(lambda: _ids(out) == [1, 2])
-    log.record(events.canceled(TASK, 1))
+    log.record(events.new(events.TaskCanceled, TASK, 1))
     await asyncio.wait_for(task, 2)
     assert _ids(out) == [1, 2, 3]
 
 
 async def test_cursor_in_an_older_attempt_runs_to_the_current_terminal() -> None:
     log = FakeLog(attempt=2)
-    for ev in (events.queued(TASK, 1), events.running(TASK, 1), events.failed(TASK, 1, "x"),
-               events.queued(TASK, 2), events.running(TASK, 2)):
+    for ev in (events.new(events.TaskQueued, TASK, 1), events.new(events.TaskRunning, TASK, 1),
+               events.new(events.TaskFailed, TASK, 1, error_message="x"),
+               events.new(events.TaskQueued, TASK, 2), events.new(events.TaskRunning, TASK, 2)):
         log.record(ev)
     hub = FakeHub()
     task, out = _start(log, hub, cursor=1)
     await _until(lambda: _ids(out) == [2, 3, 4, 5])  # attempt 1's terminal event passed through
     assert not task.done()
-    hub.publish(log.record(events.completed(TASK, 2)))
-    hub.publish(log.record(events.output(TASK, 2, 0, ["late"])))
+    hub.publish(log.record(events.new(events.TaskCompleted, TASK, 2)))
+    hub.publish(log.record(events.new(events.TaskOutput, TASK, 2, line_start=0, lines=["late"])))
     await asyncio.wait_for(task, 2)
     assert _ids(out) == [2, 3, 4, 5, 6]
 
 
 async def test_removed_ends_the_stream_even_when_the_log_is_gone() -> None:
     log, hub = FakeLog(), FakeHub()
-    log.record(events.queued(TASK, 1))
+    log.record(events.new(events.TaskQueued, TASK, 1))
     task, out = _start(log, hub)
     await _until(lambda: _ids(out) == [1])
-    gone = log.record(events.removed(TASK, 1)).model_copy(update={"seq": 3})
+    gone = log.record(events.new(events.TaskRemoved, TASK, 1)).model_copy(update={"seq": 3})
     log.docs.clear()  # deleted before the stream could read it
     hub.publish(gone)
     await asyncio.wait_for(task, 2)
@@ -195,13 +201,13 @@ async def test_removed_ends_the_stream_even_when_the_log_is_gone() -> None:
 
 async def test_slow_client_is_disconnected_on_overflow() -> None:
     log, hub = FakeLog(), FakeHub(size=3)
-    log.record(events.queued(TASK, 1))
+    log.record(events.new(events.TaskQueued, TASK, 1))
     out: list[ServerSentEvent] = []
     gen = eventstream.follow_task(log, hub, TASK, 0, resync_s=5)
     out.append(await anext(gen))  # preamble
     out.append(await anext(gen))  # seq 1; the client now stops reading
     for i in range(5):
-        hub.publish(log.record(events.progressed(TASK, 1, i + 1, i)))
+        hub.publish(log.record(events.new(events.TaskProgressed, TASK, 1, key=i, progress=i + 1)))
     assert hub.listener.overflowed
     rest = [m async for m in gen]
     assert rest == [] and hub.left
@@ -209,12 +215,12 @@ async def test_slow_client_is_disconnected_on_overflow() -> None:
 
 async def test_idle_stream_ends_when_the_task_is_over_past_the_cursor() -> None:
     log, hub = FakeLog(), FakeHub()
-    for ev in (events.queued(TASK, 1), events.running(TASK, 1)):
+    for ev in (events.new(events.TaskQueued, TASK, 1), events.new(events.TaskRunning, TASK, 1)):
         log.record(ev)
     task, out = _start(log, hub, cursor=9, resync_s=0.05)  # a cursor past the end of the log
     await asyncio.sleep(0.15)
     assert not task.done()
-    log.record(events.completed(TASK, 1))  # seq 3 <= cursor: never sent
+    log.record(events.new(events.TaskCompleted, TASK, 1))  # seq 3 <= cursor: never sent
     log.task = {"_id": TASK, "attempt": 1, "state": "completed"}
     await asyncio.wait_for(task, 2)
     assert _ids(out) == []
@@ -222,7 +228,7 @@ async def test_idle_stream_ends_when_the_task_is_over_past_the_cursor() -> None:
 
 async def test_shutdown_ends_the_stream_cleanly() -> None:
     log, hub = FakeLog(), FakeHub()
-    log.record(events.queued(TASK, 1))
+    log.record(events.new(events.TaskQueued, TASK, 1))
     stop = anyio.Event()
     out: list[ServerSentEvent] = []
     gen = eventstream.follow_task(log, hub, TASK, 0, resync_s=60, stop=stop)
@@ -293,7 +299,9 @@ class FakeNats:
 
 
 def _bus_msg(stream_seq: int) -> Any:
-    data = events.progressed(TASK, 1, stream_seq, "x").model_dump_json().encode()
+    data = events.new(
+        events.TaskProgressed, TASK, 1, key="x", progress=stream_seq
+    ).model_dump_json().encode()
     return SimpleNamespace(data=data, subject=f"events.task.{TASK}.progressed",
                            metadata=SimpleNamespace(sequence=SimpleNamespace(stream=stream_seq)))
 

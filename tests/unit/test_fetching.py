@@ -25,8 +25,8 @@ from pathlib import Path
 
 import pytest
 
-from scaleodm.scheduler.fetching import InputError, Limits, control_file_args, extract_zip
-from scaleodm.scheduler.packaging import (
+from scaleodm.run.fetching import InputError, Limits, control_file_args, extract_zip
+from scaleodm.run.packaging import (
     DEFAULT_OUTPUTS,
     build_zip,
     collect,

@@ -30,11 +30,12 @@ Checks, for every kustomization (base and overlays/dev):
   containers: ``/healthz`` and ``/readyz`` on ``SCALEODM_GATEWAY_PORT`` resp.
   ``SCALEODM_HEALTH_PORT``) and a ``terminationGracePeriodSeconds`` above FastStream's graceful
   timeout (plus uvicorn's margin and any preStop sleep);
-- plus: watcher sharding (``SCALEODM_REPLICA`` from the pod-index label, ``SCALEODM_REPLICAS`` =
-  StatefulSet replicas <= shards), one image for every ScaleODM container equal to
-  ``SCALEODM_ARGO__RUNNER_IMAGE``, the credential Secrets (S3, NATS, MongoDB: templates only in
-  base, development values only in the dev overlay), non-root security contexts, Service
-  selectors/ports, labels.
+- plus: the NATS cluster (base: 3 servers, a route per pod, R3 streams in every program's
+  settings; dev: one server, R1), watcher sharding (``SCALEODM_REPLICA`` from the pod-index
+  label, ``SCALEODM_REPLICAS`` = StatefulSet replicas <= shards), one image for every ScaleODM
+  container equal to ``SCALEODM_ARGO__RUNNER_IMAGE``, the credential Secrets (S3, NATS,
+  MongoDB: templates only in base, development values only in the dev overlay), non-root
+  security contexts, Service selectors/ports, labels.
 
 Left out: applying anything to a cluster, image pulls, KEDA's and Argo's CRD schemas; the
 security properties (NetworkPolicy reachability, authentication, capabilities, budgets) are
@@ -67,8 +68,8 @@ from scaleodm.common.settings import (
     SETTINGS_CLASSES,
     BaseServiceSettings,
     Environment,
-    ExecutorKind,
     GatewaySettings,
+    RunPlatform,
     SchedulerSettings,
     WatcherSettings,
     env_names,
@@ -553,7 +554,7 @@ def test_environment_validates_and_points_at_the_cluster(overlay: str) -> None:
     gateway = build_settings(objects, the_container(objects, "scaleodm-gateway"))
     scheduler = build_settings(objects, the_container(objects, "scaleodm-scheduler"))
     assert isinstance(gateway, GatewaySettings) and isinstance(scheduler, SchedulerSettings)
-    assert scheduler.executor is ExecutorKind.ARGO
+    assert scheduler.executor is RunPlatform.ARGO
     expected = Environment.DEVELOPMENT if overlay == "dev" else Environment.PRODUCTION
     assert gateway.environment is expected
     if overlay == "dev":
@@ -764,7 +765,7 @@ def test_watcher_shards_by_statefulset_ordinal(overlay: str) -> None:
     for ordinal in range(replicas):
         settings = build_settings(objects, watcher, ordinal)
         assert isinstance(settings, WatcherSettings)
-        assert settings.source is ExecutorKind.ARGO
+        assert settings.source is RunPlatform.ARGO
         assert settings.replica == ordinal
         assert settings.replicas == replicas, "SCALEODM_REPLICAS must equal spec.replicas"
         assert settings.argo.shards == scheduler.argo.shards
@@ -772,6 +773,42 @@ def test_watcher_shards_by_statefulset_ordinal(overlay: str) -> None:
         assert replicas <= settings.argo.shards, "a replica would own no shard"
     if overlay == "dev":
         assert replicas == 1
+
+
+@overlays
+def test_nats_cluster_holds_the_stream_replicas(overlay: str) -> None:
+    """Base: 3 NATS servers routed to each other (one route per pod of the StatefulSet, through
+    its governing Service), started in parallel, named by pod, one evicted at a time; every
+    program replicates the streams R3. Dev: one server, no cluster block, R1."""
+    objects = rendered(overlay)
+    sts = find(objects, "StatefulSet", "nats")
+    assert sts is not None
+    servers = sts["spec"].get("replicas", 1)
+    (config,) = (find(objects, "ConfigMap", "nats-config") or {}).get("data", {}).values()
+    routes = re.findall(r"nats://([\w.-]+):(\d+)", config)
+    if servers == 1:
+        assert "cluster" not in config and not routes, "one server needs no routes"
+    else:
+        headless = find(objects, "Service", sts["spec"]["serviceName"])
+        assert headless is not None and headless["spec"].get("clusterIP") == "None"
+        assert headless["spec"].get("publishNotReadyAddresses") is True  # DNS before readiness
+        assert sorted(routes) == [(f"nats-{i}.{sts['spec']['serviceName']}", "6222")
+                                  for i in range(servers)]
+        assert sts["spec"].get("podManagementPolicy") == "Parallel"  # a majority elects
+        (server,) = [c for c in containers(objects) if c.workload is sts]
+        args = [str(a) for a in server.spec["args"]]
+        assert args[args.index("--name") + 1] == "$(POD_NAME)"
+        assert container_port(server, "cluster") == 6222
+        (budget,) = [b for b in of_kind(objects, "PodDisruptionBudget")
+                     if b["spec"]["selector"] == sts["spec"]["selector"]]
+        assert budget["spec"]["maxUnavailable"] == 1, "R3 keeps a majority with one away"
+    replicas = {
+        program: build_settings(objects, the_container(objects, program)).nats.stream_replicas
+        for program in PROGRAMS
+    }
+    expected = 3 if overlay == "base" else 1
+    assert set(replicas.values()) == {expected}, replicas
+    assert expected == min(3, servers)
 
 
 @overlays

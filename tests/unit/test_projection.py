@@ -50,14 +50,16 @@ def _at(ev: events.TaskEvent) -> events.TaskEvent:
 
 # Every kind, built for a given attempt.
 KINDS: dict[str, EventFactory] = {
-    "queued": lambda a: _at(events.queued(TID, a)),
-    "running": lambda a: _at(events.running(TID, a)),
-    "progress": lambda a: _at(events.progressed(TID, a, 42.5, "k")),
-    "output": lambda a: _at(events.output(TID, a, 3, ["a", "b"])),
-    "completed": lambda a: _at(events.completed(TID, a)),
-    "failed": lambda a: _at(events.failed(TID, a, "Cannot process dataset")),
-    "canceled": lambda a: _at(events.canceled(TID, a)),
-    "removed": lambda a: _at(events.removed(TID, a)),
+    "queued": lambda a: _at(events.new(events.TaskQueued, TID, a)),
+    "running": lambda a: _at(events.new(events.TaskRunning, TID, a)),
+    "progress": lambda a: _at(events.new(events.TaskProgressed, TID, a, key="k", progress=42.5)),
+    "output": lambda a: _at(events.new(events.TaskOutput, TID, a, line_start=3, lines=["a", "b"])),
+    "completed": lambda a: _at(events.new(events.TaskCompleted, TID, a)),
+    "failed": lambda a: _at(events.new(
+        events.TaskFailed, TID, a, error_message="Cannot process dataset"
+    )),
+    "canceled": lambda a: _at(events.new(events.TaskCanceled, TID, a)),
+    "removed": lambda a: _at(events.new(events.TaskRemoved, TID, a)),
 }
 
 
@@ -187,7 +189,7 @@ def test_restart_only_next_attempt_from_terminal(
 
 def test_restart_plan_resets_the_attempt_and_carries_new_options() -> None:
     opts = [{"name": "dsm", "value": True}]
-    ev = events.queued(TID, 3, options=opts, date_created_ms=1_700_000_000_000)
+    ev = events.new(events.TaskQueued, TID, 3, options=opts, date_created_ms=1_700_000_000_000)
     step = plan(Snapshot(attempt=2, state=F), ev)
     assert step == Plan(
         guard={"attempt": 2, "state": TERMINAL_IN},
@@ -208,7 +210,7 @@ def test_restart_plan_resets_the_attempt_and_carries_new_options() -> None:
 
 
 def test_restart_without_options_keeps_them() -> None:
-    step = plan(Snapshot(attempt=1, state=X), events.queued(TID, 2))
+    step = plan(Snapshot(attempt=1, state=X), events.new(events.TaskQueued, TID, 2))
     assert step is not None
     assert step.guard == {"attempt": 1, "state": TERMINAL_IN}
     assert "options" not in step.update["$set"]
@@ -262,7 +264,7 @@ def test_cancel_of_queued_does_not_touch_progress() -> None:
 
 
 def test_output_lines_come_from_line_start_plus_count() -> None:
-    ev = events.output(TID, 1, 10, ["x"] * 4)
+    ev = events.new(events.TaskOutput, TID, 1, line_start=10, lines=["x"] * 4)
     step = plan(Snapshot(attempt=1, state=R), ev)
     assert step is not None
     assert step.update == {"$max": {"output_lines": 14}}

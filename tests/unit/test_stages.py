@@ -1,4 +1,4 @@
-"""The fetch and upload steps of an Argo run (``python -m scaleodm.scheduler.stages``).
+"""The fetch and upload steps of an Argo run (``python -m scaleodm.run.stages``).
 
 Covered without servers: control files moved to ODM's default names at the project root
 (``gcp_list.txt`` from any other ``.txt``, ``geo.txt``, ``image_groups.txt``; extra ``.txt``
@@ -41,7 +41,8 @@ import pytest
 
 from scaleodm.common.contracts.commands import RunSpec
 from scaleodm.common.settings import ArgoSettings, SchedulerSettings
-from scaleodm.scheduler import stages, workflows
+from scaleodm.run import stages
+from scaleodm.scheduler import workflows
 from tests.harness import servers
 
 # --------------------------------------------------------------------------------------------

@@ -10,8 +10,7 @@ from __future__ import annotations
 import asyncio
 import sys
 
-import nats
-
+from scaleodm.common import runtime
 from scaleodm.common.contracts import streams
 from scaleodm.common.logging import configure_logging, get_logger
 from scaleodm.common.settings import get_scheduler_settings
@@ -22,13 +21,11 @@ log = get_logger(__name__)
 async def main() -> None:
     settings = get_scheduler_settings()
     configure_logging("bootstrap", settings.log_level, settings.log_json)
-    conn = await nats.connect(
-        servers=settings.nats.servers(), connect_timeout=int(settings.nats.connect_timeout_s),
-        **settings.nats.credentials(),  # the same credentials as the services (runtime.py)
-    )
+    # The services' connection options and credentials; gives up after startup_timeout_s.
+    conn = await runtime.connect_nats(settings.nats)
     try:
         js = conn.jetstream()
-        await streams.ensure_streams(js)
+        await streams.ensure_streams(js, replicas=settings.nats.stream_replicas)
         await streams.ensure_consumers(
             js, ack_wait_s=settings.ack_wait_s, max_deliver=settings.max_deliver
         )
@@ -36,7 +33,7 @@ async def main() -> None:
                  streams=[s.name for s in streams.STREAMS],
                  consumers=[d.config.durable_name for d in streams.durables()])
     finally:
-        await conn.drain()
+        await runtime.close_nats(conn, settings.nats.drain_timeout_s)
 
 
 def cli() -> None:

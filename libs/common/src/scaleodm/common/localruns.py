@@ -14,6 +14,11 @@ One directory per attempt, named like the Argo Workflow would be (``run_name(tas
 
 Directory creation is the claim (``mkdir`` is atomic), the lock tells a live runner from a dead
 one, and ``result.json`` is written with a rename, so a reader never sees half a result.
+
+Once a run has its result, its outputs are in S3 (or it has none): the runner empties the
+directory (``discard_work``) down to the small files above, which the watcher reads until it has
+recorded the run's end. Removing the task deletes the directory itself (the executor's
+``remove``).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import contextlib
 import fcntl
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +41,10 @@ CONSOLE_FILE = "console.log"
 RESULT_FILE = "result.json"
 CANCEL_FILE = "cancel"
 WORK_DIR = "work"
+RUNNER_LOG = "runner.log"
+# What ``discard_work`` keeps: the watcher's inputs (a few KiB, the console aside) and the log.
+KEPT_FILES = frozenset({RUN_FILE, LOCK_FILE, RUNNER_PID, ENGINE_PID, STATUS_FILE, CONSOLE_FILE,
+                        RESULT_FILE, CANCEL_FILE, RUNNER_LOG})
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -121,6 +131,22 @@ class RunDir:
             self.file(RESULT_FILE),
             {"outcome": outcome, "error_message": error_message, "exit_code": exit_code},
         )
+
+    def discard_work(self) -> int:
+        """Delete everything but ``KEPT_FILES`` (the project, ``all.zip``, downloads); returns
+        the entries deleted. Best effort: what cannot be deleted goes with the task."""
+        deleted = 0
+        with contextlib.suppress(FileNotFoundError):
+            for entry in self.path.iterdir():
+                if entry.name in KEPT_FILES:
+                    continue
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    with contextlib.suppress(OSError):
+                        entry.unlink()
+                deleted += 1
+        return deleted
 
 
 def runs(root: Path) -> list[RunDir]:

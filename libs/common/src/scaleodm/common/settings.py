@@ -25,7 +25,42 @@ class NatsSettings(BaseModel):
 
     url: str = Field("nats://127.0.0.1:4222", description="NATS server URL(s), comma separated.")
     publish_timeout_s: float = Field(5.0, description="Timeout of one JetStream publish.")
-    connect_timeout_s: float = Field(5.0, description="Timeout of the initial connection.")
+    connect_timeout_s: float = Field(
+        5.0, gt=0,
+        description="Timeout of one connection attempt (the first one and every reconnection).",
+    )
+    startup_timeout_s: float = Field(
+        60.0, gt=0,
+        description="How long a process keeps trying to reach NATS when it starts (an attempt "
+        "every `reconnect_wait_s`) before it gives up and exits.",
+    )
+    reconnect_wait_s: float = Field(
+        1.0, gt=0,
+        description="Wait before the second reconnection attempt once the connection is lost "
+        "(the first is immediate); it doubles with each failed attempt up to "
+        "`reconnect_max_wait_s`, with +-25 % jitter.",
+    )
+    reconnect_max_wait_s: float = Field(
+        10.0, gt=0, description="Longest wait between two reconnection attempts."
+    )
+    max_reconnect_attempts: int = Field(
+        -1, ge=-1,
+        description="Failed reconnection attempts (per server) before the connection is closed "
+        "for good, which fails liveness (`/healthz` 503) so that the process is restarted; "
+        "-1 = never give up (readiness fails meanwhile).",
+    )
+    drain_timeout_s: float = Field(
+        3.0, gt=0,
+        description="At shutdown, how long the connection may take to drain (pending acks and "
+        "publishes) before it is closed.",
+    )
+    stream_replicas: int = Field(
+        1, ge=1, le=5,
+        description="Replicas of the TASKS and EVENTS streams (their durable consumers follow): "
+        "1 on a single server, 3 on a NATS cluster of 3+ nodes (survives one node down). An "
+        "existing stream with fewer is raised to it at start-up, never lowered "
+        "(docs/operations.md).",
+    )
     user: str | None = Field(None, description="NATS user name (with `password`); unset = none.")
     password: SecretStr | None = Field(
         None, description="NATS password of `user` (from a Secret on Kubernetes)."
@@ -48,6 +83,15 @@ class MongoSettings(BaseModel):
     url: str = Field("mongodb://127.0.0.1:27017", description="MongoDB connection string.")
     database: str = Field("scaleodm", description="Database holding tasks, events and deliveries.")
     server_selection_timeout_ms: int = Field(5000, description="serverSelectionTimeoutMS.")
+    timeout_ms: int = Field(
+        10000, gt=0,
+        description="timeoutMS: deadline of one MongoDB operation, server selection and retries "
+        "included; an unreachable or frozen MongoDB fails the operation after this long (the "
+        "gateway answers `Storage unavailable, please retry later`).",
+    )
+    connect_timeout_ms: int = Field(
+        5000, gt=0, description="connectTimeoutMS (also the monitors' socket timeout)."
+    )
     username: str | None = Field(
         None, description="MongoDB user (with `password`); unset = credentials in `url` or none."
     )
@@ -72,7 +116,20 @@ class S3Settings(BaseModel):
         False, description="Create the bucket at start-up if missing (development)."
     )
     connect_timeout_s: float = Field(5.0, description="S3 connect timeout.")
-    read_timeout_s: float = Field(60.0, description="S3 read timeout.")
+    read_timeout_s: float = Field(
+        60.0, description="S3 read timeout (one socket read; `request_timeout_s` bounds a request)."
+    )
+    max_attempts: int = Field(
+        3, ge=1,
+        description="Attempts of one S3 request, the first included (botocore's standard retry "
+        "mode).",
+    )
+    request_timeout_s: float = Field(
+        30.0, gt=0,
+        description="Deadline of one S3 request, its retries included (an upload part, a small "
+        "object, a listing page, a download's start or next chunk): a frozen S3 fails it after "
+        "this long (the gateway answers `Storage unavailable, please retry later`).",
+    )
     part_size_bytes: int = Field(
         8 * 1024 * 1024, description="Multipart upload part size (>= 5 MiB)."
     )
@@ -112,7 +169,7 @@ class ArgoSettings(BaseModel):
     odm_image: str = Field("opendronemap/odm:3.6.0", description="ODM image of the main step.")
     runner_image: str = Field(
         "ghcr.io/scaleodm/scaleodm:latest",
-        description="Our image, for the fetch and upload steps (scaleodm.scheduler.stages).",
+        description="Our image, for the fetch and upload steps (scaleodm.run.stages).",
     )
     s3_secret: str = Field(
         "scaleodm-s3", description="Secret with keys access_key_id / secret_access_key."
@@ -318,15 +375,18 @@ class EngineKind(enum.StrEnum):
     COMMAND = "command"
 
 
-class ExecutorKind(enum.StrEnum):
-    LOCAL = "local"
-    ARGO = "argo"
+class RunPlatform(enum.StrEnum):
+    """Where runs live: the scheduler starts them there (``executor``), the watcher follows them
+    there (``source``)."""
+
+    LOCAL = "local"  # a runner process and a run directory per attempt (``localruns``)
+    ARGO = "argo"  # an Argo Workflow per attempt (``argoruns``)
 
 
 class SchedulerSettings(BaseServiceSettings):
     """Turns task commands into runs."""
 
-    executor: ExecutorKind = Field(ExecutorKind.LOCAL, description="Where runs go: local | argo.")
+    executor: RunPlatform = Field(RunPlatform.LOCAL, description="Where runs go: local | argo.")
     engine: EngineKind = Field(
         EngineKind.AUTO,
         description="Local runs: `docker` (opendronemap/odm), `test` (the ODM test double, never "
@@ -368,10 +428,10 @@ class SchedulerSettings(BaseServiceSettings):
 
 
 class WatcherSettings(BaseServiceSettings):
-    """Follows runs, turns them into events, projects events into MongoDB."""
+    """Follows runs, turns them into events, and relays the outbox."""
 
-    source: ExecutorKind = Field(
-        ExecutorKind.LOCAL, description="What it follows: local runs or Argo Workflows."
+    source: RunPlatform = Field(
+        RunPlatform.LOCAL, description="What it follows: local runs or Argo Workflows."
     )
     local: LocalRunSettings = Field(default_factory=LocalRunSettings)
     argo: ArgoSettings = Field(default_factory=ArgoSettings)
@@ -388,6 +448,23 @@ class WatcherSettings(BaseServiceSettings):
     )
     outbox_interval_s: float = Field(5.0, description="How often unpublished events are resent.")
     outbox_min_age_s: float = Field(5.0, description="Age before an unpublished event is resent.")
+    cleanup_tasks_after_min: float = Field(
+        2880.0, ge=0,
+        description="Finished tasks (completed, failed, canceled) are removed, as by /task/remove "
+        "(inputs, outputs, run directories, events), this many minutes after they finished "
+        "(NodeODM `--cleanup_tasks_after`, 48 h); 0 keeps them forever.",
+    )
+    cleanup_uploads_after_min: float = Field(
+        2880.0, ge=0,
+        description="Chunked uploads never committed, and files that arrived after their upload "
+        "closed, are deleted (records and S3 objects) this many minutes after their last init "
+        "or file (NodeODM `--cleanup_uploads_after`, 48 h); 0 keeps them forever.",
+    )
+    cleanup_interval_s: float = Field(
+        600.0, gt=0,
+        description="How often each watcher looks for expired tasks and abandoned uploads (one "
+        "pass handles a bounded batch of each; after a full batch the next pass follows in 1 s).",
+    )
 
 
 class NotifierSettings(BaseServiceSettings):

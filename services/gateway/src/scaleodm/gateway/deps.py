@@ -9,11 +9,13 @@ from typing import Annotated
 from fastapi import Depends, Query, Request
 from faststream.nats import NatsBroker
 
+from scaleodm.common import failpoints
 from scaleodm.common.emitting import Emitter
 from scaleodm.common.settings import GatewaySettings
 from scaleodm.common.store.s3 import S3
 from scaleodm.common.store.tasks import MongoHandle, TaskStore
 from scaleodm.common.store.uploads import UploadStore
+from scaleodm.gateway.actions import TaskActions
 from scaleodm.gateway.cached import CachedValue
 from scaleodm.gateway.errors import NodeOdmError
 from scaleodm.gateway.eventstream import EventHub
@@ -27,13 +29,17 @@ class Resources:
     broker: NatsBroker
     emitter: Emitter
     uploads: UploadStore
+    points: failpoints.Failpoints
     # Live task events for the SSE routes (routes/events.py); created on first use when unset.
     event_hub: EventHub | None = None
     # taskQueueCount of /info, counted at most once per SCALEODM_INFO_CACHE_S (cached.py)
     queue_count: CachedValue[int] = field(init=False)
+    # The task actions (create, restart, cancel, remove): the only writer of tasks here.
+    actions: TaskActions = field(init=False)
 
     def __post_init__(self) -> None:
         self.queue_count = CachedValue(self.store.count_active, self.settings.info_cache_s)
+        self.actions = TaskActions(self.store, self.emitter, self.points)
 
     @property
     def store(self) -> TaskStore:

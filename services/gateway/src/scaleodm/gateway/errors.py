@@ -4,6 +4,9 @@ Only unknown routes answer 404 (HTML ``Cannot GET /path``, as Express does). Val
 and unexpected exceptions are logged and turned into ``{"error": ...}``: never a 500, never a
 traceback. An unexpected exception answers only ``Internal error (ref <id>)``: its type and text
 may name hosts, paths or internals, so they go to the log under the same ref, never to the client.
+A storage outage (MongoDB or S3 away or frozen: ``store.is_unavailable``) is no bug: it answers
+``Storage unavailable, please retry later`` as soon as the store's deadline has passed (MongoDB
+``timeoutMS``, S3 ``request_timeout_s``), and is logged as a warning without a traceback.
 Client input echoed in an error goes through ``shown``: bounded, control characters escaped.
 """
 
@@ -18,10 +21,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from scaleodm.common import store
 from scaleodm.common.domain.text import shown
 from scaleodm.common.logging import get_logger
 
 log = get_logger(__name__)
+STORAGE_UNAVAILABLE = "Storage unavailable, please retry later"
 
 
 class NodeOdmError(Exception):
@@ -63,8 +68,16 @@ def install(app: FastAPI) -> None:
             )
         return JSONResponse({"error": str(exc.detail)})
 
-    @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:
+        if store.is_unavailable(exc):
+            log.warning("storage unavailable", path=request.url.path, error=repr(exc))
+            return JSONResponse({"error": STORAGE_UNAVAILABLE})  # NodeODM: errors are HTTP 200
         ref = secrets.token_hex(6)
         log.error("unhandled error", ref=ref, path=request.url.path, exc_info=exc)
         return JSONResponse({"error": f"Internal error (ref {ref})"})
+
+    # The storage errors by class first: Starlette answers those in its exception middleware,
+    # while the catch-all handler answers and then re-raises (uvicorn logs a second traceback).
+    for outage in store.OUTAGE_TYPES:
+        app.add_exception_handler(outage, _unexpected)
+    app.add_exception_handler(Exception, _unexpected)

@@ -13,7 +13,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.routing import APIRoute
 from faststream.nats import NatsBroker
 
-from scaleodm.common import runtime
+from scaleodm.common import failpoints, runtime
 from scaleodm.common.contracts import streams
 from scaleodm.common.emitting import Emitter
 from scaleodm.common.logging import configure_logging, get_logger
@@ -44,23 +44,23 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             mongo = await open_store(settings.mongo, "gateway")
             stack.push_async_callback(mongo.close)
             s3 = await stack.enter_async_context(S3.open(settings.s3))
-            broker = NatsBroker(
-                settings.nats.servers(),
-                connect_timeout=int(settings.nats.connect_timeout_s),
-                security=runtime.nats_security(settings.nats),
-                logger=get_logger("scaleodm.bus"),
-            )
+            # The services' NATS client: reconnects for as long as NATS is away, start and stop
+            # bounded (runtime.ServiceBroker).
+            broker = runtime.make_broker(settings)
             conn = await broker.connect()
             stack.push_async_callback(_stop_broker, broker)
-            await streams.ensure_streams(conn.jetstream())
+            await streams.ensure_streams(
+                conn.jetstream(), replicas=settings.nats.stream_replicas
+            )
             upload_store = UploadStore(mongo.store.db)
             await upload_store.ensure_indexes()
             hub = EventHub.for_settings(conn, settings)
             stack.push_async_callback(hub.close)  # runs before the broker drains
+            emitter = Emitter(mongo.store, broker, settings.nats.publish_timeout_s)
+            stack.push_async_callback(emitter.aclose)  # before the broker drains
             app.state.resources = Resources(
-                settings, mongo, s3, broker,
-                Emitter(mongo.store, broker, settings.nats.publish_timeout_s), upload_store,
-                event_hub=hub,
+                settings, mongo, s3, broker, emitter, upload_store,
+                failpoints.Failpoints(settings.failpoints), event_hub=hub,
             )
             log.info("gateway ready", port=settings.gateway_port)
             yield
@@ -101,7 +101,8 @@ def _openapi(app: FastAPI) -> Callable[[], dict[str, Any]]:
 
 
 async def _stop_broker(broker: NatsBroker) -> None:
-    """Drain the connection; a connection already lost is not an error at shutdown."""
+    """Drain the connection (bounded: a connection that cannot drain is closed, see
+    ``runtime.ServiceBroker.stop``); a connection already lost is not an error at shutdown."""
     try:
         await broker.stop()
     except Exception as exc:

@@ -1,5 +1,5 @@
-"""Turning accepted input into a task: the fields NodeODM clients send, validated; then the task
-document, its ``queued`` event and the scheduler's ``create`` command.
+"""Turning accepted input into a task: the fields NodeODM clients send, validated, then handed
+to ``actions.TaskActions.create``.
 
 Shared by the single-request ``/task/new`` and the chunked ``init``/``commit`` flow, so both give
 the same task for the same input.
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import functools
 import json
 import math
 import re
@@ -18,15 +17,13 @@ from dataclasses import asdict, dataclass
 from typing import Any
 from urllib.parse import SplitResult, urlsplit
 
-from scaleodm.common import failpoints, netguard
-from scaleodm.common.contracts import bus, commands, events
-from scaleodm.common.contracts.ids import TaskId
+from scaleodm.common import netguard
 from scaleodm.common.domain import options as odm_options
 from scaleodm.common.domain import webhooks
 from scaleodm.common.domain.text import shown
 from scaleodm.common.logging import get_logger
 from scaleodm.common.store import s3 as s3mod
-from scaleodm.common.store.tasks import TaskExistsError
+from scaleodm.gateway import actions
 from scaleodm.gateway.deps import Resources
 from scaleodm.gateway.errors import NodeOdmError
 
@@ -315,58 +312,19 @@ async def submit(
     failure: str | None = None,
 ) -> None:
     """Create the task (status 10) and queue its first run; ``failure`` fails it at once."""
-    bucket = res.settings.s3.bucket
-    outputs = parse_outputs(fields.outputs)
-    doc = {
-        "_id": task_id,
-        "name": fields.name or default_name(),
-        "date_created_ms": _int(fields.date_created) or now_ms(),
-        "options": options,
-        "images_count": images_count,
-        "webhook": webhooks.webhook_target(fields.webhook),
-        "skip_post_processing": fields.skip_pp,
-        "outputs": outputs,
-        "sources": sources,
-        "output_prefix": str(s3mod.task_outputs(bucket, task_id)),
-    }
-    queued = events.queued(task_id, 1)
-    try:
-        created = await res.store.create_task(doc, queued)
-    except TaskExistsError as exc:
-        raise NodeOdmError(f"Invalid set-uuid: {task_id}") from exc
-    if failure is not None:  # NodeODM §3.5: maxImages after commit is an async failure
-        await res.emitter.publish(queued.model_copy(update={"seq": created.seq}))
-        await res.emitter.emit(events.failed(task_id, 1, failure))
-        return
-    cmd = commands.CreateTask(
-        task_id=TaskId(task_id), attempt=1, name=doc["name"], options=options, sources=sources,
-        output_prefix=doc["output_prefix"], skip_post_processing=fields.skip_pp, outputs=outputs,
-        images_count=images_count or None,
+    new = actions.NewTask(
+        task_id=task_id,
+        name=fields.name or default_name(),
+        date_created_ms=_int(fields.date_created) or now_ms(),
+        options=options,
+        images_count=images_count,
+        webhook=webhooks.webhook_target(fields.webhook),
+        skip_post_processing=fields.skip_pp,
+        outputs=parse_outputs(fields.outputs),
+        sources=sources,
+        output_prefix=str(s3mod.task_outputs(res.settings.s3.bucket, task_id)),
     )
-    await publish_run(res, cmd)
-    await res.emitter.publish(queued.model_copy(update={"seq": created.seq}))
-    log.info("task created", images=images_count, sources=len(sources))
-
-
-@functools.cache
-def _failpoints(spec: str) -> failpoints.Failpoints:
-    return failpoints.Failpoints(spec)
-
-
-async def failpoint(res: Resources, name: str) -> None:
-    """A named crash/hang point for tests (``SCALEODM_FAILPOINTS``); a no-op otherwise."""
-    await _failpoints(res.settings.failpoints).hit(name)
-
-
-async def publish_run(res: Resources, cmd: commands.CreateTask | commands.RestartTask) -> None:
-    """Queue the attempt's run; its ``queued`` event is published after this (the outbox relay
-    re-publishes the command of a ``queued`` event left unpublished by a crash)."""
-    await failpoint(res, "gateway.run.before_publish")
     try:
-        await bus.publish_command(res.broker, cmd, timeout_s=res.settings.nats.publish_timeout_s)
-    except Exception as exc:
-        log.error("could not queue the run", error=repr(exc))
-        await res.emitter.emit(
-            events.failed(cmd.task_id, cmd.attempt, "Could not queue the task (message bus)")
-        )
-        raise NodeOdmError("Could not queue the task, please retry later") from exc
+        await res.actions.create(new, failure=failure)
+    except actions.TaskExistsAlreadyError as exc:
+        raise NodeOdmError(f"Invalid set-uuid: {task_id}") from exc

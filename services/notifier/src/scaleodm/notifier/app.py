@@ -7,18 +7,23 @@ durable's ``max_deliver`` is unlimited (contracts/streams.py) and the horizon bo
 every attempt ends in a record, and a target is pending only until its horizon. An event whose
 handling itself fails (MongoDB or S3 away) is retried with backoff, and given up, logged, once it
 is older than the horizon plus one backoff step: by then no delivery of it could be retried.
+
+The resources (MongoDB, S3, the guarded HTTP client) are opened by one lifespan
+(``open_resources``) and reach the handler as a frozen ``Resources``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
-from typing import Any
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import httpx
 from faststream import AckPolicy
 from faststream.asgi import AsgiFastStream
 from faststream.exceptions import NackMessage
-from faststream.nats import NatsMessage, PullSub
+from faststream.nats import NatsBroker, NatsMessage, PullSub
 
 from scaleodm.common import netguard, runtime
 from scaleodm.common.contracts import events, streams
@@ -26,39 +31,47 @@ from scaleodm.common.logging import get_logger
 from scaleodm.common.settings import NotifierSettings
 from scaleodm.common.store.deliveries import DeliveryStore
 from scaleodm.common.store.s3 import S3
-from scaleodm.common.store.tasks import open_store
+from scaleodm.common.store.tasks import MongoHandle, open_store
 from scaleodm.notifier.delivery import Notifier, RetryLaterError, RetryPolicy
 
 log = get_logger(__name__)
 
 
-def create_app(settings: NotifierSettings) -> AsgiFastStream:
-    broker = runtime.make_broker(settings)
-    state: dict[str, Any] = {}
+@dataclass(frozen=True)
+class Resources:
+    """What the notifier holds while it runs (``open_resources``)."""
 
-    async def on_startup() -> None:
-        conn = await broker.connect()
-        js = conn.jetstream()
-        await streams.ensure_streams(js)
-        await streams.ensure_consumers(
-            js, only=streams.NOTIFIER_DURABLE, notifier_ack_wait_s=settings.webhook_ack_wait_s
-        )
+    mongo: MongoHandle
+    notifier: Notifier
+
+
+@contextlib.asynccontextmanager
+async def open_resources(
+    settings: NotifierSettings, broker: NatsBroker
+) -> AsyncIterator[Resources]:
+    """Streams and the ``notifier`` durable declared, then MongoDB, S3 and the HTTP client;
+    closed in reverse order."""
+    conn = await broker.connect()
+    js = conn.jetstream()
+    await streams.ensure_streams(js, replicas=settings.nats.stream_replicas)
+    await streams.ensure_consumers(
+        js, only=streams.NOTIFIER_DURABLE, notifier_ack_wait_s=settings.webhook_ack_wait_s
+    )
+    async with contextlib.AsyncExitStack() as stack:
         mongo = await open_store(settings.mongo, "notifier")
+        stack.push_async_callback(mongo.close)
         deliveries = DeliveryStore(mongo.store.db)
         await deliveries.ensure_indexes()
-        s3_cm = S3.open(settings.s3)
-        s3 = await s3_cm.__aenter__()
-        policy = netguard.OutboundPolicy(settings.outbound_allow)
-        client = httpx.AsyncClient(
-            transport=netguard.GuardedTransport(policy),
+        s3 = await stack.enter_async_context(S3.open(settings.s3))
+        client = await stack.enter_async_context(httpx.AsyncClient(
+            transport=netguard.GuardedTransport(netguard.OutboundPolicy(settings.outbound_allow)),
             timeout=httpx.Timeout(
                 settings.webhook_timeout_s, connect=min(5.0, settings.webhook_timeout_s)
             ),
             follow_redirects=False,  # a 3xx is a failed attempt, never a hop elsewhere
-        )
-        state.update(mongo=mongo, s3_cm=s3_cm, client=client)
+        ))
         secret = settings.webhook_secret.get_secret_value() if settings.webhook_secret else None
-        state["notifier"] = Notifier(
+        notifier = Notifier(
             mongo.store, deliveries, s3, client, node_webhook=settings.webhook, secret=secret,
             max_response_bytes=settings.webhook_max_response_bytes,
             policy=RetryPolicy(
@@ -69,14 +82,12 @@ def create_app(settings: NotifierSettings) -> AsgiFastStream:
                 max_attempts=settings.webhook_max_attempts,
             ),
         )
+        yield Resources(mongo, notifier)
 
-    async def after_shutdown() -> None:
-        if "client" in state:
-            await state["client"].aclose()
-        if "s3_cm" in state:
-            await state["s3_cm"].__aexit__(None, None, None)
-        if "mongo" in state:
-            await state["mongo"].close()
+
+def create_app(settings: NotifierSettings) -> AsgiFastStream:
+    broker = runtime.make_broker(settings)
+    lifecycle = runtime.Lifecycle(lambda: open_resources(settings, broker))
 
     @broker.subscriber(
         streams.EVENT_SUBJECTS,
@@ -91,7 +102,7 @@ def create_app(settings: NotifierSettings) -> AsgiFastStream:
         if ev.kind not in events.TERMINAL_KINDS:
             return
         try:
-            await state["notifier"].on_terminal(ev)
+            await lifecycle.current.notifier.on_terminal(ev)
         except RetryLaterError as exc:
             raise NackMessage(delay=exc.delay_s) from None
         except Exception as exc:  # MongoDB or S3 away: retry later, never in a hot loop
@@ -109,9 +120,10 @@ def create_app(settings: NotifierSettings) -> AsgiFastStream:
             raise NackMessage(delay=delay) from exc
 
     async def ready_mongo() -> None:
-        await state["mongo"].ping()
+        await lifecycle.current.mongo.ping()
 
     return runtime.make_app(
-        broker, ready_checks=[("mongo", ready_mongo)], on_startup=[on_startup],
-        after_shutdown=[after_shutdown],
+        broker,
+        lifespan=lifecycle.lifespan,
+        ready_checks=[("mongo", ready_mongo)],
     )

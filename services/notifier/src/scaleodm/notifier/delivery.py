@@ -5,7 +5,7 @@ of NodeODM, which skips tasks that never started processing (nodeodm-api §11 #1
 tell outcomes apart by ``status.code``. Each (task, attempt, target) is one delivery document
 (``DeliveryStore``), delivered at most once successfully.
 
-Retries outlive NodeODM's fixed 6-attempt schedule (nodeodm-api §8): exponential backoff with
+Retries outlive NodeODM's fixed 6-attempt schedule (nodeodm-api §8): ``clock.backoff_s`` with
 equal jitter (half the step fixed, half random, so receivers recovering together are not hit in
 lockstep) until ``horizon_s`` after the first attempt, then the delivery is dead-lettered with
 its reason. The schedule lives in MongoDB (``first_at_ms``, ``next_at_ms``, the attempts), not
@@ -29,6 +29,11 @@ connection can be reused.
 
 With a Standard Webhooks secret, every attempt is signed: ``webhook-id`` is the delivery id
 (stable across retries, so receivers can deduplicate), ``webhook-timestamp`` the attempt's time.
+
+The notifier depends on three narrow ports declared here (``TaskReader``, ``DeliveryLog``,
+``ObjectReader``), which ``TaskStore``, ``DeliveryStore`` and ``S3`` implement; wall-clock time
+comes from ``scaleodm.common.clock`` (tests move a ``ManualClock``), attempt latency from
+``time.monotonic()``.
 """
 
 from __future__ import annotations
@@ -37,24 +42,48 @@ import asyncio
 import datetime as dt
 import hashlib
 import json
-import random
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import httpx
 import standardwebhooks
 
-from scaleodm.common import netguard
+from scaleodm.common import clock, netguard
 from scaleodm.common.contracts import events
 from scaleodm.common.domain import taskinfo, webhooks
 from scaleodm.common.domain.status import TERMINAL_STATES, TaskState
 from scaleodm.common.logging import bind_task, get_logger
-from scaleodm.common.store.deliveries import DeliveryStore
-from scaleodm.common.store.s3 import S3, S3Url, parse_s3_url
-from scaleodm.common.store.tasks import TaskStore
+from scaleodm.common.store.s3 import S3Url, parse_s3_url
 
 log = get_logger(__name__)
+Doc = dict[str, Any]
+
+
+class TaskReader(Protocol):
+    """Reads task documents (``TaskStore``)."""
+
+    async def get_task(self, task_id: str) -> Doc | None: ...
+
+
+class DeliveryLog(Protocol):
+    """One record per (task, attempt, target) with every attempt (``DeliveryStore``)."""
+
+    async def open(self, delivery_id: str, *, task_id: str, attempt: int, url: str) -> Doc:
+        """The delivery's record, created ``pending`` if new."""
+        ...
+
+    async def record_attempt(
+        self, delivery_id: str, *, status: str, status_code: int | None, latency_ms: int,
+        error: str | None, next_at_ms: int = 0, reason: str | None = None,
+    ) -> None: ...
+
+
+class ObjectReader(Protocol):
+    """Reads an object (``S3``)."""
+
+    def iter_object(self, url: S3Url) -> AsyncIterator[bytes]: ...
 
 
 class RetryLaterError(Exception):
@@ -76,9 +105,11 @@ class RetryPolicy:
     max_attempts: int = 0  # 0: no cap, the horizon decides
 
     def delay_s(self, failures: int) -> float:
-        """Delay after the ``failures``-th failed attempt: exponential, equal jitter."""
-        step = min(self.backoff_base_s * 2.0 ** min(max(failures - 1, 0), 60), self.backoff_max_s)
-        return step / 2 + random.uniform(0, step / 2)
+        """Delay after the ``failures``-th failed attempt: ``clock.backoff_s`` with equal jitter
+        (uniform within [step/2, step], step = min(base * 2^(failures-1), max))."""
+        return clock.backoff_s(
+            failures, base_s=self.backoff_base_s, max_s=self.backoff_max_s, jitter=0.5
+        )
 
 
 class Outcome(NamedTuple):
@@ -123,16 +154,12 @@ def describe(exc: BaseException) -> str:
     return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 1] + "…"
 
 
-def now_ms() -> int:
-    return int(time.time() * 1000)
-
-
 class Notifier:
     def __init__(
         self,
-        store: TaskStore,
-        deliveries: DeliveryStore,
-        s3: S3,
+        store: TaskReader,
+        deliveries: DeliveryLog,
+        s3: ObjectReader,
         client: httpx.AsyncClient,
         *,
         node_webhook: str | None,
@@ -150,7 +177,12 @@ class Notifier:
         self.max_response_bytes = max_response_bytes
 
     async def on_terminal(self, ev: events.TaskEvent) -> None:
-        """Deliver to every target; :class:`RetryLaterError` while some are pending."""
+        """Deliver to every target; :class:`RetryLaterError` while some are pending.
+
+        Only terminal events (``events.TerminalEvent``) deliver; any other is ignored.
+        """
+        if not isinstance(ev, events.TerminalEvent):
+            return
         with bind_task(ev.task_id, attempt=ev.attempt, event=ev.kind):
             doc = await self.store.get_task(ev.task_id)
             if doc is None or doc["attempt"] != ev.attempt:
@@ -162,7 +194,7 @@ class Notifier:
                                                                  self.node_webhook)) if u]
             if not targets:
                 return
-            payload = {**taskinfo.task_info(doc, now_ms()), "images": await self._images(doc)}
+            payload = {**taskinfo.task_info(doc, clock.now_ms()), "images": await self._images(doc)}
             body = json.dumps(payload).encode()
             # every target's attempt is made and recorded before a failure (MongoDB away) is
             # raised for the whole event to be retried
@@ -175,7 +207,7 @@ class Notifier:
                     raise result
             pending = [d for d in due if isinstance(d, int)]
             if pending:
-                raise RetryLaterError(ev.task_id, max(min(pending) - now_ms(), 0) / 1000)
+                raise RetryLaterError(ev.task_id, max(min(pending) - clock.now_ms(), 0) / 1000)
 
     async def _deliver(self, doc: dict[str, Any], url: str, body: bytes) -> int | None:
         """None when this target is settled (delivered or dead), else when it is next due."""
@@ -185,7 +217,7 @@ class Notifier:
         )
         if rec["status"] in ("delivered", "dead"):
             return None
-        if rec.get("next_at_ms", 0) > now_ms():
+        if rec.get("next_at_ms", 0) > clock.now_ms():
             return int(rec["next_at_ms"])  # an early redelivery: not due yet
         started = time.monotonic()
         outcome = await self._attempt(did, url, body)
@@ -210,7 +242,7 @@ class Notifier:
             return "dead", 0, error
         if self.policy.max_attempts and tries >= self.policy.max_attempts:
             return "dead", 0, f"gave up after {tries} attempts; last: {error}"
-        now = now_ms()
+        now = clock.now_ms()
         first = rec.get("first_at_ms")
         if not first and isinstance(rec.get("created_at"), dt.datetime):  # older records
             first = int(rec["created_at"].timestamp() * 1000)
@@ -243,7 +275,7 @@ class Notifier:
     def _headers(self, did: str, body: bytes) -> dict[str, str]:
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if self.signer is not None:
-            at = dt.datetime.now(dt.UTC)
+            at = clock.now()
             headers["webhook-id"] = did
             headers["webhook-timestamp"] = str(int(at.timestamp()))
             headers["webhook-signature"] = self.signer.sign(did, at, body.decode())

@@ -20,13 +20,15 @@ Design points (scaleodm.md §4 kept, §10 gaps avoided):
 - ``metadata.name`` = ``run_name(task_id, attempt)``, never ``generateName``: a redelivered
   create meets 409 and changes nothing (§10 #14).
 - Labels ``app.kubernetes.io/managed-by``, ``scaleodm.io/{task,attempt,shard}`` on the Workflow
-  and, through ``spec.podMetadata``, on its pods: the watcher selects its shards by label.
+  and, through ``spec.podMetadata``, on its pods: the watcher selects its shards by label. Their
+  names, the container names and ``shard_of`` are the Argo run contract the watcher shares
+  (``scaleodm.common.argoruns``).
 - One template ``odm``: a **containerSet** (one pod, so the three steps share an emptyDir
-  ``workspace`` at ``/workspace``): ``fetch`` (our image, ``stages fetch``) → ``main`` (the ODM
-  image, ``python3 /code/run.py <options…> --project-path /workspace <task_id>``) → ``upload``
-  (``stages upload``). Every value is its own argv item; no container runs a shell (§10 #9/#15).
-  The ODM container is named ``main``: Argo reads a container set's outputs and result from
-  the container of that name.
+  ``workspace`` at ``/workspace``): ``fetch`` (our image, ``scaleodm.run.stages fetch``) → ``main``
+  (the ODM image, ``python3 /code/run.py <options…> --project-path /workspace <task_id>``) →
+  ``upload`` (``scaleodm.run.stages upload``). Every value is its own argv item; no container
+  runs a shell (§10 #9/#15). The ODM container is named ``main``: Argo reads a container set's
+  outputs and result from the container of that name.
 - The pod is scheduled for the *sum* of the three containers' requests (all are created at once
   and wait on their dependencies), so ``fetch``/``upload`` ask for little.
 - S3 credentials reach ``fetch``/``upload`` only via ``secretKeyRef`` to ``settings.s3_secret``
@@ -47,9 +49,9 @@ Design points (scaleodm.md §4 kept, §10 gaps avoided):
     ``/code``, which only root owns in that image (as its *owner*, so no capability is needed);
   - **no capabilities**: the only other place it writes is the project ``/workspace/<task_id>``,
     which ``fetch`` (uid 10001) creates group-writable for gid 10001 with setgid directories
-    (``stages.share_with_group``: umask 002, then an explicit ``chmod`` of the whole tree).
-    Kubernetes adds the pod's ``fsGroup`` 10001 to every container's supplementary groups, so
-    ODM's processes write there through the *group* permission bits; ``CHOWN``,
+    (``scaleodm.run.stages.share_with_group``: umask 002, then an explicit ``chmod`` of the
+    whole tree). Kubernetes adds the pod's ``fsGroup`` 10001 to every container's supplementary
+    groups, so ODM's processes write there through the *group* permission bits; ``CHOWN``,
     ``DAC_OVERRIDE`` and ``FOWNER`` (which this container used to add) are not needed. New
     entries inherit gid 10001 from the setgid directories, and with the image's umask (022)
     ODM's outputs are readable by all, so ``upload`` can read them.
@@ -77,36 +79,31 @@ Design points (scaleodm.md §4 kept, §10 gaps avoided):
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Final
 
 from hera.workflows import models as m
 
+from scaleodm.common import argoruns
 from scaleodm.common.contracts.commands import RunSpec
 from scaleodm.common.contracts.ids import is_task_id, run_name
 from scaleodm.common.domain.options import to_engine_args
 from scaleodm.common.settings import ArgoSettings
+from scaleodm.run import stages
 from scaleodm.scheduler import sizing
 
 __all__ = [
     "ArgoTemplateError",
-    "LABEL_ATTEMPT",
-    "LABEL_MANAGED_BY",
-    "LABEL_SHARD",
-    "LABEL_TASK",
-    "MANAGED_BY",
     "SECRET_KEYS",
+    "STAGES_MODULE",
     "STEP_RESOURCES",
     "argo_safe_json",
     "build_workflow",
     "escape_for_kubernetes",
     "kubernetes_literal",
     "labels",
-    "shard_of",
 ]
 
-API_VERSION: Final = "argoproj.io/v1alpha1"
 TEMPLATE: Final = "odm"
 WORKSPACE_VOLUME: Final = "workspace"
 # An empty, read-only volume mounted over the service account token's directory in each of our
@@ -115,14 +112,9 @@ WORKSPACE_VOLUME: Final = "workspace"
 NO_TOKEN_VOLUME: Final = "no-service-account-token"
 SERVICE_ACCOUNT_DIR: Final = "/var/run/secrets/kubernetes.io/serviceaccount"
 WORKSPACE: Final = "/workspace"
-STAGES_MODULE: Final = "scaleodm.scheduler.stages"
+# The fetch/upload steps' module, run with ``python -m`` (named from the module, so it follows it).
+STAGES_MODULE: Final = stages.__name__
 ODM_RUN: Final = "/code/run.py"
-
-LABEL_MANAGED_BY: Final = "app.kubernetes.io/managed-by"
-MANAGED_BY: Final = "scaleodm"
-LABEL_TASK: Final = "scaleodm.io/task"
-LABEL_ATTEMPT: Final = "scaleodm.io/attempt"
-LABEL_SHARD: Final = "scaleodm.io/shard"
 
 # Env var of the fetch/upload steps → key in the Secret ``ArgoSettings.s3_secret``.
 SECRET_KEYS: Final[dict[str, str]] = {
@@ -130,7 +122,7 @@ SECRET_KEYS: Final[dict[str, str]] = {
     "SCALEODM_S3__SECRET_ACCESS_KEY": "secret_access_key",
 }
 S3_ENV_PREFIX: Final = "SCALEODM_S3__"
-# The scheduler's own settings the fetch/upload steps read (stages.py builds SchedulerSettings
+# The scheduler's own settings the fetch/upload steps read (``stages`` builds SchedulerSettings
 # from its environment): without them an Argo run would fetch with the defaults, not the
 # operator's limits and outbound allow-list.
 STEP_SETTINGS: Final = frozenset({
@@ -206,20 +198,13 @@ def _containers(manifest: dict[str, Any]) -> Iterator[dict[str, Any]]:
         yield from template.get("containerSet", {}).get("containers", [])
 
 
-def shard_of(task_id: str, shards: int) -> int:
-    """The task's shard: CRC-32 of the lower-case uuid modulo ``shards`` (stable everywhere)."""
-    if shards < 1:
-        raise ValueError(f"shards must be >= 1, not {shards}")
-    return zlib.crc32(task_id.lower().encode("ascii")) % shards
-
-
 def labels(spec: RunSpec, shard: int) -> dict[str, str]:
-    """The labels of an attempt's Workflow and of its pods."""
+    """The labels of an attempt's Workflow and of its pods (``argoruns``: the watcher's too)."""
     return {
-        LABEL_MANAGED_BY: MANAGED_BY,
-        LABEL_TASK: spec.task_id,
-        LABEL_ATTEMPT: str(spec.attempt),
-        LABEL_SHARD: str(shard),
+        argoruns.LABEL_MANAGED_BY: argoruns.MANAGED_BY,
+        argoruns.LABEL_TASK: spec.task_id,
+        argoruns.LABEL_ATTEMPT: str(spec.attempt),
+        argoruns.LABEL_SHARD: str(shard),
     }
 
 
@@ -287,11 +272,11 @@ def _engine_args(spec: RunSpec) -> list[str]:
 def _odm(spec: RunSpec, settings: ArgoSettings) -> m.ContainerNode:
     """ODM itself: options as separate argv items, project ``/workspace/<task_id>``."""
     return m.ContainerNode(
-        name="main",
+        name=argoruns.ENGINE_CONTAINER,
         image=settings.odm_image,
         command=["python3"],
         args=[ODM_RUN, *_engine_args(spec), "--project-path", WORKSPACE, spec.task_id],
-        dependencies=["fetch"],
+        dependencies=[argoruns.FETCH_CONTAINER],
         env=[m.EnvVar(name="ODM_NONINTERACTIVE", value="1")],
         resources=_resources(sizing.size(spec.images_count, spec.options, settings)),
         termination_message_policy=TERMINATION_MESSAGE_POLICY,
@@ -335,9 +320,10 @@ def build_workflow(
                               read_only=True),
             ],
             containers=[
-                _step("fetch", settings.runner_image, spec_json, env, None),
+                _step(argoruns.FETCH_CONTAINER, settings.runner_image, spec_json, env, None),
                 _odm(spec, settings),
-                _step("upload", settings.runner_image, spec_json, env, "main"),
+                _step(argoruns.UPLOAD_CONTAINER, settings.runner_image, spec_json, env,
+                      argoruns.ENGINE_CONTAINER),
             ],
         ),
         retry_strategy=m.RetryStrategy(
@@ -351,7 +337,7 @@ def build_workflow(
         ),
     )
     workflow = m.Workflow(
-        api_version=API_VERSION,
+        api_version=argoruns.API_VERSION,
         kind="Workflow",
         metadata=m.ObjectMeta(
             name=run_name(spec.task_id, spec.attempt),

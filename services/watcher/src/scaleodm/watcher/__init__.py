@@ -1,1 +1,1 @@
-"""The watcher: follows runs, turns them into task events, and projects events into MongoDB."""
+"""The watcher: follows runs, turns them into task events, and relays the outbox."""

@@ -1,98 +1,94 @@
-"""Watcher app: the local run source, the projection consumer and the outbox relay."""
+"""Watcher app: the run source (``sources.open``: local run directories or Argo Workflows), the
+outbox relay (``relaying``) and retention (``retention``: expired tasks removed, abandoned uploads
+deleted), three loops that live as long as the app.
+
+The watcher consumes nothing from the bus; it emits events (``Emitter``: recorded in MongoDB, then
+published). One lifespan (``open_resources``) opens MongoDB, S3 and the source and runs the loops;
+FastStream leaves it after the broker stopped, so an event emitted in that last moment is recorded
+and left to the outbox, which the next start relays.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncIterator, Coroutine
+from dataclasses import dataclass
 from typing import Any
 
-from faststream import AckPolicy
 from faststream.asgi import AsgiFastStream
-from faststream.nats import PullSub
+from faststream.nats import NatsBroker
 
 from scaleodm.common import runtime
-from scaleodm.common.contracts import events, streams
+from scaleodm.common.contracts import streams
 from scaleodm.common.emitting import Emitter
 from scaleodm.common.logging import get_logger
-from scaleodm.common.settings import ExecutorKind, WatcherSettings
-from scaleodm.common.store.tasks import open_store
-from scaleodm.watcher import projection
-from scaleodm.watcher.sources import argo
-from scaleodm.watcher.sources.base import RunSource
-from scaleodm.watcher.sources.local import LocalRunSource
+from scaleodm.common.settings import WatcherSettings
+from scaleodm.common.store.s3 import S3
+from scaleodm.common.store.tasks import MongoHandle, open_store
+from scaleodm.watcher import relaying, retention, sources
 
 log = get_logger(__name__)
 
 
+@dataclass(frozen=True)
+class Resources:
+    """What the watcher holds while it runs (``open_resources``)."""
+
+    mongo: MongoHandle
+    loops: tuple[asyncio.Task[None], ...]
+
+
+@contextlib.asynccontextmanager
+async def open_resources(settings: WatcherSettings, broker: NatsBroker) -> AsyncIterator[Resources]:
+    """Streams declared, MongoDB, S3 and the run source opened, the loops started; on exit the
+    loops are cancelled first, then the rest closed in reverse order."""
+    conn = await broker.connect()
+    await streams.ensure_streams(conn.jetstream(), replicas=settings.nats.stream_replicas)
+    async with contextlib.AsyncExitStack() as stack:
+        mongo = await open_store(settings.mongo, "watcher")
+        stack.push_async_callback(mongo.close)
+        emitter = Emitter(mongo.store, broker, settings.nats.publish_timeout_s)
+        stack.push_async_callback(emitter.aclose)  # after the loops stopped, before MongoDB
+        s3 = await stack.enter_async_context(S3.open(settings.s3))
+        source = await stack.enter_async_context(sources.open(settings, mongo.store, emitter))
+        loops = (
+            _start(stack, source.run(), f"runs-{settings.source.value}"),
+            _start(stack, relaying.relay_outbox(
+                mongo.store, emitter, interval_s=settings.outbox_interval_s,
+                min_age_s=settings.outbox_min_age_s,
+            ), "outbox"),
+            _start(stack, retention.sweep_forever(mongo.store, emitter, s3, settings),
+                   "retention"),
+        )
+        log.info("watcher ready", source=settings.source.value)
+        yield Resources(mongo, loops)
+
+
+def _start(
+    stack: contextlib.AsyncExitStack, loop: Coroutine[Any, Any, None], name: str
+) -> asyncio.Task[None]:
+    """Run ``loop`` as a task, cancelled (and awaited) when ``stack`` closes."""
+    task = asyncio.get_running_loop().create_task(loop, name=name)
+
+    async def stop() -> None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    stack.push_async_callback(stop)
+    return task
+
+
 def create_app(settings: WatcherSettings) -> AsgiFastStream:
     broker = runtime.make_broker(settings)
-    state: dict[str, Any] = {"tasks": []}
-
-    async def on_startup() -> None:
-        conn = await broker.connect()
-        js = conn.jetstream()
-        await streams.ensure_streams(js)
-        await streams.ensure_consumers(js, only=streams.PROJECTION_DURABLE)
-        state["mongo"] = await open_store(settings.mongo, "watcher")
-
-    async def after_startup() -> None:
-        store = state["mongo"].store
-        emitter = Emitter(store, broker, settings.nats.publish_timeout_s)
-        source: RunSource
-        if settings.source is ExecutorKind.ARGO:
-            kubeconfig = settings.argo.kubeconfig
-            api = await argo.api_client(str(kubeconfig) if kubeconfig else None)
-            state["kube"] = api
-            source = argo.ArgoRunSource(api, store, emitter, settings)
-        else:
-            source = LocalRunSource(
-                settings.local.runs_dir, store, emitter,
-                poll_interval_s=settings.poll_interval_s,
-                batch_lines=settings.output_batch_lines,
-                start_grace_s=settings.run_start_grace_s,
-            )
-        state["tasks"] = [
-            asyncio.create_task(source.run(), name=f"runs-{settings.source.value}"),
-            asyncio.create_task(
-                projection.relay_outbox(store, emitter, interval_s=settings.outbox_interval_s,
-                                        min_age_s=settings.outbox_min_age_s),
-                name="outbox",
-            ),
-        ]
-        log.info("watcher ready", source=settings.source.value)
-
-    async def on_shutdown() -> None:
-        for task in state["tasks"]:
-            task.cancel()
-        for task in state["tasks"]:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-    async def after_shutdown() -> None:
-        if "kube" in state:
-            await state["kube"].close()
-        if "mongo" in state:
-            await state["mongo"].close()
-
-    @broker.subscriber(
-        streams.EVENT_SUBJECTS,
-        stream=streams.EVENTS_STREAM_REF,
-        durable=streams.PROJECTION_DURABLE,
-        pull_sub=PullSub(batch_size=50, timeout=2),
-        ack_policy=AckPolicy.NACK_ON_ERROR,
-        title="watcher-projection",
-    )
-    async def on_event(ev: events.AnyTaskEvent) -> None:
-        await projection.apply(state["mongo"].store, ev)
+    lifecycle = runtime.Lifecycle(lambda: open_resources(settings, broker))
 
     async def ready_mongo() -> None:
-        await state["mongo"].ping()
+        await lifecycle.current.mongo.ping()
 
     return runtime.make_app(
         broker,
+        lifespan=lifecycle.lifespan,
         ready_checks=[("mongo", ready_mongo)],
-        on_startup=[on_startup],
-        after_startup=[after_startup],
-        on_shutdown=[on_shutdown],
-        after_shutdown=[after_shutdown],
     )

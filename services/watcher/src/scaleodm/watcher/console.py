@@ -65,9 +65,13 @@ class ConsoleReporter:
             await self._progress(value, key)
 
     async def _flush(self, start: int, lines: list[str], marks: list[tuple[int, float]]) -> None:
-        await self.emitter.emit(events.output(self.task_id, self.attempt, start, list(lines)))
+        await self.emitter.emit(events.new(
+            events.TaskOutput, self.task_id, self.attempt, line_start=start, lines=list(lines)
+        ))
         for index, value in marks:
             await self._progress(value, index)
 
     async def _progress(self, value: float, key: str | int) -> None:
-        await self.emitter.emit(events.progressed(self.task_id, self.attempt, value, key))
+        await self.emitter.emit(events.new(
+            events.TaskProgressed, self.task_id, self.attempt, key=key, progress=value
+        ))

@@ -60,11 +60,10 @@ class RemoveTask(_Command):
     attempt: int = Field(ge=1)
 
 
-AnyCommand = Annotated[
-    CreateTask | RestartTask | CancelTask | RemoveTask, Field(discriminator="verb")
-]
+Command = CreateTask | RestartTask | CancelTask | RemoveTask
+AnyCommand = Annotated[Command, Field(discriminator="verb")]
 COMMAND_ADAPTER: TypeAdapter[AnyCommand] = TypeAdapter(AnyCommand)
 
 
-def idempotency_key(cmd: CreateTask | RestartTask | CancelTask | RemoveTask) -> str:
+def idempotency_key(cmd: Command) -> str:
     return f"{cmd.task_id}:{cmd.attempt}:{cmd.verb}"

@@ -3,21 +3,25 @@
 ``event_id`` is deterministic — ``<task>:<attempt>:<kind>[:<key>]`` — so two writers observing the
 same fact (the gateway recording a cancel, the watcher seeing the run end) produce one event, and
 a redelivered or re-published event is recognised. ``seq`` is the per-task position assigned by the
-event log when the event is first recorded (None before that).
+event log when the event is first recorded (None before that). Events are made by one factory,
+:func:`new`, which computes the id.
+
+The set of kinds is closed: the :data:`TaskEvent` union is the one list, and everything else is
+derived from it — :data:`KINDS` (the SSE/OpenAPI/AsyncAPI enums), :data:`TERMINAL_KINDS` (from
+:data:`TerminalEvent`), the discriminated :data:`AnyTaskEvent`. Code that dispatches on the kind
+does so with ``match`` and ``typing.assert_never``, so a new kind fails ``mypy --strict`` until
+every place handles it (``tests/unit/test_event_kinds.py`` checks the rest).
 """
 
 from __future__ import annotations
 
 import datetime as dt
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal, TypeVar, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
+from scaleodm.common import clock
 from scaleodm.common.contracts.ids import EventId, TaskId
-
-
-def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
 
 
 class _Event(BaseModel):
@@ -27,7 +31,12 @@ class _Event(BaseModel):
     task_id: TaskId
     attempt: int = Field(ge=1)
     seq: int | None = None
-    occurred_at: dt.datetime = Field(default_factory=utcnow)
+    occurred_at: dt.datetime = Field(default_factory=clock.now)
+
+    # How ``new`` tells apart events of one kind within an attempt: by the value of the field
+    # named ``id_key``, by the caller's ``key`` (``needs_key``), or not at all (once per attempt).
+    id_key: ClassVar[str | None] = None
+    needs_key: ClassVar[bool] = False
 
     @staticmethod
     def make_id(task_id: str, attempt: int, kind: str, key: str | int | None = None) -> EventId:
@@ -59,12 +68,14 @@ class TaskInputsReady(_Event):
 # Progress moved forward (0-100, monotonic).
 class TaskProgressed(_Event):
     kind: Literal["progress"] = "progress"
+    needs_key: ClassVar[bool] = True  # the stage or console line that moved it
     progress: float = Field(ge=0, le=100)
 
 
 # Console lines [line_start, line_start + len(lines)) of the attempt.
 class TaskOutput(_Event):
     kind: Literal["output"] = "output"
+    id_key: ClassVar[str | None] = "line_start"
     line_start: int = Field(ge=0)
     lines: list[str]
 
@@ -101,71 +112,84 @@ TaskEvent = (
     | TaskCanceled
     | TaskRemoved
 )
+# The events that end an attempt (NodeODM status 40, 30, 50); webhooks fire on these.
+TerminalEvent = TaskCompleted | TaskFailed | TaskCanceled
 AnyTaskEvent = Annotated[TaskEvent, Field(discriminator="kind")]
 EVENT_ADAPTER: TypeAdapter[AnyTaskEvent] = TypeAdapter(AnyTaskEvent)
-TERMINAL_KINDS = frozenset({"completed", "failed", "canceled"})
+
+E = TypeVar("E", bound=_Event)
 
 
-def queued(task_id: str, attempt: int, **kw: Any) -> TaskQueued:
-    return TaskQueued(
-        event_id=_Event.make_id(task_id, attempt, "queued"),
-        task_id=TaskId(task_id),
-        attempt=attempt,
-        **kw,
+def kind_of(event_type: type[_Event]) -> str:
+    """The ``kind`` of an event class (its discriminator's one value)."""
+    default = event_type.model_fields["kind"].default
+    assert isinstance(default, str), event_type
+    return default
+
+
+EVENT_TYPES: tuple[type[_Event], ...] = get_args(TaskEvent)
+KINDS: tuple[str, ...] = tuple(kind_of(t) for t in EVENT_TYPES)
+TERMINAL_KINDS: frozenset[str] = frozenset(kind_of(t) for t in get_args(TerminalEvent))
+
+
+def new(
+    event_type: type[E], task_id: str, attempt: int, *, key: str | int | None = None,
+    **fields: Any,
+) -> E:
+    """A new ``event_type`` event of ``task_id``'s attempt ``attempt``, with its deterministic
+    ``event_id`` (``<task>:<attempt>:<kind>[:<key>]``).
+
+    ``key`` tells apart events of one kind within an attempt where the class says so:
+    ``TaskProgressed`` needs one (the stage or line that moved it); ``TaskOutput`` takes its
+    ``line_start``; the others happen once per attempt and take none. ``fields`` are the
+    class's own fields, validated by pydantic.
+    """
+    if event_type.id_key is not None:
+        if key is not None:
+            raise TypeError(f"{event_type.__name__}: its key is {event_type.id_key}, not key=")
+        key = fields.get(event_type.id_key)
+    elif event_type.needs_key and key is None:
+        raise TypeError(f"{event_type.__name__} needs a key")
+    elif not event_type.needs_key and key is not None:
+        raise TypeError(f"{event_type.__name__} happens once per attempt: no key")
+    return event_type(
+        event_id=_Event.make_id(task_id, attempt, kind_of(event_type), key),
+        task_id=TaskId(task_id), attempt=attempt, **fields,
     )
+
+
+# Transitional: the per-kind helpers, kept only until their last call sites use ``new``.
+def queued(task_id: str, attempt: int, **kw: Any) -> TaskQueued:
+    return new(TaskQueued, task_id, attempt, **kw)
 
 
 def running(task_id: str, attempt: int) -> TaskRunning:
-    return TaskRunning(
-        event_id=_Event.make_id(task_id, attempt, "running"), task_id=TaskId(task_id),
-        attempt=attempt,
-    )
+    return new(TaskRunning, task_id, attempt)
 
 
 def inputs_ready(task_id: str, attempt: int, images_count: int) -> TaskInputsReady:
-    return TaskInputsReady(
-        event_id=_Event.make_id(task_id, attempt, "inputs"), task_id=TaskId(task_id),
-        attempt=attempt, images_count=images_count,
-    )
+    return new(TaskInputsReady, task_id, attempt, images_count=images_count)
 
 
 def progressed(task_id: str, attempt: int, progress: float, key: str | int) -> TaskProgressed:
-    return TaskProgressed(
-        event_id=_Event.make_id(task_id, attempt, "progress", key), task_id=TaskId(task_id),
-        attempt=attempt, progress=progress,
-    )
+    return new(TaskProgressed, task_id, attempt, key=key, progress=progress)
 
 
 def output(task_id: str, attempt: int, line_start: int, lines: list[str]) -> TaskOutput:
-    return TaskOutput(
-        event_id=_Event.make_id(task_id, attempt, "output", line_start), task_id=TaskId(task_id),
-        attempt=attempt, line_start=line_start, lines=lines,
-    )
+    return new(TaskOutput, task_id, attempt, line_start=line_start, lines=lines)
 
 
 def completed(task_id: str, attempt: int) -> TaskCompleted:
-    return TaskCompleted(
-        event_id=_Event.make_id(task_id, attempt, "completed"), task_id=TaskId(task_id),
-        attempt=attempt,
-    )
+    return new(TaskCompleted, task_id, attempt)
 
 
 def failed(task_id: str, attempt: int, error_message: str) -> TaskFailed:
-    return TaskFailed(
-        event_id=_Event.make_id(task_id, attempt, "failed"), task_id=TaskId(task_id),
-        attempt=attempt, error_message=error_message,
-    )
+    return new(TaskFailed, task_id, attempt, error_message=error_message)
 
 
 def canceled(task_id: str, attempt: int) -> TaskCanceled:
-    return TaskCanceled(
-        event_id=_Event.make_id(task_id, attempt, "canceled"), task_id=TaskId(task_id),
-        attempt=attempt,
-    )
+    return new(TaskCanceled, task_id, attempt)
 
 
 def removed(task_id: str, attempt: int) -> TaskRemoved:
-    return TaskRemoved(
-        event_id=_Event.make_id(task_id, attempt, "removed"), task_id=TaskId(task_id),
-        attempt=attempt,
-    )
+    return new(TaskRemoved, task_id, attempt)

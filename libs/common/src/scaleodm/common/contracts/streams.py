@@ -4,7 +4,10 @@ Streams:
 - ``TASKS`` — commands ``tasks.commands.<verb>``; work-queue retention: a command is deleted once a
   scheduler acks it, so the stream's depth is the scheduler's backlog.
 - ``EVENTS`` — task events ``events.task.<task_id>.<kind>``; limits retention (kept ``max_age``),
-  read by the watcher's projection, the notifier, and (later) live event streams.
+  read by the notifier and the gateway's live event streams.
+
+Both are file-backed and stored on ``NatsSettings.stream_replicas`` servers (R3 on a NATS cluster
+of three: one node may be lost; ``ensure_streams`` raises, never lowers, an existing count).
 
 Durable consumers are created here too, before any service binds: FastStream and nats-py ignore a
 new ``ConsumerConfig`` when the durable exists, so configuration must come from one owner; and
@@ -14,8 +17,12 @@ declare=False)`` via the ``*_STREAM_REF`` constants, which never touch the serve
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+import nats.errors
 import nats.js.errors
 from faststream.nats import JStream
 from nats.js import JetStreamContext
@@ -43,7 +50,6 @@ TASKS_STREAM_REF = JStream(TASKS_STREAM, declare=False)
 EVENTS_STREAM_REF = JStream(EVENTS_STREAM, declare=False)
 
 SCHEDULER_DURABLE = "scheduler"
-PROJECTION_DURABLE = "projection"
 NOTIFIER_DURABLE = "notifier"
 
 
@@ -102,18 +108,6 @@ def durables(
         Durable(
             EVENTS_STREAM,
             ConsumerConfig(
-                durable_name=PROJECTION_DURABLE,
-                filter_subject=EVENT_SUBJECTS,
-                ack_policy=AckPolicy.EXPLICIT,
-                deliver_policy=DeliverPolicy.ALL,
-                ack_wait=30.0,
-                max_deliver=20,
-                max_ack_pending=5000,
-            ),
-        ),
-        Durable(
-            EVENTS_STREAM,
-            ConsumerConfig(
                 durable_name=NOTIFIER_DURABLE,
                 filter_subjects=TERMINAL_EVENT_SUBJECTS,
                 ack_policy=AckPolicy.EXPLICIT,
@@ -128,17 +122,39 @@ def durables(
     )
 
 
-async def ensure_streams(js: JetStreamContext) -> None:
-    """Create or update both streams to the declared config (idempotent)."""
-    for cfg in STREAMS:
-        assert cfg.name is not None
-        try:
-            await js.stream_info(cfg.name)
-        except nats.js.errors.NotFoundError:
-            await js.add_stream(cfg)
-            log.info("stream created", stream=cfg.name)
-        else:
-            await js.update_stream(cfg)
+async def ensure_streams(js: JetStreamContext, *, replicas: int = 1) -> None:
+    """Create or update both streams to the declared config, stored on ``replicas`` servers
+    (``NatsSettings.stream_replicas``; idempotent).
+
+    The replica count is always sent (a config without one means R1 to the server). An existing
+    stream with fewer replicas is raised to ``replicas`` (logged): JetStream copies it online,
+    and the durables, which declare no count of their own, follow their stream. A stream with
+    more replicas keeps them (logged): a process with a stale or lower setting, e.g. one not yet
+    rolled during a change to R3, must not shrink it, and two such processes would otherwise
+    move the streams back and forth at every start. Lowering is an operator's step
+    (``nats stream edit <name> --replicas N``; docs/operations.md). More replicas than servers
+    is refused by the server ("insufficient resources") and the service does not start.
+    """
+    for declared in STREAMS:
+        await _patiently(f"stream {declared.name}",
+                         functools.partial(_ensure_stream, js, declared, replicas))
+
+
+async def _ensure_stream(js: JetStreamContext, declared: StreamConfig, replicas: int) -> None:
+    assert declared.name is not None
+    try:
+        info = await js.stream_info(declared.name)
+    except nats.js.errors.NotFoundError:
+        await js.add_stream(dataclasses.replace(declared, num_replicas=replicas))
+        log.info("stream created", stream=declared.name, replicas=replicas)
+        return
+    current = info.config.num_replicas or 1
+    if current < replicas:
+        log.warning("stream replicas raised", stream=declared.name, old=current, new=replicas)
+    elif current > replicas:
+        log.warning("stream keeps more replicas than configured", stream=declared.name,
+                    replicas=current, configured=replicas)
+    await js.update_stream(dataclasses.replace(declared, num_replicas=max(current, replicas)))
 
 
 async def ensure_consumers(
@@ -148,4 +164,24 @@ async def ensure_consumers(
     for durable in durables(**tuning):  # type: ignore[arg-type]
         if only is not None and durable.config.durable_name != only:
             continue
-        await js.add_consumer(durable.stream, durable.config)
+        await _patiently(f"durable {durable.config.durable_name}",
+                         functools.partial(js.add_consumer, durable.stream, durable.config))
+
+
+API_ATTEMPTS = 3
+
+
+async def _patiently(what: str, call: Callable[[], Awaitable[object]]) -> None:
+    """``call`` (one JetStream API request or two), again after a timeout, ``API_ATTEMPTS``
+    times in all: a NATS cluster answers only one of several concurrent creates of one R3
+    stream or durable (the others time out after the context's timeout, 5 s by default, while
+    the first succeeds), which happens when services start together without the bootstrap
+    Job; the next attempt finds the stream and updates it."""
+    for attempt in range(1, API_ATTEMPTS + 1):
+        try:
+            await call()
+            return
+        except nats.errors.TimeoutError:
+            if attempt == API_ATTEMPTS:
+                raise
+            log.warning("JetStream API request timed out, again", what=what, attempt=attempt)

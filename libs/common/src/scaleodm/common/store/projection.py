@@ -16,8 +16,9 @@ event must be ignored. The rules:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, assert_never
 
+from scaleodm.common import clock
 from scaleodm.common.contracts import events
 from scaleodm.common.domain.status import ACTIVE_STATES, TERMINAL_STATES, TaskState
 
@@ -37,78 +38,109 @@ class Plan:
     update: dict[str, Any] = field(default_factory=dict)
 
 
-def _ms(event: events.TaskEvent) -> int:
-    return int(event.occurred_at.timestamp() * 1000)
-
-
 def _states(states: frozenset[TaskState]) -> dict[str, Any]:
     return {"$in": sorted(s.value for s in states)}
 
 
-def plan(snap: Snapshot, ev: events.TaskEvent) -> Plan | None:  # noqa: C901 - one rule per kind
-    if isinstance(ev, events.TaskRemoved):
-        return Plan(update={"$set": {"removed": True, "removed_at_ms": _ms(ev)}})
-    if snap.removed:
+def plan(snap: Snapshot, ev: events.TaskEvent) -> Plan | None:
+    """The guarded update ``ev`` makes to the task ``snap`` describes; None: ignore it.
+
+    One case per event class, checked by ``mypy --strict`` (``assert_never``): a new kind does
+    not type-check until it has its rule here.
+    """
+    match ev:
+        case events.TaskRemoved():
+            return Plan(
+                update={"$set": {"removed": True, "removed_at_ms": clock.to_ms(ev.occurred_at)}}
+            )
+        case _ if snap.removed:
+            return None  # a removed task changes no more
+        case events.TaskQueued():
+            return _next_attempt(snap, ev)
+        case _ if ev.attempt != snap.attempt:
+            return None  # another attempt's: an older one, or one not opened yet
+        case events.TaskOutput():
+            end = ev.line_start + len(ev.lines)
+            return Plan(guard={"attempt": ev.attempt}, update={"$max": {"output_lines": end}})
+        case events.TaskInputsReady():
+            return Plan(
+                guard={"attempt": ev.attempt}, update={"$set": {"images_count": ev.images_count}}
+            )
+        case events.TaskRunning():
+            if snap.state not in ACTIVE_STATES:
+                return None
+            return Plan(
+                guard={"attempt": ev.attempt, "state": TaskState.QUEUED.value},
+                update={
+                    "$set": {
+                        "state": TaskState.RUNNING.value,
+                        "started_at_ms": clock.to_ms(ev.occurred_at),
+                    }
+                },
+            )
+        case events.TaskProgressed():
+            if snap.state not in ACTIVE_STATES:
+                return None
+            return Plan(
+                guard={"attempt": ev.attempt, "state": _states(ACTIVE_STATES)},
+                update={"$max": {"progress": ev.progress}},
+            )
+        case events.TaskCompleted():
+            return _finish(snap, ev, TaskState.COMPLETED, {})
+        case events.TaskFailed():
+            return _finish(snap, ev, TaskState.FAILED, {"error_message": ev.error_message})
+        case events.TaskCanceled():
+            if snap.state == TaskState.CANCELED:
+                return None
+            values: dict[str, Any] = {
+                "state": TaskState.CANCELED.value,
+                "finished_at_ms": clock.to_ms(ev.occurred_at),
+            }
+            if snap.state == TaskState.RUNNING:
+                values["progress"] = 100.0
+            return Plan(
+                guard={"attempt": ev.attempt, "state": {"$ne": TaskState.CANCELED.value}},
+                update={"$set": values},
+            )
+        case _:
+            assert_never(ev)
+
+
+def _next_attempt(snap: Snapshot, ev: events.TaskQueued) -> Plan | None:
+    """``queued``: the creation's own event, or a restart opening the next attempt."""
+    if ev.attempt == snap.attempt:
+        return Plan()  # the creation's own event: recorded, nothing to change
+    if ev.attempt != snap.attempt + 1 or snap.state not in TERMINAL_STATES:
         return None
-    if isinstance(ev, events.TaskQueued):
-        if ev.attempt == snap.attempt:
-            return Plan()  # the creation's own event: recorded, nothing to change
-        if ev.attempt != snap.attempt + 1 or snap.state not in TERMINAL_STATES:
-            return None
-        reset: dict[str, Any] = {
-            "attempt": ev.attempt,
-            "state": TaskState.QUEUED.value,
-            "progress": 0.0,
-            "output_lines": 0,
-            "started_at_ms": None,
-            "finished_at_ms": None,
-            "error_message": None,
-        }
-        if ev.options is not None:
-            reset["options"] = ev.options
-        if ev.date_created_ms is not None:
-            reset["date_created_ms"] = ev.date_created_ms
-        guard = {"attempt": snap.attempt, "state": _states(TERMINAL_STATES)}
-        return Plan(guard=guard, update={"$set": reset})
-    if ev.attempt != snap.attempt:
+    reset: dict[str, Any] = {
+        "attempt": ev.attempt,
+        "state": TaskState.QUEUED.value,
+        "progress": 0.0,
+        "output_lines": 0,
+        "started_at_ms": None,
+        "finished_at_ms": None,
+        "error_message": None,
+    }
+    if ev.options is not None:
+        reset["options"] = ev.options
+    if ev.date_created_ms is not None:
+        reset["date_created_ms"] = ev.date_created_ms
+    guard = {"attempt": snap.attempt, "state": _states(TERMINAL_STATES)}
+    return Plan(guard=guard, update={"$set": reset})
+
+
+def _finish(
+    snap: Snapshot, ev: events.TerminalEvent, final: TaskState, extra: dict[str, Any]
+) -> Plan | None:
+    """``completed``/``failed``: end an active attempt; terminal states stick."""
+    if snap.state not in ACTIVE_STATES:
         return None
-    same = {"attempt": ev.attempt}
-    if isinstance(ev, events.TaskOutput):
-        return Plan(guard=same, update={"$max": {"output_lines": ev.line_start + len(ev.lines)}})
-    if isinstance(ev, events.TaskInputsReady):
-        return Plan(guard=same, update={"$set": {"images_count": ev.images_count}})
-    if isinstance(ev, events.TaskRunning):
-        if snap.state not in ACTIVE_STATES:
-            return None
-        return Plan(
-            guard={**same, "state": TaskState.QUEUED.value},
-            update={"$set": {"state": TaskState.RUNNING.value, "started_at_ms": _ms(ev)}},
-        )
-    if isinstance(ev, events.TaskProgressed):
-        if snap.state not in ACTIVE_STATES:
-            return None
-        return Plan(
-            guard={**same, "state": _states(ACTIVE_STATES)},
-            update={"$max": {"progress": ev.progress}},
-        )
-    if isinstance(ev, events.TaskCompleted | events.TaskFailed):
-        if snap.state not in ACTIVE_STATES:
-            return None  # terminal states stick
-        final = TaskState.COMPLETED if isinstance(ev, events.TaskCompleted) else TaskState.FAILED
-        values: dict[str, Any] = {
-            "state": final.value,
-            "progress": 100.0,  # NodeODM §4.4: 100 at the end whatever the outcome
-            "finished_at_ms": _ms(ev),
-        }
-        if isinstance(ev, events.TaskFailed):
-            values["error_message"] = ev.error_message
-        return Plan(guard={**same, "state": _states(ACTIVE_STATES)}, update={"$set": values})
-    if isinstance(ev, events.TaskCanceled):
-        if snap.state == TaskState.CANCELED:
-            return None
-        values = {"state": TaskState.CANCELED.value, "finished_at_ms": _ms(ev)}
-        if snap.state == TaskState.RUNNING:
-            values["progress"] = 100.0
-        return Plan(guard={**same, "state": {"$ne": TaskState.CANCELED.value}},
-                    update={"$set": values})
-    return None
+    values: dict[str, Any] = {
+        "state": final.value,
+        "progress": 100.0,  # NodeODM §4.4: 100 at the end whatever the outcome
+        "finished_at_ms": clock.to_ms(ev.occurred_at),
+        **extra,
+    }
+    return Plan(
+        guard={"attempt": ev.attempt, "state": _states(ACTIVE_STATES)}, update={"$set": values}
+    )

@@ -30,6 +30,14 @@ slow links. Preemption calls the account's ``on_preempt`` (the gateway's body re
 once, even while it waits for the client) and its next ``write`` raises ``BufferPreemptedError``.
 The hold clock runs only while the buffer fills: it stops while a part goes to S3 and restarts
 after it, so a slow S3 never preempts anyone.
+
+Deadlines: every S3 request the facade and its writers make (an upload part, a small object, a
+listing page, a download's start and each of its chunks) is bounded by ``request_timeout_s``,
+botocore's retries (``max_attempts`` in all, the first included) within it; socket connect and
+read timeouts bound each attempt. A request that gets no answer in time, cannot connect, loses
+its connection or gets a 5xx raises ``StorageUnavailable`` (``store.is_unavailable``), so a
+frozen S3 gives callers a bounded, recognisable failure and no caller needs botocore's types.
+Closing the client is bounded too (``CLOSE_TIMEOUT_S``).
 """
 
 from __future__ import annotations
@@ -44,18 +52,46 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequen
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import aioboto3
 from botocore.config import Config
-from botocore.exceptions import ClientError
+from botocore.exceptions import ClientError, HTTPClientError
+from botocore.exceptions import ConnectionError as BotoConnectionError
 
+from scaleodm.common.logging import get_logger
 from scaleodm.common.settings import S3Settings
+from scaleodm.common.store.availability import StorageUnavailable
+
+log = get_logger(__name__)
+T = TypeVar("T")
 
 MIN_PART = 5 * 1024 * 1024
 MAX_PARTS = 10_000  # S3's limit on the number of parts of one multipart upload
 
 _background: set[asyncio.Task[Any]] = set()  # shielded cleanups still running after a cancel
+CLOSE_TIMEOUT_S = 2.0
+
+
+def _status(exc: ClientError) -> int:
+    code = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+    return int(code) if isinstance(code, int) else 0
+
+
+async def _request(aw: Awaitable[T], deadline_s: float | None, what: str) -> T:
+    """Await one S3 request within ``deadline_s`` (None: none); S3 being away (no answer in
+    time, no connection, a 5xx) becomes ``StorageUnavailable``, other errors pass unchanged."""
+    try:
+        async with asyncio.timeout(deadline_s):
+            return await aw
+    except TimeoutError:
+        raise StorageUnavailable(f"S3 {what}: no answer within {deadline_s:g} s") from None
+    except (HTTPClientError, BotoConnectionError) as exc:
+        raise StorageUnavailable(f"S3 {what}: {exc}") from exc
+    except ClientError as exc:
+        if _status(exc) >= 500:
+            raise StorageUnavailable(f"S3 {what}: {exc}") from exc
+        raise
 
 
 class BuffersBusyError(Exception):
@@ -259,11 +295,15 @@ def parse_s3_url(url: str) -> S3Url:
 
 
 class S3:
-    """Thin async facade over one aioboto3 S3 client."""
+    """Thin async facade over one aioboto3 S3 client; every request bounded (module docstring).
+
+    ``client`` is the raw aiobotocore client (no deadline): for tests and one-off calls only.
+    """
 
     def __init__(self, client: Any, settings: S3Settings) -> None:
         self.client = client
         self.settings = settings
+        self.deadline_s = settings.request_timeout_s
         # The process's part buffers: bounds upload memory however many uploads run at once.
         self.buffers = PartBuffers(settings.upload_buffers if settings.upload_buffers > 0 else None)
 
@@ -276,37 +316,50 @@ class S3:
             s3={"addressing_style": "path"},
             connect_timeout=settings.connect_timeout_s,
             read_timeout=settings.read_timeout_s,
-            retries={"max_attempts": 3, "mode": "standard"},
+            retries={"total_max_attempts": settings.max_attempts, "mode": "standard"},
         )
-        async with session.client(
+        client_cm = session.client(
             "s3",
             endpoint_url=settings.endpoint_url,
             region_name=settings.region,
             aws_access_key_id=settings.access_key_id,
             aws_secret_access_key=settings.secret_access_key.get_secret_value(),
             config=config,
-        ) as client:
+        )
+        client = await client_cm.__aenter__()
+        try:
             s3 = cls(client, settings)
             if settings.create_bucket:
                 await s3.ensure_bucket(settings.bucket)
             yield s3
+        finally:
+            try:  # closes the HTTP connection pool; a frozen S3 must not hold a shutdown
+                await asyncio.wait_for(client_cm.__aexit__(None, None, None), CLOSE_TIMEOUT_S)
+            except Exception as exc:
+                log.warning("S3 client did not close cleanly", error=repr(exc))
+
+    async def _call(self, aw: Awaitable[T], what: str) -> T:
+        return await _request(aw, self.deadline_s, what)
 
     async def ensure_bucket(self, bucket: str) -> None:
         try:
-            await self.client.head_bucket(Bucket=bucket)
+            await self._call(self.client.head_bucket(Bucket=bucket), "HeadBucket")
         except ClientError:
             kwargs: dict[str, Any] = {"Bucket": bucket}
             if self.settings.region != "us-east-1":
                 kwargs["CreateBucketConfiguration"] = {"LocationConstraint": self.settings.region}
             with contextlib.suppress(ClientError):  # created concurrently by another service
-                await self.client.create_bucket(**kwargs)
+                await self._call(self.client.create_bucket(**kwargs), "CreateBucket")
 
     async def ping(self) -> None:
-        await self.client.head_bucket(Bucket=self.settings.bucket)
+        await self._call(self.client.head_bucket(Bucket=self.settings.bucket), "HeadBucket")
 
     async def put_bytes(self, url: S3Url, data: bytes, content_type: str | None = None) -> None:
         extra = {"ContentType": content_type} if content_type else {}
-        await self.client.put_object(Bucket=url.bucket, Key=url.key, Body=data, **extra)
+        await self._call(
+            self.client.put_object(Bucket=url.bucket, Key=url.key, Body=data, **extra),
+            "PutObject",
+        )
 
     def writer(self, url: S3Url, content_type: str | None = None,
                account: BufferAccount | None = None) -> S3Writer:
@@ -317,7 +370,7 @@ class S3:
         """
         account = account or _bound_account.get() or self.buffers.account()
         return S3Writer(self.client, url, max(MIN_PART, self.settings.part_size_bytes),
-                        content_type, account)
+                        content_type, account, deadline_s=self.deadline_s)
 
     async def upload_stream(self, url: S3Url, chunks: AsyncIterator[bytes]) -> int:
         """Upload an async byte stream; memory is bounded by one part. Returns bytes written."""
@@ -335,26 +388,39 @@ class S3:
         return await self.upload_stream(url, read())
 
     async def list_objects(self, prefix: S3Url) -> list[tuple[str, int]]:
-        """(key, size) of every object under a prefix."""
+        """(key, size) of every object under a prefix (each page bounded)."""
         found: list[tuple[str, int]] = []
         paginator = self.client.get_paginator("list_objects_v2")
-        async for page in paginator.paginate(Bucket=prefix.bucket, Prefix=prefix.key):
+        pages = paginator.paginate(Bucket=prefix.bucket, Prefix=prefix.key).__aiter__()
+        while True:
+            try:
+                page = await self._call(anext(pages), "ListObjectsV2")
+            except StopAsyncIteration:
+                break
             for obj in page.get("Contents", []):
                 found.append((obj["Key"], int(obj["Size"])))
         return found
 
     async def iter_object(self, url: S3Url, chunk_size: int = 1024 * 1024) -> AsyncIterator[bytes]:
-        obj = await self.client.get_object(Bucket=url.bucket, Key=url.key)
+        """The object's bytes in chunks; its start and each chunk bounded by the deadline."""
+        obj = await self._call(self.client.get_object(Bucket=url.bucket, Key=url.key),
+                               "GetObject")
         body = obj["Body"]
         try:
-            async for chunk in body.iter_chunks(chunk_size):
+            chunks = body.iter_chunks(chunk_size).__aiter__()
+            while True:
+                try:
+                    chunk = await self._call(anext(chunks), "GetObject body")
+                except StopAsyncIteration:
+                    return
                 yield chunk
         finally:
             body.close()
 
     async def size(self, url: S3Url) -> int | None:
         try:
-            head = await self.client.head_object(Bucket=url.bucket, Key=url.key)
+            head = await self._call(self.client.head_object(Bucket=url.bucket, Key=url.key),
+                                    "HeadObject")
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
                 return None
@@ -363,15 +429,16 @@ class S3:
 
     async def delete(self, url: S3Url) -> None:
         """Delete one object (no error if it does not exist)."""
-        await self.client.delete_object(Bucket=url.bucket, Key=url.key)
+        await self._call(self.client.delete_object(Bucket=url.bucket, Key=url.key),
+                         "DeleteObject")
 
     async def delete_prefix(self, prefix: S3Url) -> int:
         keys = [k for k, _ in await self.list_objects(prefix)]
         for i in range(0, len(keys), 1000):
             batch = [{"Key": k} for k in keys[i : i + 1000]]
-            await self.client.delete_objects(
+            await self._call(self.client.delete_objects(
                 Bucket=prefix.bucket, Delete={"Objects": batch, "Quiet": True}
-            )
+            ), "DeleteObjects")
         return len(keys)
 
 
@@ -393,11 +460,14 @@ class S3Writer:
     """One object written as a stream: ``write``* then ``complete``, or ``abort``.
 
     Not safe for concurrent ``write`` calls (callers write sequentially, awaiting each call).
+    Each S3 request is bounded by ``deadline_s`` (None: unbounded; ``S3.writer`` passes
+    ``request_timeout_s``).
     """
 
     def __init__(self, client: Any, url: S3Url, part_size: int,
                  content_type: str | None = None,
-                 account: BufferAccount | None = None) -> None:
+                 account: BufferAccount | None = None, *,
+                 deadline_s: float | None = None) -> None:
         if part_size < MIN_PART:
             raise ValueError(f"part size {part_size} is below S3's minimum of {MIN_PART}")
         self.client = client
@@ -411,6 +481,7 @@ class S3Writer:
         self._state = "open"  # -> "completed" | "aborted"
         self._account = account
         self._holding = False  # this writer holds its account's part buffer
+        self._deadline_s = deadline_s
 
     @property
     def bytes_written(self) -> int:
@@ -476,15 +547,15 @@ class S3Writer:
         if len(self._parts) >= MAX_PARTS:
             raise ValueError(f"{self.url}: more than {MAX_PARTS} parts of {self.part_size} bytes")
         if self._upload_id is None:
-            created = await self.client.create_multipart_upload(
+            created = await _request(self.client.create_multipart_upload(
                 Bucket=self.url.bucket, Key=self.url.key, **self._extra()
-            )
+            ), self._deadline_s, "CreateMultipartUpload")
             self._upload_id = created["UploadId"]
         n = len(self._parts) + 1
-        res = await self.client.upload_part(
+        res = await _request(self.client.upload_part(
             Bucket=self.url.bucket, Key=self.url.key, UploadId=self._upload_id, PartNumber=n,
             Body=body,
-        )
+        ), self._deadline_s, "UploadPart")
         self._parts.append({"PartNumber": n, "ETag": res["ETag"]})
 
     async def complete(self) -> int:
@@ -495,18 +566,18 @@ class S3Writer:
         if self._account is not None:
             self._account.suspend()  # nothing more to fill
         if self._upload_id is None:  # smaller than one part: a single PUT
-            await self.client.put_object(
+            await _request(self.client.put_object(
                 Bucket=self.url.bucket, Key=self.url.key, Body=bytes(self._buf), **self._extra()
-            )
+            ), self._deadline_s, "PutObject")
         else:
             if self._buf:
                 body = bytes(self._buf)
                 self._buf = bytearray()
                 await self._upload_part(body)
-            await self.client.complete_multipart_upload(
+            await _request(self.client.complete_multipart_upload(
                 Bucket=self.url.bucket, Key=self.url.key, UploadId=self._upload_id,
                 MultipartUpload={"Parts": self._parts},
-            )
+            ), self._deadline_s, "CompleteMultipartUpload")
             self._upload_id = None
         self._buf = bytearray()
         self._release()
@@ -525,9 +596,9 @@ class S3Writer:
         self._release()
         upload_id, self._upload_id = self._upload_id, None
         if upload_id is not None:
-            await _shielded(self.client.abort_multipart_upload(
+            await _shielded(_request(self.client.abort_multipart_upload(
                 Bucket=self.url.bucket, Key=self.url.key, UploadId=upload_id
-            ))
+            ), self._deadline_s, "AbortMultipartUpload"))
 
     async def __aenter__(self) -> S3Writer:
         return self

@@ -3,9 +3,14 @@
 ``events`` is append-only: ``_id`` is the event id (a redelivered event is recognised) and
 ``(task_id, seq)`` is unique, which is also how ``seq`` is allocated: a writer inserts at
 ``last + 1`` and retries on conflict, so concurrent writers never share or skip a number.
-``tasks`` is a projection of the log, changed only by ``apply_event`` (see ``projection``), which
-every writer uses: the gateway for read-your-writes, the watcher for runs and for whatever reaches
-the bus without being applied. Console lines live in ``output`` events, never in the task document.
+``tasks`` is a projection of the log, changed only by ``apply_event`` (see ``projection``), called
+by whoever records the event (the gateway for clients' actions, the scheduler and the watcher for
+runs), never a second time by a consumer of the bus. Console lines live in ``output`` events, never
+in the task document.
+
+The log is also the outbox (``emitting``): an event stays ``published: false`` until it is on
+JetStream, and an event that causes a command carries it (``command``), written in the same insert,
+so a recorded cancel can never lose its ``CancelTask``.
 
 Only standard MongoDB 6+ operations; no upserts with ``$setOnInsert`` (the stand-in servers
 disagree about it) and no ``$slice`` projections.
@@ -13,6 +18,7 @@ disagree about it) and no ``$slice`` projections.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import enum
 from dataclasses import dataclass
@@ -22,7 +28,8 @@ from pymongo import ASCENDING, DESCENDING, AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
-from scaleodm.common.contracts import events
+from scaleodm.common.contracts import commands, events
+from scaleodm.common.contracts.ids import TaskId
 from scaleodm.common.domain.status import ACTIVE_STATES, TaskState
 from scaleodm.common.logging import get_logger
 from scaleodm.common.settings import MongoSettings
@@ -86,13 +93,16 @@ class TaskStore:
 
     # -- tasks -------------------------------------------------------------------------------
 
-    async def create_task(self, doc: Doc, queued: events.TaskQueued) -> ApplyResult:
-        """Record a new task's ``queued`` event, then insert the task (attempt 1, queued).
+    async def create_task(
+        self, doc: Doc, queued: events.TaskQueued, command: commands.Command | None = None
+    ) -> ApplyResult:
+        """Record a new task's ``queued`` event (with its run ``command``), then insert the task
+        (attempt 1, queued).
 
         In this order, a creation cut off in between leaves an event without a task, which a
-        retry with the same uuid completes (the event is found and marked unpublished again, so
-        the outbox relay still queues the run); the other way round would leave a task whose
-        run nothing ever queues.
+        retry with the same uuid completes (the event is found, given this command and marked
+        unpublished again, so the outbox relay still queues the run); the other way round would
+        leave a task whose run nothing ever queues.
         """
         now = _now()
         full = {
@@ -107,11 +117,12 @@ class TaskStore:
             "created_at": now,
             **doc,
         }
-        seq, fresh = await self._record(queued)
+        seq, fresh = await self._record(queued, command)
         if not fresh:  # a retry of a cut-off creation, or a uuid taken by a task
             if await self.tasks.find_one({"_id": doc["_id"]}, {"_id": 1}) is not None:
                 raise TaskExistsError(doc["_id"])
-            await self.events.update_one({"_id": queued.event_id}, {"$set": {"published": False}})
+            await self.events.update_one({"_id": queued.event_id}, {"$set": {
+                "published": False, "command": _command_doc(command)}})
         try:
             await self.tasks.insert_one(full)
         except DuplicateKeyError as exc:
@@ -144,8 +155,11 @@ class TaskStore:
 
     # -- events ------------------------------------------------------------------------------
 
-    async def apply_event(self, ev: events.TaskEvent) -> ApplyResult:
-        """Record ``ev`` in the log (once) and project it onto the task document (idempotent)."""
+    async def apply_event(
+        self, ev: events.TaskEvent, command: commands.Command | None = None
+    ) -> ApplyResult:
+        """Record ``ev`` in the log (once, with the ``command`` it causes) and project it onto the
+        task document (idempotent). An event the task ignores is not recorded, nor its command."""
         doc = await self.tasks.find_one(
             {"_id": ev.task_id}, {"attempt": 1, "state": 1, "removed": 1}
         )
@@ -160,7 +174,7 @@ class TaskStore:
             if existing is not None:  # a redelivery after the state moved on
                 return ApplyResult(Outcome.DUPLICATE, existing["seq"])
             return ApplyResult(Outcome.IGNORED)
-        seq, fresh = await self._record(ev)
+        seq, fresh = await self._record(ev, command)
         changed = False
         if step.update:
             update = {**step.update}
@@ -170,9 +184,11 @@ class TaskStore:
             changed = res.modified_count > 0
         return ApplyResult(Outcome.APPLIED if fresh else Outcome.DUPLICATE, seq, changed)
 
-    async def _record(self, ev: events.TaskEvent) -> tuple[int, bool]:
+    async def _record(
+        self, ev: events.TaskEvent, command: commands.Command | None = None
+    ) -> tuple[int, bool]:
         body = ev.model_dump(mode="json", exclude={"seq"})
-        extra: Doc = {}
+        extra: Doc = {"command": _command_doc(command)}
         if isinstance(ev, events.TaskOutput):
             extra = {"line_start": ev.line_start, "line_end": ev.line_start + len(ev.lines)}
         for _ in range(_SEQ_RETRIES):
@@ -270,21 +286,53 @@ class TaskStore:
         return int(doc["seq"]) if doc is not None else None
 
 
+def _command_doc(command: commands.Command | None) -> Doc | None:
+    return None if command is None else command.model_dump(mode="json")
+
+
+def run_command(task: Doc) -> commands.CreateTask | commands.RestartTask:
+    """The run command of the task's current attempt (the one builder of it): ``CreateTask`` for
+    the first attempt, ``RestartTask`` after. ``task`` is a task document, or the one a
+    creation or a restart is about to write."""
+    kind = commands.CreateTask if task["attempt"] == 1 else commands.RestartTask
+    return kind(
+        task_id=TaskId(task["_id"]), attempt=task["attempt"], name=task["name"],
+        options=task.get("options") or [], sources=task["sources"],
+        output_prefix=task["output_prefix"],
+        skip_post_processing=bool(task.get("skip_post_processing")),
+        outputs=task.get("outputs"), images_count=task.get("images_count") or None,
+    )
+
+
+CLOSE_TIMEOUT_S = 2.0
+
+
 @dataclass
 class MongoHandle:
     client: AsyncMongoClient[Doc]
     store: TaskStore
 
     async def ping(self) -> None:
-        await self.client.admin.command("ping")
+        await self.client.admin.command("ping")  # bounded by timeoutMS
 
     async def close(self) -> None:
-        await self.client.close()
+        """Close the client; a MongoDB that does not answer cannot hold a shutdown longer than
+        ``CLOSE_TIMEOUT_S`` (the sockets then go with the process)."""
+        try:
+            await asyncio.wait_for(self.client.close(), CLOSE_TIMEOUT_S)
+        except Exception as exc:
+            log.warning("MongoDB client did not close cleanly", error=repr(exc))
 
 
 async def open_store(settings: MongoSettings, appname: str) -> MongoHandle:
     """Connect (credentials from ``username``/``password`` when set, else those in the URL, if
-    any; the user authenticates against ``admin`` unless the URL names ``authSource``)."""
+    any; the user authenticates against ``admin`` unless the URL names ``authSource``).
+
+    Every operation has a deadline (``timeoutMS``, client-side operation timeout): server
+    selection, retries and socket reads included, so a frozen MongoDB fails it after
+    ``timeout_ms`` (``store.is_unavailable`` recognises the error) instead of holding it for as
+    long as the TCP connection lives.
+    """
     credentials: dict[str, Any] = {}
     if settings.username is not None:
         credentials["username"] = settings.username
@@ -294,6 +342,8 @@ async def open_store(settings: MongoSettings, appname: str) -> MongoHandle:
         settings.url,
         tz_aware=True,
         serverSelectionTimeoutMS=settings.server_selection_timeout_ms,
+        timeoutMS=settings.timeout_ms,
+        connectTimeoutMS=settings.connect_timeout_ms,
         appname=appname,
         **credentials,
     )

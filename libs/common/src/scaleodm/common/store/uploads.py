@@ -8,11 +8,23 @@ NodeODM renames duplicates. Commit flips ``committed`` with a guarded update, so
 wins; the session stays until the task exists, so a commit cut off in between can be retried.
 A single-request ``/task/new`` holds its id here too (``reserve``), so that two requests, or a
 request and a chunked upload, never share one id's files.
+
+Retention (NodeODM ``cleanupUploadsAfter``; the watcher's sweep does it): ``active_at_ms`` is the
+last activity of an upload (init, reserve, each file, commit). An upload idle for longer than the
+retention is first *closed* with a guarded update (it becomes committed and reserved, so no
+upload, commit or init takes it any more, and a concurrent file's activity makes the guard miss),
+then its S3 objects go unless a task now holds the id, then its records. A file that starts
+after its upload closed (a chunk racing a commit or a close) still reaches S3: its name record is
+kept, marked ``orphan_at_ms``, so the sweep can later delete that object once no task or upload
+holds the id (a task that holds it removes it with its whole prefix). Times the sweep compares are
+epoch milliseconds, which every wire server stores faithfully. No TTL index here: a record must
+never vanish before the S3 object it stands for.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -22,6 +34,10 @@ from pymongo.errors import DuplicateKeyError
 
 Doc = dict[str, Any]
 _MAX_RENAMES = 1000
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 class UploadNotFoundError(Exception):
@@ -40,18 +56,22 @@ class UploadStore:
 
     async def ensure_indexes(self) -> None:
         await self.files.create_index([("upload_id", ASCENDING)], name="upload")
+        await self.files.create_index([("orphan_at_ms", ASCENDING)], name="orphan")
         await self.sessions.create_index([("created_at", ASCENDING)], name="created")
+        await self.sessions.create_index([("active_at_ms", ASCENDING)], name="idle")
 
     async def init(self, upload_id: str, fields: dict[str, Any]) -> None:
         """Open an upload, or overwrite the fields of an open one (ClusterODM retries init)."""
         now = dt.datetime.now(dt.UTC)
         try:
-            await self.sessions.insert_one(
-                {"_id": upload_id, "fields": fields, "committed": False, "created_at": now}
-            )
+            await self.sessions.insert_one({
+                "_id": upload_id, "fields": fields, "committed": False, "created_at": now,
+                "active_at_ms": _now_ms(),
+            })
         except DuplicateKeyError:
             res = await self.sessions.update_one(
-                {"_id": upload_id, "committed": False}, {"$set": {"fields": fields}}
+                {"_id": upload_id, "committed": False},
+                {"$set": {"fields": fields, "active_at_ms": _now_ms()}},
             )
             if res.matched_count == 0:
                 raise UploadNotFoundError(upload_id) from None
@@ -63,7 +83,7 @@ class UploadStore:
         try:
             await self.sessions.insert_one({
                 "_id": upload_id, "fields": {}, "committed": True, "reserved": True,
-                "created_at": dt.datetime.now(dt.UTC),
+                "created_at": dt.datetime.now(dt.UTC), "active_at_ms": _now_ms(),
             })
         except DuplicateKeyError:
             return False
@@ -82,18 +102,32 @@ class UploadStore:
     async def claim_name(
         self, upload_id: str, name: str, next_name: Callable[[str], str]
     ) -> str:
-        """Reserve a file name in the upload, renaming on clashes; returns the stored name."""
+        """Reserve a file name in the upload, renaming on clashes; returns the stored name.
+
+        Counts as activity of the upload; a name claimed after the upload closed (the request
+        checked it open just before) is recorded as an orphan (module docstring)."""
         candidate = name
         for _ in range(_MAX_RENAMES):
             try:
                 await self.files.insert_one({
                     "_id": f"{upload_id}/{candidate}", "upload_id": upload_id,
-                    "name": candidate, "size": None, "stored": False,
+                    "name": candidate, "size": None, "stored": False, "orphan_at_ms": None,
                 })
-                return candidate
+                break
             except DuplicateKeyError:
                 candidate = next_name(candidate)
-        raise NamesExhaustedError(name)
+        else:
+            raise NamesExhaustedError(name)
+        # After the insert: a close or commit in between either sees the name (and marks it in
+        # ``delete``) or makes this guarded update miss.
+        res = await self.sessions.update_one(
+            {"_id": upload_id, "committed": False}, {"$set": {"active_at_ms": _now_ms()}}
+        )
+        if res.matched_count == 0:
+            await self.files.update_one(
+                {"_id": f"{upload_id}/{candidate}"}, {"$set": {"orphan_at_ms": _now_ms()}}
+            )
+        return candidate
 
     async def mark_stored(self, upload_id: str, name: str, size: int) -> None:
         await self.files.update_one(
@@ -104,16 +138,64 @@ class UploadStore:
         await self.files.delete_one({"_id": f"{upload_id}/{name}"})
 
     async def stored_names(self, upload_id: str) -> list[str]:
-        cursor = self.files.find({"upload_id": upload_id, "stored": True}, {"name": 1})
+        cursor = self.files.find(
+            {"upload_id": upload_id, "stored": True, "orphan_at_ms": None}, {"name": 1}
+        )
         return [d["name"] async for d in cursor]
 
     async def commit(self, upload_id: str) -> bool:
         res = await self.sessions.update_one(
             {"_id": upload_id, "committed": False},
-            {"$set": {"committed": True, "committed_at": dt.datetime.now(dt.UTC)}},
+            {"$set": {"committed": True, "committed_at": dt.datetime.now(dt.UTC),
+                      "active_at_ms": _now_ms()}},
         )
         return res.modified_count == 1
 
     async def delete(self, upload_id: str) -> None:
-        await self.files.delete_many({"upload_id": upload_id})
+        """Forget the upload (its task exists, or it failed). Names of files still arriving
+        stay, as orphans: their objects land after this (module docstring)."""
+        await self.files.update_many(
+            {"upload_id": upload_id, "stored": False, "orphan_at_ms": None},
+            {"$set": {"orphan_at_ms": _now_ms()}},
+        )
+        await self.files.delete_many({"upload_id": upload_id, "orphan_at_ms": None})
         await self.sessions.delete_one({"_id": upload_id})
+
+    # -- retention (the watcher's sweep) ---------------------------------------------------
+
+    async def idle(self, before_ms: int, limit: int) -> list[str]:
+        """Ids of uploads (open, committed or reserved) with no activity since ``before_ms``,
+        longest idle first."""
+        cursor = (
+            self.sessions.find({"active_at_ms": {"$lt": before_ms}}, {"_id": 1})
+            .sort("active_at_ms", ASCENDING)
+            .limit(limit)
+        )
+        return [d["_id"] async for d in cursor]
+
+    async def close_idle(self, upload_id: str, before_ms: int) -> bool:
+        """Close an upload still idle since ``before_ms``: no upload, commit or init takes it
+        any more. False when it is gone or saw activity meanwhile. Closing twice is harmless."""
+        res = await self.sessions.update_one(
+            {"_id": upload_id, "active_at_ms": {"$lt": before_ms}},
+            {"$set": {"committed": True, "reserved": True, "closed": True}},
+        )
+        return res.matched_count == 1
+
+    async def drop(self, upload_id: str) -> None:
+        """Delete a closed upload's records; orphaned names stay for their own expiry."""
+        await self.files.delete_many({"upload_id": upload_id, "orphan_at_ms": None})
+        await self.sessions.delete_one({"_id": upload_id})
+
+    async def orphans(self, before_ms: int, limit: int) -> list[Doc]:
+        """Name records of files that arrived after their upload closed, orphaned before
+        ``before_ms`` (``upload_id``, ``name``), oldest first."""
+        cursor = (
+            self.files.find({"orphan_at_ms": {"$lt": before_ms}}, {"upload_id": 1, "name": 1})
+            .sort("orphan_at_ms", ASCENDING)
+            .limit(limit)
+        )
+        return await cursor.to_list(None)
+
+    async def drop_orphan(self, record_id: str) -> None:
+        await self.files.delete_one({"_id": record_id})

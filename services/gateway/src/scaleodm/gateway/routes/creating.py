@@ -230,7 +230,7 @@ async def commit_task(uuid: str, res: ResourcesDep) -> dict[str, str]:
             raise NodeOdmError("Need at least 1 file.")
         if not session.get("committed") and not await res.uploads.commit(task_id):
             raise NodeOdmError("Invalid uuid (not found)")
-        await submission.failpoint(res, "gateway.commit.before_submit")
+        await res.points.hit("gateway.commit.before_submit")
         failure = None
         if settings.max_images and count > settings.max_images:
             failure = (f"{count} images uploaded, but this node can only process up to "

@@ -49,10 +49,6 @@ from scaleodm.gateway.errors import NodeOdmError, not_found
 log = get_logger(__name__)
 router = APIRouter(tags=["events"], dependencies=[TokenDep])
 
-KINDS = ("queued", "running", "inputs", "progress", "output", "completed", "failed", "canceled",
-         "removed")
-
-
 class SseResponse(EventSourceResponse):
     """sse-starlette's response, with its media type visible to OpenAPI; it gives its stream
     slot back when it ends, however it ends."""
@@ -107,7 +103,7 @@ def _stream_content(id_doc: str) -> dict[str, Any]:
                 "required": ["id", "event", "data"],
                 "properties": {
                     "id": {"type": "string", "description": id_doc},
-                    "event": {"type": "string", "enum": list(KINDS),
+                    "event": {"type": "string", "enum": list(events.KINDS),
                               "description": "The event kind (same as `data.kind`)."},
                     "data": {
                         "type": "string",

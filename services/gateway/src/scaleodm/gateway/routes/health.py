@@ -1,7 +1,11 @@
 """Liveness and readiness probes (not part of the NodeODM API, no token).
 
-``/readyz`` answers each check as ``ok``, ``down`` or ``timeout`` only: it is unauthenticated, and
-an exception's text names hosts, ports and bucket URLs. The exception goes to the log instead.
+``/healthz`` (``runtime.liveness``) fails only when the NATS connection is closed for good:
+a dependency that is away (NATS reconnecting, MongoDB or S3 down) is not cured by a restart.
+``/readyz`` fails while any dependency is away, so traffic goes to other replicas meanwhile. It
+answers each check as ``ok``, ``down`` or ``timeout`` only: it is unauthenticated, and an
+exception's text names hosts, ports and bucket URLs. The exception goes to the log instead. Both
+are bounded: liveness does no I/O, each readiness check has ``runtime.READY_CHECK_TIMEOUT_S``.
 """
 
 from __future__ import annotations
@@ -16,22 +20,18 @@ from scaleodm.gateway.deps import ResourcesDep
 
 router = APIRouter(tags=["health"], include_in_schema=False)
 
+
 @router.get("/healthz")
-async def read_health() -> dict[str, str]:
-    """The process serves requests."""
-    return {"status": "ok"}
+async def read_health(res: ResourcesDep) -> Any:
+    """The process serves requests and its NATS connection is not closed for good."""
+    status, body = runtime.liveness(res.broker)
+    return JSONResponse(body, status_code=status)
 
 
 @router.get("/readyz")
 async def read_readiness(res: ResourcesDep) -> Any:
     """MongoDB, NATS and S3 answer (``runtime.check_readiness``: ok/down/timeout, no details)."""
-
-    async def nats() -> None:
-        conn = res.broker.connection
-        if not (conn and conn.is_connected):
-            raise ConnectionError("NATS connection is down")
-
     ready, checks = await runtime.check_readiness(
-        [("mongo", res.mongo.ping), ("nats", nats), ("s3", res.s3.ping)]
+        [("mongo", res.mongo.ping), runtime.nats_check(res.broker), ("s3", res.s3.ping)]
     )
     return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)

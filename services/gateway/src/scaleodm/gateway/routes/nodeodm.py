@@ -17,21 +17,21 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 from urllib.parse import parse_qsl
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
-from scaleodm.common.contracts import bus, commands, events
-from scaleodm.common.contracts.ids import TaskId, canonical_task_id
+from scaleodm.common.contracts.ids import canonical_task_id
 from scaleodm.common.domain import options as odm_options
 from scaleodm.common.domain import taskinfo
-from scaleodm.common.domain.status import TERMINAL_STATES, TaskState
+from scaleodm.common.domain.status import TaskState
 from scaleodm.common.domain.text import shown
-from scaleodm.common.logging import bind_task, get_logger
+from scaleodm.common.logging import get_logger
 from scaleodm.common.store import s3 as s3mod
-from scaleodm.gateway import bodies, downloads, models, openapi, submission
+from scaleodm.gateway import actions, bodies, downloads, models, openapi, submission
 from scaleodm.gateway.deps import ResourcesDep, TokenDep
 from scaleodm.gateway.errors import NodeOdmError, not_found
 
@@ -182,27 +182,22 @@ def _uuid_param(body: dict[str, Any]) -> str:
     return submission.valid_unicode(value)
 
 
-async def _lookup_for_action(res: ResourcesDep, uuid: str) -> tuple[str, dict[str, Any]]:
-    """The canonical id and task an action body's ``uuid`` names, else ``<uuid> not found``."""
-    doc = await _find_task(res, uuid)
-    if doc is None:
-        raise NodeOdmError(f"{shown(uuid)} not found", action=True)
-    return str(doc["_id"]), doc
+def _action_error(exc: actions.ActionError, uuid: str) -> NodeOdmError:
+    """NodeODM's answer to an action that could not be done (§3.9-3.11)."""
+    if isinstance(exc, actions.NotRestartableError):
+        return NodeOdmError("Task cannot be restarted", action=True)
+    return NodeOdmError(f"{shown(uuid)} not found", action=True)
 
 
-async def _task_for_action(request: Request, res: ResourcesDep) -> tuple[str, dict[str, Any]]:
-    return await _lookup_for_action(res, _uuid_param(await _action_body(request, res)))
-
-
-async def _record_and_command(
-    res: ResourcesDep, ev: events.TaskEvent, cmd: commands.CancelTask | commands.RemoveTask
-) -> dict[str, Any]:
-    """Apply the event here first, so the very next request sees it (read-your-writes), then
-    ask the scheduler to act on the run."""
-    with bind_task(ev.task_id, attempt=ev.attempt):
-        await res.emitter.emit(ev)
-        await bus.publish_command(res.broker, cmd, timeout_s=res.settings.nats.publish_timeout_s)
-        log.info("task action", action=cmd.verb)
+async def _act(uuid: str, act: Callable[[str], Awaitable[None]]) -> dict[str, Any]:
+    """Run a task action on the task a body's ``uuid`` names (any spelling of its id)."""
+    task_id = canonical_task_id(uuid)
+    try:
+        if task_id is None:
+            raise actions.UnknownTaskError(uuid)
+        await act(task_id)
+    except actions.ActionError as exc:
+        raise _action_error(exc, uuid) from exc
     return {"success": True}
 
 
@@ -211,11 +206,7 @@ async def _record_and_command(
              openapi_extra=openapi.action_body())
 async def cancel_task(request: Request, res: ResourcesDep) -> dict[str, Any]:
     """Cancel a task: status 50, its run stopped (NodeODM §3.9)."""
-    task_id, doc = await _task_for_action(request, res)
-    return await _record_and_command(
-        res, events.canceled(task_id, doc["attempt"]),
-        commands.CancelTask(task_id=TaskId(task_id), attempt=doc["attempt"]),
-    )
+    return await _act(_uuid_param(await _action_body(request, res)), res.actions.cancel)
 
 
 @router.post("/task/remove", operation_id="nodeodm-remove_task", response_model=None,
@@ -223,11 +214,7 @@ async def cancel_task(request: Request, res: ResourcesDep) -> dict[str, Any]:
              openapi_extra=openapi.action_body())
 async def remove_task(request: Request, res: ResourcesDep) -> dict[str, Any]:
     """Cancel a task and delete it with its data; the uuid is gone at once (NodeODM §3.10)."""
-    task_id, doc = await _task_for_action(request, res)
-    return await _record_and_command(
-        res, events.removed(task_id, doc["attempt"]),
-        commands.RemoveTask(task_id=TaskId(task_id), attempt=doc["attempt"]),
-    )
+    return await _act(_uuid_param(await _action_body(request, res)), res.actions.remove)
 
 
 @router.post("/task/restart", operation_id="nodeodm-restart_task", response_model=None,
@@ -248,35 +235,11 @@ async def restart_task(request: Request, res: ResourcesDep) -> dict[str, Any]:
         except odm_options.OptionsError as exc:
             raise NodeOdmError(exc.error) from exc
         await submission.check_option_urls(new_options, submission.outbound_policy(res))
-    task_id, doc = await _lookup_for_action(res, uuid)
-    if TaskState(doc["state"]) not in TERMINAL_STATES:
-        raise NodeOdmError("Task cannot be restarted", action=True)
-    attempt = doc["attempt"] + 1
-    # New options replace the old ones wholesale, auto options re-added (§3.11 step 5, §5.4).
-    options = doc.get("options", []) if new_options is None else (
-        odm_options.add_post_processing_options(
-            new_options, skip_post_processing=bool(doc.get("skip_post_processing"))
-        )
-    )
-    with bind_task(task_id, attempt=attempt):
-        # Recorded now, published after the command: the outbox relay queues the run of an
-        # unpublished ``queued`` event (this process may die right here).
-        queued = events.queued(
-            task_id, attempt, options=options, date_created_ms=submission.now_ms()
-        )
-        result = await res.store.apply_event(queued)
-        if not result.changed:
-            raise NodeOdmError("Task cannot be restarted", action=True)
-        cmd = commands.RestartTask(
-            task_id=TaskId(task_id), attempt=attempt, name=doc["name"], options=options,
-            sources=doc["sources"], output_prefix=doc["output_prefix"],
-            skip_post_processing=bool(doc.get("skip_post_processing")),
-            outputs=doc.get("outputs"), images_count=doc.get("images_count") or None,
-        )
-        await submission.publish_run(res, cmd)
-        await res.emitter.publish(queued.model_copy(update={"seq": result.seq}))
-        log.info("task restarted")
-    return {"success": True}
+
+    async def restart(task_id: str) -> None:
+        await res.actions.restart(task_id, new_options)
+
+    return await _act(uuid, restart)
 
 
 # {asset:path}: an encoded "../x" arrives decoded; it must be refused as an asset, not 404.

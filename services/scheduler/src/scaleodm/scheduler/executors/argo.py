@@ -12,9 +12,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from kubernetes_asyncio import client, config
+from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
+from scaleodm.common import argoruns
 from scaleodm.common.contracts.commands import RunSpec
 from scaleodm.common.contracts.ids import run_name
 from scaleodm.common.logging import get_logger
@@ -24,18 +25,7 @@ from scaleodm.scheduler.executors.base import StartOutcome
 
 log = get_logger(__name__)
 
-GROUP, VERSION, PLURAL = "argoproj.io", "v1alpha1", "workflows"
 MERGE_PATCH = "application/merge-patch+json"
-
-
-async def api_client(kubeconfig: str | None) -> client.ApiClient:
-    """In-cluster config unless a kubeconfig file is given."""
-    cfg = client.Configuration()
-    if kubeconfig:
-        await config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
-    else:
-        config.load_incluster_config(client_configuration=cfg)
-    return client.ApiClient(cfg)
 
 
 def step_env(settings: SchedulerSettings) -> dict[str, str]:
@@ -69,12 +59,12 @@ class ArgoExecutor:
 
     async def start(self, spec: RunSpec) -> StartOutcome:
         manifest = workflows.build_workflow(
-            spec, self.argo, shard=workflows.shard_of(spec.task_id, self.argo.shards),
+            spec, self.argo, shard=argoruns.shard_of(spec.task_id, self.argo.shards),
             step_env=step_env(self.settings),
         )
         try:
             await self.custom.create_namespaced_custom_object(
-                GROUP, VERSION, self.argo.namespace, PLURAL, manifest,
+                argoruns.GROUP, argoruns.VERSION, self.argo.namespace, argoruns.PLURAL, manifest,
                 _request_timeout=self.argo.request_timeout_s,
             )
         except ApiException as exc:
@@ -89,7 +79,7 @@ class ArgoExecutor:
         body: dict[str, Any] = {"spec": {"shutdown": "Terminate"}}
         try:
             await self.custom.patch_namespaced_custom_object(
-                GROUP, VERSION, self.argo.namespace, PLURAL, name, body,
+                argoruns.GROUP, argoruns.VERSION, self.argo.namespace, argoruns.PLURAL, name, body,
                 _content_type=MERGE_PATCH,  # type: ignore[call-arg]  # accepted via **kwargs
                 _request_timeout=self.argo.request_timeout_s,
             )
@@ -104,7 +94,8 @@ class ArgoExecutor:
         for n in range(1, attempt + 1):
             try:
                 await self.custom.delete_namespaced_custom_object(
-                    GROUP, VERSION, self.argo.namespace, PLURAL, run_name(task_id, n),
+                    argoruns.GROUP, argoruns.VERSION, self.argo.namespace, argoruns.PLURAL,
+                    run_name(task_id, n),
                     propagation_policy="Background",
                     _request_timeout=self.argo.request_timeout_s,
                 )

@@ -1,4 +1,5 @@
-"""Local executor: each attempt is a detached runner process and a run directory.
+"""Local executor: each attempt is a detached runner process (``python -m scaleodm.run.runner``,
+the run package) and a run directory.
 
 Idempotency mirrors Argo's deterministic names: the run directory is named after uuid + attempt
 and created with ``mkdir`` (the claim), so a redelivered create finds it and changes nothing. A
@@ -26,9 +27,12 @@ from scaleodm.common.contracts.commands import RunSpec
 from scaleodm.common.contracts.ids import run_name
 from scaleodm.common.logging import get_logger
 from scaleodm.common.settings import EngineKind
+from scaleodm.run import runner
 from scaleodm.scheduler.executors.base import StartOutcome
 
 log = get_logger(__name__)
+# The runner's module, run with ``python -m`` (named from the module, so it follows it).
+RUNNER_MODULE = runner.__name__
 
 
 class RunNotStartedError(RuntimeError):
@@ -70,9 +74,9 @@ class LocalExecutor:
         return StartOutcome.STARTED
 
     def _spawn(self, rd: localruns.RunDir) -> None:
-        with rd.file("runner.log").open("ab") as log_fh:
+        with rd.file(localruns.RUNNER_LOG).open("ab") as log_fh:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "scaleodm.scheduler.runner", str(rd.path)],
+                [sys.executable, "-m", RUNNER_MODULE, str(rd.path)],
                 stdin=subprocess.DEVNULL, stdout=log_fh, stderr=subprocess.STDOUT,
                 start_new_session=True, close_fds=True,
             )
@@ -100,7 +104,8 @@ class LocalExecutor:
                 if not rd.runner_alive():
                     break
                 await asyncio.sleep(0.1)
-            shutil.rmtree(rd.path, ignore_errors=True)
+            # In a thread: a run removed while running may hold a large project.
+            await asyncio.to_thread(shutil.rmtree, rd.path, ignore_errors=True)
 
     async def _reap(self) -> None:
         while True:

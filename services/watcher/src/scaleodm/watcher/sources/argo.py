@@ -14,7 +14,8 @@ version -> relist on 410 Gone. Phases map to NodeODM codes; a Failed workflow th
 down is a cancel (50), never a failure. Image-pull and container-config errors end the task 30
 with a clear message. Console lines come from the pods' ``main`` container, re-read from the
 start on every (re)connect and numbered by ``ConsoleReporter``, so a restart or reconnect
-neither loses nor repeats a line.
+neither loses nor repeats a line. The resource, label and container names are the contract the
+scheduler builds Workflows with (``scaleodm.common.argoruns``).
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ import contextlib
 import re
 from typing import Any
 
-from kubernetes_asyncio import client, config, watch
+from kubernetes_asyncio import client, watch
 from kubernetes_asyncio.client.exceptions import ApiException
 
+from scaleodm.common import argoruns
 from scaleodm.common.contracts import events
 from scaleodm.common.domain.progress import PACKAGING_PROGRESS
 from scaleodm.common.domain.status import engine_exit_message
@@ -38,11 +40,6 @@ from scaleodm.watcher.console import ConsoleReporter
 
 log = get_logger(__name__)
 
-GROUP, VERSION, PLURAL = "argoproj.io", "v1alpha1", "workflows"
-TASK_LABEL = "scaleodm.io/task"
-ATTEMPT_LABEL = "scaleodm.io/attempt"
-SHARD_LABEL = "scaleodm.io/shard"
-MANAGED = "app.kubernetes.io/managed-by=scaleodm"
 INFRA_ERRORS = re.compile(
     r"errimagepull|imagepullbackoff|failed to pull image|back-off pulling image|invalidimagename"
     r"|createcontainerconfigerror|createcontainererror|secret .* not found",
@@ -52,21 +49,14 @@ EXIT_CODE = re.compile(r"exit code (\d+)", re.IGNORECASE)
 LOG_RETRY_S = 1.0
 
 
-async def api_client(kubeconfig: str | None) -> client.ApiClient:
-    cfg = client.Configuration()
-    if kubeconfig:
-        await config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
-    else:
-        config.load_incluster_config(client_configuration=cfg)
-    return client.ApiClient(cfg)
-
-
 def owned_shards(shards: int, replica: int, replicas: int) -> list[int]:
     return [s for s in range(shards) if s % max(1, replicas) == replica]
 
 
 def selector(shards: list[int]) -> str:
-    return f"{MANAGED},{SHARD_LABEL} in ({','.join(str(s) for s in shards)})"
+    """Our Workflows (managed-by) in the given shards."""
+    managed = f"{argoruns.LABEL_MANAGED_BY}={argoruns.MANAGED_BY}"
+    return f"{managed},{argoruns.LABEL_SHARD} in ({','.join(str(s) for s in shards)})"
 
 
 def _messages(wf: dict[str, Any]) -> list[str]:
@@ -121,7 +111,8 @@ class ArgoRunSource:
 
     async def _list(self) -> None:
         listing = await self.custom.list_namespaced_custom_object(
-            GROUP, VERSION, self.argo.namespace, PLURAL, label_selector=self.selector,
+            argoruns.GROUP, argoruns.VERSION, self.argo.namespace, argoruns.PLURAL,
+            label_selector=self.selector,
             _request_timeout=self.argo.request_timeout_s,
         )
         for wf in listing.get("items", []):
@@ -131,9 +122,10 @@ class ArgoRunSource:
     async def _watch(self) -> None:
         w = watch.Watch()
         async with w.stream(
-            self.custom.list_namespaced_custom_object, GROUP, VERSION, self.argo.namespace,
-            PLURAL, label_selector=self.selector, resource_version=self.resource_version,
-            allow_watch_bookmarks=True, timeout_seconds=self.argo.watch_timeout_s,
+            self.custom.list_namespaced_custom_object, argoruns.GROUP, argoruns.VERSION,
+            self.argo.namespace, argoruns.PLURAL, label_selector=self.selector,
+            resource_version=self.resource_version, allow_watch_bookmarks=True,
+            timeout_seconds=self.argo.watch_timeout_s,
         ) as stream:
             async for event in stream:
                 kind, obj = event["type"], event["object"]
@@ -146,9 +138,9 @@ class ArgoRunSource:
     async def handle(self, wf: dict[str, Any]) -> None:
         meta = wf.get("metadata") or {}
         labels = meta.get("labels") or {}
-        task_id = labels.get(TASK_LABEL)
+        task_id = labels.get(argoruns.LABEL_TASK)
         try:
-            attempt = int(labels.get(ATTEMPT_LABEL, ""))
+            attempt = int(labels.get(argoruns.LABEL_ATTEMPT, ""))
         except ValueError:
             return
         if not task_id:
@@ -165,12 +157,13 @@ class ArgoRunSource:
         if phase in ("", "Pending", "Running"):
             infra = next((m for m in _messages(wf) if INFRA_ERRORS.search(m)), None)
             if infra is not None:
-                await self.emitter.emit(events.failed(
-                    task_id, attempt, f"Could not start the run's containers: {infra}"
+                await self.emitter.emit(events.new(
+                    events.TaskFailed, task_id, attempt,
+                    error_message=f"Could not start the run's containers: {infra}",
                 ))
                 return
         if phase == "Running":
-            await self.emitter.emit(events.running(task_id, attempt))
+            await self.emitter.emit(events.new(events.TaskRunning, task_id, attempt))
             await self._follow(name, task_id, attempt)
         elif phase in ("Succeeded", "Failed", "Error"):
             await self._follow(name, task_id, attempt)
@@ -184,11 +177,15 @@ class ArgoRunSource:
         spec, status = wf.get("spec") or {}, wf.get("status") or {}
         message = status.get("message") or ""
         if phase == "Succeeded":
-            await self.emitter.emit(events.completed(task_id, attempt))
+            await self.emitter.emit(events.new(events.TaskCompleted, task_id, attempt))
         elif spec.get("shutdown") or message.startswith("Stopped with strategy"):
-            await self.emitter.emit(events.canceled(task_id, attempt))  # a cancel, never 30
+            await self.emitter.emit(events.new(
+                events.TaskCanceled, task_id, attempt
+            ))  # a cancel, never 30
         else:
-            await self.emitter.emit(events.failed(task_id, attempt, self._failure(wf)))
+            await self.emitter.emit(events.new(
+                events.TaskFailed, task_id, attempt, error_message=self._failure(wf)
+            ))
         self.reporters.pop(wf["metadata"]["name"], None)
 
     @staticmethod
@@ -220,7 +217,7 @@ class ArgoRunSource:
         log.info("following the workflow's log", skip=reporter.skip)
 
     async def _follow_logs(self, name: str, reporter: ConsoleReporter) -> None:
-        """Stream the ``main`` container of the workflow's pods until they all terminated."""
+        """Stream the engine container of the workflow's pods until they all terminated."""
         with bind_task(reporter.task_id, attempt=reporter.attempt, workflow=name):
             while True:
                 try:
@@ -233,7 +230,7 @@ class ArgoRunSource:
                 await asyncio.sleep(LOG_RETRY_S)
 
     async def _read_pods(self, name: str, reporter: ConsoleReporter) -> bool:
-        """One pass over the workflow's pods; True when every ``main`` container ended."""
+        """One pass over the workflow's pods; True when every engine container ended."""
         pods = await self._pods(name)
         reporter.rewind()  # each pass re-reads from the first line; recorded lines are skipped
         for pod in pods:
@@ -250,7 +247,7 @@ class ArgoRunSource:
                 return False
         if not pods:
             return False
-        if any(self._container_running(p, "upload") for p in pods):
+        if any(self._container_running(p, argoruns.UPLOAD_CONTAINER) for p in pods):
             await reporter.phase_progress(PACKAGING_PROGRESS, "packaging")
         return True
 
@@ -264,7 +261,7 @@ class ArgoRunSource:
 
     async def _pods(self, workflow: str) -> list[dict[str, Any]]:
         listing = await self.core.list_namespaced_pod(
-            self.argo.namespace, label_selector=f"workflows.argoproj.io/workflow={workflow}",
+            self.argo.namespace, label_selector=f"{argoruns.LABEL_WORKFLOW}={workflow}",
             _request_timeout=self.argo.request_timeout_s,
         )
         pods = [self.api.sanitize_for_serialization(p) for p in listing.items]
@@ -273,7 +270,7 @@ class ArgoRunSource:
     @staticmethod
     def _main_state(pod: dict[str, Any]) -> str | None:
         for cs in (pod.get("status") or {}).get("containerStatuses") or []:
-            if cs.get("name") == "main":
+            if cs.get("name") == argoruns.ENGINE_CONTAINER:
                 state = cs.get("state") or {}
                 if "terminated" in state:
                     return "terminated"
@@ -290,7 +287,8 @@ class ArgoRunSource:
 
     async def _stream_log(self, pod: str, reporter: ConsoleReporter) -> None:
         resp: Any = await self.core.read_namespaced_pod_log(
-            pod, self.argo.namespace, container="main", follow=True, _preload_content=False,
+            pod, self.argo.namespace, container=argoruns.ENGINE_CONTAINER, follow=True,
+            _preload_content=False,
         )  # an aiohttp response, read as it grows
         if resp.status != 200:  # not started yet / pod gone: a Status object, not log lines
             status = resp.status

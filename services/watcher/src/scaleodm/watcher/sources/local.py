@@ -129,10 +129,12 @@ class LocalRunSource:
         alive = f.rd.runner_alive()  # before reading the result: a runner writes it, then exits
         result = f.rd.result
         if not f.running_sent and f.rd.runner_started:
-            await self.emitter.emit(events.running(f.task_id, f.attempt))
+            await self.emitter.emit(events.new(events.TaskRunning, f.task_id, f.attempt))
             f.running_sent = True
         if not f.inputs_sent and (images := f.rd.images) is not None:
-            await self.emitter.emit(events.inputs_ready(f.task_id, f.attempt, images))
+            await self.emitter.emit(events.new(
+                events.TaskInputsReady, f.task_id, f.attempt, images_count=images
+            ))
             f.inputs_sent = True
         if not await self._read_console(f, final=result is not None):
             return False  # more console to read first: the next poll comes at once
@@ -144,29 +146,32 @@ class LocalRunSource:
             return True
         if f.rd.runner_started and not alive:
             if f.rd.result is None:  # re-check: it may have finished meanwhile
-                await self.emitter.emit(events.failed(
-                    f.task_id, f.attempt, "The run's process ended without a result"
+                await self.emitter.emit(events.new(
+                    events.TaskFailed, f.task_id, f.attempt,
+                    error_message="The run's process ended without a result",
                 ))
                 return True
         elif not f.rd.runner_started and self._age(f.rd) > self.start_grace_s:
             if f.rd.cancel_requested:
-                await self.emitter.emit(events.canceled(f.task_id, f.attempt))
+                await self.emitter.emit(events.new(events.TaskCanceled, f.task_id, f.attempt))
             else:
-                await self.emitter.emit(
-                    events.failed(f.task_id, f.attempt, "The run did not start")
-                )
+                await self.emitter.emit(events.new(
+                    events.TaskFailed, f.task_id, f.attempt, error_message="The run did not start"
+                ))
             return True
         return False
 
     async def _finish(self, f: Follower, result: dict[str, object]) -> None:
         outcome = result.get("outcome")
         if outcome == "completed":
-            await self.emitter.emit(events.completed(f.task_id, f.attempt))
+            await self.emitter.emit(events.new(events.TaskCompleted, f.task_id, f.attempt))
         elif outcome == "canceled":
-            await self.emitter.emit(events.canceled(f.task_id, f.attempt))
+            await self.emitter.emit(events.new(events.TaskCanceled, f.task_id, f.attempt))
         else:
             message = str(result.get("error_message") or "Processing failed")
-            await self.emitter.emit(events.failed(f.task_id, f.attempt, message))
+            await self.emitter.emit(events.new(
+                events.TaskFailed, f.task_id, f.attempt, error_message=message
+            ))
         log.info("run over", outcome=outcome)
 
     async def _read_console(self, f: Follower, *, final: bool) -> bool:

@@ -1,4 +1,4 @@
-"""One local run, as its own process: ``python -m scaleodm.scheduler.runner <run dir>``.
+"""One local run, as its own process: ``python -m scaleodm.run.runner <run dir>``.
 
 The local counterpart of an Argo Workflow's pod: fetch inputs -> run the engine -> package and
 upload the outputs -> write ``result.json``. It runs in its own session, so a scheduler crash
@@ -26,7 +26,7 @@ from scaleodm.common.domain.status import engine_exit_message
 from scaleodm.common.logging import configure_logging, get_logger
 from scaleodm.common.settings import EngineKind, SchedulerSettings
 from scaleodm.common.store.s3 import S3, parse_s3_url
-from scaleodm.scheduler import engines, fetching, packaging, stages
+from scaleodm.run import engines, fetching, packaging, stages
 
 log = get_logger("scaleodm.runner")
 KILL_GRACE_S = 10.0
@@ -180,6 +180,9 @@ async def main_async(rd: localruns.RunDir) -> int:
         await body
     if rd.result is None:
         rd.write_result("canceled" if runner.canceled else "failed", "Run ended without result")
+    # The outputs are in S3 (or there are none): the disk goes back now, not when the task is
+    # removed. The watcher's files stay (localruns.KEPT_FILES); the lock is held until here.
+    rd.discard_work()
     return 0
 
 

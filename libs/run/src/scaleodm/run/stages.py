@@ -1,19 +1,20 @@
 """The fetch and upload steps of an Argo run, as a CLI for the workflow's containers.
 
-``python -m scaleodm.scheduler.stages fetch --spec <json> --workspace /workspace`` and
-``python -m scaleodm.scheduler.stages upload --spec <json> --workspace /workspace`` run in our own
-image, before and after the ODM container of the same pod (``workflows.py``); they share the
-``/workspace`` emptyDir with it. ``--spec`` is the attempt's ``RunSpec`` as JSON, one argv item
-(never through a shell). S3 settings come from the environment (``SchedulerSettings``:
-``SCALEODM_S3__*``; the keys from a Secret, the rest as plain values).
+``python -m scaleodm.run.stages fetch --spec <json> --workspace /workspace`` and
+``python -m scaleodm.run.stages upload --spec <json> --workspace /workspace`` run in our own
+image, before and after the ODM container of the same pod (the Workflow is built by
+``scaleodm.scheduler.workflows``); they share the ``/workspace`` emptyDir with it. ``--spec`` is
+the attempt's ``RunSpec`` as JSON, one argv item (never through a shell). S3 settings come from
+the environment (``SchedulerSettings``: ``SCALEODM_S3__*``; the keys from a Secret, the rest as
+plain values).
 
 Both steps are the local runner's steps (``runner.py``), built from the same modules:
 
 - **fetch**: ``fetching.fetch_inputs`` into ``<workspace>/<task_id>/images``; no image → a clear
   message and exit 1. The project tree is left group-writable with setgid directories
   (``share_with_group``; the step runs with umask 002): ODM, root without capabilities in the
-  next container, writes there as a member of the pod's ``fsGroup`` (``workflows.py``).
-  The ODM command line is fixed when the Workflow is created, before the
+  next container, writes there as a member of the pod's ``fsGroup`` (the scheduler's
+  ``workflows.py``). The ODM command line is fixed when the Workflow is created, before the
   inputs are seen, so control files cannot become ``--gcp``/``--geo`` flags as in a local run:
   they are classified by ``fetching.control_file_args`` and moved to the names ODM looks for at
   the project root by default (``gcp_list.txt``, ``geo.txt``, ``image_groups.txt``).
@@ -45,7 +46,7 @@ from scaleodm.common.contracts.commands import RunSpec
 from scaleodm.common.logging import bind_task, configure_logging, get_logger
 from scaleodm.common.settings import SchedulerSettings
 from scaleodm.common.store.s3 import S3, parse_s3_url
-from scaleodm.scheduler import fetching, packaging
+from scaleodm.run import fetching, packaging
 
 __all__ = [
     "CONSOLE_FILE",
@@ -187,7 +188,7 @@ def _run_spec(text: str) -> RunSpec:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m scaleodm.scheduler.stages",
+        prog="python -m scaleodm.run.stages",
         description="Fetch inputs before / upload outputs after the ODM container of a run.",
     )
     steps = parser.add_subparsers(dest="step", required=True)

@@ -1,0 +1,146 @@
+"""Task actions on behalf of a client: create, restart, cancel, remove.
+
+The only code in the gateway that changes a task. Each action is one durable write to MongoDB —
+the event, with the command it causes (``Emitter.emit``) — and returns once that write is done,
+whether NATS is up or not: the publisher (or later the watcher's relay) delivers the command.
+A failure to answer means nothing was recorded; an answer of success means the command will be
+delivered. Domain errors (``ActionError``) name what went wrong; the routes turn them into
+NodeODM's answers.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from scaleodm.common import failpoints
+from scaleodm.common.contracts import commands, events
+from scaleodm.common.contracts.ids import TaskId
+from scaleodm.common.domain import options as odm_options
+from scaleodm.common.domain.status import TERMINAL_STATES, TaskState
+from scaleodm.common.emitting import Emitter, Outbound
+from scaleodm.common.logging import bind_task, get_logger
+from scaleodm.common.store.tasks import TaskExistsError, TaskStore, run_command
+
+log = get_logger(__name__)
+
+
+class ActionError(Exception):
+    """The action cannot be done (nothing was recorded)."""
+
+
+class UnknownTaskError(ActionError):
+    """No task with this id (or it was removed)."""
+
+
+class TaskExistsAlreadyError(ActionError):
+    """A task with this id exists already (``set-uuid`` taken)."""
+
+
+class NotRestartableError(ActionError):
+    """Only a finished task (completed, failed, canceled) can run again."""
+
+
+@dataclass(frozen=True)
+class NewTask:
+    """A validated submission: the task document's fields, before the first attempt."""
+
+    task_id: str
+    name: str
+    date_created_ms: int
+    options: list[dict[str, Any]]
+    images_count: int
+    webhook: str | None
+    skip_post_processing: bool
+    outputs: list[str] | None
+    sources: list[str]
+    output_prefix: str
+
+    def document(self) -> dict[str, Any]:
+        return {
+            "_id": self.task_id, "name": self.name, "date_created_ms": self.date_created_ms,
+            "options": self.options, "images_count": self.images_count, "webhook": self.webhook,
+            "skip_post_processing": self.skip_post_processing, "outputs": self.outputs,
+            "sources": self.sources, "output_prefix": self.output_prefix,
+        }
+
+
+class TaskActions:
+    def __init__(self, store: TaskStore, emitter: Emitter, points: failpoints.Failpoints,
+                 ) -> None:
+        self.store = store
+        self.emitter = emitter
+        self.points = points
+
+    async def create(self, new: NewTask, *, failure: str | None = None) -> None:
+        """The task at status 10 with its run queued; ``failure`` fails it at once instead
+        (NodeODM §3.5: too many images after a commit is an asynchronous failure)."""
+        doc = new.document()
+        queued = events.queued(new.task_id, 1)
+        command = None if failure is not None else run_command({**doc, "attempt": 1})
+        with bind_task(new.task_id, attempt=1):
+            try:
+                created = await self.store.create_task(doc, queued, command)
+            except TaskExistsError as exc:
+                raise TaskExistsAlreadyError(new.task_id) from exc
+            await self.points.hit("gateway.run.before_publish")
+            self.emitter.send_soon(Outbound(queued.model_copy(update={"seq": created.seq}),
+                                            command))
+            if failure is not None:
+                await self.emitter.emit(events.failed(new.task_id, 1, failure))
+                return
+            log.info("task created", images=new.images_count, sources=len(new.sources))
+
+    async def restart(self, task_id: str, new_options: list[dict[str, Any]] | None) -> None:
+        """A new attempt under the same id, with new options (replacing the old ones, the
+        automatic ones added again: §3.11 step 5, §5.4) or the old ones."""
+        doc = await self._task(task_id)
+        if TaskState(doc["state"]) not in TERMINAL_STATES:
+            raise NotRestartableError(task_id)
+        attempt = doc["attempt"] + 1
+        options = doc.get("options", []) if new_options is None else (
+            odm_options.add_post_processing_options(
+                new_options, skip_post_processing=bool(doc.get("skip_post_processing"))
+            )
+        )
+        with bind_task(task_id, attempt=attempt):
+            queued = events.queued(task_id, attempt, options=options,
+                                   date_created_ms=_now_ms())
+            command = run_command({**doc, "attempt": attempt, "options": options})
+            result = await self.store.apply_event(queued, command)
+            if not result.changed:
+                raise NotRestartableError(task_id)  # another restart won the race
+            await self.points.hit("gateway.run.before_publish")
+            self.emitter.send_soon(Outbound(queued.model_copy(update={"seq": result.seq}),
+                                            command))
+            log.info("task restarted")
+
+    async def cancel(self, task_id: str) -> None:
+        """Status 50 and the run stopped (NodeODM §3.9)."""
+        doc = await self._task(task_id)
+        attempt = doc["attempt"]
+        with bind_task(task_id, attempt=attempt):
+            await self.emitter.emit(events.canceled(task_id, attempt), command=commands.CancelTask(
+                task_id=TaskId(task_id), attempt=attempt))
+            log.info("task canceled")
+
+    async def remove(self, task_id: str) -> None:
+        """The task gone for clients at once; its run, files and records deleted by the
+        scheduler (NodeODM §3.10)."""
+        doc = await self._task(task_id)
+        attempt = doc["attempt"]
+        with bind_task(task_id, attempt=attempt):
+            await self.emitter.emit(events.removed(task_id, attempt), command=commands.RemoveTask(
+                task_id=TaskId(task_id), attempt=attempt))
+            log.info("task removed")
+
+    async def _task(self, task_id: str) -> dict[str, Any]:
+        doc = await self.store.get_task(task_id)
+        if doc is None:
+            raise UnknownTaskError(task_id)
+        return doc
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)

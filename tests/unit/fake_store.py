@@ -1,0 +1,117 @@
+"""An in-memory stand-in for ``TaskStore`` in the fast tests: the methods the gateway's routes and
+actions and the emitter call, with the same transition rules (``projection.plan``, the real
+one) and the same outbox fields. The store's own behaviour on MongoDB is checked by
+``tests/integration/test_store.py``; this fake only has to agree with it on what it answers."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from scaleodm.common.contracts import commands, events
+from scaleodm.common.domain.status import ACTIVE_STATES, TaskState
+from scaleodm.common.store import projection
+from scaleodm.common.store.tasks import ApplyResult, Outcome, TaskExistsError
+
+Doc = dict[str, Any]
+
+
+def _matches(doc: Doc, guard: Doc) -> bool:
+    for key, want in guard.items():
+        have = doc.get(key)
+        if isinstance(want, dict) and "$in" in want:
+            if have not in want["$in"]:
+                return False
+        elif isinstance(want, dict) and "$ne" in want:
+            if have == want["$ne"]:
+                return False
+        elif have != want:
+            return False
+    return True
+
+
+class FakeTaskStore:
+    def __init__(self) -> None:
+        self.tasks: dict[str, Doc] = {}
+        self.events: dict[str, Doc] = {}
+
+    async def create_task(self, doc: Doc, queued: events.TaskQueued,
+                          command: commands.Command | None = None) -> ApplyResult:
+        seq, fresh = self._record(queued, command)
+        if doc["_id"] in self.tasks:
+            raise TaskExistsError(doc["_id"])
+        if not fresh:
+            self.events[queued.event_id].update(published=False,
+                                                command=_dump(command))
+        self.tasks[doc["_id"]] = {
+            "attempt": 1, "state": TaskState.QUEUED.value, "progress": 0.0, "output_lines": 0,
+            "started_at_ms": None, "finished_at_ms": None, "error_message": None,
+            "removed": False, "created_at": dt.datetime.now(dt.UTC), **doc,
+        }
+        return ApplyResult(Outcome.APPLIED, seq)
+
+    async def get_task(self, task_id: str, *, include_removed: bool = False) -> Doc | None:
+        doc = self.tasks.get(task_id)
+        if doc is None or (doc["removed"] and not include_removed):
+            return None
+        return dict(doc)
+
+    async def list_task_ids(self) -> list[str]:
+        return [t["_id"] for t in self.tasks.values() if not t["removed"]]
+
+    async def count_active(self) -> int:
+        active = {s.value for s in ACTIVE_STATES}
+        return sum(1 for t in self.tasks.values() if not t["removed"] and t["state"] in active)
+
+    async def read_output(self, task_id: str, attempt: int, start: int, total: int) -> list[str]:
+        return []
+
+    async def apply_event(self, ev: events.TaskEvent,
+                          command: commands.Command | None = None) -> ApplyResult:
+        doc = self.tasks.get(ev.task_id)
+        if doc is None:
+            return ApplyResult(Outcome.IGNORED)
+        snap = projection.Snapshot(doc["attempt"], TaskState(doc["state"]), doc["removed"])
+        step = projection.plan(snap, ev)
+        if step is None:
+            if ev.event_id in self.events:
+                return ApplyResult(Outcome.DUPLICATE, self.events[ev.event_id]["seq"])
+            return ApplyResult(Outcome.IGNORED)
+        seq, fresh = self._record(ev, command)
+        changed = False
+        if step.update and _matches(doc, step.guard):
+            for key, value in step.update.get("$set", {}).items():
+                changed |= doc.get(key) != value
+                doc[key] = value
+            for key, value in step.update.get("$max", {}).items():
+                if value > doc.get(key, 0):
+                    doc[key], changed = value, True
+        return ApplyResult(Outcome.APPLIED if fresh else Outcome.DUPLICATE, seq, changed)
+
+    def _record(self, ev: events.TaskEvent, command: commands.Command | None) -> tuple[int, bool]:
+        if ev.event_id in self.events:
+            return self.events[ev.event_id]["seq"], False
+        seq = 1 + max((e["seq"] for e in self.events.values() if e["task_id"] == ev.task_id),
+                      default=0)
+        self.events[ev.event_id] = {
+            "_id": ev.event_id, "task_id": ev.task_id, "attempt": ev.attempt, "kind": ev.kind,
+            "seq": seq, "recorded_at": dt.datetime.now(dt.UTC), "published": False,
+            "body": ev.model_dump(mode="json", exclude={"seq"}), "command": _dump(command),
+        }
+        return seq, True
+
+    async def mark_published(self, event_id: str) -> None:
+        if event_id in self.events:
+            self.events[event_id]["published"] = True
+
+    async def unpublished_events(self, older_than: dt.datetime, limit: int = 500) -> list[Doc]:
+        pending = [e for e in self.events.values()
+                   if not e["published"] and e["recorded_at"] < older_than]
+        return sorted(pending, key=lambda e: e["recorded_at"])[:limit]
+
+    def unpublished(self) -> list[Doc]:
+        return [e for e in self.events.values() if not e["published"]]
+
+
+def _dump(command: commands.Command | None) -> Doc | None:
+    return None if command is None else command.model_dump(mode="json")

@@ -1,0 +1,182 @@
+"""The gateway's task actions through its HTTP routes, fast: the real FastAPI app over ASGI, the
+real ``Emitter``, FastStream's in-memory ``TestNatsBroker`` and an in-memory task store.
+
+Covered: cancel/remove/restart answer as NodeODM does and record each event with its command in
+the outbox; with NATS down every action still succeeds at once (MongoDB holds it) and the relay
+delivers the commands, event first, with their ``Nats-Msg-Id``, once NATS is back; with NATS up
+the background publisher delivers without the relay; NodeODM's errors for an unknown uuid, a task
+that cannot be restarted and bad restart options (validated before the lookup).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import types
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+from faststream.nats import NatsBroker, NatsMessage, TestNatsBroker
+
+from scaleodm.common import failpoints
+from scaleodm.common.contracts import commands, events, streams
+from scaleodm.common.emitting import Emitter
+from scaleodm.common.settings import GatewaySettings
+from scaleodm.gateway.actions import NewTask
+from scaleodm.gateway.deps import Resources
+from scaleodm.gateway.main import create_app
+from tests.unit.fake_store import FakeTaskStore
+
+
+class _DownBroker:
+    """NATS away: every publish fails the way nats-py does while disconnected."""
+
+    async def publish(self, *args: Any, **kwargs: Any) -> None:
+        raise ConnectionError("nats: connection closed")
+
+
+def _bus() -> tuple[NatsBroker, list[tuple[str, dict[str, Any], str]]]:
+    """A broker with one subscriber per stream recording (subject, body, Nats-Msg-Id)."""
+    broker = NatsBroker()
+    seen: list[tuple[str, dict[str, Any], str]] = []
+
+    @broker.subscriber(streams.COMMAND_SUBJECTS, stream=streams.TASKS_STREAM_REF)
+    async def on_command(body: dict[str, Any], msg: NatsMessage) -> None:
+        seen.append((msg.raw_message.subject, body, msg.headers["Nats-Msg-Id"]))
+
+    @broker.subscriber(streams.EVENT_SUBJECTS, stream=streams.EVENTS_STREAM_REF)
+    async def on_event(body: dict[str, Any], msg: NatsMessage) -> None:
+        seen.append((msg.raw_message.subject, body, msg.headers["Nats-Msg-Id"]))
+
+    return broker, seen
+
+
+class Gateway:
+    def __init__(self, broker: Any) -> None:
+        self.store = FakeTaskStore()
+        self.settings = GatewaySettings()
+        self.emitter = Emitter(self.store, broker, publish_timeout_s=1.0)  # type: ignore[arg-type]
+        self.app = create_app(self.settings)
+        self.res = Resources(
+            self.settings, types.SimpleNamespace(store=self.store),  # type: ignore[arg-type]
+            None, broker, self.emitter, None,  # type: ignore[arg-type]
+            failpoints.Failpoints(""),
+        )
+        self.app.state.resources = self.res
+        self.http = httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app),
+                                      base_url="http://gateway")
+
+    async def new_task(self, state: str | None = None) -> str:
+        task_id = str(uuid.uuid4())
+        await self.res.actions.create(NewTask(
+            task_id=task_id, name="t", date_created_ms=1, options=[], images_count=2,
+            webhook=None, skip_post_processing=False, outputs=None,
+            sources=[f"s3://scaleodm/tasks/{task_id}/inputs/"],
+            output_prefix=f"s3://scaleodm/tasks/{task_id}/outputs/"))
+        if state is not None:
+            self.store.tasks[task_id]["state"] = state
+        return task_id
+
+    async def post(self, path: str, **data: str) -> Any:
+        resp = await self.http.post(path, data=data)
+        assert resp.status_code == 200
+        return resp.json()
+
+    async def info(self, task_id: str) -> Any:
+        return (await self.http.get(f"/task/{task_id}/info")).json()
+
+
+@pytest.fixture
+async def down() -> AsyncIterator[Gateway]:
+    gw = Gateway(_DownBroker())
+    yield gw
+    await gw.emitter.aclose()
+    await gw.http.aclose()
+
+
+async def _settle(gw: Gateway) -> None:
+    await asyncio.wait_for(gw.emitter.flush(), 5)  # the background publisher is done
+
+
+async def test_actions_with_nats_down_succeed_and_the_relay_delivers_them_later(
+    down: Gateway,
+) -> None:
+    created = await down.new_task()
+    running = await down.new_task(state="running")
+    gone = await down.new_task(state="running")
+    done = await down.new_task(state="completed")
+
+    assert await down.post("/task/cancel", uuid=running) == {"success": True}
+    assert await down.post("/task/remove", uuid=gone) == {"success": True}
+    assert await down.post("/task/restart", uuid=done) == {"success": True}
+    await _settle(down)
+
+    assert (await down.info(running))["status"] == {"code": 50}
+    assert await down.info(gone) == {"error": f"{gone} not found"}
+    assert (await down.info(done))["status"] == {"code": 10}
+    pending = {e["_id"]: e["command"] for e in down.store.unpublished()}
+    assert pending == {
+        f"{created}:1:queued": {**pending[f"{created}:1:queued"], "verb": "create"},
+        f"{running}:1:queued": pending[f"{running}:1:queued"],
+        f"{gone}:1:queued": pending[f"{gone}:1:queued"],
+        f"{done}:1:queued": pending[f"{done}:1:queued"],
+        f"{running}:1:canceled": {"schema_version": 1, "task_id": running, "attempt": 1,
+                                  "verb": "cancel"},
+        f"{gone}:1:removed": {"schema_version": 1, "task_id": gone, "attempt": 1,
+                              "verb": "remove"},
+        f"{done}:2:queued": {**pending[f"{done}:2:queued"], "verb": "restart", "attempt": 2},
+    }
+
+    # NATS is back: the relay hands each recorded event to the same delivery.
+    broker, seen = _bus()
+    async with TestNatsBroker(broker) as bus:
+        relay = Emitter(down.store, bus, publish_timeout_s=1.0)  # type: ignore[arg-type]
+        for doc in down.store.unpublished():
+            assert await relay.republish(doc)
+    assert down.store.unpublished() == []
+    ids = [msg_id for _, _, msg_id in seen]
+    assert ids.index(f"{gone}:1:removed") < ids.index(f"{gone}:1:remove"), "event, then command"
+    verbs = {(s.rsplit(".", 1)[1], b["task_id"]) for s, b, _ in seen
+             if s.startswith("tasks.commands.")}
+    assert verbs == {("create", created), ("create", running), ("create", gone),
+                     ("create", done), ("cancel", running), ("remove", gone),
+                     ("restart", done)}
+
+
+async def test_with_nats_up_the_publisher_delivers_without_the_relay() -> None:
+    broker, seen = _bus()
+    async with TestNatsBroker(broker) as bus:
+        gw = Gateway(bus)
+        try:
+            task_id = await gw.new_task(state="running")
+            assert await gw.post("/task/cancel", uuid=task_id.upper()) == {"success": True}
+            await _settle(gw)
+        finally:
+            await gw.emitter.aclose()
+            await gw.http.aclose()
+    assert gw.store.unpublished() == []
+    assert [msg_id for _, _, msg_id in seen] == [
+        f"{task_id}:1:queued", f"{task_id}:1:create", f"{task_id}:1:canceled",
+        f"{task_id}:1:cancel"]
+    cancel = commands.COMMAND_ADAPTER.validate_python(seen[-1][1])
+    assert cancel == commands.CancelTask(task_id=task_id, attempt=1)  # type: ignore[arg-type]
+    event = events.EVENT_ADAPTER.validate_python(seen[-2][1])
+    assert (event.kind, event.seq) == ("canceled", 2)
+
+
+async def test_nodeodm_errors_of_the_actions(down: Gateway) -> None:
+    running = await down.new_task(state="running")
+    unknown = str(uuid.uuid4())
+    for path in ("/task/cancel", "/task/remove", "/task/restart"):
+        assert await down.post(path, uuid=unknown) == {
+            "success": False, "error": f"{unknown} not found"}
+        assert await down.post(path, uuid="../x") == {"success": False, "error": "../x not found"}
+        assert await down.post(path) == {"error": "uuid param missing."}
+    assert await down.post("/task/restart", uuid=running) == {
+        "success": False, "error": "Task cannot be restarted"}
+    bad = await down.post("/task/restart", uuid=unknown,
+                          options='[{"name":"min-num-features","value":"many"}]')
+    assert "error" in bad and "not found" not in bad["error"], "options are checked first"
+    assert [e["_id"] for e in down.store.events.values()] == [f"{running}:1:queued"]
