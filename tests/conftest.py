@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.harness import servers
+from tests.harness import properties, servers  # noqa: F401 - registers the fast profile
 from tests.harness.httpfixture import HttpFixture
 from tests.harness.stack import Stack, running_stack
 

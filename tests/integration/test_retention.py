@@ -11,8 +11,8 @@ old) and a task finished just now keep everything; a finished run's directory is
 the watcher's small files; an abandoned chunked upload is deleted (S3 objects and records, its
 uuid no longer takes files) while an active one is kept and still commits; a file that reached
 S3 after its task had been removed (a chunk racing a commit and a remove) is deleted once its
-orphaned name record expires. Leaves out: TTL expiry of webhook delivery records (the stand-in
-MongoDB servers do not run MongoDB's TTL monitor), stalled-removal resumption (store level).
+orphaned name record expires; removing a task deletes its webhook delivery records and no one
+else's (store level); stalled-removal resumption (store level).
 """
 
 from __future__ import annotations
@@ -401,13 +401,15 @@ async def test_commit_keeps_the_names_of_files_still_arriving(wire_db: Any) -> N
     assert await uploads.stored_names(upload_id) == []
 
 
-async def test_delivery_records_expire_with_the_retention(wire_db: Any) -> None:
-    kept = DeliveryStore(wire_db, keep_for_s=3600)
-    await kept.ensure_indexes()
-    [ttl] = [i for i in (await kept.deliveries.index_information()).values()
-             if i["key"] == [("expire_at", 1)]]  # nx-27017 names indexes its own way
-    assert ttl["expireAfterSeconds"] == 0
-    doc = await kept.open("d1", task_id="t", attempt=1, url="http://hook")
-    assert 3590 < (doc["expire_at"] - doc["created_at"]).total_seconds() <= 3600
-    forever = await DeliveryStore(wire_db).open("d2", task_id="t", attempt=1, url="http://h")
-    assert "expire_at" not in forever
+async def test_removing_a_task_deletes_its_delivery_records_only(wire_db: Any) -> None:
+    store = TaskStore(wire_db)
+    deliveries = DeliveryStore(wire_db)
+    gone, kept = str(uuid.uuid4()), str(uuid.uuid4())
+    for task_id in (gone, kept):
+        await store.create_task({"_id": task_id, "name": "t", "date_created_ms": 1,
+                                 "options": []}, events.queued(task_id, 1))
+        await deliveries.open(f"{task_id}:1:hook", task_id=task_id, attempt=1, url="http://h")
+    await store.apply_event(events.removed(gone, 1))
+    await store.delete_task(gone)
+    assert await deliveries.get(f"{gone}:1:hook") is None
+    assert await deliveries.get(f"{kept}:1:hook") is not None

@@ -428,7 +428,8 @@ def test_the_system_still_works(overlay: str, pod_cidr: str) -> None:
                  "scaleodm-notifier"):
         assert allowed(c, w[name], w["mongo"], 27017), name
     assert not allowed(c, w["scaleodm-bootstrap"], w["mongo"], 27017)  # it has no business there
-    for name in ("scaleodm-gateway", "scaleodm-scheduler", "scaleodm-notifier", "workflow"):
+    for name in ("scaleodm-gateway", "scaleodm-scheduler", "scaleodm-watcher",
+                 "scaleodm-notifier", "workflow"):
         assert allowed(c, w[name], internet, 443), name
         assert allowed(c, w[name], internet, 9000), name
     for name in ("scaleodm-scheduler", "scaleodm-watcher", "workflow"):
@@ -441,10 +442,10 @@ def test_the_system_still_works(overlay: str, pod_cidr: str) -> None:
         assert allowed(c, pod, w["kube-dns"], 53, "UDP") and allowed(c, pod, w["kube-dns"], 53)
     if overlay == "dev":
         minio = w["minio"]
-        for name in ("scaleodm-gateway", "scaleodm-scheduler", "scaleodm-notifier", "workflow",
-                     "minio-bucket"):
+        for name in ("scaleodm-gateway", "scaleodm-scheduler", "scaleodm-watcher",
+                     "scaleodm-notifier", "workflow", "minio-bucket"):
             assert allowed(c, w[name], minio, 9000), name
-        assert not allowed(c, w["scaleodm-watcher"], minio, 9000)
+        assert not allowed(c, w["scaleodm-bootstrap"], minio, 9000)
         assert allowed(c, w["scaleodm-notifier"], w["intruder"], 8080)  # dev webhook receivers
 
 

@@ -24,7 +24,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from scaleodm.common import netguard
-from tests.harness import servers
+from tests.harness import properties, servers
 
 V4 = ipaddress.IPv4Address
 V6 = ipaddress.IPv6Address
@@ -227,7 +227,7 @@ POLICIES = [
 REFUSED_V4_BLOCKS = [r.network for r in netguard.REFUSED_RANGES if r.network.version == 4]
 
 
-@settings(max_examples=300, deadline=None, derandomize=True)
+@settings(max_examples=properties.examples(300), deadline=None, derandomize=True)
 @given(
     a=st.one_of(
         st.sampled_from(REFUSED_V4_BLOCKS).flatmap(lambda n: st.ip_addresses(network=n)),

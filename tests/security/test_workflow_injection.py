@@ -47,6 +47,7 @@ from scaleodm.common.contracts.ids import is_task_id
 from scaleodm.common.domain.options import OptionSpec, load_catalog, to_engine_args
 from scaleodm.common.settings import ArgoSettings
 from scaleodm.scheduler import workflows
+from tests.harness import properties
 
 TASK_ID = "6f1c2d3e-4b5a-4c6d-8e7f-9a0b1c2d3e4f"
 SECRET_NAME = ArgoSettings().s3_secret
@@ -361,7 +362,7 @@ step_envs = st.fixed_dictionaries(
 )
 
 
-@settings(max_examples=300, deadline=None, derandomize=True)
+@settings(max_examples=properties.examples(300), deadline=None, derandomize=True)
 @given(spec=run_specs, step_env=step_envs)
 def test_no_input_is_expanded_by_kubernetes_or_argo(
     spec: RunSpec, step_env: dict[str, str]

@@ -55,9 +55,12 @@ class FakeStore:
         self.tasks: dict[str, dict[str, Any]] = {}
         self.deleted: list[str] = []
 
-    async def get_task(self, task_id: str) -> dict[str, Any] | None:
+    async def get_task(self, task_id: str, *, include_removed: bool = False
+                       ) -> dict[str, Any] | None:
         doc = self.tasks.get(task_id)
-        return None if doc is None else dict(doc)
+        if doc is None or (doc.get("removed") and not include_removed):
+            return None
+        return dict(doc)
 
     async def delete_task(self, task_id: str) -> None:
         self.tasks.pop(task_id, None)

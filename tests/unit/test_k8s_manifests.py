@@ -844,7 +844,8 @@ def test_s3_secret(overlay: str) -> None:
     name = scheduler.argo.s3_secret
     refs = secret_keys_used(objects, name)
     assert refs == S3_SECRET_KEYS
-    for program in ("scaleodm-gateway", "scaleodm-scheduler", "scaleodm-notifier"):
+    for program in ("scaleodm-gateway", "scaleodm-scheduler", "scaleodm-watcher",
+                    "scaleodm-notifier"):
         env = environment(objects, the_container(objects, program))
         for key in ("SCALEODM_S3__ACCESS_KEY_ID", "SCALEODM_S3__SECRET_ACCESS_KEY"):
             assert env[key].source.startswith(f"secret:{name}/"), (program, key)

@@ -38,7 +38,8 @@ def backoff_s(delivered: int) -> float:
 class TaskRecords(Protocol):
     """The task documents the handler reads and deletes (``TaskStore``)."""
 
-    async def get_task(self, task_id: str) -> dict[str, Any] | None: ...
+    async def get_task(self, task_id: str, *, include_removed: bool = False
+                       ) -> dict[str, Any] | None: ...
 
     async def delete_task(self, task_id: str) -> None: ...
 
@@ -122,3 +123,15 @@ class CommandHandler:
         await self.points.hit("scheduler.create.before_ack")
         if outcome is StartOutcome.EXISTS:
             log.info("redelivered command: run already exists, nothing changed")
+        await self._overtaken(spec)
+
+    async def _overtaken(self, spec: commands.CreateTask | commands.RestartTask) -> None:
+        """A cancel or remove handled while this run was being started (commands of one batch
+        run concurrently) found no run to stop: stop it now."""
+        doc = await self.store.get_task(spec.task_id, include_removed=True)
+        if doc is None or doc.get("removed"):
+            log.info("task removed while its run started; removing the run")
+            await self.executor.remove(spec.task_id, spec.attempt)
+        elif doc["attempt"] == spec.attempt and doc["state"] == TaskState.CANCELED.value:
+            log.info("task canceled while its run started; canceling the run")
+            await self.executor.cancel(spec.task_id, spec.attempt)

@@ -4,12 +4,8 @@ A delivery is ``pending`` until ``delivered`` or ``dead`` (``reason`` says why).
 schedule depends on (``first_at_ms``, ``next_at_ms``, each attempt's ``at_ms``) are epoch
 milliseconds, which every wire server we test on stores faithfully; ``at`` stays for humans.
 
-Records are diagnostics of a task and need not outlive it: with ``keep_for_s`` a record carries
-``expire_at`` (created + keep_for_s), and a TTL index lets MongoDB delete it then; without, it is
-kept. ``keep_for_s`` must exceed the retry horizon: a record that vanished while its delivery may
-still be retried would let a redelivered event deliver again (the task's retention plus the
-horizon keeps a record as long as its task). TTL deletion is MongoDB's background job, which the
-stand-in servers of the tests do not run.
+Records are diagnostics of a task and do not outlive it: removing a task (``TaskStore.delete_task``,
+after ``/task/remove`` or its retention) deletes them with its events.
 """
 
 from __future__ import annotations
@@ -26,31 +22,27 @@ from pymongo.errors import DuplicateKeyError
 Doc = dict[str, Any]
 
 
+COLLECTION = "webhook_deliveries"
+
+
 class DeliveryStore:
-    def __init__(self, db: AsyncDatabase[Doc], *, keep_for_s: float | None = None) -> None:
-        self.deliveries = db["webhook_deliveries"]
-        self.keep_for_s = keep_for_s
+    def __init__(self, db: AsyncDatabase[Doc]) -> None:
+        self.deliveries = db[COLLECTION]
 
     async def ensure_indexes(self) -> None:
         await self.deliveries.create_index([("task_id", ASCENDING)], name="task")
-        # Per-record expiry: records without ``expire_at`` are kept (retention off).
-        await self.deliveries.create_index(
-            [("expire_at", ASCENDING)], name="expiry", expireAfterSeconds=0
-        )
 
     async def get(self, delivery_id: str) -> Doc | None:
         return await self.deliveries.find_one({"_id": delivery_id})
 
     async def open(self, delivery_id: str, *, task_id: str, attempt: int, url: str) -> Doc:
         now = dt.datetime.now(dt.UTC)
-        expiry = {} if self.keep_for_s is None else {
-            "expire_at": now + dt.timedelta(seconds=self.keep_for_s)}
         try:
             await self.deliveries.insert_one({
                 "_id": delivery_id, "task_id": task_id, "attempt": attempt, "url": url,
                 "status": "pending", "attempts": [],
                 "created_at": now, "first_at_ms": int(time.time() * 1000),
-                "next_at_ms": 0, "reason": None, **expiry,
+                "next_at_ms": 0, "reason": None,
             })
         except DuplicateKeyError:
             pass

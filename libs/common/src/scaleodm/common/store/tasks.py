@@ -33,7 +33,7 @@ from scaleodm.common.contracts.ids import TaskId
 from scaleodm.common.domain.status import ACTIVE_STATES, TaskState
 from scaleodm.common.logging import get_logger
 from scaleodm.common.settings import MongoSettings
-from scaleodm.common.store import projection
+from scaleodm.common.store import deliveries, projection
 
 log = get_logger(__name__)
 
@@ -145,12 +145,15 @@ class TaskStore:
         )
 
     async def delete_task(self, task_id: str) -> None:
-        """Physically delete a removed task's documents (a task not removed is left alone)."""
+        """Physically delete a removed task's documents — events, webhook delivery records,
+        the task (a task not removed is left alone)."""
         doc = await self.tasks.find_one({"_id": task_id}, {"removed": 1})
         if doc is not None and not doc.get("removed"):
             return  # its ``removed`` event is not projected yet: keep the log and the task
-        # Events first: a retry after a crash in between still finds the (removed) task or none.
+        # Events and delivery records first: a retry after a crash in between still finds the
+        # (removed) task, or none.
         await self.events.delete_many({"task_id": task_id})
+        await self.db[deliveries.COLLECTION].delete_many({"task_id": task_id})
         await self.tasks.delete_one({"_id": task_id, "removed": True})
 
     # -- events ------------------------------------------------------------------------------
