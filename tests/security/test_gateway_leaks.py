@@ -2,9 +2,10 @@
 
 A gateway of its own reaches MongoDB through a TCP relay the tests cut, and S3 at a port where
 nothing listens. Covered: ``/readyz`` (no token) answers ``ok``/``down``/``timeout`` per check and
-never an exception's text, while the gateway log has it; an internal error (MongoDB gone under a
-request) answers ``Internal error (ref <id>)`` and the same ref leads to the full exception in the
-log; the bus services' ``/readyz`` (``scaleodm.common.runtime``) answers the same words, run
+never an exception's text, while the gateway log has it; MongoDB gone under a request answers
+``Storage unavailable, please retry later`` and the log names the cause; an unexpected exception
+(a failpoint raising one) answers ``Internal error (ref <id>)`` and the same ref leads to the full
+exception in the log; the bus services' ``/readyz`` (``scaleodm.common.runtime``) answers the same words, run
 in-process against failing and hanging checks.
 
 Left out: the causes of internal errors (each is a bug of its own; the fuzz test looks for them).
@@ -19,6 +20,7 @@ import re
 import socket
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -26,7 +28,9 @@ import pytest
 
 from scaleodm.common import runtime
 from tests.harness import servers
+from tests.harness.data import JPEG
 from tests.harness.stack import Stack
+from tests.security.gateway_only import gateway_only
 
 pytestmark = pytest.mark.integration
 
@@ -148,7 +152,9 @@ async def test_readiness_names_no_exception(failing: tuple[Stack, TcpRelay]) -> 
     assert logged and all(e["event"].startswith("readiness check") for e in logged), logged
 
 
-async def test_internal_error_is_a_reference_to_the_log(failing: tuple[Stack, TcpRelay]) -> None:
+async def test_storage_outage_is_a_short_answer_and_details_go_to_the_log(
+    failing: tuple[Stack, TcpRelay],
+) -> None:
     stack, relay = failing
     relay.cut()  # MongoDB gone from under the gateway
     status, body = await _readiness(stack)
@@ -159,19 +165,38 @@ async def test_internal_error_is_a_reference_to_the_log(failing: tuple[Stack, Tc
     async with httpx.AsyncClient(base_url=stack.gateway_url, timeout=30) as c:
         resp = await c.get("/task/list")
     assert resp.status_code == 200 and "application/json" in resp.headers["content-type"]
-    answer = resp.json()
-    match = re.fullmatch(r"Internal error \(ref ([0-9a-f]{12})\)", answer.get("error", ""))
-    assert match is not None and set(answer) == {"error"}, answer
-    ref = match.group(1)
+    assert resp.json() == {"error": "Storage unavailable, please retry later"}
     for _ in range(50):  # the log line is written as the answer is sent
-        logged = [e for e in _log_lines(stack) if e.get("ref") == ref]
+        logged = [e for e in _log_lines(stack)
+                  if e.get("event") == "storage unavailable" and e.get("path") == "/task/list"]
         if logged:
             break
         await asyncio.sleep(0.1)
-    assert len(logged) == 1, logged
-    assert logged[0]["event"] == "unhandled error" and logged[0]["path"] == "/task/list"
-    exception = logged[0].get("exception", "")
-    assert "pymongo.errors" in exception and f"127.0.0.1:{relay.port}" in exception, logged[0]
+    assert logged and f"127.0.0.1:{relay.port}" in logged[-1]["error"], logged
+
+
+async def test_internal_error_is_a_reference_to_the_log(
+    tmp_path: Path, mongo_url: str, s3: servers.S3Endpoint
+) -> None:
+    """An unexpected exception (a failpoint raising one, as a bug would) answers a reference
+    that finds the traceback in the log, and nothing else."""
+    env = {"SCALEODM_FAILPOINTS": "gateway.run.before_publish=error"}
+    with gateway_only(tmp_path / "gw", mongo_url, s3, env) as stack:
+        async with httpx.AsyncClient(base_url=stack.gateway_url, timeout=30) as c:
+            resp = await c.post("/task/new", files=[("images", ("a.jpg", JPEG, "image/jpeg"))])
+        assert resp.status_code == 200 and "application/json" in resp.headers["content-type"]
+        answer = resp.json()
+        match = re.fullmatch(r"Internal error \(ref ([0-9a-f]{12})\)", answer.get("error", ""))
+        assert match is not None and set(answer) == {"error"}, answer
+        ref = match.group(1)
+        for _ in range(50):  # the log line is written as the answer is sent
+            logged = [e for e in _log_lines(stack) if e.get("ref") == ref]
+            if logged:
+                break
+            await asyncio.sleep(0.1)
+        assert len(logged) == 1, logged
+        assert logged[0]["event"] == "unhandled error" and logged[0]["path"] == "/task/new"
+        assert "FailpointError: gateway.run.before_publish" in logged[0].get("exception", "")
 
 
 @pytest.mark.parametrize(

@@ -22,18 +22,23 @@ from faststream.nats import NatsBroker, NatsMessage, TestNatsBroker
 
 from scaleodm.common import failpoints
 from scaleodm.common.contracts import commands, events, streams
-from scaleodm.common.emitting import Emitter
+from scaleodm.common.emitting import Emitter, Relayed
 from scaleodm.common.settings import GatewaySettings
 from scaleodm.gateway.actions import NewTask
 from scaleodm.gateway.deps import Resources
 from scaleodm.gateway.main import create_app
+from scaleodm.watcher import relaying
 from tests.unit.fake_store import FakeTaskStore
 
 
 class _DownBroker:
     """NATS away: every publish fails the way nats-py does while disconnected."""
 
+    def __init__(self) -> None:
+        self.calls = 0
+
     async def publish(self, *args: Any, **kwargs: Any) -> None:
+        self.calls += 1
         raise ConnectionError("nats: connection closed")
 
 
@@ -134,7 +139,7 @@ async def test_actions_with_nats_down_succeed_and_the_relay_delivers_them_later(
     async with TestNatsBroker(broker) as bus:
         relay = Emitter(down.store, bus, publish_timeout_s=1.0)  # type: ignore[arg-type]
         for doc in down.store.unpublished():
-            assert await relay.republish(doc)
+            assert await relay.republish(doc) is Relayed.SENT
     assert down.store.unpublished() == []
     ids = [msg_id for _, _, msg_id in seen]
     assert ids.index(f"{gone}:1:removed") < ids.index(f"{gone}:1:remove"), "event, then command"
@@ -180,3 +185,23 @@ async def test_nodeodm_errors_of_the_actions(down: Gateway) -> None:
                           options='[{"name":"min-num-features","value":"many"}]')
     assert "error" in bad and "not found" not in bad["error"], "options are checked first"
     assert [e["_id"] for e in down.store.events.values()] == [f"{running}:1:queued"]
+
+
+async def test_the_relay_stops_a_pass_at_the_first_refusal_and_drains_full_batches(
+    down: Gateway,
+) -> None:
+    for _ in range(3):
+        await down.new_task()
+    await _settle(down)
+    refusing = _DownBroker()
+    relay = Emitter(down.store, refusing, publish_timeout_s=1.0)  # type: ignore[arg-type]
+    assert await relaying.relay_once(down.store, relay, min_age_s=0) == (0, False)
+    assert refusing.calls == 1, "one timeout per pass, not one per waiting event"
+
+    broker, seen = _bus()
+    async with TestNatsBroker(broker) as bus:
+        relay = Emitter(down.store, bus, publish_timeout_s=1.0)  # type: ignore[arg-type]
+        assert await relaying.relay_once(down.store, relay, min_age_s=0, batch=2) == (2, True)
+        assert await relaying.relay_once(down.store, relay, min_age_s=0, batch=2) == (1, False)
+    assert down.store.unpublished() == []
+    assert len(seen) == 6  # three events and their create commands

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import enum
 import time
 from dataclasses import dataclass
 
@@ -37,6 +38,14 @@ log = get_logger(__name__)
 ORPHAN_GRACE_S = 300.0
 QUEUE_SIZE = 10_000
 PAUSE_AFTER_FAILURE_S = 1.0  # while NATS is away, leave events to the relay instead of waiting
+
+
+class Relayed(enum.Enum):
+    """What ``Emitter.republish`` did with a recorded event."""
+
+    SENT = "sent"
+    WAITING = "waiting"  # a creation that may still be completed (``ORPHAN_GRACE_S``)
+    FAILED = "failed"  # NATS did not take it: left for the next pass
 
 
 @dataclass(frozen=True)
@@ -115,7 +124,7 @@ class Emitter:
                      attempt=out.command.attempt)
         return True
 
-    async def republish(self, doc: Doc) -> bool:
+    async def republish(self, doc: Doc) -> Relayed:
         """Publish a recorded event document left unpublished (the watcher's relay).
 
         Its emitter may have died between recording it and applying it to the task document, so
@@ -125,8 +134,8 @@ class Emitter:
         out = outbound(doc)
         await self.store.apply_event(out.event)
         if isinstance(out.event, events.TaskQueued) and not await self._creation_done(doc):
-            return False
-        return await self.deliver(out)
+            return Relayed.WAITING
+        return Relayed.SENT if await self.deliver(out) else Relayed.FAILED
 
     async def _creation_done(self, doc: Doc) -> bool:
         """False while a ``queued`` event has no task yet and its creation may still be retried."""

@@ -27,7 +27,8 @@ def parse(spec: str) -> dict[str, str]:
 
 
 class Failpoints:
-    """Actions: ``hang`` (wait forever), ``crash`` (exit the process at once, no cleanup)."""
+    """Actions: ``hang`` (wait forever), ``crash`` (exit the process at once, no cleanup),
+    ``error`` (raise ``FailpointError``: an unexpected exception, as a bug would raise)."""
 
     def __init__(self, spec: str = "") -> None:
         self._points = parse(spec)
@@ -44,3 +45,9 @@ class Failpoints:
             os._exit(97)
         if action == "hang":
             await asyncio.Event().wait()
+        if action == "error":
+            raise FailpointError(name)
+
+
+class FailpointError(RuntimeError):
+    """Raised by an ``error`` failpoint."""

@@ -42,6 +42,7 @@ class Resources:
     """What the notifier holds while it runs (``open_resources``)."""
 
     mongo: MongoHandle
+    s3: S3
     notifier: Notifier
 
 
@@ -82,7 +83,7 @@ async def open_resources(
                 max_attempts=settings.webhook_max_attempts,
             ),
         )
-        yield Resources(mongo, notifier)
+        yield Resources(mongo, s3, notifier)
 
 
 def create_app(settings: NotifierSettings) -> AsgiFastStream:
@@ -122,8 +123,11 @@ def create_app(settings: NotifierSettings) -> AsgiFastStream:
     async def ready_mongo() -> None:
         await lifecycle.current.mongo.ping()
 
+    async def ready_s3() -> None:
+        await lifecycle.current.s3.ping()
+
     return runtime.make_app(
         broker,
         lifespan=lifecycle.lifespan,
-        ready_checks=[("mongo", ready_mongo)],
+        ready_checks=[("mongo", ready_mongo), ("s3", ready_s3)],
     )

@@ -35,6 +35,7 @@ class Resources:
     """What the scheduler holds while it runs (``open_resources``)."""
 
     mongo: MongoHandle
+    s3: S3
     handler: CommandHandler
 
 
@@ -64,7 +65,7 @@ async def open_resources(
             bucket=settings.s3.bucket, max_deliver=settings.max_deliver,
         )
         log.info("scheduler ready", executor=settings.executor.value)
-        yield Resources(mongo, handler)
+        yield Resources(mongo, s3, handler)
 
 
 def create_app(settings: SchedulerSettings) -> AsgiFastStream:
@@ -91,8 +92,11 @@ def create_app(settings: SchedulerSettings) -> AsgiFastStream:
     async def ready_mongo() -> None:
         await lifecycle.current.mongo.ping()
 
+    async def ready_s3() -> None:
+        await lifecycle.current.s3.ping()
+
     return runtime.make_app(
         broker,
         lifespan=lifecycle.lifespan,
-        ready_checks=[("mongo", ready_mongo)],
+        ready_checks=[("mongo", ready_mongo), ("s3", ready_s3)],
     )

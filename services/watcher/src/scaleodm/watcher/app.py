@@ -36,6 +36,7 @@ class Resources:
     """What the watcher holds while it runs (``open_resources``)."""
 
     mongo: MongoHandle
+    s3: S3
     loops: tuple[asyncio.Task[None], ...]
 
 
@@ -62,7 +63,7 @@ async def open_resources(settings: WatcherSettings, broker: NatsBroker) -> Async
                    "retention"),
         )
         log.info("watcher ready", source=settings.source.value)
-        yield Resources(mongo, loops)
+        yield Resources(mongo, s3, loops)
 
 
 def _start(
@@ -87,8 +88,11 @@ def create_app(settings: WatcherSettings) -> AsgiFastStream:
     async def ready_mongo() -> None:
         await lifecycle.current.mongo.ping()
 
+    async def ready_s3() -> None:
+        await lifecycle.current.s3.ping()
+
     return runtime.make_app(
         broker,
         lifespan=lifecycle.lifespan,
-        ready_checks=[("mongo", ready_mongo)],
+        ready_checks=[("mongo", ready_mongo), ("s3", ready_s3)],
     )

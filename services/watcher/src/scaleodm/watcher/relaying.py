@@ -11,23 +11,44 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 
-from scaleodm.common.emitting import Emitter
+from scaleodm.common.emitting import Emitter, Relayed
 from scaleodm.common.logging import get_logger
+from scaleodm.common.store import is_unavailable
 from scaleodm.common.store.tasks import TaskStore
 
 log = get_logger(__name__)
+BATCH = 500
 
 
 async def relay_outbox(store: TaskStore, emitter: Emitter, *, interval_s: float,
                        min_age_s: float) -> None:
-    """Every ``interval_s``, publish the unpublished events older than ``min_age_s``, until
-    cancelled; a failed pass is logged and the next one tries again."""
+    """Every ``interval_s`` (at once after a full batch), publish the unpublished events older
+    than ``min_age_s``, until cancelled; a failed pass is logged and the next one tries again."""
     while True:
-        await asyncio.sleep(interval_s)
         try:
-            cutoff = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=min_age_s)
-            for doc in await store.unpublished_events(cutoff):
-                if await emitter.republish(doc):
-                    log.info("outbox event published", event_id=doc["_id"], task_id=doc["task_id"])
-        except Exception:
-            log.exception("outbox relay failed")
+            sent, full = await relay_once(store, emitter, min_age_s=min_age_s)
+        except Exception as exc:
+            if not is_unavailable(exc):
+                log.exception("outbox relay failed")
+            else:
+                log.warning("outbox relay paused: storage unavailable", error=repr(exc))
+            sent, full = 0, False
+        if sent:
+            log.info("outbox events published", count=sent)
+        if not full:
+            await asyncio.sleep(interval_s)
+
+
+async def relay_once(store: TaskStore, emitter: Emitter, *, min_age_s: float,
+                     batch: int = BATCH) -> tuple[int, bool]:
+    """One pass over at most ``batch`` unpublished events, oldest first; it stops at the first
+    one NATS does not take (the rest would wait for the same timeout). (sent, batch was full)."""
+    cutoff = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=min_age_s)
+    pending = await store.unpublished_events(cutoff, limit=batch)
+    sent = 0
+    for doc in pending:
+        outcome = await emitter.republish(doc)
+        if outcome is Relayed.FAILED:
+            return sent, False
+        sent += outcome is Relayed.SENT
+    return sent, len(pending) == batch
