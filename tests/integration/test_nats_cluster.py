@@ -118,10 +118,11 @@ async def test_losing_the_events_leader_stalls_publishing_briefly_and_loses_noth
             assert stall < ELECTION_BOUND_S, f"publishing stalled {stall:.1f} s"
 
             total = (await js.stream_info(streams.EVENTS_STREAM)).state.messages
-            assert total == len(acked)  # every acknowledged publish is stored
+            # Every acknowledged publish is stored (one whose ack was lost may be stored too).
+            assert total >= len(acked)
             await asyncio.to_thread(victim.wait_current, 30.0)
             deadline = time.monotonic() + 30
-            while stream_messages(victim, streams.EVENTS_STREAM) != total:  # caught up
+            while stream_messages(victim, streams.EVENTS_STREAM) < total:  # caught up
                 assert time.monotonic() < deadline, "the restarted node did not catch up"
                 await asyncio.sleep(0.2)
         finally:

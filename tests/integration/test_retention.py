@@ -299,7 +299,7 @@ async def _task(store: TaskStore, *evs: Callable[[str], events.TaskEvent],
                 finished_at_ms: int | None = None) -> str:
     task_id = str(uuid.uuid4())
     await store.create_task({"_id": task_id, "name": "t", "date_created_ms": 1, "options": []},
-                            events.queued(task_id, 1))
+                            events.new(events.TaskQueued, task_id, 1))
     for make in evs:
         await store.apply_event(make(task_id))
     if finished_at_ms is not None:
@@ -330,7 +330,8 @@ async def test_expired_selects_finished_tasks_past_retention_only(wire_db: Any) 
     assert await retention.expired(store, before, 2) == found[:2]
     assert await retention.still_expired(store, found[0], before)
 
-    await store.apply_event(events.queued(old_done, 2))  # a restart: the task runs again
+    # a restart: the task runs again
+    await store.apply_event(events.new(events.TaskQueued, old_done, 2))
     assert not await retention.still_expired(store, found[0], before)
     assert [r.task_id for r in await retention.expired(store, before, 10)] == [
         old_failed, old_canceled]
@@ -340,7 +341,7 @@ async def test_a_stalled_removal_is_resumed(wire_db: Any) -> None:
     store = TaskStore(wire_db)
     await store.ensure_indexes()
     task_id = await _task(store)
-    removed = events.removed(task_id, 1)
+    removed = events.new(events.TaskRemoved, task_id, 1)
     await store.apply_event(removed, commands.RemoveTask(task_id=TaskId(task_id), attempt=1))
     ref = retention.TaskRef(task_id, 1)
     assert await retention.stalled_removals(store, _ago_ms(0) + 1_000, 10) == [ref]
@@ -407,9 +408,9 @@ async def test_removing_a_task_deletes_its_delivery_records_only(wire_db: Any) -
     gone, kept = str(uuid.uuid4()), str(uuid.uuid4())
     for task_id in (gone, kept):
         await store.create_task({"_id": task_id, "name": "t", "date_created_ms": 1,
-                                 "options": []}, events.queued(task_id, 1))
+                                 "options": []}, events.new(events.TaskQueued, task_id, 1))
         await deliveries.open(f"{task_id}:1:hook", task_id=task_id, attempt=1, url="http://h")
-    await store.apply_event(events.removed(gone, 1))
+    await store.apply_event(events.new(events.TaskRemoved, gone, 1))
     await store.delete_task(gone)
     assert await deliveries.get(f"{gone}:1:hook") is None
     assert await deliveries.get(f"{kept}:1:hook") is not None

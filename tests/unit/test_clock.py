@@ -59,8 +59,9 @@ def test_backoff_jitter_stays_within_its_share_of_the_step(jitter: float) -> Non
     rng = random.Random(7)
     for attempt in range(1, 12):
         step = clock.backoff_s(attempt, base_s=1, max_s=60)
-        delays = [clock.backoff_s(attempt, base_s=1, max_s=60, jitter=jitter, rng=rng)
-                  for _ in range(50)]
+        delays = [
+            clock.backoff_s(attempt, base_s=1, max_s=60, jitter=jitter, rng=rng) for _ in range(50)
+        ]
         assert all(step * (1 - jitter) <= d <= step for d in delays)
         assert len(set(delays)) > 1
 

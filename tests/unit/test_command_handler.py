@@ -23,6 +23,7 @@ redelivery and ``max_deliver`` (``tests/integration``).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any, Literal
@@ -55,8 +56,9 @@ class FakeStore:
         self.tasks: dict[str, dict[str, Any]] = {}
         self.deleted: list[str] = []
 
-    async def get_task(self, task_id: str, *, include_removed: bool = False
-                       ) -> dict[str, Any] | None:
+    async def get_task(
+        self, task_id: str, *, include_removed: bool = False
+    ) -> dict[str, Any] | None:
         doc = self.tasks.get(task_id)
         if doc is None or (doc.get("removed") and not include_removed):
             return None
@@ -132,8 +134,13 @@ class Scheduler:
         self.store, self.emitter, self.s3 = FakeStore(), FakeEmitter(), FakeS3()
         self.executor = executor or FakeExecutor()
         self.handler = handlers.CommandHandler(
-            self.store, self.executor, self.emitter, self.s3, failpoints.Failpoints(""),
-            bucket=BUCKET, max_deliver=MAX_DELIVER,
+            self.store,
+            self.executor,
+            self.emitter,
+            self.s3,
+            failpoints.Failpoints(""),
+            bucket=BUCKET,
+            max_deliver=MAX_DELIVER,
         )
 
     def task(self, *, attempt: int = 1, state: str = "queued") -> str:
@@ -143,12 +150,17 @@ class Scheduler:
 
 
 def _spec(
-    verb: Literal["create", "restart"], task_id: str, attempt: int = 1, *,
+    verb: Literal["create", "restart"],
+    task_id: str,
+    attempt: int = 1,
+    *,
     output_prefix: str | None = None,
 ) -> commands.CreateTask | commands.RestartTask:
     cls = commands.CreateTask if verb == "create" else commands.RestartTask
     return cls(
-        task_id=task_id, attempt=attempt, name="t",
+        task_id=task_id,
+        attempt=attempt,
+        name="t",
         sources=[f"s3://{BUCKET}/tasks/{task_id}/inputs/"],
         output_prefix=output_prefix or f"s3://{BUCKET}/tasks/{task_id}/outputs/",
     )
@@ -290,7 +302,9 @@ async def subscriber(
 
     @contextlib.asynccontextmanager
     async def fake_resources(*_: Any) -> AsyncIterator[scheduler_app.Resources]:
-        yield scheduler_app.Resources(mongo=None, handler=s.handler)  # type: ignore[arg-type]
+        # Only the handler is used by the subscriber; the rest (connections) stays unset.
+        unset = {f.name: None for f in dataclasses.fields(scheduler_app.Resources)}
+        yield scheduler_app.Resources(**{**unset, "handler": s.handler})
 
     naks: list[float | None] = []
 
@@ -310,8 +324,9 @@ async def test_subscriber_handles_a_command(
     s, broker, naks = subscriber
     task_id = s.task()
     cmd = _spec("create", task_id)
-    await broker.publish(cmd, streams.command_subject("create"), stream=streams.TASKS_STREAM,
-                         reply_to=_js_reply(1))
+    await broker.publish(
+        cmd, streams.command_subject("create"), stream=streams.TASKS_STREAM, reply_to=_js_reply(1)
+    )
     assert list(s.executor.runs) == [(task_id, 1)]
     assert naks == []
 
@@ -323,7 +338,11 @@ async def test_subscriber_nacks_with_backoff(
     s, broker, naks = subscriber
     s.executor.failures = 1
     task_id = s.task()
-    await broker.publish(_spec("create", task_id), streams.command_subject("create"),
-                         stream=streams.TASKS_STREAM, reply_to=_js_reply(delivered))
+    await broker.publish(
+        _spec("create", task_id),
+        streams.command_subject("create"),
+        stream=streams.TASKS_STREAM,
+        reply_to=_js_reply(delivered),
+    )
     assert naks == [handlers.backoff_s(delivered)]
     assert s.executor.runs == {}

@@ -468,10 +468,34 @@ async def test_publish_command(verb: str, cls: type[BaseModel]) -> None:
     assert subject == f"tasks.commands.{verb}"
     assert kw["stream"] == "TASKS"
     assert kw["headers"] == {"Nats-Msg-Id": f"{TASK}:2:{verb}"}
-    assert kw["timeout"] == 2.5
+    assert 2.4 < kw["timeout"] <= 2.5  # the whole publish's deadline
     back = commands.COMMAND_ADAPTER.validate_json(json.dumps(message))
     assert type(back) is cls
     assert back == cmd
+
+
+async def test_publish_tries_again_while_a_stream_elects_its_leader() -> None:
+    """"No responders" (the stream's leader died, a new one not elected yet) is retried within
+    the publish's timeout; past it, the error is the caller's (the outbox keeps the message)."""
+    from nats.errors import NoRespondersError
+
+    class Electing(_RecordingBroker):
+        def __init__(self, refusals: int) -> None:
+            super().__init__()
+            self.refusals = refusals
+
+        async def publish(self, message: Any, subject: str, **kw: Any) -> PubAck:
+            if self.refusals:
+                self.refusals -= 1
+                raise NoRespondersError
+            return await super().publish(message, subject, **kw)
+
+    broker = Electing(refusals=2)
+    ack = await bus.publish_command(broker, _command("cancel"), timeout_s=2.0)  # type: ignore[arg-type]
+    assert ack is not None and ack.seq == 1
+    with pytest.raises(NoRespondersError):
+        await bus.publish_command(Electing(refusals=100), _command("cancel"),  # type: ignore[arg-type]
+                                  timeout_s=0.6)
 
 
 @pytest.mark.parametrize(("make", "cls", "event_id"), EVENTS)

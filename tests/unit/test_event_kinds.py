@@ -50,9 +50,7 @@ class Kind(NamedTuple):
 # One row per kind: a new kind fails test_table_has_every_kind until it is described here.
 KIND_TABLE: dict[str, Kind] = {
     "queued": Kind(lambda a: events.new(events.TaskQueued, TID, a), False, NodeOdmStatus.QUEUED),
-    "running": Kind(
-        lambda a: events.new(events.TaskRunning, TID, a), False, NodeOdmStatus.RUNNING
-    ),
+    "running": Kind(lambda a: events.new(events.TaskRunning, TID, a), False, NodeOdmStatus.RUNNING),
     "inputs": Kind(
         lambda a: events.new(events.TaskInputsReady, TID, a, images_count=3), False, None
     ),
@@ -231,8 +229,11 @@ REQUIRED = {"libs/common/src/scaleodm/common/store/projection.py"}
 def _event_dispatch(text: str) -> list[int]:
     """Lines of ``assert_never(x)`` where ``x`` is a parameter typed ``events.TaskEvent``."""
     names = set(re.findall(r"(\w+): events\.TaskEvent\b", text))
-    return [i for i, line in enumerate(text.splitlines(), 1)
-            if (m := re.search(r"assert_never\((\w+)\)", line)) and m[1] in names]
+    return [
+        i
+        for i, line in enumerate(text.splitlines(), 1)
+        if (m := re.search(r"assert_never\((\w+)\)", line)) and m[1] in names
+    ]
 
 
 def _probed(text: str) -> str:
@@ -255,15 +256,31 @@ def test_new_kind_fails_type_checking(tmp_path: Path) -> None:
             copies[copy.name] = (str(path.relative_to(ROOT)), lines)
     assert {source for source, _ in copies.values()} >= REQUIRED
     proc = subprocess.run(
-        [sys.executable, "-m", "mypy", "--config-file", str(ROOT / "pyproject.toml"),
-         "--no-error-summary", *(str(tmp_path / name) for name in copies)],
-        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
+        [
+            sys.executable,
+            "-m",
+            "mypy",
+            "--config-file",
+            str(ROOT / "pyproject.toml"),
+            "--no-error-summary",
+            *(str(tmp_path / name) for name in copies),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     flagged = {
         (m["file"], int(m["line"]))
-        for m in re.finditer(r"(?m)(?P<file>probe_\w+\.py):(?P<line>\d+): error: .*assert_never",
-                             proc.stdout)
+        for m in re.finditer(
+            r"(?m)(?P<file>probe_\w+\.py):(?P<line>\d+): error: .*assert_never", proc.stdout
+        )
     }
-    missed = [f"{source}:{line}" for name, (source, lines) in copies.items()
-              for line in lines if (name, line) not in flagged]
+    missed = [
+        f"{source}:{line}"
+        for name, (source, lines) in copies.items()
+        for line in lines
+        if (name, line) not in flagged
+    ]
     assert not missed, f"these matches accept a new kind: {missed}\n{proc.stdout}{proc.stderr}"

@@ -8,15 +8,21 @@ Covered:
   [step/2, step]); a redelivery before the delivery is due attempts nothing; the next due one
   delivers; each attempt is recorded with its status code;
 - past the horizon the delivery is dead, with the reason;
-- non-terminal events deliver nothing, whatever the task's state.
+- non-terminal events deliver nothing, whatever the task's state;
+- the app's subscriber (``notifier.app.create_app`` on FastStream's ``TestNatsBroker``, its
+  resources replaced by the fakes): a pending delivery NACKs the event until it is due; a failure
+  of the handling itself (MongoDB away) NACKs with ``clock.backoff_s(delivered)`` from the
+  webhook settings, and is given up once the event is older than the horizon plus one step.
 
 Left out: the HTTP client's timeouts and body caps, the outbound guard (``test_netguard.py``,
 ``tests/security/test_webhook_attacks.py``), delivery records in MongoDB
-(``tests/integration/test_webhooks.py``), the notifier app's subscriber.
+(``tests/integration/test_webhooks.py``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import datetime as dt
 import json
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -25,10 +31,15 @@ from typing import Any
 import httpx
 import pytest
 import standardwebhooks
+from faststream import TestApp
+from faststream.nats import TestNatsBroker
+from faststream.nats.testing import PatchedMessage
 
 from scaleodm.common import clock
-from scaleodm.common.contracts import events
+from scaleodm.common.contracts import events, streams
+from scaleodm.common.settings import NotifierSettings
 from scaleodm.common.store.s3 import S3Url
+from scaleodm.notifier import app as notifier_app
 from scaleodm.notifier import delivery
 from scaleodm.notifier.delivery import Notifier, RetryLaterError, RetryPolicy
 
@@ -61,19 +72,38 @@ class FakeDeliveries:
     async def open(self, delivery_id: str, *, task_id: str, attempt: int, url: str) -> Any:
         if delivery_id not in self.records:
             self.records[delivery_id] = {
-                "_id": delivery_id, "task_id": task_id, "attempt": attempt, "url": url,
-                "status": "pending", "attempts": [], "first_at_ms": clock.now_ms(),
-                "next_at_ms": 0, "reason": None,
+                "_id": delivery_id,
+                "task_id": task_id,
+                "attempt": attempt,
+                "url": url,
+                "status": "pending",
+                "attempts": [],
+                "first_at_ms": clock.now_ms(),
+                "next_at_ms": 0,
+                "reason": None,
             }
         return json.loads(json.dumps(self.records[delivery_id]))  # a copy, as read from MongoDB
 
     async def record_attempt(
-        self, delivery_id: str, *, status: str, status_code: int | None, latency_ms: int,
-        error: str | None, next_at_ms: int = 0, reason: str | None = None,
+        self,
+        delivery_id: str,
+        *,
+        status: str,
+        status_code: int | None,
+        latency_ms: int,
+        error: str | None,
+        next_at_ms: int = 0,
+        reason: str | None = None,
     ) -> None:
         rec = self.records[delivery_id]
-        rec["attempts"].append({"at_ms": clock.now_ms(), "status_code": status_code,
-                                "latency_ms": latency_ms, "error": error})
+        rec["attempts"].append(
+            {
+                "at_ms": clock.now_ms(),
+                "status_code": status_code,
+                "latency_ms": latency_ms,
+                "error": error,
+            }
+        )
         rec.update(status=status, next_at_ms=next_at_ms, reason=reason)
 
 
@@ -108,16 +138,27 @@ class Rig:
         self.objects = FakeObjects(["a.jpg", "b.jpg"])
         self.receiver = receiver
         self.notifier = Notifier(
-            self.tasks, self.deliveries, self.objects,
+            self.tasks,
+            self.deliveries,
+            self.objects,
             httpx.AsyncClient(transport=httpx.MockTransport(receiver)),
-            node_webhook=node_webhook, policy=POLICY, secret=SECRET,
+            node_webhook=node_webhook,
+            policy=POLICY,
+            secret=SECRET,
         )
 
     def task(self, state: str, **more: Any) -> dict[str, Any]:
         doc = {
-            "_id": TID, "name": "survey", "attempt": 1, "state": state, "webhook": HOOK,
-            "date_created_ms": 1_700_000_000_000, "progress": 100.0, "options": [],
-            "images_count": 2, "started_at_ms": 1_700_000_001_000,
+            "_id": TID,
+            "name": "survey",
+            "attempt": 1,
+            "state": state,
+            "webhook": HOOK,
+            "date_created_ms": 1_700_000_000_000,
+            "progress": 100.0,
+            "options": [],
+            "images_count": 2,
+            "started_at_ms": 1_700_000_001_000,
             "finished_at_ms": 1_700_000_031_000,
             "output_prefix": f"s3://scaleodm/tasks/{TID}/outputs/",
             **more,
@@ -241,3 +282,90 @@ async def test_non_terminal_events_deliver_nothing(
     await rig.notifier.on_terminal(make())
     assert rig.receiver.requests == []
     assert rig.deliveries.records == {}
+
+
+# -- the app's subscriber on TestNatsBroker ----------------------------------------------------
+
+SETTINGS = NotifierSettings(
+    webhook_backoff_base_s=2,
+    webhook_backoff_max_s=8,
+    webhook_horizon_s=60,
+)
+
+
+class BrokenTasks(FakeTasks):
+    """MongoDB away."""
+
+    async def get_task(self, task_id: str) -> dict[str, Any] | None:
+        raise ConnectionError("mongo:27017 unreachable")
+
+
+def _js_reply(delivered: int, published: dt.datetime) -> str:
+    """The reply subject of a pulled JetStream message: its delivery count and timestamp."""
+    stamp = clock.to_ms(published) * 1_000_000
+    return f"$JS.ACK.{streams.EVENTS_STREAM}.{streams.NOTIFIER_DURABLE}.{delivered}.1.1.{stamp}.0"
+
+
+@pytest.fixture
+async def subscriber(
+    monkeypatch: pytest.MonkeyPatch, now: clock.ManualClock
+) -> AsyncIterator[tuple[Rig, Any, list[float | None]]]:
+    """The notifier app with the rig's notifier as its resources; the NAK delays it sends."""
+    del now  # installed: the app reads the manual clock
+    rig = Rig(Receiver([503]))
+
+    @contextlib.asynccontextmanager
+    async def fake_resources(*_: Any) -> AsyncIterator[notifier_app.Resources]:
+        # Only the notifier is used by the subscriber; the rest (connections) stays unset.
+        unset = {f.name: None for f in dataclasses.fields(notifier_app.Resources)}
+        yield notifier_app.Resources(**{**unset, "notifier": rig.notifier})
+
+    naks: list[float | None] = []
+
+    async def nak(_msg: PatchedMessage, delay: float | None = None) -> None:
+        naks.append(delay)
+
+    monkeypatch.setattr(notifier_app, "open_resources", fake_resources)
+    monkeypatch.setattr(PatchedMessage, "nak", nak)
+    app = notifier_app.create_app(SETTINGS)
+    async with TestNatsBroker(app.broker) as broker, TestApp(app):
+        yield rig, broker, naks
+
+
+async def _publish(broker: Any, ev: events.TaskEvent, reply: str) -> None:
+    await broker.publish(
+        ev, streams.event_subject(ev.task_id, ev.kind), stream=streams.EVENTS_STREAM, reply_to=reply
+    )
+
+
+async def test_subscriber_nacks_until_the_delivery_is_due(
+    subscriber: tuple[Rig, Any, list[float | None]], now: clock.ManualClock
+) -> None:
+    rig, broker, naks = subscriber
+    rig.task("completed")
+    await _publish(broker, events.new(events.TaskRunning, TID, 1), _js_reply(1, now.now()))
+    assert naks == [] and rig.receiver.requests == []  # not terminal: acked, nothing sent
+    await _publish(broker, _completed(), _js_reply(1, now.now()))
+    assert len(rig.receiver.requests) == 1  # 503
+    assert naks == [pytest.approx(_due_in_s(rig, now), abs=0.001)]
+
+
+@pytest.mark.parametrize("delivered", [1, 2, 3, 9])
+async def test_subscriber_nacks_a_failed_handling_with_backoff(
+    subscriber: tuple[Rig, Any, list[float | None]], now: clock.ManualClock, delivered: int
+) -> None:
+    rig, broker, naks = subscriber
+    rig.notifier.store = BrokenTasks()
+    await _publish(broker, _completed(), _js_reply(delivered, now.now()))
+    assert naks == [clock.backoff_s(delivered, base_s=2, max_s=8)]
+
+
+async def test_subscriber_gives_up_after_the_horizon(
+    subscriber: tuple[Rig, Any, list[float | None]], now: clock.ManualClock
+) -> None:
+    rig, broker, naks = subscriber
+    rig.notifier.store = BrokenTasks()
+    published = now.now()
+    now.advance(SETTINGS.webhook_horizon_s + SETTINGS.webhook_backoff_max_s + 1)
+    await _publish(broker, _completed(), _js_reply(5, published))
+    assert naks == []  # acked: no delivery of it could be retried any more

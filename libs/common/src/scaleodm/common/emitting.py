@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 from faststream.nats import NatsBroker
 
+from scaleodm.common import clock
 from scaleodm.common.contracts import bus, commands, events
 from scaleodm.common.logging import get_logger
 from scaleodm.common.store.tasks import ApplyResult, Doc, Outcome, TaskStore
@@ -142,7 +143,7 @@ class Emitter:
         if await self.store.get_task(doc["task_id"], include_removed=True) is not None:
             return True
         recorded: dt.datetime = doc["recorded_at"]
-        return (dt.datetime.now(dt.UTC) - recorded).total_seconds() > ORPHAN_GRACE_S
+        return (clock.now() - recorded).total_seconds() > ORPHAN_GRACE_S
 
     async def aclose(self, drain_s: float = 2.0) -> None:
         """Publish what is queued, for at most ``drain_s``, then stop the publisher; what it has

@@ -10,11 +10,10 @@ NodeODM's answers.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any
 
-from scaleodm.common import failpoints
+from scaleodm.common import clock, failpoints
 from scaleodm.common.contracts import commands, events
 from scaleodm.common.contracts.ids import TaskId
 from scaleodm.common.domain import options as odm_options
@@ -77,7 +76,7 @@ class TaskActions:
         """The task at status 10 with its run queued; ``failure`` fails it at once instead
         (NodeODM §3.5: too many images after a commit is an asynchronous failure)."""
         doc = new.document()
-        queued = events.queued(new.task_id, 1)
+        queued = events.new(events.TaskQueued, new.task_id, 1)
         command = None if failure is not None else run_command({**doc, "attempt": 1})
         with bind_task(new.task_id, attempt=1):
             try:
@@ -88,7 +87,9 @@ class TaskActions:
             self.emitter.send_soon(Outbound(queued.model_copy(update={"seq": created.seq}),
                                             command))
             if failure is not None:
-                await self.emitter.emit(events.failed(new.task_id, 1, failure))
+                await self.emitter.emit(
+                    events.new(events.TaskFailed, new.task_id, 1, error_message=failure)
+                )
                 return
             log.info("task created", images=new.images_count, sources=len(new.sources))
 
@@ -105,8 +106,8 @@ class TaskActions:
             )
         )
         with bind_task(task_id, attempt=attempt):
-            queued = events.queued(task_id, attempt, options=options,
-                                   date_created_ms=_now_ms())
+            queued = events.new(events.TaskQueued, task_id, attempt, options=options,
+                                date_created_ms=clock.now_ms())
             command = run_command({**doc, "attempt": attempt, "options": options})
             result = await self.store.apply_event(queued, command)
             if not result.changed:
@@ -121,8 +122,10 @@ class TaskActions:
         doc = await self._task(task_id)
         attempt = doc["attempt"]
         with bind_task(task_id, attempt=attempt):
-            await self.emitter.emit(events.canceled(task_id, attempt), command=commands.CancelTask(
-                task_id=TaskId(task_id), attempt=attempt))
+            await self.emitter.emit(
+                events.new(events.TaskCanceled, task_id, attempt),
+                command=commands.CancelTask(task_id=TaskId(task_id), attempt=attempt),
+            )
             log.info("task canceled")
 
     async def remove(self, task_id: str) -> None:
@@ -131,8 +134,10 @@ class TaskActions:
         doc = await self._task(task_id)
         attempt = doc["attempt"]
         with bind_task(task_id, attempt=attempt):
-            await self.emitter.emit(events.removed(task_id, attempt), command=commands.RemoveTask(
-                task_id=TaskId(task_id), attempt=attempt))
+            await self.emitter.emit(
+                events.new(events.TaskRemoved, task_id, attempt),
+                command=commands.RemoveTask(task_id=TaskId(task_id), attempt=attempt),
+            )
             log.info("task removed")
 
     async def _task(self, task_id: str) -> dict[str, Any]:
@@ -140,7 +145,3 @@ class TaskActions:
         if doc is None:
             raise UnknownTaskError(task_id)
         return doc
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)

@@ -8,16 +8,14 @@ the same task for the same input.
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import json
 import math
 import re
-import time
 from dataclasses import asdict, dataclass
 from typing import Any
 from urllib.parse import SplitResult, urlsplit
 
-from scaleodm.common import netguard
+from scaleodm.common import clock, netguard
 from scaleodm.common.domain import options as odm_options
 from scaleodm.common.domain import webhooks
 from scaleodm.common.domain.text import shown
@@ -33,13 +31,9 @@ RESOLVE_TIMEOUT_S = 5.0  # zipurl, webhook and sm-cluster hosts, at submission
 ZIPURL_MAX_CHARS = 16384  # presigned URLs with session tokens exceed netguard's 2048 default
 
 
-def now_ms() -> int:
-    return int(time.time() * 1000)
-
-
 def default_name() -> str:
     # NodeODM §4.6: "Task of <ISO-8601 UTC now>"
-    now = dt.datetime.now(dt.UTC)
+    now = clock.now()
     return f"Task of {now.strftime('%Y-%m-%dT%H:%M:%S.')}{now.microsecond // 1000:03d}Z"
 
 
@@ -315,7 +309,7 @@ async def submit(
     new = actions.NewTask(
         task_id=task_id,
         name=fields.name or default_name(),
-        date_created_ms=_int(fields.date_created) or now_ms(),
+        date_created_ms=_int(fields.date_created) or clock.now_ms(),
         options=options,
         images_count=images_count,
         webhook=webhooks.webhook_target(fields.webhook),

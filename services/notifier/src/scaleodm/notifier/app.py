@@ -15,7 +15,6 @@ The resources (MongoDB, S3, the guarded HTTP client) are opened by one lifespan
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -25,7 +24,7 @@ from faststream.asgi import AsgiFastStream
 from faststream.exceptions import NackMessage
 from faststream.nats import NatsBroker, NatsMessage, PullSub
 
-from scaleodm.common import netguard, runtime
+from scaleodm.common import clock, netguard, runtime
 from scaleodm.common.contracts import events, streams
 from scaleodm.common.logging import get_logger
 from scaleodm.common.settings import NotifierSettings
@@ -108,14 +107,14 @@ def create_app(settings: NotifierSettings) -> AsgiFastStream:
             raise NackMessage(delay=exc.delay_s) from None
         except Exception as exc:  # MongoDB or S3 away: retry later, never in a hot loop
             meta = msg.raw_message.metadata
-            age_s = (dt.datetime.now(dt.UTC) - meta.timestamp).total_seconds()
+            age_s = (clock.now() - meta.timestamp).total_seconds()
             if age_s > settings.webhook_horizon_s + settings.webhook_backoff_max_s:
                 log.error("terminal event not handled, giving up", task_id=ev.task_id,
                           error=repr(exc), age_s=round(age_s))
                 return
             delivered = meta.num_delivered or 1
-            delay = min(settings.webhook_backoff_base_s * 2 ** min(delivered - 1, 30),
-                        settings.webhook_backoff_max_s)
+            delay = clock.backoff_s(delivered, base_s=settings.webhook_backoff_base_s,
+                                    max_s=settings.webhook_backoff_max_s)
             log.warning("terminal event not handled, retrying", task_id=ev.task_id,
                         error=repr(exc), delay_s=delay)
             raise NackMessage(delay=delay) from exc

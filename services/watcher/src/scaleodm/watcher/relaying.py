@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 
+from scaleodm.common import clock
 from scaleodm.common.emitting import Emitter, Relayed
 from scaleodm.common.logging import get_logger
 from scaleodm.common.store import is_unavailable
@@ -43,7 +44,7 @@ async def relay_once(store: TaskStore, emitter: Emitter, *, min_age_s: float,
                      batch: int = BATCH) -> tuple[int, bool]:
     """One pass over at most ``batch`` unpublished events, oldest first; it stops at the first
     one NATS does not take (the rest would wait for the same timeout). (sent, batch was full)."""
-    cutoff = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=min_age_s)
+    cutoff = clock.now() - dt.timedelta(seconds=min_age_s)
     pending = await store.unpublished_events(cutoff, limit=batch)
     sent = 0
     for doc in pending:

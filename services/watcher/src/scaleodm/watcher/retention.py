@@ -27,6 +27,7 @@ import datetime as dt
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from scaleodm.common import clock as common_clock
 from scaleodm.common.contracts import commands, events
 from scaleodm.common.contracts.ids import TaskId
 from scaleodm.common.emitting import Emitter
@@ -46,7 +47,8 @@ Clock = Callable[[], dt.datetime]
 
 
 def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
+    """The wall clock: ``scaleodm.common.clock`` (tests may pass their own ``clock``)."""
+    return common_clock.now()
 
 
 @dataclass(frozen=True)
@@ -118,7 +120,7 @@ class Sweeper:
             with bind_task(ref.task_id, attempt=ref.attempt):
                 # As /task/remove: the event and its command in one write, then published.
                 await self.emitter.emit(
-                    events.removed(ref.task_id, ref.attempt),
+                    events.new(events.TaskRemoved, ref.task_id, ref.attempt),
                     command=commands.RemoveTask(task_id=TaskId(ref.task_id), attempt=ref.attempt),
                 )
                 log.info("expired task removed")

@@ -7,10 +7,17 @@ only on FastStream's in-memory test broker.
 
 from __future__ import annotations
 
+import asyncio
+import time
+from typing import Any
+
 from faststream.nats import NatsBroker
+from nats.errors import NoRespondersError
 from nats.js.api import PubAck
 
 from scaleodm.common.contracts import commands, events, streams
+
+NO_RESPONDERS_PAUSE_S = 0.25
 
 
 async def publish_command(
@@ -19,24 +26,31 @@ async def publish_command(
     *,
     timeout_s: float,
 ) -> PubAck | None:
-    ack: PubAck | None = await broker.publish(
-        cmd.model_dump(mode="json"),
-        streams.command_subject(cmd.verb),
-        stream=streams.TASKS_STREAM,
-        headers={"Nats-Msg-Id": commands.idempotency_key(cmd)},
-        timeout=timeout_s,
-    )
-    return ack
+    return await _publish(broker, cmd.model_dump(mode="json"), streams.command_subject(cmd.verb),
+                          streams.TASKS_STREAM, commands.idempotency_key(cmd), timeout_s)
 
 
 async def publish_event(
     broker: NatsBroker, event: events.TaskEvent, *, timeout_s: float
 ) -> PubAck | None:
-    ack: PubAck | None = await broker.publish(
-        event.model_dump(mode="json"),
-        streams.event_subject(event.task_id, event.kind),
-        stream=streams.EVENTS_STREAM,
-        headers={"Nats-Msg-Id": event.event_id},
-        timeout=timeout_s,
-    )
-    return ack
+    return await _publish(broker, event.model_dump(mode="json"),
+                          streams.event_subject(event.task_id, event.kind), streams.EVENTS_STREAM,
+                          event.event_id, timeout_s)
+
+
+async def _publish(broker: NatsBroker, body: dict[str, Any], subject: str, stream: str,
+                   msg_id: str, timeout_s: float) -> PubAck | None:
+    """One publish, within ``timeout_s`` in all: "no responders" (a stream electing its leader
+    after a server died, 4-7 s on loopback: docs/operations.md) is tried again until then."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            ack: PubAck | None = await broker.publish(
+                body, subject, stream=stream, headers={"Nats-Msg-Id": msg_id},
+                timeout=max(deadline - time.monotonic(), 0.05),
+            )
+            return ack
+        except NoRespondersError:
+            if time.monotonic() + NO_RESPONDERS_PAUSE_S >= deadline:
+                raise
+            await asyncio.sleep(NO_RESPONDERS_PAUSE_S)

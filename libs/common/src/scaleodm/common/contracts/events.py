@@ -133,7 +133,11 @@ TERMINAL_KINDS: frozenset[str] = frozenset(kind_of(t) for t in get_args(Terminal
 
 
 def new(
-    event_type: type[E], task_id: str, attempt: int, *, key: str | int | None = None,
+    event_type: type[E],
+    task_id: str,
+    attempt: int,
+    *,
+    key: str | int | None = None,
     **fields: Any,
 ) -> E:
     """A new ``event_type`` event of ``task_id``'s attempt ``attempt``, with its deterministic
@@ -154,42 +158,7 @@ def new(
         raise TypeError(f"{event_type.__name__} happens once per attempt: no key")
     return event_type(
         event_id=_Event.make_id(task_id, attempt, kind_of(event_type), key),
-        task_id=TaskId(task_id), attempt=attempt, **fields,
+        task_id=TaskId(task_id),
+        attempt=attempt,
+        **fields,
     )
-
-
-# Transitional: the per-kind helpers, kept only until their last call sites use ``new``.
-def queued(task_id: str, attempt: int, **kw: Any) -> TaskQueued:
-    return new(TaskQueued, task_id, attempt, **kw)
-
-
-def running(task_id: str, attempt: int) -> TaskRunning:
-    return new(TaskRunning, task_id, attempt)
-
-
-def inputs_ready(task_id: str, attempt: int, images_count: int) -> TaskInputsReady:
-    return new(TaskInputsReady, task_id, attempt, images_count=images_count)
-
-
-def progressed(task_id: str, attempt: int, progress: float, key: str | int) -> TaskProgressed:
-    return new(TaskProgressed, task_id, attempt, key=key, progress=progress)
-
-
-def output(task_id: str, attempt: int, line_start: int, lines: list[str]) -> TaskOutput:
-    return new(TaskOutput, task_id, attempt, line_start=line_start, lines=lines)
-
-
-def completed(task_id: str, attempt: int) -> TaskCompleted:
-    return new(TaskCompleted, task_id, attempt)
-
-
-def failed(task_id: str, attempt: int, error_message: str) -> TaskFailed:
-    return new(TaskFailed, task_id, attempt, error_message=error_message)
-
-
-def canceled(task_id: str, attempt: int) -> TaskCanceled:
-    return new(TaskCanceled, task_id, attempt)
-
-
-def removed(task_id: str, attempt: int) -> TaskRemoved:
-    return new(TaskRemoved, task_id, attempt)

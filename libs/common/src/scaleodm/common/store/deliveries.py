@@ -10,14 +10,14 @@ after ``/task/remove`` or its retention) deletes them with its events.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
-import time
 from typing import Any
 
 from pymongo import ASCENDING
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
+
+from scaleodm.common import clock
 
 Doc = dict[str, Any]
 
@@ -36,12 +36,12 @@ class DeliveryStore:
         return await self.deliveries.find_one({"_id": delivery_id})
 
     async def open(self, delivery_id: str, *, task_id: str, attempt: int, url: str) -> Doc:
-        now = dt.datetime.now(dt.UTC)
+        now = clock.now()
         try:
             await self.deliveries.insert_one({
                 "_id": delivery_id, "task_id": task_id, "attempt": attempt, "url": url,
                 "status": "pending", "attempts": [],
-                "created_at": now, "first_at_ms": int(time.time() * 1000),
+                "created_at": now, "first_at_ms": clock.to_ms(now),
                 "next_at_ms": 0, "reason": None,
             })
         except DuplicateKeyError:
@@ -54,9 +54,9 @@ class DeliveryStore:
         self, delivery_id: str, *, status: str, status_code: int | None, latency_ms: int,
         error: str | None, next_at_ms: int = 0, reason: str | None = None,
     ) -> None:
-        now = dt.datetime.now(dt.UTC)
+        now = clock.now()
         attempt = {
-            "at": now, "at_ms": int(now.timestamp() * 1000), "status_code": status_code,
+            "at": now, "at_ms": clock.to_ms(now), "status_code": status_code,
             "latency_ms": latency_ms, "error": error,
         }
         await self.deliveries.update_one(

@@ -79,7 +79,7 @@ async def resume_removal(store: TaskStore, ref: TaskRef) -> bool:
     relay resends both. No event left: the scheduler deleted the log and died before the task
     document (``TaskStore.delete_task``), after the run and the S3 prefix; the document goes now.
     """
-    event_id = events.removed(ref.task_id, ref.attempt).event_id
+    event_id = events.new(events.TaskRemoved, ref.task_id, ref.attempt).event_id
     doc = await store.events.find_one({"_id": event_id}, {"command": 1, "published": 1})
     if doc is None:
         await store.delete_task(ref.task_id)

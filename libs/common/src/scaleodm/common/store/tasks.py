@@ -28,6 +28,7 @@ from pymongo import ASCENDING, DESCENDING, AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
+from scaleodm.common import clock
 from scaleodm.common.contracts import commands, events
 from scaleodm.common.contracts.ids import TaskId
 from scaleodm.common.domain.status import ACTIVE_STATES, TaskState
@@ -60,10 +61,6 @@ class ApplyResult:
     @property
     def recorded(self) -> bool:
         return self.outcome is not Outcome.IGNORED
-
-
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
 
 
 class TaskStore:
@@ -104,7 +101,7 @@ class TaskStore:
         unpublished again, so the outbox relay still queues the run); the other way round would
         leave a task whose run nothing ever queues.
         """
-        now = _now()
+        now = clock.now()
         full = {
             "attempt": 1,
             "state": TaskState.QUEUED.value,
@@ -182,7 +179,7 @@ class TaskStore:
         if step.update:
             update = {**step.update}
             update.setdefault("$set", {})
-            update["$set"] = {**update["$set"], "updated_at": _now()}
+            update["$set"] = {**update["$set"], "updated_at": clock.now()}
             res = await self.tasks.update_one({"_id": ev.task_id, **step.guard}, update)
             changed = res.modified_count > 0
         return ApplyResult(Outcome.APPLIED if fresh else Outcome.DUPLICATE, seq, changed)
@@ -207,7 +204,7 @@ class TaskStore:
                         "attempt": ev.attempt,
                         "kind": ev.kind,
                         "seq": seq,
-                        "recorded_at": _now(),
+                        "recorded_at": clock.now(),
                         "published": False,
                         "body": body,
                         **extra,

@@ -23,8 +23,6 @@ never vanish before the S3 object it stands for.
 
 from __future__ import annotations
 
-import datetime as dt
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -32,12 +30,10 @@ from pymongo import ASCENDING
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
+from scaleodm.common import clock
+
 Doc = dict[str, Any]
 _MAX_RENAMES = 1000
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 class UploadNotFoundError(Exception):
@@ -62,16 +58,16 @@ class UploadStore:
 
     async def init(self, upload_id: str, fields: dict[str, Any]) -> None:
         """Open an upload, or overwrite the fields of an open one (ClusterODM retries init)."""
-        now = dt.datetime.now(dt.UTC)
+        now = clock.now()
         try:
             await self.sessions.insert_one({
                 "_id": upload_id, "fields": fields, "committed": False, "created_at": now,
-                "active_at_ms": _now_ms(),
+                "active_at_ms": clock.now_ms(),
             })
         except DuplicateKeyError:
             res = await self.sessions.update_one(
                 {"_id": upload_id, "committed": False},
-                {"$set": {"fields": fields, "active_at_ms": _now_ms()}},
+                {"$set": {"fields": fields, "active_at_ms": clock.now_ms()}},
             )
             if res.matched_count == 0:
                 raise UploadNotFoundError(upload_id) from None
@@ -83,7 +79,7 @@ class UploadStore:
         try:
             await self.sessions.insert_one({
                 "_id": upload_id, "fields": {}, "committed": True, "reserved": True,
-                "created_at": dt.datetime.now(dt.UTC), "active_at_ms": _now_ms(),
+                "created_at": clock.now(), "active_at_ms": clock.now_ms(),
             })
         except DuplicateKeyError:
             return False
@@ -121,11 +117,11 @@ class UploadStore:
         # After the insert: a close or commit in between either sees the name (and marks it in
         # ``delete``) or makes this guarded update miss.
         res = await self.sessions.update_one(
-            {"_id": upload_id, "committed": False}, {"$set": {"active_at_ms": _now_ms()}}
+            {"_id": upload_id, "committed": False}, {"$set": {"active_at_ms": clock.now_ms()}}
         )
         if res.matched_count == 0:
             await self.files.update_one(
-                {"_id": f"{upload_id}/{candidate}"}, {"$set": {"orphan_at_ms": _now_ms()}}
+                {"_id": f"{upload_id}/{candidate}"}, {"$set": {"orphan_at_ms": clock.now_ms()}}
             )
         return candidate
 
@@ -146,8 +142,8 @@ class UploadStore:
     async def commit(self, upload_id: str) -> bool:
         res = await self.sessions.update_one(
             {"_id": upload_id, "committed": False},
-            {"$set": {"committed": True, "committed_at": dt.datetime.now(dt.UTC),
-                      "active_at_ms": _now_ms()}},
+            {"$set": {"committed": True, "committed_at": clock.now(),
+                      "active_at_ms": clock.now_ms()}},
         )
         return res.modified_count == 1
 
@@ -156,7 +152,7 @@ class UploadStore:
         stay, as orphans: their objects land after this (module docstring)."""
         await self.files.update_many(
             {"upload_id": upload_id, "stored": False, "orphan_at_ms": None},
-            {"$set": {"orphan_at_ms": _now_ms()}},
+            {"$set": {"orphan_at_ms": clock.now_ms()}},
         )
         await self.files.delete_many({"upload_id": upload_id, "orphan_at_ms": None})
         await self.sessions.delete_one({"_id": upload_id})

@@ -24,6 +24,7 @@ from urllib.parse import parse_qsl
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
+from scaleodm.common import clock
 from scaleodm.common.contracts.ids import canonical_task_id
 from scaleodm.common.domain import options as odm_options
 from scaleodm.common.domain import taskinfo
@@ -106,7 +107,7 @@ async def read_task_info(
 ) -> dict[str, Any]:
     """Task information; ``with_output=N`` adds console lines from N on (NodeODM §3.6)."""
     doc = await _task_or_error(res, uuid)
-    info = taskinfo.task_info(doc, submission.now_ms())
+    info = taskinfo.task_info(doc, clock.now_ms())
     if with_output is None and "output" in request.query_params:
         with_output = request.query_params["output"]  # §11 #18: the Swagger name, harmless
     if with_output is not None:
