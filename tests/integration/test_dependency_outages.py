@@ -9,7 +9,9 @@ keeps trying, answers ``/readyz`` 503 quickly and ``/healthz`` 200 (reconnecting
 and recovers without a restart when NATS is back on the same port (a task created afterwards
 completes); a frozen MongoDB answers ``Storage unavailable, please retry later`` within its
 deadline (task info, task creation) and fails readiness, and everything works after SIGCONT; a
-frozen S3 does the same for an upload and a download; SIGTERM while MongoDB is frozen stops every
+frozen S3 does the same for an upload and a download, while a removal accepted meanwhile
+deletes the task's S3 objects once S3 answers again; cancel and remove answer the same error while
+MongoDB is frozen and change nothing; SIGTERM while MongoDB is frozen stops every
 service well within Kubernetes' grace period; no service logs an ERROR on the way but for a
 storage outage it met (FastStream's supervisor's pull-fetch ``TimeoutError`` traceback, which a
 clean start used to log, included). MongoDB is always nx-27017 here, even with
@@ -225,9 +227,13 @@ async def test_frozen_mongodb_answers_storage_unavailable(
         new_s, new = await _timed(gw.post("/task/new", files=files))
         assert new.status_code == 200 and new.json() == STORAGE_UNAVAILABLE, new.text
         assert new_s < bound_s, new_s
+        for action in ("/task/cancel", "/task/remove"):
+            action_s, answer = await _timed(gw.post(action, data={"uuid": task_id}))
+            assert answer.json() == STORAGE_UNAVAILABLE and action_s < bound_s, (
+                action, action_s, answer.text)
         await _assert_unready(stack, SERVICES, "mongo")
     recovered_s = await _wait_ready(stack)
-    assert (await api.info(gw, task_id))["status"]["code"] == 40
+    assert (await api.info(gw, task_id))["status"]["code"] == 40, "the refused cancel left nothing"
     await _accepted_task(gw)
     outages.record(mongo_frozen_info_s=info_s, mongo_frozen_task_new_s=new_s,
                    mongo_ready_after_sigcont_s=recovered_s)
@@ -253,8 +259,29 @@ async def test_frozen_s3_answers_storage_unavailable(
     again = await gw.get(f"/task/{task_id}/download/all.zip")
     assert again.status_code == 200 and again.content.startswith(b"PK"), again.text[:200]
     await _accepted_task(gw)
+    # A removal accepted while S3 is frozen (MongoDB holds it) takes effect once S3 is back.
+    doomed = str((await api.create(gw, files=_files()))["uuid"])
+    await api.poll_until(gw, doomed, api.status_is(40), timeout_s=30)
+    with _frozen(outages.s3_pid):
+        remove_s, removed = await _timed(gw.post("/task/remove", data={"uuid": doomed}))
+        assert removed.json() == {"success": True} and remove_s < 1.0, (remove_s, removed.text)
+        await asyncio.sleep(S3_DEADLINE_S + 1)  # the scheduler's deletion fails meanwhile
+    deadline = time.monotonic() + 60
+    while _s3_keys(outages, f"tasks/{doomed}/"):
+        assert time.monotonic() < deadline, "the removal never deleted the task's S3 objects"
+        await asyncio.sleep(0.5)
     outages.record(s3_frozen_upload_s=upload_s, s3_frozen_download_s=download_s,
                    s3_ready_after_sigcont_s=recovered_s)
+
+
+def _s3_keys(outages: Outages, prefix: str) -> list[str]:
+    import boto3
+
+    stack = outages.stack
+    client = boto3.client("s3", endpoint_url=stack.s3.url, aws_access_key_id=stack.s3.access_key,
+                          aws_secret_access_key=stack.s3.secret_key, region_name=stack.s3.region)
+    listed = client.list_objects_v2(Bucket=stack.bucket, Prefix=prefix)
+    return [o["Key"] for o in listed.get("Contents", [])]
 
 
 async def test_stop_while_mongodb_is_frozen(outages: Outages, gw: httpx.AsyncClient) -> None:

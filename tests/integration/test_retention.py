@@ -311,17 +311,17 @@ async def test_expired_selects_finished_tasks_past_retention_only(wire_db: Any) 
     store = TaskStore(wire_db)
     await store.ensure_indexes()
     await retention.ensure_indexes(store)
-    run = functools.partial(events.running, attempt=1)
-    done = functools.partial(events.completed, attempt=1)
+    run = functools.partial(events.new, events.TaskRunning, attempt=1)
+    done = functools.partial(events.new, events.TaskCompleted, attempt=1)
     now_ms = _ago_ms(0)
     old_done = await _task(store, run, done, finished_at_ms=1_000)
-    old_failed = await _task(store, functools.partial(events.failed, attempt=1,
-                                                      error_message="x"), finished_at_ms=2_000)
-    old_canceled = await _task(store, functools.partial(events.canceled, attempt=1),
+    old_failed = await _task(store, functools.partial(events.new, events.TaskFailed,
+                                                      attempt=1, error_message="x"), finished_at_ms=2_000)
+    old_canceled = await _task(store, functools.partial(events.new, events.TaskCanceled, attempt=1),
                                finished_at_ms=3_000)
     await _task(store, run, done)  # finished just now
     await _task(store, run)  # running, however old
-    await _task(store, run, done, functools.partial(events.removed, attempt=1),
+    await _task(store, run, done, functools.partial(events.new, events.TaskRemoved, attempt=1),
                 finished_at_ms=500)  # removed already
 
     before = now_ms - 60_000
