@@ -315,10 +315,10 @@ async def test_expired_selects_finished_tasks_past_retention_only(wire_db: Any) 
     done = functools.partial(events.new, events.TaskCompleted, attempt=1)
     now_ms = _ago_ms(0)
     old_done = await _task(store, run, done, finished_at_ms=1_000)
-    old_failed = await _task(store, functools.partial(events.new, events.TaskFailed,
-                                                      attempt=1, error_message="x"), finished_at_ms=2_000)
-    old_canceled = await _task(store, functools.partial(events.new, events.TaskCanceled, attempt=1),
-                               finished_at_ms=3_000)
+    fail = functools.partial(events.new, events.TaskFailed, attempt=1, error_message="x")
+    cancel = functools.partial(events.new, events.TaskCanceled, attempt=1)
+    old_failed = await _task(store, fail, finished_at_ms=2_000)
+    old_canceled = await _task(store, cancel, finished_at_ms=3_000)
     await _task(store, run, done)  # finished just now
     await _task(store, run)  # running, however old
     await _task(store, run, done, functools.partial(events.new, events.TaskRemoved, attempt=1),

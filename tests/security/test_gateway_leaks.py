@@ -5,8 +5,8 @@ nothing listens. Covered: ``/readyz`` (no token) answers ``ok``/``down``/``timeo
 never an exception's text, while the gateway log has it; MongoDB gone under a request answers
 ``Storage unavailable, please retry later`` and the log names the cause; an unexpected exception
 (a failpoint raising one) answers ``Internal error (ref <id>)`` and the same ref leads to the full
-exception in the log; the bus services' ``/readyz`` (``scaleodm.common.runtime``) answers the same words, run
-in-process against failing and hanging checks.
+exception in the log; the bus services' ``/readyz`` (``scaleodm.common.runtime``) answers the
+same words, run in-process against failing and hanging checks.
 
 Left out: the causes of internal errors (each is a bug of its own; the fuzz test looks for them).
 """

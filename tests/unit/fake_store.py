@@ -37,10 +37,10 @@ class FakeTaskStore:
 
     async def create_task(self, doc: Doc, queued: events.TaskQueued,
                           command: commands.Command | None = None) -> ApplyResult:
-        seq, fresh = self._record(queued, command)
+        seq, first = self._record(queued, command)
         if doc["_id"] in self.tasks:
             raise TaskExistsError(doc["_id"])
-        if not fresh:
+        if first is not None:
             self.events[queued.event_id].update(published=False,
                                                 command=_dump(command))
         self.tasks[doc["_id"]] = {
@@ -68,16 +68,38 @@ class FakeTaskStore:
 
     async def apply_event(self, ev: events.TaskEvent,
                           command: commands.Command | None = None) -> ApplyResult:
-        doc = self.tasks.get(ev.task_id)
-        if doc is None:
+        snap = self._snapshot(ev.task_id)
+        if snap is None:
             return ApplyResult(Outcome.IGNORED)
-        snap = projection.Snapshot(doc["attempt"], TaskState(doc["state"]), doc["removed"])
         step = projection.plan(snap, ev)
         if step is None:
             if ev.event_id in self.events:
                 return ApplyResult(Outcome.DUPLICATE, self.events[ev.event_id]["seq"])
             return ApplyResult(Outcome.IGNORED)
-        seq, fresh = self._record(ev, command)
+        seq, first = self._record(ev, command)
+        if first is not None:  # what applies is the event as first recorded
+            ev = events.EVENT_ADAPTER.validate_python({**first, "seq": seq})
+            step = projection.plan(snap, ev)
+            if step is None:
+                return ApplyResult(Outcome.DUPLICATE, seq)
+        changed = self._update(ev, step)
+        return ApplyResult(Outcome.APPLIED if first is None else Outcome.DUPLICATE, seq, changed)
+
+    async def reapply(self, ev: events.TaskEvent) -> bool:
+        snap = self._snapshot(ev.task_id)
+        step = None if snap is None else projection.plan(snap, ev)
+        if step is None or ev.event_id not in self.events:
+            return False
+        return self._update(ev, step)
+
+    def _snapshot(self, task_id: str) -> projection.Snapshot | None:
+        doc = self.tasks.get(task_id)
+        if doc is None:
+            return None
+        return projection.Snapshot(doc["attempt"], TaskState(doc["state"]), doc["removed"])
+
+    def _update(self, ev: events.TaskEvent, step: projection.Plan) -> bool:
+        doc = self.tasks[ev.task_id]
         changed = False
         if step.update and _matches(doc, step.guard):
             for key, value in step.update.get("$set", {}).items():
@@ -86,11 +108,13 @@ class FakeTaskStore:
             for key, value in step.update.get("$max", {}).items():
                 if value > doc.get(key, 0):
                     doc[key], changed = value, True
-        return ApplyResult(Outcome.APPLIED if fresh else Outcome.DUPLICATE, seq, changed)
+        return changed
 
-    def _record(self, ev: events.TaskEvent, command: commands.Command | None) -> tuple[int, bool]:
+    def _record(self, ev: events.TaskEvent,
+                command: commands.Command | None) -> tuple[int, Doc | None]:
         if ev.event_id in self.events:
-            return self.events[ev.event_id]["seq"], False
+            recorded = self.events[ev.event_id]
+            return recorded["seq"], recorded["body"]
         seq = 1 + max((e["seq"] for e in self.events.values() if e["task_id"] == ev.task_id),
                       default=0)
         self.events[ev.event_id] = {
@@ -98,11 +122,20 @@ class FakeTaskStore:
             "seq": seq, "recorded_at": dt.datetime.now(dt.UTC), "published": False,
             "body": ev.model_dump(mode="json", exclude={"seq"}), "command": _dump(command),
         }
-        return seq, True
+        return seq, None
 
     async def mark_published(self, event_id: str) -> None:
         if event_id in self.events:
             self.events[event_id]["published"] = True
+
+    async def set_aside(self, event_id: str, reason: str) -> None:
+        if event_id in self.events:
+            self.events[event_id].update(published=True, set_aside=reason)
+
+    async def count_publish_failure(self, event_id: str) -> int:
+        recorded = self.events[event_id]
+        recorded["publish_failures"] = recorded.get("publish_failures", 0) + 1
+        return int(recorded["publish_failures"])
 
     async def unpublished_events(self, older_than: dt.datetime, limit: int = 500) -> list[Doc]:
         pending = [e for e in self.events.values()

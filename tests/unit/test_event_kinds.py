@@ -213,15 +213,13 @@ def test_asyncapi_has_every_kind() -> None:
 
 # -- mypy: exhaustive matches -----------------------------------------------------------------
 
-# A union as the source writes it -> a class outside it, appended to a module's copy.
-UNIONS = {
-    "events.TaskEvent": (
-        "_ProbeEvent",
-        "from scaleodm.common.contracts import events as _probe_events\n\n\n"
-        "class _ProbeEvent(_probe_events._Event):\n"
-        '    kind: _probe_typing.Literal["probe"] = "probe"\n',
-    ),
-}
+# A kind outside the union, appended to a module's copy (its line numbers stay the same).
+PROBE = (
+    "\n\nimport typing as _probe_typing\n\n"
+    "from scaleodm.common.contracts import events as _probe_events\n\n\n"
+    "class _ProbeEvent(_probe_events._Event):\n"
+    '    kind: _probe_typing.Literal["probe"] = "probe"\n'
+)
 # Modules that must keep an exhaustive match; any other module with one is found and checked.
 REQUIRED = {"libs/common/src/scaleodm/common/store/projection.py"}
 
@@ -237,11 +235,8 @@ def _event_dispatch(text: str) -> list[int]:
 
 
 def _probed(text: str) -> str:
-    """``text`` with ``events.TaskEvent`` widened by a probe class, appended at the end (so
-    line numbers stay the same)."""
-    probe, definition = UNIONS["events.TaskEvent"]
-    widened = re.sub(r"\bevents\.TaskEvent\b", f"(events.TaskEvent | {probe})", text)
-    return widened + "\n\nimport typing as _probe_typing\n\n" + definition
+    """``text`` with ``events.TaskEvent`` widened by the probe class."""
+    return re.sub(r"\bevents\.TaskEvent\b", "(events.TaskEvent | _ProbeEvent)", text) + PROBE
 
 
 def test_new_kind_fails_type_checking(tmp_path: Path) -> None:

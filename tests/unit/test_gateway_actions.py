@@ -11,6 +11,7 @@ that cannot be restarted and bad restart options (validated before the lookup).
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import types
 import uuid
 from collections.abc import AsyncIterator
@@ -19,11 +20,13 @@ from typing import Any
 import httpx
 import pytest
 from faststream.nats import NatsBroker, NatsMessage, TestNatsBroker
+from nats.errors import MaxPayloadError
 
-from scaleodm.common import failpoints
+from scaleodm.common import emitting, failpoints
 from scaleodm.common.contracts import commands, events, streams
 from scaleodm.common.emitting import Emitter, Relayed
 from scaleodm.common.settings import GatewaySettings
+from scaleodm.common.store.tasks import run_command
 from scaleodm.gateway.actions import NewTask
 from scaleodm.gateway.deps import Resources
 from scaleodm.gateway.main import create_app
@@ -97,7 +100,7 @@ class Gateway:
 async def down() -> AsyncIterator[Gateway]:
     gw = Gateway(_DownBroker())
     yield gw
-    await gw.emitter.aclose()
+    await gw.emitter.aclose(drain_s=0)
     await gw.http.aclose()
 
 
@@ -116,7 +119,6 @@ async def test_actions_with_nats_down_succeed_and_the_relay_delivers_them_later(
     assert await down.post("/task/cancel", uuid=running) == {"success": True}
     assert await down.post("/task/remove", uuid=gone) == {"success": True}
     assert await down.post("/task/restart", uuid=done) == {"success": True}
-    await _settle(down)
 
     assert (await down.info(running))["status"] == {"code": 50}
     assert await down.info(gone) == {"error": f"{gone} not found"}
@@ -192,7 +194,6 @@ async def test_the_relay_stops_a_pass_at_the_first_refusal_and_drains_full_batch
 ) -> None:
     for _ in range(3):
         await down.new_task()
-    await _settle(down)
     refusing = _DownBroker()
     relay = Emitter(down.store, refusing, publish_timeout_s=1.0)  # type: ignore[arg-type]
     assert await relaying.relay_once(down.store, relay, min_age_s=0) == (0, False)
@@ -205,3 +206,112 @@ async def test_the_relay_stops_a_pass_at_the_first_refusal_and_drains_full_batch
         assert await relaying.relay_once(down.store, relay, min_age_s=0, batch=2) == (1, False)
     assert down.store.unpublished() == []
     assert len(seen) == 6  # three events and their create commands
+
+
+class _Flaky:
+    """A broker that refuses the first ``down`` publishes (NATS away), then forwards."""
+
+    def __init__(self, target: Any, down: int) -> None:
+        self.target, self.down = target, down
+
+    async def publish(self, *args: Any, **kwargs: Any) -> Any:
+        if self.down:
+            self.down -= 1
+            raise ConnectionError("nats: connection closed")
+        return await self.target.publish(*args, **kwargs)
+
+
+async def test_the_publisher_keeps_trying_the_head_of_its_queue_while_nats_is_away(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(emitting, "RETRY_PAUSE_S", 0.01)
+    broker, seen = _bus()
+    async with TestNatsBroker(broker) as bus:
+        gw = Gateway(_Flaky(bus, down=3))
+        try:
+            ids = [await gw.new_task() for _ in range(3)]
+            await _settle(gw)
+        finally:
+            await gw.emitter.aclose()
+            await gw.http.aclose()
+    assert gw.store.unpublished() == [], "no relay needed after a short outage"
+    assert [m for _, _, m in seen] == [x for t in ids for x in (f"{t}:1:queued", f"{t}:1:create")]
+
+
+async def test_the_publisher_survives_a_storage_error() -> None:
+    broker, seen = _bus()
+    async with TestNatsBroker(broker) as bus:
+        gw = Gateway(bus)
+        real = gw.store.mark_published
+        failures = iter([ConnectionError("mongo away")])
+
+        async def flaky_mark(event_id: str) -> None:
+            for exc in failures:
+                raise exc
+            await real(event_id)
+
+        gw.store.mark_published = flaky_mark  # type: ignore[method-assign]
+        try:
+            first = await gw.new_task()
+            await _settle(gw)
+            second = await gw.new_task()
+            await _settle(gw)
+        finally:
+            await gw.emitter.aclose()
+            await gw.http.aclose()
+    assert [e["_id"] for e in gw.store.unpublished()] == [f"{first}:1:queued"]  # the relay's
+    assert f"{second}:1:create" in [m for _, _, m in seen], "the publisher lives on"
+
+
+class _Refusing:
+    """Refuses one kind of message for good (as NATS refuses one over ``max_payload``)."""
+
+    def __init__(self, target: Any, subject_part: str) -> None:
+        self.target, self.part = target, subject_part
+
+    async def publish(self, message: Any, subject: str, **kwargs: Any) -> Any:
+        if self.part in subject:
+            raise MaxPayloadError
+        return await self.target.publish(message, subject, **kwargs)
+
+
+async def test_messages_that_can_never_be_published_are_set_aside_and_hold_up_nothing(
+    down: Gateway,
+) -> None:
+    stuck, fine = await down.new_task(), await down.new_task()
+    down.store.events[f"{stuck}:1:queued"]["body"]["kind"] = "no such kind"  # unreadable
+    orphan = str(uuid.uuid4())
+    down.store._record(events.new(events.TaskQueued, orphan, 1), None)
+    down.store.events[f"{orphan}:1:queued"]["recorded_at"] -= dt.timedelta(
+        seconds=emitting.ORPHAN_GRACE_S + 1)
+    big = await down.new_task(state="running")
+    await down.post("/task/cancel", uuid=big)
+
+    broker, seen = _bus()
+    async with TestNatsBroker(broker) as bus:
+        relay = Emitter(down.store, _Refusing(bus, ".canceled"),  # type: ignore[arg-type]
+                        publish_timeout_s=1.0)
+        assert await relaying.relay_once(down.store, relay, min_age_s=0) == (2, False)
+    assert down.store.unpublished() == []
+    aside = {e["_id"] for e in down.store.events.values() if e.get("set_aside")}
+    assert aside == {f"{stuck}:1:queued", f"{orphan}:1:queued", f"{big}:1:canceled"}
+    assert {m for _, _, m in seen} == {f"{fine}:1:queued", f"{fine}:1:create",
+                                      f"{big}:1:queued", f"{big}:1:create"}
+
+
+async def test_of_two_racing_restarts_the_recorded_one_runs_with_its_options(
+    down: Gateway,
+) -> None:
+    """Both requests build attempt 2's ``queued`` event; A's insert wins, B's guarded update
+    comes first. B applies A's event, not its own, and is told its restart did not happen: the
+    task's options are those of the command that will run."""
+    task_id = await down.new_task(state="completed")
+    options = [{"name": "fast-orthophoto", "value": True}]
+    doc = dict(down.store.tasks[task_id])
+    down.store._record(events.new(events.TaskQueued, task_id, 2, options=options),
+                       run_command({**doc, "attempt": 2, "options": options}))  # A, then slow
+    b = await down.post("/task/restart", uuid=task_id, options='[{"name":"dsm","value":true}]')
+    assert b == {"success": False, "error": "Task cannot be restarted"}
+    task = down.store.tasks[task_id]
+    assert (task["attempt"], task["state"], task["options"]) == (2, "queued", options)
+    assert down.store.events[f"{task_id}:2:queued"]["command"]["options"] == options

@@ -5,30 +5,33 @@ The one path of every change to a task and of every command, in every service:
 1. ``emit`` records the event in the log and applies it to the task document
    (``TaskStore.apply_event``). An event that causes a command — ``queued`` (run the attempt),
    ``canceled`` (stop the run), ``removed`` (delete the run and the data) — carries it in the same
-   document, written by the same insert: once the write is durable, the command cannot be lost.
-   The caller's answer depends on this write only, never on NATS.
+   document, written by the same insert. The caller's answer depends on this write only, never
+   on NATS.
 2. The event is handed to the publisher, a background task that publishes the event, then its
    command, each with its ``Nats-Msg-Id`` (a re-publish inside the stream's duplicate window is a
-   no-op; consumers are idempotent for the rest), and marks the document published.
+   no-op; consumers are idempotent for the rest), and marks the document published. While NATS
+   is away it keeps trying the message at the head of its queue; what does not fit in the queue
+   stays recorded for the relay.
 3. Whatever the publisher could not send (NATS away, the process killed, its queue full) stays
    ``published: false``; the watcher's relay hands it to the same ``deliver`` later
    (``republish``), so there is one way a message reaches the bus.
 
-A ``queued`` event whose task does not exist is a creation cut off between its two writes
-(``TaskStore.create_task``): the relay waits ``ORPHAN_GRACE_S`` for the client's retry to
-complete it, then publishes it anyway (the scheduler finds no task and starts nothing).
+A message that can never be published (larger than NATS's ``max_payload``, unreadable, or failing
+for an unexplained reason ``MAX_PUBLISH_FAILURES`` times) is set aside: kept in the log with the
+reason, logged as an error, and no longer holds up the others. A ``queued`` event whose task does
+not exist is a creation cut off between its two writes (``TaskStore.create_task``): the relay
+waits ``ORPHAN_GRACE_S`` for the client's retry to complete it, then sets it aside.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import enum
-import time
 from dataclasses import dataclass
 
 from faststream.nats import NatsBroker
+from pydantic import ValidationError
 
 from scaleodm.common import clock
 from scaleodm.common.contracts import bus, commands, events
@@ -37,8 +40,18 @@ from scaleodm.common.store.tasks import ApplyResult, Doc, Outcome, TaskStore
 
 log = get_logger(__name__)
 ORPHAN_GRACE_S = 300.0
-QUEUE_SIZE = 10_000
-PAUSE_AFTER_FAILURE_S = 1.0  # while NATS is away, leave events to the relay instead of waiting
+QUEUE_SIZE = 1000
+RETRY_PAUSE_S = 1.0  # between two tries of the queue's head while NATS is away
+MAX_PUBLISH_FAILURES = 100  # unexplained failures of one message before it is set aside
+
+
+class Delivery(enum.Enum):
+    """What became of one try to publish a recorded event (and its command)."""
+
+    SENT = "sent"
+    FAILED = "failed"  # NATS away or busy: the same message goes through later
+    UNEXPECTED = "unexpected"  # an error of no known kind: counted by the relay
+    SET_ASIDE = "set_aside"  # can never be published
 
 
 class Relayed(enum.Enum):
@@ -47,6 +60,7 @@ class Relayed(enum.Enum):
     SENT = "sent"
     WAITING = "waiting"  # a creation that may still be completed (``ORPHAN_GRACE_S``)
     FAILED = "failed"  # NATS did not take it: left for the next pass
+    SKIPPED = "skipped"  # set aside, or an unexplained failure counted
 
 
 @dataclass(frozen=True)
@@ -58,7 +72,7 @@ class Outbound:
 
 
 def outbound(doc: Doc) -> Outbound:
-    """The message(s) of a recorded event document."""
+    """The message(s) of a recorded event document (``ValidationError`` when unreadable)."""
     ev = events.EVENT_ADAPTER.validate_python({**doc["body"], "seq": doc["seq"]})
     raw = doc.get("command")
     return Outbound(ev, commands.COMMAND_ADAPTER.validate_python(raw) if raw else None)
@@ -71,7 +85,6 @@ class Emitter:
         self.publish_timeout_s = publish_timeout_s
         self._queue: asyncio.Queue[Outbound] = asyncio.Queue(QUEUE_SIZE)
         self._worker: asyncio.Task[None] | None = None
-        self._paused_until = 0.0
 
     async def emit(self, ev: events.TaskEvent, *,
                    command: commands.Command | None = None) -> ApplyResult:
@@ -86,7 +99,7 @@ class Emitter:
     def send_soon(self, out: Outbound) -> None:
         """Queue a recorded event for the publisher; when the queue is full it is left to the
         relay (it is recorded unpublished)."""
-        if self._worker is None:
+        if self._worker is None or self._worker.done():
             self._worker = asyncio.create_task(self._publish_queued(), name="event-publisher")
         try:
             self._queue.put_nowait(out)
@@ -97,53 +110,80 @@ class Emitter:
         while True:
             out = await self._queue.get()
             try:
-                if time.monotonic() < self._paused_until:
-                    continue  # NATS failed a moment ago: the relay sends it
-                if not await self.deliver(out):
-                    self._paused_until = time.monotonic() + PAUSE_AFTER_FAILURE_S
+                while await self.deliver(out) is Delivery.FAILED:
+                    await asyncio.sleep(RETRY_PAUSE_S)  # NATS away: the same message again
+            except Exception:  # never the end of the publisher; the relay has the message
+                log.exception("publisher failed on an event", event_id=out.event.event_id)
             finally:
                 self._queue.task_done()
 
     async def flush(self) -> None:
-        """Wait until everything queued so far was published (or left to the relay)."""
+        """Wait until everything queued so far was published (or set aside)."""
         await self._queue.join()
 
-    async def deliver(self, out: Outbound) -> bool:
-        """Publish the event, then its command; mark it published. False: left to the relay."""
+    async def deliver(self, out: Outbound) -> Delivery:
+        """Publish the event, then its command; mark it published."""
+        ev = out.event
         try:
-            await bus.publish_event(self.broker, out.event, timeout_s=self.publish_timeout_s)
+            await bus.publish_event(self.broker, ev, timeout_s=self.publish_timeout_s)
             if out.command is not None:
-                await bus.publish_command(self.broker, out.command,
-                                          timeout_s=self.publish_timeout_s)
+                ack = await bus.publish_command(self.broker, out.command,
+                                                timeout_s=self.publish_timeout_s)
+                if ack is not None and ack.duplicate:
+                    log.info("command already on the bus", verb=out.command.verb,
+                             task_id=ev.task_id, attempt=out.command.attempt)
         except Exception as exc:
-            log.warning("publish failed; left to the outbox", event_id=out.event.event_id,
-                        task_id=out.event.task_id, error=repr(exc))
-            return False
-        await self.store.mark_published(out.event.event_id)
+            if bus.is_transient(exc):
+                log.warning("publish failed; tried again later", event_id=ev.event_id,
+                            task_id=ev.task_id, error=repr(exc))
+                return Delivery.FAILED
+            if bus.is_permanent(exc):
+                await self.set_aside(ev.event_id, ev.task_id, exc)
+                return Delivery.SET_ASIDE
+            log.warning("publish failed unexpectedly", event_id=ev.event_id,
+                        task_id=ev.task_id, error=repr(exc))
+            return Delivery.UNEXPECTED
+        await self.store.mark_published(ev.event_id)
         if out.command is not None:
-            log.info("command published", verb=out.command.verb, task_id=out.command.task_id,
+            log.info("command published", verb=out.command.verb, task_id=ev.task_id,
                      attempt=out.command.attempt)
-        return True
+        return Delivery.SENT
+
+    async def set_aside(self, event_id: str, task_id: str, exc: BaseException) -> None:
+        log.error("event can never be published; set aside", event_id=event_id,
+                  task_id=task_id, error=repr(exc)[:500])
+        await self.store.set_aside(event_id, repr(exc)[:500])
 
     async def republish(self, doc: Doc) -> Relayed:
         """Publish a recorded event document left unpublished (the watcher's relay).
 
         Its emitter may have died between recording it and applying it to the task document, so
-        it is applied first (a no-op if it was): consumers such as the notifier must find the
-        task in the state the event announces.
+        it is applied first (``TaskStore.reapply``, a no-op if it was): consumers such as the
+        notifier must find the task in the state the event announces.
         """
-        out = outbound(doc)
-        await self.store.apply_event(out.event)
-        if isinstance(out.event, events.TaskQueued) and not await self._creation_done(doc):
-            return Relayed.WAITING
-        return Relayed.SENT if await self.deliver(out) else Relayed.FAILED
+        try:
+            out = outbound(doc)
+        except ValidationError as exc:
+            await self.set_aside(doc["_id"], doc["task_id"], exc)
+            return Relayed.SKIPPED
+        await self.store.reapply(out.event)
+        if isinstance(out.event, events.TaskQueued) and not await self._task_exists(doc):
+            if (clock.now() - doc["recorded_at"]).total_seconds() <= ORPHAN_GRACE_S:
+                return Relayed.WAITING
+            await self.set_aside(doc["_id"], doc["task_id"],
+                                 LookupError("creation never completed"))
+            return Relayed.SKIPPED
+        outcome = await self.deliver(out)
+        if outcome is Delivery.UNEXPECTED:
+            failures = await self.store.count_publish_failure(doc["_id"])
+            if failures >= MAX_PUBLISH_FAILURES:
+                await self.set_aside(doc["_id"], doc["task_id"],
+                                     RuntimeError(f"{failures} unexplained publish failures"))
+        return {Delivery.SENT: Relayed.SENT, Delivery.FAILED: Relayed.FAILED}.get(
+            outcome, Relayed.SKIPPED)
 
-    async def _creation_done(self, doc: Doc) -> bool:
-        """False while a ``queued`` event has no task yet and its creation may still be retried."""
-        if await self.store.get_task(doc["task_id"], include_removed=True) is not None:
-            return True
-        recorded: dt.datetime = doc["recorded_at"]
-        return (clock.now() - recorded).total_seconds() > ORPHAN_GRACE_S
+    async def _task_exists(self, doc: Doc) -> bool:
+        return await self.store.get_task(doc["task_id"], include_removed=True) is not None
 
     async def aclose(self, drain_s: float = 2.0) -> None:
         """Publish what is queued, for at most ``drain_s``, then stop the publisher; what it has

@@ -3,9 +3,12 @@
 The only code in the gateway that changes a task. Each action is one durable write to MongoDB —
 the event, with the command it causes (``Emitter.emit``) — and returns once that write is done,
 whether NATS is up or not: the publisher (or later the watcher's relay) delivers the command.
-A failure to answer means nothing was recorded; an answer of success means the command will be
-delivered. Domain errors (``ActionError``) name what went wrong; the routes turn them into
-NodeODM's answers.
+An answer of success means the command will be delivered. A refusal (``ActionError``: unknown
+task, uuid taken, not restartable) means this request recorded nothing; the routes turn it into
+NodeODM's answer. A storage error ("Storage unavailable") means the write may or may not have
+happened — MongoDB can apply a write whose answer timed out — and a retry is safe: event ids are
+deterministic, so a cancel, remove or restart is recorded once; only a creation without
+``set-uuid`` cannot be recognised when retried (the client never learnt its uuid).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from scaleodm.common.domain import options as odm_options
 from scaleodm.common.domain.status import TERMINAL_STATES, TaskState
 from scaleodm.common.emitting import Emitter, Outbound
 from scaleodm.common.logging import bind_task, get_logger
-from scaleodm.common.store.tasks import TaskExistsError, TaskStore, run_command
+from scaleodm.common.store.tasks import Outcome, TaskExistsError, TaskStore, run_command
 
 log = get_logger(__name__)
 
@@ -110,8 +113,9 @@ class TaskActions:
                                 date_created_ms=clock.now_ms())
             command = run_command({**doc, "attempt": attempt, "options": options})
             result = await self.store.apply_event(queued, command)
-            if not result.changed:
-                raise NotRestartableError(task_id)  # another restart won the race
+            if result.outcome is not Outcome.APPLIED:
+                # Another request recorded this attempt first: its options and command apply.
+                raise NotRestartableError(task_id)
             await self.points.hit("gateway.run.before_publish")
             self.emitter.send_soon(Outbound(queued.model_copy(update={"seq": result.seq}),
                                             command))

@@ -43,13 +43,21 @@ async def relay_outbox(store: TaskStore, emitter: Emitter, *, interval_s: float,
 async def relay_once(store: TaskStore, emitter: Emitter, *, min_age_s: float,
                      batch: int = BATCH) -> tuple[int, bool]:
     """One pass over at most ``batch`` unpublished events, oldest first; it stops at the first
-    one NATS does not take (the rest would wait for the same timeout). (sent, batch was full)."""
+    one NATS does not take (the rest would wait for the same timeout), and at a storage error.
+    (sent, more may be waiting: the batch was full and moved)."""
     cutoff = clock.now() - dt.timedelta(seconds=min_age_s)
     pending = await store.unpublished_events(cutoff, limit=batch)
-    sent = 0
+    sent = moved = 0
     for doc in pending:
-        outcome = await emitter.republish(doc)
+        try:
+            outcome = await emitter.republish(doc)
+        except Exception as exc:
+            if is_unavailable(exc):
+                raise
+            log.exception("outbox event not relayed", event_id=doc.get("_id"))
+            continue
         if outcome is Relayed.FAILED:
             return sent, False
         sent += outcome is Relayed.SENT
-    return sent, len(pending) == batch
+        moved += outcome is not Relayed.WAITING
+    return sent, len(pending) == batch and moved > 0

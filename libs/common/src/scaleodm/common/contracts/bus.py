@@ -12,12 +12,38 @@ import time
 from typing import Any
 
 from faststream.nats import NatsBroker
+from nats import errors as nats_errors
 from nats.errors import NoRespondersError
 from nats.js.api import PubAck
+from pydantic import ValidationError
 
 from scaleodm.common.contracts import commands, events, streams
 
 NO_RESPONDERS_PAUSE_S = 0.25
+
+# NATS away or busy: the same message goes through later.
+TRANSIENT: tuple[type[BaseException], ...] = (
+    TimeoutError,  # nats.errors.TimeoutError is one too
+    ConnectionError,
+    NoRespondersError,
+    nats_errors.StaleConnectionError,
+    nats_errors.OutboundBufferLimitError,
+    nats_errors.ConnectionClosedError,
+    nats_errors.ConnectionReconnectingError,
+    nats_errors.ConnectionDrainingError,
+    nats_errors.NoServersError,
+    nats_errors.SlowConsumerError,
+)
+# The message itself can never be published (too large, or unreadable).
+PERMANENT: tuple[type[BaseException], ...] = (nats_errors.MaxPayloadError, ValidationError)
+
+
+def is_transient(exc: BaseException) -> bool:
+    return isinstance(exc, TRANSIENT)
+
+
+def is_permanent(exc: BaseException) -> bool:
+    return isinstance(exc, PERMANENT)
 
 
 async def publish_command(

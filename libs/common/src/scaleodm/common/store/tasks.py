@@ -114,8 +114,8 @@ class TaskStore:
             "created_at": now,
             **doc,
         }
-        seq, fresh = await self._record(queued, command)
-        if not fresh:  # a retry of a cut-off creation, or a uuid taken by a task
+        seq, first = await self._record(queued, command)
+        if first is not None:  # a retry of a cut-off creation, or a uuid taken by a task
             if await self.tasks.find_one({"_id": doc["_id"]}, {"_id": 1}) is not None:
                 raise TaskExistsError(doc["_id"])
             await self.events.update_one({"_id": queued.event_id}, {"$set": {
@@ -159,38 +159,67 @@ class TaskStore:
         self, ev: events.TaskEvent, command: commands.Command | None = None
     ) -> ApplyResult:
         """Record ``ev`` in the log (once, with the ``command`` it causes) and project it onto the
-        task document (idempotent). An event the task ignores is not recorded, nor its command."""
-        doc = await self.tasks.find_one(
-            {"_id": ev.task_id}, {"attempt": 1, "state": 1, "removed": 1}
-        )
-        if doc is None:
+        task document (idempotent). An event the task ignores is not recorded, nor its command.
+
+        When the event was recorded before (a redelivery, a second writer, a retried request),
+        what applies is the event as first recorded, with the command recorded with it: two
+        restarts racing with different options end with one set of options, the one of the
+        command that will run.
+        """
+        snap = await self._snapshot(ev.task_id)
+        if snap is None:
             return ApplyResult(Outcome.IGNORED)
-        snap = projection.Snapshot(
-            attempt=doc["attempt"], state=TaskState(doc["state"]), removed=doc.get("removed", False)
-        )
         step = projection.plan(snap, ev)
         if step is None:
             existing = await self.events.find_one({"_id": ev.event_id}, {"seq": 1})
             if existing is not None:  # a redelivery after the state moved on
                 return ApplyResult(Outcome.DUPLICATE, existing["seq"])
             return ApplyResult(Outcome.IGNORED)
-        seq, fresh = await self._record(ev, command)
-        changed = False
-        if step.update:
-            update = {**step.update}
-            update.setdefault("$set", {})
-            update["$set"] = {**update["$set"], "updated_at": clock.now()}
-            res = await self.tasks.update_one({"_id": ev.task_id, **step.guard}, update)
-            changed = res.modified_count > 0
-        return ApplyResult(Outcome.APPLIED if fresh else Outcome.DUPLICATE, seq, changed)
+        seq, first = await self._record(ev, command)
+        if first is not None:
+            ev = events.EVENT_ADAPTER.validate_python({**first, "seq": seq})
+            step = projection.plan(snap, ev)
+            if step is None:
+                return ApplyResult(Outcome.DUPLICATE, seq)
+        changed = await self._update(ev, step)
+        return ApplyResult(Outcome.APPLIED if first is None else Outcome.DUPLICATE, seq, changed)
+
+    async def reapply(self, ev: events.TaskEvent) -> bool:
+        """Apply a recorded event to its task again, never recording it: its recorder may have
+        died between the two writes. An event no longer in the log (its task deleted since)
+        changes nothing. True when the task document changed."""
+        snap = await self._snapshot(ev.task_id)
+        step = None if snap is None else projection.plan(snap, ev)
+        if step is None or not step.update or not await self.event_seen(ev.event_id):
+            return False
+        return await self._update(ev, step)
+
+    async def _snapshot(self, task_id: str) -> projection.Snapshot | None:
+        doc = await self.tasks.find_one({"_id": task_id}, {"attempt": 1, "state": 1, "removed": 1})
+        if doc is None:
+            return None
+        return projection.Snapshot(
+            attempt=doc["attempt"], state=TaskState(doc["state"]), removed=doc.get("removed", False)
+        )
+
+    async def _update(self, ev: events.TaskEvent, step: projection.Plan) -> bool:
+        if not step.update:
+            return False
+        update = {**step.update}
+        update.setdefault("$set", {})
+        update["$set"] = {**update["$set"], "updated_at": clock.now()}
+        res = await self.tasks.update_one({"_id": ev.task_id, **step.guard}, update)
+        return res.modified_count > 0
 
     async def _record(
         self, ev: events.TaskEvent, command: commands.Command | None = None
-    ) -> tuple[int, bool]:
+    ) -> tuple[int, Doc | None]:
+        """Insert ``ev`` at the next ``seq``: (seq, None), or, when it was recorded before,
+        (its seq, the body recorded then)."""
         body = ev.model_dump(mode="json", exclude={"seq"})
         extra: Doc = {"command": _command_doc(command)}
         if isinstance(ev, events.TaskOutput):
-            extra = {"line_start": ev.line_start, "line_end": ev.line_start + len(ev.lines)}
+            extra.update(line_start=ev.line_start, line_end=ev.line_start + len(ev.lines))
         for _ in range(_SEQ_RETRIES):
             last = await self.events.find_one(
                 {"task_id": ev.task_id}, {"seq": 1}, sort=[("seq", DESCENDING)]
@@ -210,16 +239,28 @@ class TaskStore:
                         **extra,
                     }
                 )
-                return seq, True
+                return seq, None
             except DuplicateKeyError:
-                existing = await self.events.find_one({"_id": ev.event_id}, {"seq": 1})
+                existing = await self.events.find_one({"_id": ev.event_id}, {"seq": 1, "body": 1})
                 if existing is not None:
-                    return int(existing["seq"]), False
+                    return int(existing["seq"]), existing["body"]
                 # another writer took this seq: read the new last one and try again
         raise RuntimeError(f"could not allocate a seq for {ev.event_id}")
 
     async def mark_published(self, event_id: str) -> None:
         await self.events.update_one({"_id": event_id}, {"$set": {"published": True}})
+
+    async def set_aside(self, event_id: str, reason: str) -> None:
+        """Take an event that can never be published out of the outbox (kept in the log, with
+        the reason)."""
+        await self.events.update_one(
+            {"_id": event_id}, {"$set": {"published": True, "set_aside": reason}})
+
+    async def count_publish_failure(self, event_id: str) -> int:
+        """One more unexplained failure to publish this event: how many so far."""
+        await self.events.update_one({"_id": event_id}, {"$inc": {"publish_failures": 1}})
+        doc = await self.events.find_one({"_id": event_id}, {"publish_failures": 1})
+        return int(doc.get("publish_failures", 0)) if doc is not None else 0
 
     async def unpublished_events(self, older_than: dt.datetime, limit: int = 500) -> list[Doc]:
         cursor = (
