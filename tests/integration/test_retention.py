@@ -12,13 +12,15 @@ the watcher's small files; an abandoned chunked upload is deleted (S3 objects an
 uuid no longer takes files) while an active one is kept and still commits; a file that reached
 S3 after its task had been removed (a chunk racing a commit and a remove) is deleted once its
 orphaned name record expires; removing a task deletes its webhook delivery records and no one
-else's (store level); stalled-removal resumption (store level).
+else's (store level); stalled-removal resumption (store level); tombstones forgotten after
+their keep, the uuid free again, and their TTL index following the setting (store level).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import functools
 import inspect
 import os
@@ -42,6 +44,7 @@ from scaleodm.common.store import retention
 from scaleodm.common.store.deliveries import DeliveryStore
 from scaleodm.common.store.tasks import TaskStore
 from scaleodm.common.store.uploads import UploadNotFoundError, UploadStore
+from scaleodm.watcher import retention as sweeping
 from tests.harness import api, data, servers
 from tests.harness.stack import Stack, running_stack
 
@@ -357,6 +360,50 @@ async def test_a_stalled_removal_is_resumed(wire_db: Any) -> None:
     await store.events.delete_many({"task_id": task_id})
     assert await retention.resume_removal(store, ref)
     assert await store.tasks.count_documents({"_id": task_id}) == 0
+
+
+async def test_tombstones_are_forgotten_after_their_keep(wire_db: Any) -> None:
+    store = TaskStore(wire_db)
+    await store.ensure_indexes()
+    old, recent = await _task(store), await _task(store)
+    for task_id in (old, recent):
+        await store.apply_event(events.new(events.TaskRemoved, task_id, 1))
+        await store.delete_task(task_id)
+    now = dt.datetime.now(dt.UTC)
+    await store.tombstones.update_one(
+        {"_id": old}, {"$set": {"deleted_at": now - dt.timedelta(days=2)}})
+
+    # The watcher's sweep (tasks and uploads kept: only tombstones have a keep).
+    policy = sweeping.Policy(tasks_after_s=None, uploads_after_s=None, interval_s=1.0,
+                             tombstones_after_s=86_400.0)
+    sweeper = sweeping.Sweeper(store, UploadStore(wire_db), emitter=None, s3=None,
+                               bucket="b", policy=policy)  # neither is used by this pass
+    assert (await sweeper.sweep_once(now)).tombstones == 1
+    assert not await store.tombstoned(old) and await store.tombstoned(recent)
+    await store.create_task({"_id": old, "name": "again", "date_created_ms": 1, "options": []},
+                            events.new(events.TaskQueued, old, 1))  # its uuid is free again
+    assert (await store.get_task(old) or {}).get("name") == "again"
+
+
+async def test_the_tombstone_ttl_index_follows_the_setting(wire_db: Any) -> None:
+    """Created, changed (``collMod``: ``create_index`` refuses new options), dropped for
+    "forever"; the sweep does not depend on it."""
+    store = TaskStore(wire_db)
+    await store.ensure_indexes()
+
+    async def ttl() -> Any:
+        info = await store.tombstones.index_information()
+        found = [i.get("expireAfterSeconds") for i in info.values()
+                 if [k for k, _ in i["key"]] == ["deleted_at"]]
+        return found[0] if found else None
+
+    await retention.ensure_tombstone_expiry(store, 86_400.0)
+    assert await ttl() == 86_400
+    await retention.ensure_tombstone_expiry(store, 7_200.0)
+    assert await ttl() == 7_200
+    await retention.ensure_tombstone_expiry(store, None)
+    assert retention.TOMBSTONE_TTL_INDEX not in await store.tombstones.index_information()
+    await retention.ensure_tombstone_expiry(store, None)  # nothing to drop: no error
 
 
 async def test_upload_records_idle_close_and_orphans(wire_db: Any) -> None:

@@ -2,7 +2,8 @@
 watcher -> MongoDB -> notifier, on real servers, with the ODM test double as the engine.
 
 Covers: zipurl and uploaded images reaching 40 with stage progress and console output, outputs in
-S3, the webhook; a failing run (30 + errorMessage); cancel mid-run (50, processes gone).
+S3, the webhook; a failing run (30 + errorMessage); cancel mid-run (50, processes gone); remove
+(objects, documents and run gone; the uuid refused as a ``set-uuid`` afterwards).
 Leaves out: the rest of the NodeODM API (its own issue), Argo runs.
 """
 
@@ -161,8 +162,11 @@ def _alive(pid: int) -> bool:
 async def test_remove_deletes_objects_and_documents(
     client: httpx.AsyncClient, stack: Stack
 ) -> None:
-    created = await api.create(client, files=[(n, data.JPEG) for n in data.image_names(2)])
-    task_id = created["uuid"]
+    """... and the uuid, given as ``set-uuid``, is not taken again once the task is deleted."""
+    task_id = str(uuid.uuid4())
+    created = await api.create(client, files=[(n, data.JPEG) for n in data.image_names(2)],
+                               headers={"set-uuid": task_id})
+    assert created == {"uuid": task_id}
     await api.poll_until(client, task_id, api.status_is(40))
     assert _s3_keys(stack, task_id), "outputs exist before the remove"
     resp = await client.post("/task/remove", json={"uuid": task_id})
@@ -187,3 +191,12 @@ async def test_remove_deletes_objects_and_documents(
         mongo.close()
     assert not (stack.runs_dir / f"odm-{task_id}-1").exists()
     assert task_id not in {t["uuid"] for t in (await client.get("/task/list")).json()}
+    # Re-created within JetStream's duplicate window, its create would be dropped as the old
+    # task's (same Nats-Msg-Id): refused as an existing task's uuid (docs/security.md).
+    refused = {"error": f"Invalid set-uuid: {task_id}"}
+    again = await client.post("/task/new", headers={"set-uuid": task_id},
+                              files=[("images", ("a.jpg", data.JPEG, "image/jpeg"))])
+    assert again.json() == refused
+    init = await client.post("/task/new/init", headers={"set-uuid": task_id},
+                             files=[("name", (None, "again"))])
+    assert init.json() == refused

@@ -8,9 +8,11 @@ Covered: task creation and duplicate uuids; idempotent ``apply_event`` (same seq
 gap-free ``seq`` allocation under concurrent writers; the lifecycle projection (monotonic
 progress, terminal states stick, ``canceled`` wins); restarts (attempt + 1 only from a terminal
 state, old-attempt events ignored afterwards); console output slices per attempt; removal and
-physical deletion (only of removed tasks); the outbox (``unpublished_events``/``mark_published``,
-commands recorded in the same document as the event that causes them, never for an ignored
-event, given again to a retried creation; ``run_command``);
+physical deletion (only of removed tasks) and the tombstone it leaves (the uuid refused
+afterwards, also to a creation racing the deletion); the outbox
+(``unpublished_events``/``mark_published``, commands recorded in the same document as the event
+that causes them, never for an ignored event, given again to a retried creation;
+``run_command``);
 ``count_active``; webhook delivery records; BSON types surviving updates (booleans set by ``$set``,
 subdocuments appended by ``$push``) — two known nx-27017 bugs, expected to fail there (strict
 xfail, so a fixed nx shows up); the event-log reads of the SSE routes (``read_events`` pages
@@ -408,6 +410,52 @@ async def test_delete_task_leaves_a_task_that_is_not_removed_alone(store: TaskSt
     assert (await _task(store, task_id))["state"] == "running"
     assert [d["seq"] for d in await store.read_events(task_id)] == [1, 2]
     await store.delete_task(_tid())  # unknown task: nothing to do, no error
+    assert not await store.tombstoned(task_id)
+
+
+async def test_a_deleted_task_leaves_a_tombstone_that_refuses_its_uuid(store: TaskStore) -> None:
+    """A uuid re-used after the deletion would meet the old task's command ids (JetStream's
+    duplicate window) and its late commands: ``create_task`` refuses it, recording nothing."""
+    task_id = await _create(store)
+    await store.apply_event(events.new(events.TaskRemoved, task_id, 1))
+    await store.delete_task(task_id)
+    assert await store.tombstoned(task_id)
+    [stone] = await store.tombstones.find({"_id": task_id}).to_list(None)
+    assert stone["deleted_at"].tzinfo is not None
+
+    with pytest.raises(TaskExistsError):
+        await store.create_task({"_id": task_id, "name": "again"},
+                                events.new(events.TaskQueued, task_id, 1),
+                                commands.CreateTask(task_id=TaskId(task_id), attempt=1, name="a",
+                                                    sources=[], output_prefix="s3://b/p/"))
+    assert await store.get_task(task_id, include_removed=True) is None
+    assert await _n_events(store, task_id) == 0  # no command left for the outbox either
+
+    await store.delete_task(task_id)  # a redelivered remove: the first tombstone stays
+    assert await store.tombstones.find({"_id": task_id}).to_list(None) == [stone]
+    assert not await store.tombstoned(_tid())
+
+
+class _LateTombstoneStore(TaskStore):
+    """A deletion of the uuid's old task that buries it right after the creation's first check."""
+
+    checks = 0
+
+    async def tombstoned(self, task_id: str) -> bool:
+        self.checks += 1
+        return self.checks > 1 and await super().tombstoned(task_id)
+
+
+async def test_a_creation_racing_the_deletion_of_its_uuid_is_undone(store: TaskStore) -> None:
+    task_id = _tid()
+    await store.tombstones.insert_one({"_id": task_id, "deleted_at": dt.datetime.now(dt.UTC)})
+    racing = _LateTombstoneStore(store.db)
+    with pytest.raises(TaskExistsError):
+        await racing.create_task({"_id": task_id, "name": "t"},
+                                 events.new(events.TaskQueued, task_id, 1))
+    assert racing.checks == 2
+    assert await store.get_task(task_id, include_removed=True) is None
+    assert await _n_events(store, task_id) == 0
 
 
 async def test_updated_flags_stay_booleans(

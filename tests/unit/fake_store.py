@@ -34,9 +34,13 @@ class FakeTaskStore:
     def __init__(self) -> None:
         self.tasks: dict[str, Doc] = {}
         self.events: dict[str, Doc] = {}
+        self.tombstones: set[str] = set()  # uuids of deleted tasks
 
     async def create_task(self, doc: Doc, queued: events.TaskQueued,
-                          command: commands.Command | None = None) -> ApplyResult:
+                          command: commands.Command | None = None, *,
+                          failed: events.TaskFailed | None = None) -> ApplyResult:
+        if doc["_id"] in self.tombstones:
+            raise TaskExistsError(doc["_id"])
         seq, first = self._record(queued, command)
         if doc["_id"] in self.tasks:
             raise TaskExistsError(doc["_id"])
@@ -48,6 +52,11 @@ class FakeTaskStore:
             "started_at_ms": None, "finished_at_ms": None, "error_message": None,
             "removed": False, "created_at": dt.datetime.now(dt.UTC), **doc,
         }
+        if failed is not None:
+            self._record(failed, None)
+            self.tasks[doc["_id"]].update(
+                state=TaskState.FAILED.value, progress=100.0, error_message=failed.error_message,
+                finished_at_ms=int(failed.occurred_at.timestamp() * 1000))
         return ApplyResult(Outcome.APPLIED, seq)
 
     async def get_task(self, task_id: str, *, include_removed: bool = False) -> Doc | None:
@@ -55,6 +64,9 @@ class FakeTaskStore:
         if doc is None or (doc["removed"] and not include_removed):
             return None
         return dict(doc)
+
+    async def tombstoned(self, task_id: str) -> bool:
+        return task_id in self.tombstones
 
     async def list_task_ids(self) -> list[str]:
         return [t["_id"] for t in self.tasks.values() if not t["removed"]]
@@ -123,6 +135,10 @@ class FakeTaskStore:
             "body": ev.model_dump(mode="json", exclude={"seq"}), "command": _dump(command),
         }
         return seq, None
+
+    async def event_seq(self, event_id: str) -> int | None:
+        recorded = self.events.get(event_id)
+        return None if recorded is None else int(recorded["seq"])
 
     async def mark_published(self, event_id: str) -> None:
         if event_id in self.events:

@@ -6,11 +6,16 @@ Covered:
   executor's start is idempotent: the second finds the run) and only for the current attempt of a
   task still active (a stale attempt, a task already over or gone starts nothing);
 - a malformed ``output_prefix`` fails before any run is started;
+- a run whose attempt is not the task's current active one is stopped: before a start (a
+  redelivered create of a task canceled, ended, restarted, removed or deleted since: the first
+  delivery may have started it) and after one (a cancel, a cancel + restart, or a remove handled
+  while the start was in flight); a command for an attempt the task does not have touches nothing;
 - cancel and remove reach the executor; remove also deletes the task's S3 prefix and its
-  documents;
+  documents, unless the uuid now holds a task that is not removed (a newer task: a late remove of
+  the old one leaves it alone);
 - an error is raised for redelivery until ``max_deliver``; at the last delivery a create/restart
   gives up with a ``failed`` event carrying the generic message (never the exception's text), a
-  cancel/remove still raises;
+  cancel/remove still raises and logs an ERROR naming the task;
 - every command class has a branch (a class outside the union reaches ``assert_never``);
 - the app's subscriber (``scheduler.app.create_app``, its resources replaced by the fakes): a
   command is handled with the delivery count JetStream reports, and a failure is NACKed with
@@ -25,10 +30,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
 
 import pytest
+import structlog
 from faststream import TestApp
 from faststream.nats import TestNatsBroker
 from faststream.nats.testing import PatchedMessage
@@ -78,6 +84,8 @@ class FakeExecutor:
         self.canceled: list[tuple[str, int]] = []
         self.removed: list[tuple[str, int]] = []
         self.failures = failures  # the next N calls raise (Kubernetes away)
+        # Runs while a start is in flight: what other commands of the batch do meanwhile.
+        self.during_start: Callable[[RunSpec], None] | None = None
 
     def _maybe_fail(self) -> None:
         if self.failures:
@@ -87,6 +95,8 @@ class FakeExecutor:
     async def start(self, spec: RunSpec) -> StartOutcome:
         self._maybe_fail()
         self.starts.append((spec.task_id, spec.attempt))
+        if self.during_start is not None:
+            self.during_start(spec)
         if (spec.task_id, spec.attempt) in self.runs:
             return StartOutcome.EXISTS
         self.runs[(spec.task_id, spec.attempt)] = spec
@@ -183,23 +193,90 @@ async def test_start_runs_once_even_when_redelivered(
     assert s.emitter.emitted == []
 
 
+Stop = Literal["cancel", "remove", None]
+
+
 @pytest.mark.parametrize(
-    ("doc", "attempt"),
+    ("doc", "attempt", "stop"),
     [
-        pytest.param({"attempt": 2, "state": "queued"}, 1, id="stale-attempt"),
-        pytest.param({"attempt": 1, "state": "canceled"}, 1, id="already-canceled"),
-        pytest.param({"attempt": 1, "state": "completed"}, 1, id="already-completed"),
-        pytest.param(None, 1, id="task-gone"),
+        pytest.param({"attempt": 2, "state": "queued"}, 1, "cancel", id="stale-attempt"),
+        pytest.param({"attempt": 1, "state": "canceled"}, 1, "cancel", id="already-canceled"),
+        pytest.param({"attempt": 1, "state": "completed"}, 1, "cancel", id="already-completed"),
+        pytest.param({"attempt": 1, "state": "canceled", "removed": True}, 1, "remove",
+                     id="removed"),
+        pytest.param(None, 1, "remove", id="task-gone"),
+        pytest.param({"attempt": 1, "state": "queued"}, 2, None, id="attempt-not-there-yet"),
     ],
 )
-async def test_start_skipped_when_not_current(doc: dict[str, Any] | None, attempt: int) -> None:
+@pytest.mark.parametrize("first_delivery_started_it", [False, True])
+async def test_start_skipped_and_run_stopped_when_not_current(
+    doc: dict[str, Any] | None, attempt: int, stop: Stop, first_delivery_started_it: bool
+) -> None:
+    """A (redelivered) create of an attempt that is not the current active one starts nothing
+    and stops the run an earlier delivery may have started."""
     s = Scheduler()
     task_id = str(uuid.uuid4())
     if doc is not None:
         s.store.tasks[task_id] = {"_id": task_id, **doc}
-    await s.handler.handle(_spec("create", task_id, attempt), delivered=1)
+    cmd = _spec("create" if attempt == 1 else "restart", task_id, attempt)
+    if first_delivery_started_it:
+        s.executor.runs[(task_id, attempt)] = cmd
+    await s.handler.handle(cmd, delivered=2 if first_delivery_started_it else 1)
     assert s.executor.starts == []
+    assert s.executor.canceled == ([(task_id, attempt)] if stop == "cancel" else [])
+    assert s.executor.removed == ([(task_id, attempt)] if stop == "remove" else [])
     assert s.emitter.emitted == []
+    assert s.store.deleted == [] and s.s3.deleted == []  # the run only: the rest is a remove's
+
+
+def _cancel(doc: dict[str, Any]) -> None:
+    doc["state"] = "canceled"
+
+
+def _cancel_and_restart(doc: dict[str, Any]) -> None:
+    doc["state"], doc["attempt"] = "queued", doc["attempt"] + 1
+
+
+def _remove(doc: dict[str, Any]) -> None:
+    doc["state"], doc["removed"] = "canceled", True
+
+
+def _fail(doc: dict[str, Any]) -> None:
+    doc["state"] = "failed"
+
+
+def _run(doc: dict[str, Any]) -> None:
+    doc["state"] = "running"
+
+
+@pytest.mark.parametrize(
+    ("meanwhile", "stop"),
+    [
+        pytest.param(_cancel, "cancel", id="canceled"),
+        pytest.param(_cancel_and_restart, "cancel", id="canceled-and-restarted"),
+        pytest.param(_fail, "cancel", id="failed"),
+        pytest.param(_remove, "remove", id="removed"),
+        pytest.param(None, "remove", id="removed-and-deleted"),
+        pytest.param(_run, None, id="still-current"),
+    ],
+)
+async def test_a_run_overtaken_while_it_started_is_stopped(
+    meanwhile: Callable[[dict[str, Any]], None] | None, stop: Stop
+) -> None:
+    s = Scheduler()
+    task_id = s.task()
+
+    def during_start(spec: RunSpec) -> None:
+        if meanwhile is None:
+            del s.store.tasks[spec.task_id]
+        else:
+            meanwhile(s.store.tasks[spec.task_id])
+
+    s.executor.during_start = during_start
+    await s.handler.handle(_spec("create", task_id), delivered=1)
+    assert s.executor.starts == [(task_id, 1)]
+    assert s.executor.canceled == ([(task_id, 1)] if stop == "cancel" else [])
+    assert s.executor.removed == ([(task_id, 1)] if stop == "remove" else [])
 
 
 async def test_malformed_output_prefix_starts_nothing() -> None:
@@ -218,16 +295,32 @@ async def test_cancel_reaches_the_executor() -> None:
     assert s.store.deleted == [] and s.s3.deleted == []
 
 
-async def test_remove_deletes_the_run_the_data_and_the_task() -> None:
+@pytest.mark.parametrize("deleted_already", [False, True], ids=["removed", "deleted-already"])
+async def test_remove_deletes_the_run_the_data_and_the_task(deleted_already: bool) -> None:
+    """Also when the documents are gone already (a redelivery after the deletion)."""
     s = Scheduler()
     task_id = s.task(attempt=2, state="completed")
+    s.store.tasks[task_id]["removed"] = True
     s.executor.runs[(task_id, 2)] = _spec("restart", task_id, 2)
+    if deleted_already:
+        del s.store.tasks[task_id]
     await s.handler.handle(commands.RemoveTask(task_id=task_id, attempt=2), delivered=1)
     assert s.executor.removed == [(task_id, 2)]
     assert s.executor.runs == {}
     assert s.s3.deleted == [task_prefix(BUCKET, task_id)]
     assert s.store.deleted == [task_id]
     assert task_id not in s.store.tasks
+
+
+async def test_a_late_remove_leaves_a_newer_task_under_the_uuid_alone() -> None:
+    """The uuid holds a task that is not removed: the remove was for an older one."""
+    s = Scheduler()
+    task_id = s.task(state="running")
+    s.executor.runs[(task_id, 1)] = _spec("create", task_id)
+    await s.handler.handle(commands.RemoveTask(task_id=task_id, attempt=1), delivered=3)
+    assert s.executor.removed == [] and list(s.executor.runs) == [(task_id, 1)]
+    assert s.s3.deleted == [] and s.store.deleted == []
+    assert task_id in s.store.tasks
 
 
 @pytest.mark.parametrize("verb", ["create", "restart"])
@@ -258,10 +351,18 @@ async def test_errors_are_retried_then_given_up_with_a_generic_failure(
     ],
 )
 async def test_cancel_and_remove_never_give_up_with_an_event(cmd: commands.Command) -> None:
-    s = Scheduler(FakeExecutor(failures=1))
-    with pytest.raises(ConnectionError):
+    """... but the last failed delivery is logged at ERROR with the task: JetStream delivers the
+    command no more."""
+    s = Scheduler(FakeExecutor(failures=2))
+    with structlog.testing.capture_logs() as logs, pytest.raises(ConnectionError):
+        await s.handler.handle(cmd, MAX_DELIVER - 1)
+    assert [e for e in logs if e["log_level"] == "error"] == []
+    with structlog.testing.capture_logs() as logs, pytest.raises(ConnectionError):
         await s.handler.handle(cmd, MAX_DELIVER)
     assert s.emitter.emitted == []
+    [given_up] = [e for e in logs if e["log_level"] == "error"]
+    assert given_up["task_id"] == cmd.task_id and given_up["verb"] == cmd.verb
+    assert "giving up" in given_up["event"]
 
 
 class _PauseTask(commands._Command):

@@ -315,3 +315,26 @@ async def test_of_two_racing_restarts_the_recorded_one_runs_with_its_options(
     task = down.store.tasks[task_id]
     assert (task["attempt"], task["state"], task["options"]) == (2, "queued", options)
     assert down.store.events[f"{task_id}:2:queued"]["command"]["options"] == options
+
+
+async def test_a_task_refused_after_its_upload_is_created_failed_in_one_step() -> None:
+    """NodeODM §3.5: too many images after a commit fails the task (status 30); no run."""
+    broker, seen = _bus()
+    async with TestNatsBroker(broker) as bus:
+        gw = Gateway(bus)
+        task_id = str(uuid.uuid4())
+        try:
+            await gw.res.actions.create(NewTask(
+                task_id=task_id, name="t", date_created_ms=1, options=[], images_count=9,
+                webhook=None, skip_post_processing=False, outputs=None, sources=[],
+                output_prefix=f"s3://scaleodm/tasks/{task_id}/outputs/"),
+                failure="Too many images")
+            await _settle(gw)
+            info = await gw.info(task_id)
+        finally:
+            await gw.emitter.aclose()
+            await gw.http.aclose()
+    assert (info["status"], info["progress"]) == ({"code": 30, "errorMessage": "Too many images"},
+                                                  100)
+    assert [m for _, _, m in seen] == [f"{task_id}:1:queued", f"{task_id}:1:failed"]
+    assert gw.store.unpublished() == []

@@ -427,6 +427,11 @@ class SchedulerSettings(BaseServiceSettings):
     fetch_timeout_s: float = Field(60.0, description="Read timeout when fetching zipurl inputs.")
 
 
+# A deleted task's uuid is refused at least this long: the TASKS stream's duplicate window (2 min)
+# and the redelivery of its commands (max_deliver x (ack_wait + back-off), ~20 min by default).
+TOMBSTONE_KEEP_FLOOR_MIN = 60.0
+
+
 class WatcherSettings(BaseServiceSettings):
     """Follows runs, turns them into events, and relays the outbox."""
 
@@ -465,6 +470,19 @@ class WatcherSettings(BaseServiceSettings):
         description="How often each watcher looks for expired tasks and abandoned uploads (one "
         "pass handles a bounded batch of each; after a full batch the next pass follows in 1 s).",
     )
+    tombstone_keep_min: float = Field(
+        1440.0, ge=0,
+        description="A deleted task's uuid stays refused (`Invalid set-uuid`) this many minutes "
+        f"(at least {TOMBSTONE_KEEP_FLOOR_MIN:g}: longer than JetStream's duplicate window and "
+        "any redelivery of the old task's commands); 0 refuses it forever.",
+    )
+
+    @field_validator("tombstone_keep_min")
+    @classmethod
+    def _tombstones_outlive_old_commands(cls, v: float) -> float:
+        if 0 < v < TOMBSTONE_KEEP_FLOOR_MIN:
+            raise ValueError(f"must be 0 (forever) or at least {TOMBSTONE_KEEP_FLOOR_MIN:g}")
+        return v
 
 
 class NotifierSettings(BaseServiceSettings):

@@ -80,19 +80,21 @@ class TaskActions:
         (NodeODM §3.5: too many images after a commit is an asynchronous failure)."""
         doc = new.document()
         queued = events.new(events.TaskQueued, new.task_id, 1)
-        command = None if failure is not None else run_command({**doc, "attempt": 1})
+        failed = None if failure is None else events.new(
+            events.TaskFailed, new.task_id, 1, error_message=failure)
+        command = None if failed is not None else run_command({**doc, "attempt": 1})
         with bind_task(new.task_id, attempt=1):
             try:
-                created = await self.store.create_task(doc, queued, command)
+                created = await self.store.create_task(doc, queued, command, failed=failed)
             except TaskExistsError as exc:
                 raise TaskExistsAlreadyError(new.task_id) from exc
             await self.points.hit("gateway.run.before_publish")
             self.emitter.send_soon(Outbound(queued.model_copy(update={"seq": created.seq}),
                                             command))
-            if failure is not None:
-                await self.emitter.emit(
-                    events.new(events.TaskFailed, new.task_id, 1, error_message=failure)
-                )
+            if failed is not None:
+                seq = await self.store.event_seq(failed.event_id)
+                self.emitter.send_soon(Outbound(failed.model_copy(update={"seq": seq})))
+                log.info("task created failed", error=failure)
                 return
             log.info("task created", images=new.images_count, sources=len(new.sources))
 

@@ -2,8 +2,22 @@
 
 A create/restart is acked only after its run exists (the executor's start is idempotent), so a
 scheduler that dies in between leaves the command unacked and JetStream redelivers it to another
-replica, whose start then finds the run and changes nothing. The task document is checked first:
-a command for an attempt that is no longer current, or already canceled, starts nothing.
+replica, whose start then finds the run and changes nothing. The task document is read before and
+again after the start: a run of an attempt that is not the task's current *active* one (canceled,
+ended, restarted since, removed or deleted) is stopped — a cancel, restart or remove handled while
+the start was in flight (commands of one batch run concurrently), or a redelivery of a create whose
+first delivery did start the run (an Argo create that timed out client-side but succeeded), must
+not leave it running. Stopping is idempotent (``Executor.cancel``/``remove``), so a run that never
+existed costs nothing; a command for an attempt the task does not have yet starts and stops nothing.
+
+A remove is for the task it was recorded for: when the task under its uuid exists and is not
+removed, it is another task (the uuid is only free again long after the deletion, see
+``TaskStore.delete_task``'s tombstone) and the command does nothing.
+
+Giving up: a create/restart that fails on its last delivery (``max_deliver``) fails the task with a
+generic message; a cancel or remove cannot be turned into an event, so it is logged at ERROR with
+the task (JetStream delivers it no more; the watcher's retention resumes a stalled removal, see
+``store.retention``).
 
 The handler depends on narrow ports declared here (``TaskRecords``, ``EventSink``,
 ``ObjectStore``; ``TaskStore``, ``Emitter`` and ``S3`` implement them) and on the ``Executor``
@@ -81,9 +95,9 @@ class CommandHandler:
             try:
                 await self._dispatch(cmd)
             except Exception as exc:
-                if delivered >= self.max_deliver and isinstance(
-                    cmd, commands.CreateTask | commands.RestartTask
-                ):
+                if delivered < self.max_deliver:
+                    raise
+                if isinstance(cmd, commands.CreateTask | commands.RestartTask):
                     log.error("giving up on command", error=repr(exc))
                     # The reason stays in the log: the exception's text may hold internal
                     # names and addresses (Kubernetes API, paths), never shown to clients.
@@ -91,6 +105,10 @@ class CommandHandler:
                         events.TaskFailed, cmd.task_id, cmd.attempt, error_message=RUN_NOT_STARTED
                     ))
                     return
+                # JetStream delivers it no more: the run may go on (cancel) or the task's data
+                # stay (remove) until an operator acts or retention resumes it.
+                log.error("giving up on command: its last delivery failed", task_id=cmd.task_id,
+                          attempt=cmd.attempt, verb=cmd.verb, error=repr(exc))
                 raise
 
     async def _dispatch(self, cmd: commands.Command) -> None:
@@ -101,6 +119,11 @@ class CommandHandler:
                 signalled = await self.executor.cancel(cmd.task_id, cmd.attempt)
                 log.info("run canceled", signalled=signalled)
             case commands.RemoveTask():
+                doc = await self.store.get_task(cmd.task_id, include_removed=True)
+                if doc is not None and not doc.get("removed"):
+                    log.warning("remove of a task that is not removed (another task under this "
+                                "uuid); nothing deleted", task_attempt=doc.get("attempt"))
+                    return
                 await self.executor.remove(cmd.task_id, cmd.attempt)
                 await self.s3.delete_prefix(task_prefix(self.bucket, cmd.task_id))
                 await self.store.delete_task(cmd.task_id)
@@ -109,12 +132,10 @@ class CommandHandler:
                 assert_never(cmd)
 
     async def _start(self, spec: commands.CreateTask | commands.RestartTask) -> None:
-        doc = await self.store.get_task(spec.task_id)
-        if doc is None or doc["attempt"] != spec.attempt:
-            log.info("command is not for the current attempt; skipped")
-            return
-        if TaskState(doc["state"]) not in ACTIVE_STATES:
-            log.info("task already ended; no run started", state=doc["state"])
+        doc = await self.store.get_task(spec.task_id, include_removed=True)
+        if not _is_current(doc, spec.attempt):
+            log.info("command is not for the task's current active attempt; no run started")
+            await self._stop_unless_current(spec, doc)
             return
         parse_s3_url(spec.output_prefix)  # a malformed command fails here, not in the run
         await self.points.hit("scheduler.create.before_start")
@@ -123,15 +144,39 @@ class CommandHandler:
         await self.points.hit("scheduler.create.before_ack")
         if outcome is StartOutcome.EXISTS:
             log.info("redelivered command: run already exists, nothing changed")
-        await self._overtaken(spec)
+        # A cancel, restart or remove handled while this run was being started found no run to
+        # stop: read the task again.
+        await self._stop_unless_current(
+            spec, await self.store.get_task(spec.task_id, include_removed=True)
+        )
 
-    async def _overtaken(self, spec: commands.CreateTask | commands.RestartTask) -> None:
-        """A cancel or remove handled while this run was being started (commands of one batch
-        run concurrently) found no run to stop: stop it now."""
-        doc = await self.store.get_task(spec.task_id, include_removed=True)
+    async def _stop_unless_current(
+        self, spec: commands.CreateTask | commands.RestartTask, doc: dict[str, Any] | None
+    ) -> None:
+        """Stop the run of ``spec``'s attempt unless it is the task's current active attempt.
+
+        The run may exist (an earlier delivery, or a start in flight elsewhere) or not; both
+        executor calls are idempotent. A local cancel of a run that never started leaves a bare
+        claim (a directory with a cancel file), which keeps a start racing on another replica
+        from spawning it and is deleted with the task's other runs when the task is removed.
+        """
         if doc is None or doc.get("removed"):
-            log.info("task removed while its run started; removing the run")
+            log.info("task removed; removing the run")
             await self.executor.remove(spec.task_id, spec.attempt)
-        elif doc["attempt"] == spec.attempt and doc["state"] == TaskState.CANCELED.value:
-            log.info("task canceled while its run started; canceling the run")
+        elif doc["attempt"] < spec.attempt:
+            # Not this task's attempt (yet): stopping could claim a run the task will want.
+            log.warning("command for an attempt the task does not have; ignored",
+                        task_attempt=doc["attempt"])
+        elif doc["attempt"] > spec.attempt:
+            log.info("task restarted since; stopping this attempt's run",
+                     task_attempt=doc["attempt"])
             await self.executor.cancel(spec.task_id, spec.attempt)
+        elif TaskState(doc["state"]) not in ACTIVE_STATES:
+            log.info("task no longer active; stopping the run", state=doc["state"])
+            await self.executor.cancel(spec.task_id, spec.attempt)
+
+
+def _is_current(doc: dict[str, Any] | None, attempt: int) -> bool:
+    """``attempt`` is the task's current attempt and the task is queued or running."""
+    return (doc is not None and not doc.get("removed") and doc["attempt"] == attempt
+            and TaskState(doc["state"]) in ACTIVE_STATES)

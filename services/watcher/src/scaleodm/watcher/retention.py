@@ -11,6 +11,9 @@ Every ``cleanup_interval_s`` each watcher replica makes one bounded pass (``BATC
   one removal.
 - **stalled removals** — tasks removed more than ``REMOVAL_RETRY_S`` ago whose documents are
   still there — are resumed (``store.retention.resume_removal``).
+- **tombstones** of tasks deleted more than ``tombstone_keep_min`` ago are forgotten, so their
+  uuids may be taken again (``store.retention.forget_tombstones``); a TTL index does the same
+  inside MongoDB (``ensure_tombstone_expiry``, set at start-up, also when retention is off).
 - **abandoned uploads** — chunked uploads (or a ``/task/new``'s held id) with no activity for
   ``cleanup_uploads_after_min`` — are closed, then their S3 objects (unless a task holds the
   id) and records are deleted; then the objects of files that arrived after their upload had
@@ -60,6 +63,7 @@ class Policy:
     interval_s: float
     batch: int = BATCH
     removal_retry_s: float = REMOVAL_RETRY_S
+    tombstones_after_s: float | None = None
 
     @classmethod
     def from_settings(cls, settings: WatcherSettings) -> Policy:
@@ -68,11 +72,13 @@ class Policy:
 
         return cls(tasks_after_s=seconds(settings.cleanup_tasks_after_min),
                    uploads_after_s=seconds(settings.cleanup_uploads_after_min),
-                   interval_s=settings.cleanup_interval_s)
+                   interval_s=settings.cleanup_interval_s,
+                   tombstones_after_s=seconds(settings.tombstone_keep_min))
 
     @property
     def off(self) -> bool:
-        return self.tasks_after_s is None and self.uploads_after_s is None
+        return (self.tasks_after_s is None and self.uploads_after_s is None
+                and self.tombstones_after_s is None)
 
 
 @dataclass
@@ -83,11 +89,13 @@ class Pass:
     resumed: int = 0
     uploads: int = 0
     orphans: int = 0
+    tombstones: int = 0
     full: bool = False
 
     @property
     def anything(self) -> bool:
-        return bool(self.removed or self.resumed or self.uploads or self.orphans)
+        return bool(self.removed or self.resumed or self.uploads or self.orphans
+                    or self.tombstones)
 
 
 @dataclass(frozen=True)
@@ -109,6 +117,10 @@ class Sweeper:
             before_ms = now_ms - int(self.policy.uploads_after_s * 1000)
             await self._reap_uploads(before_ms, done)
             await self._reap_orphans(before_ms, done)
+        if self.policy.tombstones_after_s is not None:
+            done.tombstones = await retention.forget_tombstones(
+                self.store, now - dt.timedelta(seconds=self.policy.tombstones_after_s)
+            )
         return done
 
     async def _expire_tasks(self, finished_before_ms: int, done: Pass) -> None:
@@ -168,15 +180,17 @@ async def sweep_forever(
     """The watcher's retention loop (runs until cancelled); returns at once when retention is
     off."""
     policy = Policy.from_settings(settings)
+    await retention.ensure_tombstone_expiry(store, policy.tombstones_after_s)
     if policy.off:
-        log.info("retention off: finished tasks and uploads are kept")
+        log.info("retention off: finished tasks, uploads and tombstones are kept")
         return
     uploads = UploadStore(store.db)
     await retention.ensure_indexes(store)
     await uploads.ensure_indexes()
     sweeper = Sweeper(store, uploads, emitter, s3, settings.s3.bucket, policy)
     log.info("retention on", tasks_after_s=policy.tasks_after_s,
-             uploads_after_s=policy.uploads_after_s, interval_s=policy.interval_s)
+             uploads_after_s=policy.uploads_after_s,
+             tombstones_after_s=policy.tombstones_after_s, interval_s=policy.interval_s)
     while True:
         pause = policy.interval_s
         try:
@@ -186,7 +200,8 @@ async def sweep_forever(
         else:
             if done.anything:
                 log.info("retention pass", removed=done.removed, resumed=done.resumed,
-                         uploads=done.uploads, orphans=done.orphans)
+                         uploads=done.uploads, orphans=done.orphans,
+                         tombstones=done.tombstones)
             if done.full:
                 pause = min(pause, FULL_BATCH_PAUSE_S)
         await asyncio.sleep(pause)

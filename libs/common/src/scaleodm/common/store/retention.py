@@ -10,19 +10,32 @@ selected while it runs again.
 A removal whose command the scheduler gave up on (``max_deliver`` spent while S3 was away) would
 leave the removed task's data for good; ``resume_removal`` marks its recorded event unpublished
 again, and the outbox relay then publishes the event and its command once more.
+
+A deleted task's tombstone (``TaskStore.delete_task``) keeps its uuid refused; once no command of
+the old task can arrive any more it is forgotten (``forget_tombstones``, and MongoDB's TTL monitor
+through ``ensure_tombstone_expiry``), and the uuid may be taken again.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime as dt
 from typing import NamedTuple
 
 from pymongo import ASCENDING
+from pymongo.errors import OperationFailure, PyMongoError
 
 from scaleodm.common.contracts import events
 from scaleodm.common.domain.status import TERMINAL_STATES
-from scaleodm.common.store.tasks import TaskStore
+from scaleodm.common.logging import get_logger
+from scaleodm.common.store.tasks import TOMBSTONES, TaskStore
+
+log = get_logger(__name__)
 
 _TERMINAL = sorted(s.value for s in TERMINAL_STATES)
+TOMBSTONE_TTL_INDEX = "tombstone_expiry"
+# IndexOptionsConflict, IndexKeySpecsConflict: the index exists with another expireAfterSeconds.
+_INDEX_CONFLICTS = (85, 86)
 
 
 class TaskRef(NamedTuple):
@@ -90,3 +103,38 @@ async def resume_removal(store: TaskStore, ref: TaskRef) -> bool:
         {"_id": event_id, "published": True}, {"$set": {"published": False}}
     )
     return res.modified_count == 1
+
+
+async def forget_tombstones(store: TaskStore, deleted_before: dt.datetime) -> int:
+    """Forget the tombstones of tasks deleted before ``deleted_before``: their uuids may be
+    taken again. Returns how many were forgotten."""
+    res = await store.tombstones.delete_many({"deleted_at": {"$lt": deleted_before}})
+    return res.deleted_count
+
+
+async def ensure_tombstone_expiry(store: TaskStore, keep_s: float | None) -> None:
+    """A TTL index on the tombstones' ``deleted_at``: MongoDB forgets them too, whether a
+    watcher sweeps or not; ``keep_s`` None (kept forever) drops it.
+
+    A changed ``keep_s`` is applied with ``collMod`` (``create_index`` refuses other options for an
+    existing index). Best effort: a server that refuses (no TTL support, no ``collMod`` right) or
+    does not answer leaves the forgetting to the sweep, which never depends on the index.
+    """
+    try:
+        if keep_s is None:
+            with contextlib.suppress(OperationFailure):  # absent: nothing to drop
+                await store.tombstones.drop_index(TOMBSTONE_TTL_INDEX)
+            return
+        seconds = int(keep_s)
+        try:
+            await store.tombstones.create_index(
+                [("deleted_at", ASCENDING)], name=TOMBSTONE_TTL_INDEX, expireAfterSeconds=seconds
+            )
+        except OperationFailure as exc:
+            if exc.code not in _INDEX_CONFLICTS:
+                raise
+            await store.db.command("collMod", TOMBSTONES, index={
+                "name": TOMBSTONE_TTL_INDEX, "expireAfterSeconds": seconds})
+    except PyMongoError as exc:
+        log.warning("tombstone TTL index not set; the retention sweep forgets tombstones",
+                    error=repr(exc))

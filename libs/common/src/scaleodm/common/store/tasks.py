@@ -12,6 +12,13 @@ The log is also the outbox (``emitting``): an event stays ``published: false`` u
 JetStream, and an event that causes a command carries it (``command``), written in the same insert,
 so a recorded cancel can never lose its ``CancelTask``.
 
+A deleted task leaves a tombstone (``tombstones``: ``_id`` = the uuid, ``deleted_at``), and
+``create_task`` refuses a uuid that has one: commands and events are deduplicated by ids made of
+uuid + attempt (JetStream keeps a ``Nats-Msg-Id`` for its duplicate window even after the ack) and
+a late remove or create of the old task may still be delivered, so a uuid re-used right after the
+deletion would have its first run dropped as a duplicate, or its run and files deleted. The
+watcher's retention forgets tombstones after ``tombstone_keep_min`` (``store.retention``).
+
 Only standard MongoDB 6+ operations; no upserts with ``$setOnInsert`` (the stand-in servers
 disagree about it) and no ``$slice`` projections.
 """
@@ -19,6 +26,7 @@ disagree about it) and no ``$slice`` projections.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import enum
 from dataclasses import dataclass
@@ -40,6 +48,7 @@ log = get_logger(__name__)
 
 Doc = dict[str, Any]
 _SEQ_RETRIES = 50
+TOMBSTONES = "tombstones"
 
 
 class TaskExistsError(Exception):
@@ -70,6 +79,7 @@ class TaskStore:
         self.db = db
         self.tasks = db["tasks"]
         self.events = db["events"]
+        self.tombstones = db[TOMBSTONES]
 
     async def ensure_indexes(self) -> None:
         await self.events.create_index(
@@ -91,16 +101,21 @@ class TaskStore:
     # -- tasks -------------------------------------------------------------------------------
 
     async def create_task(
-        self, doc: Doc, queued: events.TaskQueued, command: commands.Command | None = None
+        self, doc: Doc, queued: events.TaskQueued, command: commands.Command | None = None,
+        *, failed: events.TaskFailed | None = None,
     ) -> ApplyResult:
         """Record a new task's ``queued`` event (with its run ``command``), then insert the task
-        (attempt 1, queued).
+        (attempt 1, queued). With ``failed`` (a task refused after its upload, NodeODM §3.5),
+        that event is recorded too and the task is inserted failed already: no state in between
+        that a crash could leave behind.
 
         In this order, a creation cut off in between leaves an event without a task, which a
         retry with the same uuid completes (the event is found, given this command and marked
         unpublished again, so the outbox relay still queues the run); the other way round would
         leave a task whose run nothing ever queues.
         """
+        if await self.tombstoned(doc["_id"]):
+            raise TaskExistsError(doc["_id"])
         now = clock.now()
         full = {
             "attempt": 1,
@@ -120,11 +135,27 @@ class TaskStore:
                 raise TaskExistsError(doc["_id"])
             await self.events.update_one({"_id": queued.event_id}, {"$set": {
                 "published": False, "command": _command_doc(command)}})
+        if failed is not None:
+            await self._record(failed)
+            full.update(state=TaskState.FAILED.value, progress=100.0,
+                        finished_at_ms=clock.to_ms(failed.occurred_at),
+                        error_message=failed.error_message)
         try:
             await self.tasks.insert_one(full)
         except DuplicateKeyError as exc:
             raise TaskExistsError(doc["_id"]) from exc
+        if await self.tombstoned(doc["_id"]):
+            # A task under this uuid was deleted meanwhile (its deletion buries the uuid
+            # before it deletes anything): this creation lost, undo it (the task inserted
+            # above is ours: the insert succeeded, so the old one was gone).
+            await self.tasks.delete_one({"_id": doc["_id"]})
+            await self.events.delete_one({"_id": queued.event_id})
+            raise TaskExistsError(doc["_id"])
         return ApplyResult(Outcome.APPLIED, seq)
+
+    async def tombstoned(self, task_id: str) -> bool:
+        """True when a task with this uuid was deleted and its tombstone is not forgotten yet."""
+        return await self.tombstones.find_one({"_id": task_id}, {"_id": 1}) is not None
 
     async def get_task(self, task_id: str, *, include_removed: bool = False) -> Doc | None:
         doc = await self.tasks.find_one({"_id": task_id})
@@ -143,10 +174,13 @@ class TaskStore:
 
     async def delete_task(self, task_id: str) -> None:
         """Physically delete a removed task's documents — events, webhook delivery records,
-        the task (a task not removed is left alone)."""
+        the task (a task not removed is left alone) — after leaving its tombstone."""
         doc = await self.tasks.find_one({"_id": task_id}, {"removed": 1})
         if doc is not None and not doc.get("removed"):
             return  # its ``removed`` event is not projected yet: keep the log and the task
+        # The tombstone first: from now on the uuid cannot be taken again.
+        with contextlib.suppress(DuplicateKeyError):  # a retry: the first deletion's stays
+            await self.tombstones.insert_one({"_id": task_id, "deleted_at": clock.now()})
         # Events and delivery records first: a retry after a crash in between still finds the
         # (removed) task, or none.
         await self.events.delete_many({"task_id": task_id})

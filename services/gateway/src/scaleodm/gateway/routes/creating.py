@@ -36,12 +36,15 @@ router = APIRouter(tags=["nodeodm"], dependencies=[TokenDep])
 
 
 async def _checked_set_uuid(request: Request, res: Resources) -> str | None:
-    """The canonical id of ``set-uuid``; None when absent or empty (NodeODM)."""
+    """The canonical id of ``set-uuid``; None when absent or empty (NodeODM). An id that a task
+    holds, or held until it was deleted (its tombstone, ``store.tasks``), is refused as NodeODM
+    refuses an existing task's: a departure, NodeODM takes the uuid of a removed task again."""
     set_uuid = request.headers.get("set-uuid") or None
     if set_uuid is None:
         return None
     task_id = canonical_task_id(set_uuid)
-    if task_id is None or await res.store.get_task(task_id, include_removed=True):
+    if (task_id is None or await res.store.get_task(task_id, include_removed=True)
+            or await res.store.tombstoned(task_id)):
         raise NodeOdmError(f"Invalid set-uuid: {shown(set_uuid)}")
     return task_id
 

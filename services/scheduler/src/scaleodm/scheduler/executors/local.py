@@ -84,6 +84,10 @@ class LocalExecutor:
         log.info("runner spawned", run=rd.path.name, pid=proc.pid)
 
     async def cancel(self, task_id: str, attempt: int) -> bool:
+        """The ``cancel`` marker, then SIGTERM to a live runner. For a run not started (yet)
+        the marker makes a bare claim: a start arriving later, on any replica, finds it and
+        starts nothing; the watcher sets it aside after ``run_start_grace_s``, and ``remove``
+        deletes it with the task's other runs."""
         rd = self._dir(task_id, attempt)
         rd.path.mkdir(parents=True, exist_ok=True)
         rd.file(localruns.CANCEL_FILE).touch()

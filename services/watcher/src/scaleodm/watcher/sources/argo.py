@@ -36,7 +36,7 @@ from scaleodm.common.emitting import Emitter
 from scaleodm.common.logging import bind_task, get_logger
 from scaleodm.common.settings import WatcherSettings
 from scaleodm.common.store.tasks import TaskStore
-from scaleodm.watcher.console import ConsoleReporter
+from scaleodm.watcher.console import ConsoleReporter, LineSplitter
 
 log = get_logger(__name__)
 
@@ -295,13 +295,9 @@ class ArgoRunSource:
             resp.release()
             raise ApiException(status=status, reason="pod log unavailable")
         try:
-            partial = b""
+            splitter = LineSplitter()
             async for chunk in resp.content.iter_any():
-                data = partial + chunk
-                lines = data.split(b"\n")
-                partial = lines.pop()
-                await reporter.feed([line.decode("utf-8", errors="replace") for line in lines])
-            if partial:
-                await reporter.feed([partial.decode("utf-8", errors="replace")])
+                await reporter.feed(splitter.feed(chunk))
+            await reporter.feed(splitter.flush())
         finally:
             resp.release()

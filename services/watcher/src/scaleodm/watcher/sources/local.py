@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from scaleodm.common import localruns
@@ -20,7 +20,7 @@ from scaleodm.common.domain.status import TaskState
 from scaleodm.common.emitting import Emitter
 from scaleodm.common.logging import bind_task, get_logger
 from scaleodm.common.store.tasks import TaskStore
-from scaleodm.watcher.console import ConsoleReporter
+from scaleodm.watcher.console import ConsoleReporter, LineSplitter
 
 log = get_logger(__name__)
 # One poll of one run reads at most this much console, and runs are stepped concurrently, so a
@@ -39,7 +39,7 @@ class Follower:
     console: ConsoleReporter
     running_sent: bool
     offset: int = 0
-    partial: bytes = b""
+    lines: LineSplitter = field(default_factory=LineSplitter)  # the console file's
     inputs_sent: bool = False
     backlog: bool = False  # console left unread by the last step
 
@@ -184,16 +184,13 @@ class LocalRunSource:
                 data = fh.read(READ_CHUNK)
         except FileNotFoundError:
             return True
-        if not data and not (final and f.partial):
+        if not data and not (final and f.lines.pending):
             return True
         f.offset += len(data)
-        raw = f.partial + data
-        pieces = raw.split(b"\n")
-        f.partial = pieces.pop()
+        lines = f.lines.feed(data)
         drained = len(data) < READ_CHUNK
-        if final and drained and f.partial:
-            pieces.append(f.partial)
-            f.partial = b""
-        await f.console.feed([p.decode("utf-8", errors="replace") for p in pieces])
+        if final and drained:
+            lines += f.lines.flush()
+        await f.console.feed(lines)
         f.backlog = not drained
         return drained
