@@ -111,6 +111,7 @@ def failing(
                 "SCALEODM_S3__ENDPOINT_URL": f"http://127.0.0.1:{dead_port}",
                 "SCALEODM_S3__CREATE_BUCKET": "false",
                 "SCALEODM_MONGO__SERVER_SELECTION_TIMEOUT_MS": "500",
+                "SCALEODM_MONGO__TIMEOUT_MS": "1000",
             },
         )
         try:

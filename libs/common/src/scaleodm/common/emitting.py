@@ -35,6 +35,7 @@ from pydantic import ValidationError
 
 from scaleodm.common import clock
 from scaleodm.common.contracts import bus, commands, events
+from scaleodm.common.contracts.ids import TaskId
 from scaleodm.common.logging import get_logger
 from scaleodm.common.store.tasks import ApplyResult, Doc, Outcome, TaskStore
 
@@ -95,6 +96,19 @@ class Emitter:
         elif result.outcome is Outcome.IGNORED:
             log.debug("event ignored", event_id=ev.event_id, task_id=ev.task_id)
         return result
+
+    async def cancel(self, task_id: str, attempt: int) -> ApplyResult:
+        """The ``canceled`` event of an attempt, carrying its ``CancelTask``."""
+        return await self.emit(events.new(events.TaskCanceled, task_id, attempt),
+                               command=commands.CancelTask(task_id=TaskId(task_id),
+                                                           attempt=attempt))
+
+    async def remove(self, task_id: str, attempt: int) -> ApplyResult:
+        """The ``removed`` event of a task, carrying its ``RemoveTask`` (a client's /task/remove
+        and retention alike)."""
+        return await self.emit(events.new(events.TaskRemoved, task_id, attempt),
+                               command=commands.RemoveTask(task_id=TaskId(task_id),
+                                                           attempt=attempt))
 
     def send_soon(self, out: Outbound) -> None:
         """Queue a recorded event for the publisher; when the queue is full it is left to the

@@ -28,7 +28,6 @@ import contextlib
 import enum
 import functools
 import json
-import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from types import TracebackType
@@ -43,6 +42,8 @@ from faststream.nats import NatsBroker, NatsUserPassword
 from nats.aio.client import Client as NatsClient
 from nats.js.client import JetStreamContext
 
+from scaleodm.common import clock
+from scaleodm.common.contracts import streams
 from scaleodm.common.logging import get_logger
 from scaleodm.common.settings import BaseServiceSettings, NatsSettings
 
@@ -63,20 +64,13 @@ def nats_security(nats: NatsSettings) -> NatsUserPassword | None:
     return NatsUserPassword(credentials["user"], credentials["password"])
 
 
-def reconnect_delay_s(
-    failed: int, *, base_s: float, max_s: float, rand: Callable[[], float] = random.random
-) -> float:
-    """Wait before the next NATS reconnection attempt, after ``failed`` failed ones.
-
-    Schedule: 0 (the first attempt after a loss is immediate: a restarted server is back at
-    once), then ``base_s``, 2 ``base_s``, 4 ``base_s``, ... up to ``max_s``; each times a jitter
-    factor in [0.75, 1.25), capped at ``max_s``, so the replicas that lost the same server do not
-    come back in lockstep.
-    """
+def reconnect_delay_s(failed: int, *, base_s: float, max_s: float) -> float:
+    """Wait before the next NATS reconnection attempt, after ``failed`` failed ones: 0 for the
+    first (a restarted server is back at once), then ``clock.backoff_s`` with a quarter of
+    jitter, so the replicas that lost the same server do not come back in lockstep."""
     if failed <= 0:
         return 0.0
-    delay = min(base_s * 2.0 ** min(failed - 1, 30), max_s)
-    return min(delay * (0.75 + rand() / 2), max_s)
+    return clock.backoff_s(failed, base_s=base_s, max_s=max_s, jitter=0.25)
 
 
 def _reconnect_handler(nats_settings: NatsSettings) -> Callable[..., tuple[Any, float]]:
@@ -364,6 +358,17 @@ class Lifecycle(Generic[T]):
                 yield
             finally:
                 self._current = None
+
+
+async def open_bus(broker: NatsBroker, settings: BaseServiceSettings, *,
+                   durable: str | None = None, **tuning: float) -> None:
+    """Connect, and declare the streams (at ``nats.stream_replicas``) and this service's
+    durable consumer, if it has one (``tuning``: its ``streams.durables`` parameters)."""
+    conn = await broker.connect()
+    js = conn.jetstream()
+    await streams.ensure_streams(js, replicas=settings.nats.stream_replicas)
+    if durable is not None:
+        await streams.ensure_consumers(js, only=durable, **tuning)
 
 
 def make_app(

@@ -17,8 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from scaleodm.common import clock, failpoints
-from scaleodm.common.contracts import commands, events
-from scaleodm.common.contracts.ids import TaskId
+from scaleodm.common.contracts import events
 from scaleodm.common.domain import options as odm_options
 from scaleodm.common.domain.status import TERMINAL_STATES, TaskState
 from scaleodm.common.emitting import Emitter, Outbound
@@ -126,24 +125,16 @@ class TaskActions:
     async def cancel(self, task_id: str) -> None:
         """Status 50 and the run stopped (NodeODM §3.9)."""
         doc = await self._task(task_id)
-        attempt = doc["attempt"]
-        with bind_task(task_id, attempt=attempt):
-            await self.emitter.emit(
-                events.new(events.TaskCanceled, task_id, attempt),
-                command=commands.CancelTask(task_id=TaskId(task_id), attempt=attempt),
-            )
+        with bind_task(task_id, attempt=doc["attempt"]):
+            await self.emitter.cancel(task_id, doc["attempt"])
             log.info("task canceled")
 
     async def remove(self, task_id: str) -> None:
         """The task gone for clients at once; its run, files and records deleted by the
         scheduler (NodeODM §3.10)."""
         doc = await self._task(task_id)
-        attempt = doc["attempt"]
-        with bind_task(task_id, attempt=attempt):
-            await self.emitter.emit(
-                events.new(events.TaskRemoved, task_id, attempt),
-                command=commands.RemoveTask(task_id=TaskId(task_id), attempt=attempt),
-            )
+        with bind_task(task_id, attempt=doc["attempt"]):
+            await self.emitter.remove(task_id, doc["attempt"])
             log.info("task removed")
 
     async def _task(self, task_id: str) -> dict[str, Any]:

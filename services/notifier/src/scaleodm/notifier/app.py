@@ -51,12 +51,8 @@ async def open_resources(
 ) -> AsyncIterator[Resources]:
     """Streams and the ``notifier`` durable declared, then MongoDB, S3 and the HTTP client;
     closed in reverse order."""
-    conn = await broker.connect()
-    js = conn.jetstream()
-    await streams.ensure_streams(js, replicas=settings.nats.stream_replicas)
-    await streams.ensure_consumers(
-        js, only=streams.NOTIFIER_DURABLE, notifier_ack_wait_s=settings.webhook_ack_wait_s
-    )
+    await runtime.open_bus(broker, settings, durable=streams.NOTIFIER_DURABLE,
+                           notifier_ack_wait_s=settings.webhook_ack_wait_s)
     async with contextlib.AsyncExitStack() as stack:
         mongo = await open_store(settings.mongo, "notifier")
         stack.push_async_callback(mongo.close)

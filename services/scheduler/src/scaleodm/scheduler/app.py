@@ -45,13 +45,8 @@ async def open_resources(
 ) -> AsyncIterator[Resources]:
     """Streams and the ``scheduler`` durable declared, then MongoDB, S3 and the executor;
     closed in reverse order."""
-    conn = await broker.connect()
-    js = conn.jetstream()
-    await streams.ensure_streams(js, replicas=settings.nats.stream_replicas)
-    await streams.ensure_consumers(
-        js, only=streams.SCHEDULER_DURABLE,
-        ack_wait_s=settings.ack_wait_s, max_deliver=settings.max_deliver,
-    )
+    await runtime.open_bus(broker, settings, durable=streams.SCHEDULER_DURABLE,
+                           ack_wait_s=settings.ack_wait_s, max_deliver=settings.max_deliver)
     async with contextlib.AsyncExitStack() as stack:
         mongo = await open_store(settings.mongo, "scheduler")
         stack.push_async_callback(mongo.close)

@@ -20,7 +20,6 @@ from faststream.asgi import AsgiFastStream
 from faststream.nats import NatsBroker
 
 from scaleodm.common import runtime
-from scaleodm.common.contracts import streams
 from scaleodm.common.emitting import Emitter
 from scaleodm.common.logging import get_logger
 from scaleodm.common.settings import WatcherSettings
@@ -44,8 +43,7 @@ class Resources:
 async def open_resources(settings: WatcherSettings, broker: NatsBroker) -> AsyncIterator[Resources]:
     """Streams declared, MongoDB, S3 and the run source opened, the loops started; on exit the
     loops are cancelled first, then the rest closed in reverse order."""
-    conn = await broker.connect()
-    await streams.ensure_streams(conn.jetstream(), replicas=settings.nats.stream_replicas)
+    await runtime.open_bus(broker, settings)
     async with contextlib.AsyncExitStack() as stack:
         mongo = await open_store(settings.mongo, "watcher")
         stack.push_async_callback(mongo.close)

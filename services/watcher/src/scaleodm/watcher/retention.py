@@ -31,8 +31,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from scaleodm.common import clock as common_clock
-from scaleodm.common.contracts import commands, events
-from scaleodm.common.contracts.ids import TaskId
 from scaleodm.common.emitting import Emitter
 from scaleodm.common.logging import bind_task, get_logger
 from scaleodm.common.settings import WatcherSettings
@@ -131,10 +129,7 @@ class Sweeper:
                 continue  # restarted (or removed) since it was selected
             with bind_task(ref.task_id, attempt=ref.attempt):
                 # As /task/remove: the event and its command in one write, then published.
-                await self.emitter.emit(
-                    events.new(events.TaskRemoved, ref.task_id, ref.attempt),
-                    command=commands.RemoveTask(task_id=TaskId(ref.task_id), attempt=ref.attempt),
-                )
+                await self.emitter.remove(ref.task_id, ref.attempt)
                 log.info("expired task removed")
             done.removed += 1
 

@@ -42,6 +42,19 @@ def _states(states: frozenset[TaskState]) -> dict[str, Any]:
     return {"$in": sorted(s.value for s in states)}
 
 
+def fresh_attempt(attempt: int) -> dict[str, Any]:
+    """The fields of an attempt that has not run yet (a new task, or a restart)."""
+    return {
+        "attempt": attempt,
+        "state": TaskState.QUEUED.value,
+        "progress": 0.0,
+        "output_lines": 0,
+        "started_at_ms": None,
+        "finished_at_ms": None,
+        "error_message": None,
+    }
+
+
 def plan(snap: Snapshot, ev: events.TaskEvent) -> Plan | None:
     """The guarded update ``ev`` makes to the task ``snap`` describes; None: ignore it.
 
@@ -112,15 +125,7 @@ def _next_attempt(snap: Snapshot, ev: events.TaskQueued) -> Plan | None:
         return Plan()  # the creation's own event: recorded, nothing to change
     if ev.attempt != snap.attempt + 1 or snap.state not in TERMINAL_STATES:
         return None
-    reset: dict[str, Any] = {
-        "attempt": ev.attempt,
-        "state": TaskState.QUEUED.value,
-        "progress": 0.0,
-        "output_lines": 0,
-        "started_at_ms": None,
-        "finished_at_ms": None,
-        "error_message": None,
-    }
+    reset = fresh_attempt(ev.attempt)
     if ev.options is not None:
         reset["options"] = ev.options
     if ev.date_created_ms is not None:

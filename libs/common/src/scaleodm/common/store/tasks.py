@@ -118,13 +118,7 @@ class TaskStore:
             raise TaskExistsError(doc["_id"])
         now = clock.now()
         full = {
-            "attempt": 1,
-            "state": TaskState.QUEUED.value,
-            "progress": 0.0,
-            "output_lines": 0,
-            "started_at_ms": None,
-            "finished_at_ms": None,
-            "error_message": None,
+            **projection.fresh_attempt(1),
             "removed": False,
             "created_at": now,
             **doc,
