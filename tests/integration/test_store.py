@@ -12,9 +12,9 @@ physical deletion (only of removed tasks) and the tombstone it leaves (the uuid 
 afterwards, also to a creation racing the deletion); the outbox
 (``unpublished_events``/``mark_published``, commands recorded in the same document as the event
 that causes them, never for an ignored event, given again to a retried creation;
-``run_command``);
-``count_active``; webhook delivery records; BSON types surviving updates (booleans set by ``$set``,
-subdocuments appended by ``$push``) — two known nx-27017 bugs, expected to fail there (strict
+``run_command``); ``count_active``; leases (one holder until expiry or release); webhook
+delivery records; BSON types surviving updates (booleans set by ``$set``, subdocuments appended
+by ``$push``) — two known nx-27017 bugs, expected to fail there (strict
 xfail, so a fixed nx shows up); the event-log reads of the SSE routes (``read_events`` pages
 and ranges, ``event_seq``, ``terminal_seq``).
 
@@ -35,9 +35,11 @@ from typing import Any
 import pytest
 from pymongo import AsyncMongoClient
 
+from scaleodm.common import clock
 from scaleodm.common.contracts import commands, events
 from scaleodm.common.contracts.ids import TaskId
 from scaleodm.common.store.deliveries import DeliveryStore
+from scaleodm.common.store.leases import Leases
 from scaleodm.common.store.tasks import Outcome, TaskExistsError, TaskStore, run_command
 from tests.harness import servers
 
@@ -599,3 +601,21 @@ def test_run_command_is_built_from_the_task_document() -> None:
     assert (cmd.attempt, cmd.options, cmd.skip_post_processing, cmd.images_count) == (
         2, [{"name": "dsm", "value": True}], True, None)
     assert isinstance(run_command({**doc, "attempt": 1}), commands.CreateTask)
+
+
+async def test_a_lease_has_one_holder_until_it_expires_or_is_released(store: TaskStore) -> None:
+    leases = Leases(store.db)
+    with clock.use(clock.ManualClock()) as manual:
+        assert await leases.hold("relay", "watcher-0", ttl_s=10)
+        assert not await leases.hold("relay", "watcher-1", ttl_s=10), "held by watcher-0"
+        manual.advance(5)
+        assert await leases.hold("relay", "watcher-0", ttl_s=10), "renewed by its holder"
+        manual.advance(9)
+        assert not await leases.hold("relay", "watcher-1", ttl_s=10), "renewed: not expired"
+        manual.advance(2)
+        assert await leases.hold("relay", "watcher-1", ttl_s=10), "expired: taken over"
+        assert not await leases.hold("relay", "watcher-0", ttl_s=10)
+        await leases.release("relay", "watcher-0")  # not its holder: changes nothing
+        assert not await leases.hold("relay", "watcher-0", ttl_s=10)
+        await leases.release("relay", "watcher-1")
+        assert await leases.hold("relay", "watcher-0", ttl_s=10), "released: free at once"

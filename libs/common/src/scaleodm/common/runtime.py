@@ -102,6 +102,9 @@ def connection_options(nats_settings: NatsSettings) -> dict[str, Any]:
         "reconnect_time_wait": nats_settings.reconnect_wait_s,  # between first-connection attempts
         "max_reconnect_attempts": nats_settings.max_reconnect_attempts,
         "reconnect_to_server_handler": _reconnect_handler(nats_settings),
+        # nats-py takes whole seconds here (its ping timer); at least one
+        "ping_interval": max(1, round(nats_settings.ping_interval_s)),
+        "max_outstanding_pings": nats_settings.max_outstanding_pings,
     }
 
 

@@ -54,6 +54,15 @@ class NatsSettings(BaseModel):
         description="At shutdown, how long the connection may take to drain (pending acks and "
         "publishes) before it is closed.",
     )
+    ping_interval_s: float = Field(
+        15.0, gt=0,
+        description="Client pings to the server; after `max_outstanding_pings` unanswered ones "
+        "the connection counts as lost and reconnects (a frozen server is noticed in about "
+        "interval × that many; nats-py's default is 2 minutes × 2).",
+    )
+    max_outstanding_pings: int = Field(
+        3, ge=1, description="Unanswered pings before the connection counts as lost."
+    )
     stream_replicas: int = Field(
         1, ge=1, le=5,
         description="Replicas of the TASKS and EVENTS streams (their durable consumers follow): "

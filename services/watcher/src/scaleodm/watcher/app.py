@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +24,7 @@ from scaleodm.common import runtime
 from scaleodm.common.emitting import Emitter
 from scaleodm.common.logging import get_logger
 from scaleodm.common.settings import WatcherSettings
+from scaleodm.common.store.leases import Leases
 from scaleodm.common.store.s3 import S3
 from scaleodm.common.store.tasks import MongoHandle, open_store
 from scaleodm.watcher import relaying, retention, sources
@@ -54,8 +56,9 @@ async def open_resources(settings: WatcherSettings, broker: NatsBroker) -> Async
         loops = (
             _start(stack, source.run(), f"runs-{settings.source.value}"),
             _start(stack, relaying.relay_outbox(
-                mongo.store, emitter, interval_s=settings.outbox_interval_s,
-                min_age_s=settings.outbox_min_age_s,
+                mongo.store, emitter, Leases(mongo.store.db),
+                holder=f"{socket.gethostname()}/{settings.replica}",
+                interval_s=settings.outbox_interval_s, min_age_s=settings.outbox_min_age_s,
             ), "outbox"),
             _start(stack, retention.sweep_forever(mongo.store, emitter, s3, settings),
                    "retention"),

@@ -9,35 +9,57 @@ younger one is most likely still being published by its emitter.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 
 from scaleodm.common import clock
 from scaleodm.common.emitting import Emitter, Relayed
 from scaleodm.common.logging import get_logger
 from scaleodm.common.store import is_unavailable
+from scaleodm.common.store.leases import Leases
 from scaleodm.common.store.tasks import TaskStore
 
 log = get_logger(__name__)
 BATCH = 500
 
 
-async def relay_outbox(store: TaskStore, emitter: Emitter, *, interval_s: float,
-                       min_age_s: float) -> None:
+LEASE = "outbox-relay"
+
+
+async def relay_outbox(store: TaskStore, emitter: Emitter, leases: Leases, *, holder: str,
+                       interval_s: float, min_age_s: float) -> None:
     """Every ``interval_s`` (at once after a full batch), publish the unpublished events older
-    than ``min_age_s``, until cancelled; a failed pass is logged and the next one tries again."""
-    while True:
-        try:
-            sent, full = await relay_once(store, emitter, min_age_s=min_age_s)
-        except Exception as exc:
-            if not is_unavailable(exc):
-                log.exception("outbox relay failed")
-            else:
-                log.warning("outbox relay paused: storage unavailable", error=repr(exc))
+    than ``min_age_s``, until cancelled; a failed pass is logged and the next one tries again.
+
+    One watcher replica relays at a time (the ``outbox-relay`` lease, ``lease_s`` long, renewed
+    each pass): two would publish every message twice. A replica that dies loses the lease
+    when it expires; one restarted under the same ``holder`` (its StatefulSet name) takes it
+    back at once. On cancellation the lease is released.
+    """
+    lease_s = lease_seconds(interval_s)
+    try:
+        while True:
             sent, full = 0, False
-        if sent:
-            log.info("outbox events published", count=sent)
-        if not full:
-            await asyncio.sleep(interval_s)
+            try:
+                if await leases.hold(LEASE, holder, lease_s):
+                    sent, full = await relay_once(store, emitter, min_age_s=min_age_s)
+            except Exception as exc:
+                if not is_unavailable(exc):
+                    log.exception("outbox relay failed")
+                else:
+                    log.warning("outbox relay paused: storage unavailable", error=repr(exc))
+            if sent:
+                log.info("outbox events published", count=sent)
+            if not full:
+                await asyncio.sleep(interval_s)
+    finally:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(leases.release(LEASE, holder), 2.0)
+
+
+def lease_seconds(interval_s: float) -> float:
+    """How long the relay's lease lasts: three passes, at least 10 s."""
+    return max(10.0, 3 * interval_s)
 
 
 async def relay_once(store: TaskStore, emitter: Emitter, *, min_age_s: float,
