@@ -197,7 +197,15 @@ def nats_state(broker: NatsBroker) -> NatsState:
     conn = broker._connection
     if conn is None or conn.is_closed:
         return NatsState.CLOSED
-    return NatsState.CONNECTED if conn.is_connected else NatsState.RECONNECTING
+    if conn.is_connected:
+        return NatsState.CONNECTED
+    # nats-py's reconnection runs in one task; an exception in a callback (e.g. FastStream's
+    # error callback on an authorization error) ends it while the state still says
+    # "reconnecting": no attempt will ever come, which is as dead as closed.
+    attempts = getattr(conn, "_reconnection_task", None)
+    if attempts is not None and attempts.done():
+        return NatsState.CLOSED
+    return NatsState.RECONNECTING
 
 
 def liveness(broker: NatsBroker) -> tuple[int, dict[str, str]]:
