@@ -86,6 +86,7 @@ class Emitter:
         self.publish_timeout_s = publish_timeout_s
         self._queue: asyncio.Queue[Outbound] = asyncio.Queue(QUEUE_SIZE)
         self._worker: asyncio.Task[None] | None = None
+        self._dropped = 0  # events of the current queue overflow, left to the relay
 
     async def emit(self, ev: events.TaskEvent, *,
                    command: commands.Command | None = None) -> ApplyResult:
@@ -118,7 +119,14 @@ class Emitter:
         try:
             self._queue.put_nowait(out)
         except asyncio.QueueFull:
-            log.warning("publish queue full; left to the outbox", event_id=out.event.event_id)
+            self._dropped += 1
+            if self._dropped == 1:  # once per overflow, not once per event
+                log.warning("publish queue full; events left to the outbox",
+                            first=out.event.event_id)
+        else:
+            if self._dropped:
+                log.info("publish queue has room again", left_to_outbox=self._dropped)
+                self._dropped = 0
 
     async def _publish_queued(self) -> None:
         while True:
