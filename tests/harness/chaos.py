@@ -35,6 +35,14 @@ Shared by ``scripts/chaos.py`` (``uv run task chaos``, minutes) and
   started / command acked), which random kills almost never hit; a reviver restarts them;
 - then submissions stop, the killer stops, and everything has ``settle_s`` to finish.
 
+Every wait on a process or the network has a deadline: each phase of the run (bootstrap, start,
+submitting, the killer's last kill, the workers, settling, the checks, a restart, a NATS node's
+catch-up, reading ``EVENTS`` back) runs under ``asyncio.timeout`` and, when it overruns, fails with
+:class:`ChaosHang` naming the phase, what it waited for, how far it got and where every task of the
+run was waiting (``deadline_s`` bounds the whole run as well). :meth:`Chaos.shutdown` (synchronous,
+idempotent) stops everything even when :meth:`Chaos.run` never finishes, e.g. a test interrupted
+by pytest-timeout: no more restarts, the run's tasks cancelled, the stack's processes stopped.
+
 The invariants, checked through real interfaces (gateway, fixture recorder, MongoDB, JetStream):
 every submitted uuid exists and is terminal (30/40/50) — else *lost* or *stuck*; every terminal
 task's webhook was POSTed at least once (duplicates counted by ``webhook-id``: the same id twice
@@ -54,11 +62,12 @@ import os
 import random
 import signal
 import subprocess
+import threading
 import time
 import urllib.request
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,7 +79,7 @@ from pymongo import MongoClient
 
 from tests.harness import data
 from tests.harness.httpfixture import HttpFixture, Received
-from tests.harness.servers import BIN, NatsCluster
+from tests.harness.servers import BIN, NatsCluster, wait_http
 from tests.harness.stack import SERVICES, Stack, service_of
 
 TERMINAL = (30, 40, 50)
@@ -107,11 +116,45 @@ class ChaosConfig:
     replicas: int = 1  # processes per service
     nats_nodes: int = 1  # > 1: run_chaos gets the NatsCluster (streams R min(3, nodes))
     nats_kill_every: int = 3  # with a cluster: kills 1, 1 + n, 1 + 2n, ... hit a NATS node
+    # Deadlines (seconds) of the phases that wait on processes or the network; an overrun raises
+    # ChaosHang. Generous: a loaded 2-core CI runner is several times slower than a laptop.
+    start_s: float = 120.0  # bootstrap; all services answering /readyz
+    restart_s: float = 90.0  # a killed or crashed service back (/readyz), re-crashes included
+    nats_catch_up_s: float = 90.0  # a restarted NATS node current (/healthz) + a meta leader
+    check_s: float = 90.0  # the invariant checks (gateway, MongoDB, JetStream)
+    deadline_s: float | None = None  # the whole run; None: duration_s + settle_s + 600
     log: Callable[[str], None] = print
 
     @property
     def stream_replicas(self) -> int:
         return min(3, self.nats_nodes)
+
+
+class ChaosHang(Exception):  # noqa: N818 - the name says what happened
+    """A phase of the run overran its deadline; the message names the phase, what it waited
+    for, how far it got and where each task of the run was waiting."""
+
+
+@dataclass
+class Phase:
+    name: str
+    waiting_for: str
+    started: float  # monotonic
+    detail: str = ""  # progress, kept up to date by the phase's code
+
+
+def await_chain(task: asyncio.Task[Any]) -> str:
+    """Where a task waits: its coroutines, outermost first (``name:line``)."""
+    parts: list[str] = []
+    coro: Any = task.get_coro()
+    while coro is not None and len(parts) < 12:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "ag_frame", None)
+        if frame is not None:
+            parts.append(f"{getattr(coro, '__qualname__', '?')}:{frame.f_lineno}")
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "ag_await", None)
+    if coro is not None or not parts:
+        parts.append(repr(coro)[:80])
+    return " -> ".join(parts)
 
 
 @dataclass
@@ -294,11 +337,99 @@ class Chaos:
         self.stop_killing = asyncio.Event()
         self.stack_lock = asyncio.Lock()  # one kill/restart at a time
         self.settle_deadline = float("inf")
+        self.deadline = float("inf")  # of the whole run (monotonic), set by run()
+        # ``stack.procs`` changes in restart threads, which cancelling does not stop: every such
+        # change happens under procs_lock and only while not ``closed``, so once closed (by the
+        # end of run() or by shutdown()) no thread starts or drops a process any more.
+        self.procs_lock = threading.Lock()
+        self.closed = False
+        self.run_task: asyncio.Task[Any] | None = None
+        self.failure: BaseException | None = None  # of a vital helper: ends the run
+        self.last_error: dict[asyncio.Task[Any] | None, str] = {}  # a request being retried
+        self.helpers: dict[str, asyncio.Task[Any]] = {}  # killer, reviver, probe, worker-N
+        self.phases: dict[asyncio.Task[Any] | None, list[Phase]] = defaultdict(list)
 
     # -- plumbing --------------------------------------------------------------------------
 
     def log(self, message: str) -> None:
         self.config.log(f"[{time.monotonic() - self.t0:7.2f}s] {message}")
+
+    @contextlib.asynccontextmanager
+    async def phase(self, name: str, waiting_for: str, budget_s: float) -> AsyncIterator[Phase]:
+        """Run the body under a deadline: ``budget_s``, and never past the run's deadline. An
+        overrun cancels the body (as ``asyncio.timeout`` does) and raises :class:`ChaosHang`
+        naming the phase and what it waited for; the message is written when the deadline
+        passes, while every phase of every task of the run is still where it waits."""
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        now = time.monotonic()
+        budget, whose = budget_s, "its"
+        if self.deadline - now < budget_s:
+            budget, whose = max(0.0, self.deadline - now), "the run's"
+        current = Phase(name, waiting_for, now)
+        stack = self.phases[task]
+        stack.append(current)
+        overran: list[str] = []
+
+        def expire() -> None:
+            overran.append(self.overrun(current, budget, whose))
+            task.cancel()
+
+        cancelling = task.cancelling()
+        timer = loop.call_later(budget, expire)
+        try:
+            yield current
+        except asyncio.CancelledError:
+            if overran and task.uncancel() <= cancelling:  # our cancel, nobody else's
+                raise ChaosHang(overran[0]) from None
+            raise
+        except TimeoutError as exc:  # a wait inside gave up on its own (its deadline is shorter)
+            raise ChaosHang(f"chaos phase {name!r} gave up waiting for {waiting_for}"
+                            + (f" ({current.detail})" if current.detail else "")
+                            + f": {exc}") from exc
+        finally:
+            timer.cancel()
+            stack.remove(current)
+
+    def overrun(self, phase: Phase, budget: float, whose: str) -> str:
+        lines = [f"chaos phase {phase.name!r} overran {whose} {budget:.0f} s deadline, waiting "
+                 f"for {phase.waiting_for}" + (f" ({phase.detail})" if phase.detail else "")
+                 + "; the run's tasks were at:"]
+        for task in sorted(asyncio.all_tasks(), key=lambda t: t.get_name()):
+            if task in self.phases or task in self.helpers.values():
+                active = " > ".join(p.name + (f" [{p.detail}]" if p.detail else "")
+                                    for p in self.phases.get(task, []))
+                retrying = self.last_error.get(task)
+                lines.append(f"  task {task.get_name()}: {await_chain(task)}"
+                             + (f"  (phases: {active})" if active else "")
+                             + (f"  ({retrying[:200]})" if retrying else ""))
+        self.log(lines[0])
+        return "\n".join(lines)
+
+    def helper(self, name: str, coro: Any, *, vital: bool = False) -> asyncio.Task[Any]:
+        """A task of the run; a ``vital`` one (killer, reviver) that fails ends the run at once,
+        whatever phase it is in (a restart that overran must not leave the run waiting on a
+        service that will never come back)."""
+        task = asyncio.create_task(coro, name=f"chaos-{name}")
+        self.helpers[name] = task
+        if vital:
+            task.add_done_callback(self.vital_done)
+        return task
+
+    def vital_done(self, task: asyncio.Task[Any]) -> None:
+        if task.cancelled() or task.exception() is None or self.closed:
+            return
+        if self.failure is None:
+            self.failure = task.exception()
+            if self.run_task is not None and not self.run_task.done():
+                self.run_task.cancel()
+
+    def helper_failed(self) -> None:
+        """Raise the failure of a helper that ended early (the killer or the reviver)."""
+        for task in self.helpers.values():
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
 
     def url(self, path: str) -> str:
         """The next gateway in turn (one, or ``replicas``); a retry goes to the next one."""
@@ -320,16 +451,22 @@ class Chaos:
             try:
                 resp = await client.request(method, self.url(path), **kw)
                 if resp.status_code < 500:
+                    self.last_error.pop(asyncio.current_task(), None)
                     return resp
                 error: str = f"HTTP {resp.status_code}: {resp.text[:200]}"
             except RETRYABLE as exc:
                 error = repr(exc)
+            self.last_error[asyncio.current_task()] = f"{method} {path} retried: {error}"
             if task is not None:
                 task.retries += 1
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{method} {path}: still failing ({error})")
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
+
+    def patience(self) -> float:
+        """How long a request may keep retrying: 120 s, less once the settle deadline is near."""
+        return max(5.0, min(120.0, self.settle_deadline - time.monotonic()))
 
     async def exists(self, client: httpx.AsyncClient, task_id: str) -> bool:
         resp = await self.request(client, "GET", f"/task/{task_id}/info")
@@ -405,7 +542,8 @@ class Chaos:
         """Poll until terminal; cancel ``cancel`` tasks once running."""
         cancel_at: float | None = None
         while True:
-            resp = await self.request(client, "GET", f"/task/{task.uuid}/info")
+            resp = await self.request(client, "GET", f"/task/{task.uuid}/info",
+                                      patience_s=self.patience())
             code = resp.json().get("status", {}).get("code")
             if code in TERMINAL:
                 task.final = code
@@ -451,25 +589,59 @@ class Chaos:
     # -- the killer --------------------------------------------------------------------------
 
     def kill9(self, service: str) -> int:
-        proc = self.stack.procs.pop(service)
+        with self.procs_lock:
+            if self.closed or service not in self.stack.procs:
+                return 0
+            proc = self.stack.procs.pop(service)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)  # the service's own session, never a run's
-        proc.wait()
+        proc.wait(30)
         return proc.pid
 
+    def start_services(self) -> None:
+        """Every service (``replicas`` processes each) at once, then wait for each /readyz."""
+        names = [name for service in SERVICES for name in self.stack.instances(service)]
+        with self.procs_lock:
+            if self.closed:
+                return
+            for name in names:
+                self.stack.spawn(name)
+        deadline = time.monotonic() + self.config.start_s
+        for name in names:
+            self.wait_ready(name, deadline)
+
+    def wait_ready(self, service: str, deadline: float) -> None:
+        proc = self.stack.procs.get(service)
+        if proc is None:  # closed meanwhile
+            return
+        wait_http(f"http://127.0.0.1:{self.stack.ports[service]}/readyz", proc=proc,
+                  timeout_s=max(1.0, deadline - time.monotonic()))
+
     def restart(self, service: str) -> None:
-        """Start ``service`` on its port; again if a failpoint crashed it while starting."""
+        """Start ``service`` on its port; again if a failpoint crashed it while starting. Gives
+        up after ``restart_s`` or three failures; does nothing once closed."""
         port = self.stack.ports[service]
         failures = 0
+        deadline = time.monotonic() + self.config.restart_s
         while True:
+            with self.procs_lock:
+                if self.closed:
+                    return
+                self.stack.spawn(service, port=port)
             try:
-                self.stack.start(service, port=port)
+                self.wait_ready(service, deadline)
                 return
             except (TimeoutError, RuntimeError) as exc:
-                proc = self.stack.procs.pop(service)
+                with self.procs_lock:
+                    if self.closed:
+                        return
+                    proc = self.stack.procs.pop(service)
                 if proc.poll() is None:
                     proc.kill()
-                proc.wait()
+                proc.wait(30)
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{service} not back within {self.config.restart_s:.0f}s"
+                                       f": {exc}") from exc
                 if proc.returncode == 97:  # a redelivered command hit a failpoint: fine
                     self.log(f"{service} crashed at a failpoint while starting")
                     self.report.crashes.append(Kill(time.monotonic() - self.t0, service,
@@ -481,6 +653,20 @@ class Chaos:
                     raise RuntimeError(f"{service} does not restart") from exc
                 if service_of(service) != "gateway":
                     port = 0  # a fresh (health) port
+
+    async def bring_back(self, kill: Kill, record: list[Kill]) -> None:
+        started = time.monotonic()
+        async with self.phase(f"restart of {kill.service}",
+                              f"{kill.service} to answer /readyz on port "
+                              f"{self.stack.ports[kill.service]} again",
+                              self.config.restart_s + 15.0):  # restart() gives up first
+            await asyncio.to_thread(self.restart, kill.service)
+        proc = self.stack.procs.get(kill.service)
+        if self.closed or proc is None:
+            return
+        kill.restart_s = time.monotonic() - started
+        record.append(kill)
+        self.log(f"{kill.service} back (pid {proc.pid}) in {kill.restart_s:.1f}s")
 
     async def killer(self) -> None:
         lo, hi = self.config.kill_every_s
@@ -522,21 +708,28 @@ class Chaos:
             self.log(f"kill -9 NATS {node.name} (pid {kill.pid}, led {', '.join(led) or '-'});"
                      f" down {down:.1f}s")
             await asyncio.sleep(down)
+            if self.closed:
+                return
             started = time.monotonic()
             node.start()
-            await asyncio.to_thread(node.wait_current, 90.0)
-            await asyncio.to_thread(cluster.wait_ready, 90.0)
+            budget = self.config.nats_catch_up_s  # the waits give up first, the phase after
+            async with self.phase(f"NATS {node.name} restart",
+                                  f"{node.name} to catch up (/healthz 200) and the cluster to "
+                                  "agree on a JetStream meta leader", budget + 15.0) as phase:
+                phase.detail = f"{node.name} /healthz"
+                await asyncio.to_thread(node.wait_current, budget)
+                phase.detail = "every node current, one meta leader"
+                await asyncio.to_thread(cluster.wait_ready,
+                                        max(1.0, started + budget - time.monotonic()))
             kill.restart_s = time.monotonic() - started
             self.report.nats_kills.append(kill)
             self.log(f"NATS {node.name} back and caught up in {kill.restart_s:.1f}s")
 
     async def probe(self) -> None:
         """Publish to a probe stream (replicated like ours) every 0.1 s; note each ack."""
-        async def quiet(exc: Exception) -> None:  # a killed node is the point; no tracebacks
-            del exc
-
         nc = await nats.connect(self.nats_servers(), max_reconnect_attempts=-1,
-                                reconnect_time_wait=0.1, connect_timeout=5, error_cb=quiet)
+                                reconnect_time_wait=0.1, connect_timeout=5,
+                                error_cb=quiet_nats_errors)
         try:
             js = nc.jetstream()
             await js.add_stream(StreamConfig(
@@ -548,7 +741,7 @@ class Chaos:
                     self.probe_acks.append(time.monotonic() - self.t0)
                 await asyncio.sleep(0.1)
         finally:
-            await nc.close()
+            await close_nats(nc)
 
     def probe_stalls(self) -> None:
         """Per NATS kill: the longest time without a probe ack, from the kill to recovery."""
@@ -568,7 +761,10 @@ class Chaos:
                 for service, proc in list(self.stack.procs.items()):
                     if proc.poll() is None:
                         continue
-                    self.stack.procs.pop(service)
+                    with self.procs_lock:
+                        if self.closed:
+                            return
+                        self.stack.procs.pop(service)
                     self.log(f"{service} (pid {proc.pid}) exited with {proc.returncode}"
                              + (" at a failpoint" if proc.returncode == 97 else ""))
                     if proc.returncode != 97:
@@ -578,17 +774,28 @@ class Chaos:
                     await self.bring_back(Kill(at, service, proc.pid, 0.0, 0.0),
                                           self.report.crashes)
 
-    async def bring_back(self, kill: Kill, record: list[Kill]) -> None:
-        started = time.monotonic()
-        await asyncio.to_thread(self.restart, kill.service)
-        kill.restart_s = time.monotonic() - started
-        record.append(kill)
-        self.log(f"{kill.service} back (pid {self.stack.procs[kill.service].pid}) in "
-                 f"{kill.restart_s:.1f}s")
-
     # -- the run -----------------------------------------------------------------------------
 
     async def run(self) -> ChaosReport:
+        cfg = self.config
+        self.run_task = asyncio.current_task()
+        assert self.run_task is not None
+        cancelling = self.run_task.cancelling()
+        self.deadline = time.monotonic() + (cfg.deadline_s if cfg.deadline_s is not None
+                                            else cfg.duration_s + cfg.settle_s + 600.0)
+        try:
+            await self.phases_of_the_run()
+        except asyncio.CancelledError:
+            # vital_done's cancel (a helper failed), or someone else's (shutdown, pytest)
+            if self.failure is not None and self.run_task.uncancel() <= cancelling:
+                raise self.failure from None
+            raise
+        finally:
+            await self.stop_helpers()
+        self.probe_stalls()
+        return self.report
+
+    async def phases_of_the_run(self) -> None:
         cfg = self.config
         self.stack.extra_env = {**self.stack.extra_env, **stack_env(cfg)}
         data.write(self.http.root / self.prefix.lstrip("/") / "ok.zip", data.images_zip(3))
@@ -599,65 +806,106 @@ class Chaos:
                  f"{cfg.kill_every_s[1]:g}s among {', '.join(cfg.services)}")
         self.stack.replicas = cfg.replicas
         if self.cluster:
-            await asyncio.to_thread(self.bootstrap)
-        await asyncio.to_thread(self.stack.start_all, *SERVICES)
+            async with self.phase("bootstrap", "scaleodm-bootstrap to create the streams and "
+                                  "durables on the NATS cluster", cfg.start_s + 15.0):
+                await asyncio.to_thread(self.bootstrap)
+        async with self.phase("start", f"{len(SERVICES) * cfg.replicas} service processes to "
+                              "answer /readyz", cfg.start_s + 15.0):
+            await asyncio.to_thread(self.start_services)
         self.t0 = time.monotonic()
-        probe = asyncio.create_task(self.probe()) if self.cluster else None
+        if self.cluster:
+            self.helper("probe", self.probe())
         schedule: asyncio.Queue[float] = asyncio.Queue()
         for i in range(cfg.tasks):
             schedule.put_nowait(i * cfg.duration_s / cfg.tasks)
-        killer = asyncio.create_task(self.killer())
-        reviver = asyncio.create_task(self.reviver())
-        workers = [asyncio.create_task(self.worker(schedule)) for _ in range(cfg.workers)]
-        await asyncio.sleep(cfg.duration_s)
+        killer = self.helper("killer", self.killer(), vital=True)
+        reviver = self.helper("reviver", self.reviver(), vital=True)
+        workers = [self.helper(f"worker-{i}", self.worker(schedule)) for i in range(cfg.workers)]
+        # Sleeps duration_s, unless the killer or the reviver fails first (a restart overran).
+        await asyncio.wait([killer, reviver], timeout=cfg.duration_s)
+        self.helper_failed()
         self.submitting = False
         self.stop_killing.set()
         self.report.submit_s = time.monotonic() - self.t0
         self.settle_deadline = time.monotonic() + cfg.settle_s
         self.log("submissions stopped; waiting for the killer's last restart")
-        await killer
+        async with self.phase("last kill", "the killer's kill in progress to end (a service's "
+                              "restart or a NATS node's catch-up)",
+                              max(cfg.restart_s, cfg.nats_catch_up_s) + cfg.down_s[1] + 30.0):
+            await killer
         self.log("killer stopped; settling")
-        try:
+        async with self.phase("workers", "the submissions in flight to end and their tasks to "
+                              "turn terminal (or the settle deadline)", cfg.settle_s + 45.0):
             await asyncio.gather(*workers)
-            await self.settle()
-            self.report.settle_s = time.monotonic() - self.t0 - self.report.submit_s
-            await self.check()
-        finally:
-            # A restart in flight runs in a thread that cancelling does not stop: let it finish,
-            # or it would start a service after the caller's stack.stop().
-            async with self.stack_lock:
-                for helper in (reviver, probe):
-                    if helper is not None:
-                        helper.cancel()
-                        with contextlib.suppress(asyncio.CancelledError):
-                            await helper
-        self.probe_stalls()
-        return self.report
+        self.helper_failed()
+        async with self.phase("settle", "every task terminal and notified and the outbox drained"
+                              " (or the settle deadline)",
+                              max(0.0, self.settle_deadline - time.monotonic()) + 45.0) as phase:
+            await self.settle(phase)
+        self.report.settle_s = time.monotonic() - self.t0 - self.report.submit_s
+        self.helper_failed()
+        async with self.phase("check", "the invariant checks (gateway /info, webhooks, MongoDB "
+                              "events, JetStream EVENTS)", cfg.check_s) as phase:
+            await self.check(phase)
+
+    async def stop_helpers(self) -> None:
+        """Close (no restart starts a process any more, even from a thread in flight), cancel
+        every helper task and wait for them, briefly: the caller stops the stack next."""
+        with self.procs_lock:
+            self.closed = True
+        self.stop_killing.set()
+        pending = [t for t in self.helpers.values() if not t.done()]
+        for task in pending:
+            task.cancel()
+        if pending:
+            _, still = await asyncio.wait(pending, timeout=15.0)
+            for task in still:
+                self.report.notes.append(f"{task.get_name()} did not end when cancelled: "
+                                         f"{await_chain(task)}")
+        for name, task in self.helpers.items():  # retrieved: no "never retrieved" warnings
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                self.log(f"{name} failed: {task.exception()!r}")
+
+    def shutdown(self) -> None:
+        """Synchronous and idempotent, for a test's finalizer: safe when run() never finished
+        (pytest-timeout interrupted the test, leaving its task pending in the event loop). No
+        restart starts a process any more, the run's tasks are cancelled (they unwind the next
+        time the loop runs), and the stack's processes are stopped. The NATS cluster is the
+        caller's (its own fixture)."""
+        with self.procs_lock:
+            self.closed = True
+        for task in (*self.helpers.values(), self.run_task):
+            if task is not None and not task.done():
+                with contextlib.suppress(RuntimeError):  # the loop is closed: nothing to cancel
+                    task.cancel()
+        self.stack.stop()
 
     def bootstrap(self) -> None:
         """Streams and durables first, as the bootstrap Job does on Kubernetes: services starting
         together would race to create the R3 streams, and the losers wait out a timeout."""
         subprocess.run([str(BIN / "scaleodm-bootstrap")], env=self.stack.env("scheduler"),
-                       check=True, capture_output=True, timeout=120)
+                       check=True, capture_output=True, timeout=self.config.start_s)
 
-    async def settle(self) -> None:
+    async def settle(self, phase: Phase) -> None:
         """Until every task is terminal and notified, the outbox empty, or the deadline."""
         async with httpx.AsyncClient(timeout=30) as client:
             while True:
                 pending = [t for t in self.report.tasks if t.accepted and t.final not in TERMINAL]
                 for task in pending:
-                    resp = await self.request(client, "GET", f"/task/{task.uuid}/info")
+                    resp = await self.request(client, "GET", f"/task/{task.uuid}/info",
+                                              patience_s=self.patience())
                     task.final = resp.json().get("status", {}).get("code")
                 pending = [t for t in self.report.tasks if t.accepted and t.final not in TERMINAL]
                 hooked = self.hook_posts()
                 silent = [t for t in self.report.tasks if t.final in TERMINAL
                           and t.uuid not in hooked]
                 unpublished = await asyncio.to_thread(self.unpublished_count)
+                phase.detail = (f"{len(pending)} not terminal, {len(silent)} without webhook, "
+                                f"{unpublished} unpublished events")
                 if not pending and not silent and not unpublished:
                     return
                 if time.monotonic() > self.settle_deadline:
-                    self.log(f"settle deadline: {len(pending)} not terminal, {len(silent)} "
-                             f"without webhook, {unpublished} unpublished events")
+                    self.log(f"settle deadline: {phase.detail}")
                     return
                 await asyncio.sleep(0.5)
 
@@ -675,7 +923,10 @@ class Chaos:
         return by_task
 
     def mongo(self) -> Any:
-        client: MongoClient[dict[str, Any]] = MongoClient(self.stack.mongo_url, tz_aware=True)
+        """A client that gives up (no call in a thread may outlive its phase for long)."""
+        client: MongoClient[dict[str, Any]] = MongoClient(
+            self.stack.mongo_url, tz_aware=True, serverSelectionTimeoutMS=10_000,
+            connectTimeoutMS=5_000, socketTimeoutMS=30_000)
         return client
 
     def unpublished_count(self) -> int:
@@ -689,37 +940,66 @@ class Chaos:
             return list(cursor)
 
     async def stream_event_ids(self) -> Counter[str]:
-        """Every event id in JetStream's EVENTS stream (an ephemeral consumer reads it all)."""
-        nc = await nats.connect(self.nats_servers())
-        try:
-            js = nc.jetstream()
-            total = (await js.stream_info("EVENTS")).state.messages
-            sub = await js.pull_subscribe(
-                "events.task.>", stream="EVENTS",
-                config=ConsumerConfig(ack_policy=AckPolicy.NONE, deliver_policy=DeliverPolicy.ALL,
-                                      inactive_threshold=30.0))
-            ids: Counter[str] = Counter()
-            read = 0
-            while read < total:
-                try:
-                    msgs = await sub.fetch(500, timeout=5)
-                except TimeoutError:
-                    break
-                for msg in msgs:
-                    ids[json.loads(msg.data)["event_id"]] += 1
-                read += len(msgs)
-            await sub.unsubscribe()
-            return ids
-        finally:
-            await nc.close()
+        """Every event id in JetStream's EVENTS stream (an ephemeral consumer reads it all).
 
-    async def check(self) -> None:
+        Reads until it has as many messages as ``stream_info`` counted or three fetches in a
+        row bring nothing: a fetch that finds nothing may raise a timeout or return an empty
+        list (nats-py returns ``[]`` when the server's 408 for the expired pull arrives before
+        its own timer), and an R1 ephemeral consumer of an R3 stream reads the store of the one
+        replica it was placed on, which may count fewer messages than the leader. Missing
+        events show up as a problem (``stream_missing``), not as a wait without end."""
+        budget = 45.0
+        async with self.phase("JetStream EVENTS read", "an ephemeral pull consumer to deliver "
+                              "every message of the EVENTS stream", budget) as phase:
+            phase.detail = "connecting"
+            nc = await nats.connect(self.nats_servers(), connect_timeout=5,
+                                    max_reconnect_attempts=10, reconnect_time_wait=0.5,
+                                    error_cb=quiet_nats_errors)
+            try:
+                js = nc.jetstream(timeout=10)
+                phase.detail = "stream_info"
+                total = (await js.stream_info("EVENTS")).state.messages
+                phase.detail = "creating the consumer"
+                sub = await js.pull_subscribe(
+                    "events.task.>", stream="EVENTS",
+                    config=ConsumerConfig(ack_policy=AckPolicy.NONE,
+                                          deliver_policy=DeliverPolicy.ALL,
+                                          inactive_threshold=budget))
+                ids: Counter[str] = Counter()
+                read = empty = timeouts = nothing = 0
+                while read < total and empty < 3:
+                    phase.detail = f"read {read} of {total}, {empty} empty fetches in a row"
+                    try:
+                        msgs = await sub.fetch(500, timeout=5)
+                        nothing += not msgs
+                    except TimeoutError:  # nats.errors.TimeoutError is one
+                        msgs = []
+                        timeouts += 1
+                    empty = 0 if msgs else empty + 1
+                    for msg in msgs:
+                        ids[json.loads(msg.data)["event_id"]] += 1
+                    read += len(msgs)
+                if read < total:
+                    self.report.notes.append(
+                        f"JetStream EVENTS: the consumer delivered {read} of the {total} "
+                        f"messages stream_info counted ({timeouts} fetches timed out, {nothing} "
+                        "returned nothing)")
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(sub.unsubscribe(), 5)
+                return ids
+            finally:
+                await close_nats(nc)
+
+    async def check(self, phase: Phase) -> None:
+        phase.detail = "reading the events from MongoDB"
         events = await asyncio.to_thread(self.mongo_events)
-        await self.check_tasks(events)
-        self.check_webhooks()
+        await self.check_tasks(events, phase)
+        phase.detail = "webhooks"
+        self.check_webhooks(events)
+        phase.detail = "events"
         await self.check_events(events)
 
-    async def check_tasks(self, events: list[dict[str, Any]]) -> None:
+    async def check_tasks(self, events: list[dict[str, Any]], phase: Phase) -> None:
         """Every submitted uuid exists and is terminal; a cancel that was answered shows."""
         rep, problems = self.report, self.report.problems
         kinds: dict[str, list[str]] = defaultdict(list)
@@ -731,9 +1011,10 @@ class Chaos:
             elif not task.accepted:
                 problems.append(f"task {task.uuid} ({task.kind}): never accepted")
         async with httpx.AsyncClient(timeout=30) as client:
-            for task in rep.tasks:
+            for i, task in enumerate(rep.tasks):
                 if not task.accepted:
                     continue
+                phase.detail = f"GET /task/{task.uuid}/info ({i + 1} of {len(rep.tasks)})"
                 resp = await self.request(client, "GET", f"/task/{task.uuid}/info",
                                           patience_s=30)
                 info = resp.json()
@@ -756,10 +1037,24 @@ class Chaos:
                                      f"{'chunked' if task.chunked else 'zipurl'}) ended "
                                      f"{task.final}: {why}"[:240])
 
-    def check_webhooks(self) -> None:
-        """Every terminal task was POSTed (signed) at least once, with its final status."""
+    def check_webhooks(self, events: list[dict[str, Any]]) -> None:
+        """Every terminal task was POSTed (signed) at least once, with its final status; but a
+        cancel that arrived after the run had ended (40/30 -> 50, NodeODM's behaviour) sends no
+        webhook of its own, as NodeODM's does not: the ended run's webhook is the last one."""
         rep, problems = self.report, self.report.problems
         posts = self.hook_posts()
+        ended_then_canceled: set[str] = set()
+        by_task: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for ev in events:
+            by_task[ev["task_id"]].append(ev)
+        for task_id, evs in by_task.items():
+            evs.sort(key=lambda e: int(e["seq"]))
+            last = evs[-1]
+            if last["kind"] == "canceled" and any(
+                ev["kind"] in ("completed", "failed") and ev["attempt"] == last["attempt"]
+                for ev in evs[:-1]
+            ):
+                ended_then_canceled.add(task_id)
         for key, bad in posts.items():
             if key.startswith("unverified:"):
                 problems.append(f"{len(bad)} webhook POST(s) with a bad signature on {key[11:]}")
@@ -778,6 +1073,9 @@ class Chaos:
             answered_2xx = len(got) - min(task.hook_fails, len(got))  # scripted 503s first
             rep.repeated_deliveries += max(0, answered_2xx - len(hook_ids))
             codes = {p.json()["status"]["code"] for p in got}
+            if (task.final == 50 and task.uuid in ended_then_canceled
+                    and codes <= {30, 40}):
+                continue  # canceled after the end: no webhook for the cancel (docstring)
             if task.final in TERMINAL and task.final not in codes:
                 problems.append(f"task {task.uuid}: webhooks said {sorted(codes)}, task is "
                                 f"{task.final}")
@@ -819,6 +1117,17 @@ class Chaos:
         if missing:
             problems.append(f"{len(missing)} recorded events missing from JetStream, e.g. "
                             f"{sorted(missing)[:3]}")
+
+
+async def quiet_nats_errors(exc: Exception) -> None:  # a killed node is the point: no tracebacks
+    del exc
+
+
+async def close_nats(nc: Any) -> None:
+    """``nc.close()``, bounded: it flushes and waits for the socket, and a finally of a task
+    being cancelled must not wait without end."""
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(nc.close(), 5.0)
 
 
 def nats_leaders(cluster: NatsCluster) -> dict[str, str]:

@@ -132,14 +132,21 @@ class NatsNode:
         assert self.proc is not None
         pid = self.proc.pid
         self.proc.kill()
-        self.proc.wait()
+        self.proc.wait(30)
         self.proc = None
         return pid
 
     def wait_current(self, timeout_s: float = 60.0) -> None:
         """Until ``/healthz`` answers 200: JetStream on, meta leader known, this node's stream
-        and consumer replicas caught up (what NATS's own readiness probe asks)."""
-        wait_http(f"{self.monitor_url}/healthz", timeout_s=timeout_s, proc=self.proc)
+        and consumer replicas caught up (what NATS's own readiness probe asks). Raises
+        ``TimeoutError`` (or ``RuntimeError`` if the process exits) naming the node."""
+        try:
+            wait_http(f"{self.monitor_url}/healthz", timeout_s=timeout_s, proc=self.proc)
+        except TimeoutError as exc:
+            raise TimeoutError(f"NATS {self.name}: not current after {timeout_s:.0f}s ({exc})"
+                               ) from exc
+        except RuntimeError as exc:
+            raise RuntimeError(f"NATS {self.name}: {exc}") from exc
 
 
 @dataclass
@@ -154,35 +161,59 @@ class NatsCluster:
     def servers(self) -> list[str]:
         return [n.url for n in self.nodes]
 
-    def meta_leader(self) -> str | None:
-        """The JetStream meta leader every running node agrees on (None: none, or no agreement)."""
-        seen: set[str | None] = set()
+    def meta_leaders(self) -> dict[str, str | None]:
+        """The JetStream meta leader each running node names (``None``: none, or no answer)."""
+        seen: dict[str, str | None] = {}
         for node in self.nodes:
             if node.proc is None:
                 continue
             try:
                 with urllib.request.urlopen(f"{node.monitor_url}/jsz", timeout=1) as resp:  # noqa: S310
-                    seen.add(json.load(resp).get("meta_cluster", {}).get("leader"))
+                    seen[node.name] = json.load(resp).get("meta_cluster", {}).get("leader")
             except Exception:
-                return None
+                seen[node.name] = None
+        return seen
+
+    def meta_leader(self) -> str | None:
+        """The JetStream meta leader every running node agrees on (None: none, or no agreement)."""
+        seen = set(self.meta_leaders().values())
         return seen.pop() if len(seen) == 1 else None
 
     def wait_ready(self, timeout_s: float = 60.0) -> None:
+        """Every running node current (``/healthz``) and one meta leader they all name, within
+        ``timeout_s`` in all (each wait gets what is left of it, at least 1 s)."""
         deadline = time.monotonic() + timeout_s
         for node in self.nodes:
             if node.proc is not None:
                 node.wait_current(max(1.0, deadline - time.monotonic()))
         while self.meta_leader() is None:
             if time.monotonic() > deadline:
-                raise TimeoutError("NATS cluster: no JetStream meta leader")
+                raise TimeoutError(f"NATS cluster: no JetStream meta leader all nodes agree on "
+                                   f"after {timeout_s:.0f}s: {self.meta_leaders()}")
             time.sleep(0.1)
+
+    def stop(self) -> None:
+        """Every running node: SIGTERM to all at once, then wait for each (SIGKILL after 10 s).
+        Idempotent."""
+        running = [n for n in self.nodes if n.proc is not None]
+        for node in running:
+            assert node.proc is not None
+            with contextlib.suppress(ProcessLookupError):
+                node.proc.send_signal(signal.SIGTERM)
+        for node in running:
+            assert node.proc is not None
+            stop_process(node.proc)
+            node.proc = None
 
 
 @contextlib.contextmanager
 def nats_cluster(tmp: Path, size: int = 3) -> Iterator[NatsCluster]:
     """``size`` nats-servers routed to each other on loopback, JetStream on, one store dir each;
     yielded once they agree on a JetStream meta leader. Streams R``size`` need all of them to
-    start; afterwards a majority serves (R3: one node may be down)."""
+    start; afterwards a majority serves (R3: one node may be down). Every node is stopped on
+    exit, also when the cluster never got ready (a test that must stop it even when interrupted
+    holds it in a fixture: a context manager inside a coroutine that never finishes never
+    exits)."""
     tmp.mkdir(parents=True, exist_ok=True)
     cports = [free_port() for _ in range(size)]
     nodes = [
@@ -190,17 +221,15 @@ def nats_cluster(tmp: Path, size: int = 3) -> Iterator[NatsCluster]:
                  tmp / f"n{i + 1}.log", [p for j, p in enumerate(cports) if j != i])
         for i in range(size)
     ]
+    cluster = NatsCluster(nodes)
     try:
         for node in nodes:
             node.store.mkdir(exist_ok=True)
             node.start()
-        cluster = NatsCluster(nodes)
         cluster.wait_ready()
         yield cluster
     finally:
-        for node in nodes:
-            if node.proc is not None:
-                stop_process(node.proc)
+        cluster.stop()
 
 
 def _wait_mongo(url: str, proc: subprocess.Popen[bytes] | None, timeout_s: float = 30.0) -> None:

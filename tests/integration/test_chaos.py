@@ -11,18 +11,25 @@ The second test runs the same with two processes of every service on a 3-node NA
 (streams R3), and the killer SIGKILLs NATS nodes too, one at a time, often a stream or durable
 leader, restarting each on its ports and store. Left out: two nodes down at once (R3 loses its
 majority: JetStream stops, by design), network partitions, MongoDB replica sets.
+
+Each run has deadlines of its own (a phase that overruns fails naming the phase and what it
+waited for, see ``ChaosHang``) well inside the tests' pytest-timeout; and if a test is
+interrupted all the same, its finalizer (``Chaos.shutdown``) and the fixtures stop every process
+it started: a ``finally`` inside the test coroutine would not run, as pytest-timeout leaves the
+coroutine pending in the session's event loop.
 """
 
 from __future__ import annotations
 
 import sys
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.harness import servers
-from tests.harness.chaos import ChaosConfig, run_chaos
+from tests.harness.chaos import Chaos, ChaosConfig, ChaosHang, ChaosReport
 from tests.harness.httpfixture import HttpFixture
 from tests.harness.stack import Stack
 
@@ -30,17 +37,37 @@ pytestmark = pytest.mark.integration
 
 SEED = 20261122
 CLUSTER_SEED = 20261204
+# The run's own deadline (it fails naming the phase that overran) comes first; pytest-timeout,
+# a last resort, leaves room for the fixtures' setup and the stack's stop after it.
+RUN_DEADLINE_S = 230.0
+TEST_TIMEOUT_S = 300  # a loaded 2-core CI runner; alone each test takes ~30-40 s
 
 
+async def chaos_run(request: pytest.FixtureRequest, chaos: Chaos, lines: list[str]
+                    ) -> ChaosReport:
+    """``chaos.run()``, stopped by a finalizer whatever happens to this coroutine; a failure of
+    the run (a phase that overran) comes with the run's log."""
+    request.addfinalizer(chaos.shutdown)
+    try:
+        return await chaos.run()
+    except ChaosHang as exc:
+        pytest.fail(f"{exc}\nthe run's log:\n" + "\n".join(lines), pytrace=False)
+    except Exception as exc:
+        exc.add_note("the run's log:\n" + "\n".join(lines))
+        raise
+
+
+@pytest.mark.timeout(TEST_TIMEOUT_S)
 async def test_chaos_no_task_lost_or_stuck_every_webhook_sent_no_seq_gap(
-    fresh_stack: tuple[Stack, servers.Nats], http_fixture: HttpFixture
+    request: pytest.FixtureRequest, fresh_stack: tuple[Stack, servers.Nats],
+    http_fixture: HttpFixture,
 ) -> None:
     stack, _ = fresh_stack
     lines: list[str] = []
-    report = await run_chaos(stack, http_fixture, ChaosConfig(
+    report = await chaos_run(request, Chaos(stack, http_fixture, ChaosConfig(
         seed=SEED, duration_s=25, tasks=12, workers=3, kill_every_s=(2.0, 4.0),
-        down_s=(0.0, 1.0), settle_s=40, log=lines.append,
-    ))
+        down_s=(0.0, 1.0), settle_s=40, deadline_s=RUN_DEADLINE_S, log=lines.append,
+    )), lines)
     summary = report.summary()
     sys.stdout.write(summary + "\n")  # shown with -s, and with the failure below
     assert report.ok, summary + "\n" + "\n".join(lines)
@@ -49,21 +76,36 @@ async def test_chaos_no_task_lost_or_stuck_every_webhook_sent_no_seq_gap(
     assert len(report.kills) >= 2 and len(report.kills) + len(report.crashes) >= 3, summary
 
 
+@pytest.fixture
+def nats_cluster(tmp_path: Path) -> Iterator[servers.NatsCluster]:
+    """Three nodes, stopped in teardown: also after pytest-timeout interrupted the test."""
+    with servers.nats_cluster(tmp_path / "nats", size=3) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def cluster_stack(tmp_path: Path, mongo_url: str, s3: servers.S3Endpoint,
+                  nats_cluster: servers.NatsCluster) -> Iterator[Stack]:
+    """Services on the cluster, not started (the run starts them); stopped in teardown."""
+    stack = Stack(tmp=tmp_path, nats_url=nats_cluster.url, mongo_url=mongo_url, s3=s3,
+                  database=f"t_{uuid.uuid4().hex[:12]}")
+    try:
+        yield stack
+    finally:
+        stack.stop()
+
+
+@pytest.mark.timeout(TEST_TIMEOUT_S)
 async def test_chaos_with_replicas_and_a_nats_cluster_losing_nodes(
-    tmp_path: Path, mongo_url: str, s3: servers.S3Endpoint, http_fixture: HttpFixture
+    request: pytest.FixtureRequest, cluster_stack: Stack, nats_cluster: servers.NatsCluster,
+    http_fixture: HttpFixture,
 ) -> None:
     lines: list[str] = []
-    with servers.nats_cluster(tmp_path / "nats", size=3) as cluster:
-        stack = Stack(tmp=tmp_path, nats_url=cluster.url, mongo_url=mongo_url, s3=s3,
-                      database=f"t_{uuid.uuid4().hex[:12]}")
-        try:
-            report = await run_chaos(stack, http_fixture, ChaosConfig(
-                seed=CLUSTER_SEED, duration_s=25, tasks=10, workers=3, kill_every_s=(2.0, 4.0),
-                down_s=(0.0, 1.0), settle_s=40, replicas=2, nats_nodes=3, nats_kill_every=2,
-                log=lines.append,
-            ), cluster)
-        finally:
-            stack.stop()
+    report = await chaos_run(request, Chaos(cluster_stack, http_fixture, ChaosConfig(
+        seed=CLUSTER_SEED, duration_s=25, tasks=10, workers=3, kill_every_s=(2.0, 4.0),
+        down_s=(0.0, 1.0), settle_s=40, replicas=2, nats_nodes=3, nats_kill_every=2,
+        deadline_s=RUN_DEADLINE_S, log=lines.append,
+    ), nats_cluster), lines)
     summary = report.summary()
     sys.stdout.write(summary + "\n")
     assert report.ok, summary + "\n" + "\n".join(lines)

@@ -386,7 +386,7 @@ async def test_tombstones_are_forgotten_after_their_keep(wire_db: Any) -> None:
 
 
 async def test_the_tombstone_ttl_index_follows_the_setting(wire_db: Any) -> None:
-    """Created, changed (``collMod``: ``create_index`` refuses new options), dropped for
+    """Created, changed (replaced: ``create_index`` refuses new options), dropped for
     "forever"; the sweep does not depend on it."""
     store = TaskStore(wire_db)
     await store.ensure_indexes()

@@ -28,7 +28,7 @@ from pymongo.errors import OperationFailure, PyMongoError
 from scaleodm.common.contracts import events
 from scaleodm.common.domain.status import TERMINAL_STATES
 from scaleodm.common.logging import get_logger
-from scaleodm.common.store.tasks import TOMBSTONES, TaskStore
+from scaleodm.common.store.tasks import TaskStore
 
 log = get_logger(__name__)
 
@@ -116,8 +116,10 @@ async def ensure_tombstone_expiry(store: TaskStore, keep_s: float | None) -> Non
     """A TTL index on the tombstones' ``deleted_at``: MongoDB forgets them too, whether a
     watcher sweeps or not; ``keep_s`` None (kept forever) drops it.
 
-    A changed ``keep_s`` is applied with ``collMod`` (``create_index`` refuses other options for an
-    existing index). Best effort: a server that refuses (no TTL support, no ``collMod`` right) or
+    A changed ``keep_s`` replaces the index (``create_index`` refuses other options for an
+    existing index; dropping and creating it works on every server, ``collMod`` does not: the
+    collection is small, and a moment without the index only delays forgetting). Best effort:
+    a server that refuses (no TTL support, no index rights) or
     does not answer leaves the forgetting to the sweep, which never depends on the index.
     """
     try:
@@ -133,8 +135,10 @@ async def ensure_tombstone_expiry(store: TaskStore, keep_s: float | None) -> Non
         except OperationFailure as exc:
             if exc.code not in _INDEX_CONFLICTS:
                 raise
-            await store.db.command("collMod", TOMBSTONES, index={
-                "name": TOMBSTONE_TTL_INDEX, "expireAfterSeconds": seconds})
+            await store.tombstones.drop_index(TOMBSTONE_TTL_INDEX)
+            await store.tombstones.create_index(
+                [("deleted_at", ASCENDING)], name=TOMBSTONE_TTL_INDEX, expireAfterSeconds=seconds
+            )
     except PyMongoError as exc:
         log.warning("tombstone TTL index not set; the retention sweep forgets tombstones",
                     error=repr(exc))
