@@ -6,8 +6,8 @@ Covered, table-driven over every event kind and the relevant snapshot states:
   progress via ``$max``, output lines via ``$max``);
 - stale attempts are ignored; future attempts are ignored except ``queued`` for attempt + 1 from a
   terminal state (the restart), whose update resets the attempt's fields;
-- ``removed`` always applies (even to removed tasks and other attempts); a removed task ignores
-  everything else;
+- ``removed`` always applies (to other attempts too), once: on a removed task it is recorded and
+  changes nothing (the first removal's time stays); a removed task ignores everything else;
 - the exact guard (preconditions repeated in the filter) and update documents.
 
 Left out: applying the plans to MongoDB (``tests/integration/test_store.py``), event log / seq
@@ -67,7 +67,8 @@ def _expected_same_attempt(kind: str, state: TaskState) -> Plan | None:
     """The plan for an event of the snapshot's attempt (2), spelled out per (kind, state)."""
     same = {"attempt": 2}
     if kind == "removed":
-        return Plan(update={"$set": {"removed": True, "removed_at_ms": AT_MS}})
+        return Plan(guard={"removed": False},
+                    update={"$set": {"removed": True, "removed_at_ms": AT_MS}})
     if kind == "queued":
         return Plan()
     if kind == "output":
@@ -225,7 +226,6 @@ def test_restart_without_options_keeps_them() -> None:
         pytest.param(2, R, False, 2, id="running"),
         pytest.param(2, C, False, 1, id="stale-attempt"),
         pytest.param(1, F, False, 2, id="future-attempt"),
-        pytest.param(1, X, True, 1, id="already-removed"),
     ],
 )
 def test_removed_always_applies(
@@ -233,7 +233,16 @@ def test_removed_always_applies(
 ) -> None:
     snap = Snapshot(attempt=snap_attempt, state=state, removed=removed)
     step = plan(snap, KINDS["removed"](ev_attempt))
-    assert step == Plan(guard={}, update={"$set": {"removed": True, "removed_at_ms": AT_MS}})
+    assert step == Plan(guard={"removed": False},
+                        update={"$set": {"removed": True, "removed_at_ms": AT_MS}})
+
+
+@pytest.mark.parametrize("ev_attempt", [1, 2])
+def test_removed_again_is_recorded_and_changes_nothing(ev_attempt: int) -> None:
+    """The first removal's time stays (retention counts from it; and applying the events of a
+    task in any order, duplicates included, gives one document: the gateway's read model)."""
+    snap = Snapshot(attempt=1, state=X, removed=True)
+    assert plan(snap, KINDS["removed"](ev_attempt)) == Plan()
 
 
 @pytest.mark.parametrize(

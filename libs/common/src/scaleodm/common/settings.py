@@ -285,6 +285,26 @@ class GatewaySettings(BaseServiceSettings):
         description="`/info`: how long `taskQueueCount` is reused (one store count per interval, "
         "shared by concurrent polls; 0 counts on every call).",
     )
+    read_model_size: int = Field(
+        10_000, ge=0,
+        description="Task documents each gateway process keeps in memory, kept current by the "
+        "task events (least recently read dropped first; 0: every read goes to MongoDB).",
+    )
+    read_model_negative_size: int = Field(
+        10_000, ge=0,
+        description="Unknown task ids each gateway process remembers as unknown (apart from "
+        "the documents: polls of random ids never evict the working set).",
+    )
+    read_model_max_age_s: float = Field(
+        30.0, gt=0,
+        description="A document (or an unknown id) read from MongoDB longer ago than this is "
+        "read again, whatever the events said.",
+    )
+    read_model_echo_timeout_s: float = Field(
+        1.0, ge=0,
+        description="A write answers once its event came back from NATS (then every gateway "
+        "process sees it), waiting at most this long.",
+    )
     sse_heartbeat_s: float = Field(
         15.0, gt=0,
         description="Event streams (SSE): interval of heartbeat comments; an idle per-task "

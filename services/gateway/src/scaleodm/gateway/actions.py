@@ -13,6 +13,7 @@ deterministic, so a cancel, remove or restart is recorded once; only a creation 
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,12 +68,22 @@ class NewTask:
         }
 
 
+# Told of each write once it is recorded: (task id, seq of its last event, if known).
+Written = Callable[[str, int | None], Awaitable[None]]
+
+
+async def _nobody(task_id: str, seq: int | None) -> None:
+    del task_id, seq
+
+
 class TaskActions:
     def __init__(self, store: TaskStore, emitter: Emitter, points: failpoints.Failpoints,
-                 ) -> None:
+                 written: Written = _nobody) -> None:
         self.store = store
         self.emitter = emitter
         self.points = points
+        # The read model (readmodel.py): drops the task, waits for its event to come back.
+        self.written = written
 
     async def create(self, new: NewTask, *, failure: str | None = None) -> None:
         """The task at status 10 with its run queued; ``failure`` fails it at once instead
@@ -94,8 +105,10 @@ class TaskActions:
                 seq = await self.store.event_seq(failed.event_id)
                 self.emitter.send_soon(Outbound(failed.model_copy(update={"seq": seq})))
                 log.info("task created failed", error=failure)
+                await self.written(new.task_id, seq)
                 return
             log.info("task created", images=new.images_count, sources=len(new.sources))
+            await self.written(new.task_id, created.seq)
 
     async def restart(self, task_id: str, new_options: list[dict[str, Any]] | None) -> None:
         """A new attempt under the same id, with new options (replacing the old ones, the
@@ -121,21 +134,24 @@ class TaskActions:
             self.emitter.send_soon(Outbound(queued.model_copy(update={"seq": result.seq}),
                                             command))
             log.info("task restarted")
+            await self.written(task_id, result.seq)
 
     async def cancel(self, task_id: str) -> None:
         """Status 50 and the run stopped (NodeODM §3.9)."""
         doc = await self._task(task_id)
         with bind_task(task_id, attempt=doc["attempt"]):
-            await self.emitter.cancel(task_id, doc["attempt"])
+            result = await self.emitter.cancel(task_id, doc["attempt"])
             log.info("task canceled")
+            await self.written(task_id, result.seq)
 
     async def remove(self, task_id: str) -> None:
         """The task gone for clients at once; its run, files and records deleted by the
         scheduler (NodeODM §3.10)."""
         doc = await self._task(task_id)
         with bind_task(task_id, attempt=doc["attempt"]):
-            await self.emitter.remove(task_id, doc["attempt"])
+            result = await self.emitter.remove(task_id, doc["attempt"])
             log.info("task removed")
+            await self.written(task_id, result.seq)
 
     async def _task(self, task_id: str) -> dict[str, Any]:
         doc = await self.store.get_task(task_id)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Query, Request
 from faststream.nats import NatsBroker
@@ -19,6 +19,7 @@ from scaleodm.gateway.actions import TaskActions
 from scaleodm.gateway.cached import CachedValue
 from scaleodm.gateway.errors import NodeOdmError
 from scaleodm.gateway.eventstream import EventHub
+from scaleodm.gateway.readmodel import ReadModel
 
 
 @dataclass
@@ -32,6 +33,8 @@ class Resources:
     points: failpoints.Failpoints
     # Live task events for the SSE routes (routes/events.py); created on first use when unset.
     event_hub: EventHub | None = None
+    # Task documents from memory (readmodel.py); without it, every read goes to MongoDB.
+    read_model: ReadModel | None = None
     # taskQueueCount of /info, counted at most once per SCALEODM_INFO_CACHE_S (cached.py)
     queue_count: CachedValue[int] = field(init=False)
     # The task actions (create, restart, cancel, remove): the only writer of tasks here.
@@ -39,11 +42,19 @@ class Resources:
 
     def __post_init__(self) -> None:
         self.queue_count = CachedValue(self.store.count_active, self.settings.info_cache_s)
-        self.actions = TaskActions(self.store, self.emitter, self.points)
+        self.actions = TaskActions(self.store, self.emitter, self.points) if (
+            self.read_model is None) else TaskActions(self.store, self.emitter, self.points,
+                                                      self.read_model.written)
 
     @property
     def store(self) -> TaskStore:
         return self.mongo.store
+
+    async def get_task(self, task_id: str) -> dict[str, Any] | None:
+        """A task as clients read it: from the read model when there is one."""
+        if self.read_model is None:
+            return await self.store.get_task(task_id)
+        return await self.read_model.get_task(task_id)
 
 
 # The dependencies are ``async def`` although they never await: FastAPI runs a plain ``def``

@@ -24,6 +24,7 @@ from scaleodm.common.store.uploads import UploadStore
 from scaleodm.gateway import errors, openapi, serving
 from scaleodm.gateway.deps import Resources
 from scaleodm.gateway.eventstream import EventHub
+from scaleodm.gateway.readmodel import ReadModel
 from scaleodm.gateway.routes import auth, creating, events, health, nodeodm, webhooks
 
 log = get_logger(__name__)
@@ -58,9 +59,12 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             stack.push_async_callback(hub.close)  # runs before the broker drains
             emitter = Emitter(mongo.store, broker, settings.nats.publish_timeout_s)
             stack.push_async_callback(emitter.aclose)  # before the broker drains
+            read_model = ReadModel.for_settings(mongo.store, conn, settings)
+            await read_model.start()
+            stack.push_async_callback(read_model.close)
             app.state.resources = Resources(
                 settings, mongo, s3, broker, emitter, upload_store,
-                failpoints.Failpoints(settings.failpoints), event_hub=hub,
+                failpoints.Failpoints(settings.failpoints), event_hub=hub, read_model=read_model,
             )
             log.info("gateway ready", port=settings.gateway_port)
             yield

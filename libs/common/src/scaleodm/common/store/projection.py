@@ -6,6 +6,13 @@ event must be ignored. The rules:
 - state is per attempt: events of an older attempt are ignored; a ``queued`` event for the next
   attempt opens it (restart) only from a terminal state;
 - a task never moves backwards: queued -> running -> terminal; progress only rises (``$max``);
+- an attempt's end sets progress 100 whatever the outcome (NodeODM §4.4): completed, failed
+  (also a run that did not start: it stands for NodeODM's failure to start the engine), and
+  canceled while running. NodeODM 2.2.4 sets 100 in the step every end of a started run goes
+  through, including the exit of a canceled task's killed engine, which follows the cancel
+  within moments (only in between does NodeODM still show the progress reached; a test-mode
+  node, having no engine, shows 0 there). This node has no such in-between: the cancel records
+  the end state. A task canceled while queued keeps its progress (0): its run never started;
 - terminal states stick — completed/failed never replace another terminal state — except that
   ``canceled`` wins over everything (NodeODM §3.9: cancel turns 40 and 30 into 50), so a cancel
   racing a run's failure ends 50 whichever arrives first;
@@ -63,8 +70,11 @@ def plan(snap: Snapshot, ev: events.TaskEvent) -> Plan | None:
     """
     match ev:
         case events.TaskRemoved():
+            if snap.removed:  # recorded (its command too), but the first removal's time stays
+                return Plan()
             return Plan(
-                update={"$set": {"removed": True, "removed_at_ms": clock.to_ms(ev.occurred_at)}}
+                guard={"removed": False},
+                update={"$set": {"removed": True, "removed_at_ms": clock.to_ms(ev.occurred_at)}},
             )
         case _ if snap.removed:
             return None  # a removed task changes no more
@@ -110,7 +120,7 @@ def plan(snap: Snapshot, ev: events.TaskEvent) -> Plan | None:
                 "finished_at_ms": clock.to_ms(ev.occurred_at),
             }
             if snap.state == TaskState.RUNNING:
-                values["progress"] = 100.0
+                values["progress"] = 100.0  # the killed run's end (module docstring)
             return Plan(
                 guard={"attempt": ev.attempt, "state": {"$ne": TaskState.CANCELED.value}},
                 update={"$set": values},
@@ -142,7 +152,7 @@ def _finish(
         return None
     values: dict[str, Any] = {
         "state": final.value,
-        "progress": 100.0,  # NodeODM §4.4: 100 at the end whatever the outcome
+        "progress": 100.0,  # NodeODM §4.4: 100 at the end of a run whatever the outcome
         "finished_at_ms": clock.to_ms(ev.occurred_at),
         **extra,
     }

@@ -129,8 +129,9 @@ class TaskStore:
                 raise TaskExistsError(doc["_id"])
             await self.events.update_one({"_id": queued.event_id}, {"$set": {
                 "published": False, "command": _command_doc(command)}})
+        full["seq"] = seq
         if failed is not None:
-            await self._record(failed)
+            full["seq"], _ = await self._record(failed)
             full.update(state=TaskState.FAILED.value, progress=100.0,
                         finished_at_ms=clock.to_ms(failed.occurred_at),
                         error_message=failed.error_message)
@@ -209,7 +210,7 @@ class TaskStore:
             step = projection.plan(snap, ev)
             if step is None:
                 return ApplyResult(Outcome.DUPLICATE, seq)
-        changed = await self._update(ev, step)
+        changed = await self._update(ev, step, seq)
         return ApplyResult(Outcome.APPLIED if first is None else Outcome.DUPLICATE, seq, changed)
 
     async def reapply(self, ev: events.TaskEvent) -> bool:
@@ -220,7 +221,7 @@ class TaskStore:
         step = None if snap is None else projection.plan(snap, ev)
         if step is None or not step.update or not await self.event_seen(ev.event_id):
             return False
-        return await self._update(ev, step)
+        return await self._update(ev, step, ev.seq)
 
     async def _snapshot(self, task_id: str) -> projection.Snapshot | None:
         doc = await self.tasks.find_one({"_id": task_id}, {"attempt": 1, "state": 1, "removed": 1})
@@ -230,12 +231,16 @@ class TaskStore:
             attempt=doc["attempt"], state=TaskState(doc["state"]), removed=doc.get("removed", False)
         )
 
-    async def _update(self, ev: events.TaskEvent, step: projection.Plan) -> bool:
+    async def _update(self, ev: events.TaskEvent, step: projection.Plan, seq: int | None
+                      ) -> bool:
+        """Apply the plan; the document's ``seq`` becomes the highest ``seq`` of the events
+        applied to it (the gateways' read models start from it: ``readmodel.py``)."""
         if not step.update:
             return False
         update = {**step.update}
-        update.setdefault("$set", {})
-        update["$set"] = {**update["$set"], "updated_at": clock.now()}
+        update["$set"] = {**update.get("$set", {}), "updated_at": clock.now()}
+        if seq is not None:
+            update["$max"] = {**update.get("$max", {}), "seq": seq}
         res = await self.tasks.update_one({"_id": ev.task_id, **step.guard}, update)
         return res.modified_count > 0
 

@@ -86,7 +86,7 @@ async def list_tasks(res: ResourcesDep) -> list[dict[str, str]]:
 async def _find_task(res: ResourcesDep, uuid: str) -> dict[str, Any] | None:
     """The task a client-given ``uuid`` names (any spelling of its id), or None."""
     task_id = canonical_task_id(uuid)
-    return await res.store.get_task(task_id) if task_id is not None else None
+    return await res.get_task(task_id) if task_id is not None else None
 
 
 async def _task_or_error(res: ResourcesDep, uuid: str) -> dict[str, Any]:
