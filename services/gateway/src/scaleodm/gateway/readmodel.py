@@ -356,6 +356,15 @@ class ReadModel:
     async def _on_message(self, msg: Msg) -> None:
         # No await in here: the sync point counts on a message being applied as soon as the
         # subscription's task takes it from the buffer.
+        parts = msg.subject.split(".")  # events.task.<task_id>.<kind>
+        task_id = parts[2] if len(parts) == 4 else ""
+        if (task_id not in self._entries and task_id not in self._fills
+                and task_id not in self._echoes):
+            # Not held: nothing to parse (most events, on a busy cluster, are console lines
+            # of tasks nobody polls here); an id remembered as unknown is unknown no more.
+            self._absent.pop(task_id, None)
+            self.stats["events_skipped"] += 1
+            return
         try:
             ev = events.EVENT_ADAPTER.validate_json(msg.data)
         except ValidationError:
