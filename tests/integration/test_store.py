@@ -154,6 +154,21 @@ async def test_create_then_get_and_duplicate_create_fails(store: TaskStore) -> N
     assert await store.get_task(_tid()) is None
 
 
+async def test_a_task_refused_at_creation_is_failed_at_progress_0(store: TaskStore) -> None:
+    """Too many images at commit (NodeODM §3.5): a failure while initializing, before any run,
+    keeps progress 0 as NodeODM's does (``Task.initialize`` sets the status only); the task
+    document carries the seq of its last event (the gateway's read model starts from it)."""
+    task_id = _tid()
+    await store.create_task(
+        {"_id": task_id, "name": "t", "date_created_ms": 1, "options": []},
+        events.new(events.TaskQueued, task_id, 1),
+        failed=events.new(events.TaskFailed, task_id, 1, error_message="Too many images"))
+    doc = await store.get_task(task_id)
+    assert doc is not None
+    assert (doc["state"], doc["progress"], doc["error_message"], doc["seq"]) == (
+        "failed", 0.0, "Too many images", 2)
+
+
 async def test_apply_event_twice_is_a_duplicate_with_the_same_seq(store: TaskStore) -> None:
     task_id = await _create(store)
     ev = events.new(events.TaskRunning, task_id, 1)

@@ -153,11 +153,21 @@ def _of_declared_type(spec: odm_options.OptionSpec, value: Any) -> bool:
     if spec.type == "int":  # JavaScript numbers: beyond 64 bits an integral double
         return (isinstance(value, int) and not isinstance(value, bool)) or (
             isinstance(value, float) and math.isfinite(value) and value.is_integer())
-    if spec.type == "float":
-        return isinstance(value, float) and math.isfinite(value)
+    if spec.type == "float":  # a JavaScript number: an integral one is held as an int
+        return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(
+            value)
     if spec.type == "bool":
         return isinstance(value, bool)
     return isinstance(value, str)
+
+
+def _as_js(option: dict[str, Any]) -> dict[str, Any]:
+    """An option with a number as the double JavaScript holds (info shows doubles beyond int64
+    in JavaScript's digits, which need not be the double's exact binary value)."""
+    value = option["value"]
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return {**option, "value": float(value)}
+    return option
 
 
 async def _check_accepted(
@@ -174,7 +184,8 @@ async def _check_accepted(
         netguard.validate_url(doc["webhook"])
     assert doc["outputs"] is None or all(isinstance(p, str) for p in doc["outputs"])
     info = (await client.get(f"/task/{task_id}/info")).json()
-    assert info["uuid"] == task_id and info["options"] == doc["options"], info
+    assert info["uuid"] == task_id, info
+    assert [_as_js(o) for o in info["options"]] == [_as_js(o) for o in doc["options"]], info
     for key in s3_keys(gateway, f"tasks/{task_id}/"):
         assert key.startswith(f"tasks/{task_id}/inputs/"), key
         assert _valid_stored_name(key.removeprefix(f"tasks/{task_id}/inputs/")), key

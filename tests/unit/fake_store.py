@@ -55,7 +55,7 @@ class FakeTaskStore:
         if failed is not None:
             self._record(failed, None)
             self.tasks[doc["_id"]].update(
-                state=TaskState.FAILED.value, progress=100.0, error_message=failed.error_message,
+                state=TaskState.FAILED.value, error_message=failed.error_message,
                 finished_at_ms=int(failed.occurred_at.timestamp() * 1000))
         return ApplyResult(Outcome.APPLIED, seq)
 

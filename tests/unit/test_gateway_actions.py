@@ -318,7 +318,8 @@ async def test_of_two_racing_restarts_the_recorded_one_runs_with_its_options(
 
 
 async def test_a_task_refused_after_its_upload_is_created_failed_in_one_step() -> None:
-    """NodeODM §3.5: too many images after a commit fails the task (status 30); no run."""
+    """NodeODM §3.5: too many images after a commit fails the task (status 30) while it
+    initializes: no run, progress 0 (NodeODM's ``initialize`` sets the status only)."""
     broker, seen = _bus()
     async with TestNatsBroker(broker) as bus:
         gw = Gateway(bus)
@@ -335,6 +336,6 @@ async def test_a_task_refused_after_its_upload_is_created_failed_in_one_step() -
             await gw.emitter.aclose()
             await gw.http.aclose()
     assert (info["status"], info["progress"]) == ({"code": 30, "errorMessage": "Too many images"},
-                                                  100)
+                                                  0)
     assert [m for _, _, m in seen] == [f"{task_id}:1:queued", f"{task_id}:1:failed"]
     assert gw.store.unpublished() == []

@@ -5,7 +5,8 @@ Covered:
   ``/options`` body equal to the packaged JSON, caching, ``parse_catalog`` rejections;
 - every options example of the spec (§5.1 step 7, §3.11, §13 capture and lenient cases) with the
   exact ``error`` strings, and WebODM's restart test (mesh-size 12345 + ``invalid``);
-- JS ``parseInt``/``parseFloat``/``String()`` semantics, bool conversion rules;
+- JS ``parseInt``/``parseFloat``/``String()`` semantics, bool conversion rules; numbers held as
+  the Python value that JSON-encodes like the JS number (a float option's ``3`` stays ``3``);
 - every distinct domain of the catalog (one accepting and one rejecting value each, where a
   rejecting value exists) plus the §5.2 grammar forms the catalog does not use, via small
   synthetic catalogs; the ``json`` domain rules;
@@ -37,6 +38,7 @@ from scaleodm.common.domain.options import (
     OptionType,
     add_post_processing_options,
     catalog_as_json,
+    js_number,
     js_parse_float,
     js_parse_int,
     js_to_string,
@@ -442,6 +444,27 @@ def test_js_to_string(value: object, expected: str) -> None:
 
 
 @pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        pytest.param(7.0, 7, id="integral"),
+        pytest.param(7.5, 7.5, id="fraction"),
+        pytest.param(-0.0, 0, id="negative-zero"),
+        pytest.param(-3.0, -3, id="negative"),
+        pytest.param(1e20, 100000000000000000000, id="beyond-int64-in-full"),
+        pytest.param(1.2345678901234567e19, 12345678901234567000, id="js-digits-not-binary"),
+        pytest.param(1e21, 1e21, id="exponent-form-stays-float"),
+        pytest.param(math.inf, math.inf, id="infinity"),
+        pytest.param(math.nan, math.nan, id="nan"),
+    ],
+)
+def test_js_number_json_encodes_like_json_stringify(value: float, expected: float) -> None:
+    result = js_number(value)
+    assert _same(result, expected)
+    if math.isfinite(value):
+        assert json.dumps(result) == js_to_string(value)  # JSON.stringify's text
+
+
+@pytest.mark.parametrize(
     ("name", "value", "expected"),
     [
         pytest.param("mesh-size", "1.7", 1, id="int-decimal-string"),
@@ -451,12 +474,17 @@ def test_js_to_string(value: object, expected: str) -> None:
         pytest.param("mesh-size", "0x10", 16, id="int-hex"),
         pytest.param("min-num-features", "-5", -5, id="int-unprefixed-allows-negative"),
         pytest.param("crop", "3.5x", 3.5, id="float-garbage-suffix"),
-        pytest.param("crop", 3, 3.0, id="float-from-int-is-float"),
+        # JS numbers: an integral float option value is held as an int, shown 3 (not 3.0)
+        pytest.param("crop", 3, 3, id="float-from-int-is-js-number"),
+        pytest.param("crop", "3", 3, id="float-from-integral-string-is-js-number"),
+        pytest.param("crop", 3.0, 3, id="float-from-integral-float-is-js-number"),
+        pytest.param("crop", "1e3", 1000, id="float-from-exponent-string-is-js-number"),
+        pytest.param("crop", "3.5", 3.5, id="float-fraction-stays-float"),
         pytest.param("crop", "Infinity", math.inf, id="float-infinity-positive-domain"),
         pytest.param("orthophoto-resolution", "Infinity", math.inf, id="float-infinity-gt-0"),
         pytest.param("split-overlap", 2.5, 2.5, id="positive-integer-on-float-keeps-fraction"),
-        pytest.param("crop", "0", 0.0, id="positive-includes-zero"),
-        pytest.param("crop", "-0", -0.0, id="negative-zero-is-positive"),
+        pytest.param("crop", "0", 0, id="positive-includes-zero"),
+        pytest.param("crop", "-0", 0, id="negative-zero-is-positive-and-shown-0"),
     ],
 )
 def test_numeric_conversion_through_validation(name: str, value: Any, expected: float) -> None:
@@ -553,7 +581,7 @@ _CATALOG_DOMAINS: dict[str, tuple[str, Any, Any, Any, str]] = {
     "positive integer": ("mesh-size", "0", 0, "-1", "Invalid value -1 (out of range)"),
     "integer: 1 <= x <= 14": ("mesh-octree-depth", "14", 14, "0", "Invalid value 0 (out of range)"),
     "float": ("dem-resolution", "-2.5", -2.5, "-", "Invalid value NaN (out of range)"),
-    "positive float": ("crop", 0, 0.0, "-0.1", "Invalid value -0.1 (out of range)"),
+    "positive float": ("crop", 0, 0, "-0.1", "Invalid value -0.1 (out of range)"),
     "float > 0.0": ("orthophoto-resolution", "0.01", 0.01, "0", "Invalid value 0 (out of range)"),
     "json": ("cameras", "{}", "{}", "", "Invalid value  (out of range)"),
     "string": ("sm-cluster", "http://host:3000", "http://host:3000", None, ""),
@@ -635,12 +663,12 @@ def test_enum_empty_default_choice_is_valid() -> None:
             "int", "negative integer", "1", "Invalid value 1 (out of range)", id="negative-bad"
         ),
         pytest.param("float", "negative float", "-0.5", -0.5, id="negative-float-ok"),
-        pytest.param("float", "integer", "2", 2.0, id="integer-domain-integral-float"),
+        pytest.param("float", "integer", "2", 2, id="integer-domain-integral-float"),
         pytest.param(
             "float", "integer", "2.5", "Invalid value 2.5 (out of range)", id="integer-domain-frac"
         ),
-        pytest.param("float", "percent", "100", 100.0, id="percent-upper-inclusive"),
-        pytest.param("float", "percent", "0", 0.0, id="percent-lower-inclusive"),
+        pytest.param("float", "percent", "100", 100, id="percent-upper-inclusive"),
+        pytest.param("float", "percent", "0", 0, id="percent-lower-inclusive"),
         pytest.param(
             "float", "percent", "100.5", "Invalid value 100.5 (out of range)", id="percent-over"
         ),

@@ -2,7 +2,8 @@
 
 Covered (nodeodm-api §3.6, §4.1, §4.2):
 - ``task_info``: the field order and JSON types of §3.6 for every state, ``status`` with
-  ``errorMessage`` only for a failed task with a message, integral progress as an int;
+  ``errorMessage`` only for a failed task with a message, integral progress as an int, option
+  numbers as JS numbers (a stored ``7.0`` shown ``7``);
 - ``processingTime``: -1 before start (and for a re-queued restart), now - start while running,
   finish - start once ended, -1 when canceled, never negative;
 - ``slice_start`` / ``parse_line_param``: the ``with_output`` slicing rules (negative = last |N|,
@@ -110,6 +111,26 @@ def test_progress(progress: float, shown: float, kind: type) -> None:
     value = task_info(_doc("running", started_at_ms=STARTED, progress=progress), NOW)["progress"]
     assert value == shown
     assert type(value) is kind
+
+
+@pytest.mark.parametrize(
+    ("stored", "shown"),
+    [
+        pytest.param(7.0, "7", id="integral-double-as-int"),
+        pytest.param(7, "7", id="stored-int"),
+        pytest.param(7.5, "7.5", id="fraction-kept"),
+        pytest.param(1e20, "100000000000000000000", id="beyond-int64-double-in-full"),
+        pytest.param(True, "true", id="bool-untouched"),
+        pytest.param("7.0", '"7.0"', id="string-untouched"),
+    ],
+)
+def test_option_numbers_shown_as_js_numbers(stored: object, shown: str) -> None:
+    """NodeODM's option values are JS numbers: a stored double 7.0 reads back 7 (documents
+    stored before validation held JS numbers as ints, and integers beyond int64)."""
+    doc = _doc("queued", options=[{"name": "crop", "value": stored}])
+    [option] = task_info(doc, NOW)["options"]
+    assert json.dumps(option, separators=(",", ":")) == f'{{"name":"crop","value":{shown}}}'
+    assert doc["options"] == [{"name": "crop", "value": stored}]  # the document is not changed
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,9 @@
 - Coercions follow JavaScript, as NodeODM and ClusterODM do (quirk 4): ``parseInt``/``parseFloat``
   read a leading numeric prefix of the value's JS string form, values in messages are printed as
   JS ``String(v)`` would print them.
+- A validated number is held as the Python value that JSON-encodes like the JavaScript number
+  NodeODM holds (``js_number``): a float option given ``7``, ``"7"`` or ``7.0`` is ``7`` (an
+  ``int``), so task info shows ``7`` as NodeODM does, not ``7.0``; ``"7.5"`` is ``7.5``.
 - ``add_post_processing_options`` is §5.4, ``to_engine_args`` the option part of §5.5.
 
 Deliberate differences from NodeODM (supersets or crash avoidance):
@@ -60,6 +63,7 @@ __all__ = [
     "OptionsError",
     "add_post_processing_options",
     "catalog_as_json",
+    "js_number",
     "js_parse_float",
     "js_parse_int",
     "js_to_string",
@@ -224,6 +228,24 @@ def _js_number_to_string(value: float) -> str:
     e = n - 1
     mantissa = text if k == 1 else text[0] + "." + text[1:]
     return f"{mantissa}e{'+' if e >= 0 else '-'}{abs(e)}"
+
+
+# ECMAScript Number::toString writes integral values below 1e21 out in full, larger ones with an
+# exponent (``1e+21``).
+_JS_FULL_DIGITS_BELOW: Final = 1e21
+
+
+def js_number(value: float) -> int | float:
+    """A JavaScript number as the Python value that JSON-encodes the way ``JSON.stringify``
+    writes it: integral values below 1e21 become ``int`` (``7.0`` → ``7``, ``-0.0`` → ``0``,
+    ``1.2345678901234567e19`` → ``12345678901234567000``), others stay ``float``.
+
+    JavaScript has one number type: ``parseFloat("7")`` is the number 7 and NodeODM shows it as
+    ``7``. A Python ``float`` would be shown as ``7.0``.
+    """
+    if not (math.isfinite(value) and value.is_integer() and abs(value) < _JS_FULL_DIGITS_BELOW):
+        return value
+    return int(_js_number_to_string(value))  # JS's digits, not the double's exact binary value
 
 
 def js_to_string(value: object) -> str:
@@ -394,7 +416,7 @@ def _convert(spec: OptionSpec, raw: object) -> object:
     if spec.type == "int":
         return js_parse_int(raw)
     if spec.type == "float":
-        return js_parse_float(raw)
+        return js_number(js_parse_float(raw))  # "7", 7 and 7.0 are all the JS number 7
     if spec.type == "bool":
         return _to_bool(raw)
     return raw  # string, enum, path: unchanged

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from scaleodm.common.domain import options as odm_options
 from scaleodm.common.domain.status import TaskState, to_nodeodm_code
 
 
@@ -31,10 +32,22 @@ def task_info(doc: dict[str, Any], now_ms: int) -> dict[str, Any]:
         "dateCreated": int(doc["date_created_ms"]),
         "processingTime": processing_time_ms(doc, now_ms),
         "status": status,
-        "options": doc.get("options", []),
+        "options": shown_options(doc.get("options", [])),
         "imagesCount": int(doc.get("images_count", 0)),
         "progress": int(progress) if progress.is_integer() else progress,
     }
+
+
+def shown_options(options: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The stored options with numbers as NodeODM shows its JavaScript numbers (``7``, never
+    ``7.0``: ``options.js_number``). Validation stores them so already; this also covers
+    documents stored before it did, and integers too large for MongoDB's int64 (kept as doubles).
+    """
+    return [
+        {**option, "value": odm_options.js_number(option["value"])}
+        if isinstance(option.get("value"), float) else option
+        for option in options
+    ]
 
 
 def slice_start(n: int, total: int) -> int:

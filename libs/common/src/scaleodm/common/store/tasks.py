@@ -132,7 +132,7 @@ class TaskStore:
         full["seq"] = seq
         if failed is not None:
             full["seq"], _ = await self._record(failed)
-            full.update(state=TaskState.FAILED.value, progress=100.0,
+            full.update(state=TaskState.FAILED.value,
                         finished_at_ms=clock.to_ms(failed.occurred_at),
                         error_message=failed.error_message)
         try:
