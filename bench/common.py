@@ -15,6 +15,7 @@ import json
 import math
 import os
 import signal
+import statistics
 import sys
 import tempfile
 import time
@@ -22,13 +23,17 @@ from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tests.harness import servers  # noqa: E402
+from tests.harness import data, servers  # noqa: E402
+from tests.harness.httpfixture import HttpFixture  # noqa: E402
 from tests.harness.stack import Stack  # noqa: E402
 
 # Names of the pipe baselines a figure can be compared with (Figure.baseline). A baseline measured
@@ -40,6 +45,11 @@ S3_PUT_MB = "s3_put_mb_per_s"  # raw S3 PUT of large objects, MB/s
 MONGO_FIND = "mongo_find_per_s"  # raw find_one by _id on the tasks collection, reads/s
 K8S_CREATE = "k8s_create_per_s"  # raw Workflow creates on the Kubernetes API double, creates/s
 BASELINES = (JETSTREAM, S3_PUT, S3_PUT_MB, MONGO_FIND, K8S_CREATE)
+
+# Settings of the benchmark itself, not of the services (never passed to them).
+BENCH_ENV_PREFIX = "SCALEODM_BENCH_"
+# The base URL of a NodeODM to compare with (bench/README.md, "Comparing with NodeODM").
+NODEODM_URL_ENV = "SCALEODM_BENCH_NODEODM_URL"
 
 
 def at(name: str, level: int) -> str:
@@ -79,7 +89,8 @@ class BenchEnv:
         tmp = self.tmp / database
         tmp.mkdir(parents=True, exist_ok=True)
         env = {"SCALEODM_LOG_LEVEL": "WARNING",
-               **{k: v for k, v in os.environ.items() if k.startswith("SCALEODM_")},
+               **{k: v for k, v in os.environ.items()
+                  if k.startswith("SCALEODM_") and not k.startswith(BENCH_ENV_PREFIX)},
                **(extra_env or {})}
         return Stack(tmp=tmp, nats_url=self.nats.url, mongo_url=self.mongo_url, s3=self.s3,
                      database=database, extra_env=env)
@@ -183,6 +194,127 @@ class CpuWindow:
         named = sum(v for v in shares.values() if not math.isnan(v))
         return {**shares, "cpu_pct_machine": machine,
                 "cpu_pct_others": round(max(0.0, machine - named), 1)}
+
+
+def pid_listening_on(port: int) -> int | None:
+    """The process with a TCP socket listening on ``port`` (any address), from /proc; None when
+    not found or not readable (another user's process, another machine)."""
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as fh:
+                next(fh)
+                for line in fh:
+                    cols = line.split()
+                    if cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == port:
+                        inodes.add(f"socket:[{cols[9]}]")
+        except (OSError, StopIteration, IndexError, ValueError):
+            continue
+    if not inodes:
+        return None
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            for fd in (proc / "fd").iterdir():
+                with contextlib.suppress(OSError):
+                    if os.readlink(fd) in inodes:
+                        return int(proc.name)
+    return None
+
+
+# -- a NodeODM to compare with -----------------------------------------------------------------
+
+
+def nodeodm_url() -> str | None:
+    """The NodeODM to compare with (``SCALEODM_BENCH_NODEODM_URL``), None when not set."""
+    url = os.environ.get(NODEODM_URL_ENV, "").strip().rstrip("/")
+    return url or None
+
+
+def nodeodm_pid(url: str) -> int | None:
+    """The NodeODM process behind ``url`` when it runs on this machine (for its CPU share)."""
+    parts = urlsplit(url)
+    if parts.hostname not in ("127.0.0.1", "localhost", "::1"):
+        return None
+    return pid_listening_on(parts.port or 80)
+
+
+async def node_info(client: httpx.AsyncClient, url: str) -> dict[str, Any]:
+    """``GET /info`` of a NodeODM-compatible server; a clear error when it does not answer."""
+    try:
+        resp = await client.get(f"{url}/info", timeout=10)
+        body: dict[str, Any] = resp.json()
+    except (httpx.HTTPError, ValueError) as exc:
+        raise SystemExit(f"{url}/info does not answer ({exc!r}): is the server running?") from exc
+    if resp.status_code != 200 or "version" not in body:
+        raise SystemExit(f"{url}/info answered {resp.status_code} {body!r}")
+    return body
+
+
+def images_zip(count: int) -> bytes:
+    """A zip of ``count`` tiny JPEG files in a folder (test engines only need image files)."""
+    return data.images_zip(count)
+
+
+@contextlib.contextmanager
+def serve_files(root: Path, files: dict[str, bytes]) -> Iterator[HttpFixture]:
+    """``files`` served over HTTP on 127.0.0.1 (a thread of this process) for zipurl tasks."""
+    for name, content in files.items():
+        data.write(root / name, content)
+    fixture = HttpFixture(root)
+    fixture.start()
+    try:
+        yield fixture
+    finally:
+        fixture.stop()
+
+
+async def create_zipurl_task(client: httpx.AsyncClient, url: str, zipurl: str,
+                             name: str) -> str:
+    """``POST /task/new`` with a ``zipurl`` (multipart, as PyODM sends it); the task's uuid."""
+    resp = await client.post(f"{url}/task/new", files={"zipurl": (None, zipurl),
+                                                       "name": (None, name)}, timeout=120)
+    body = resp.json()
+    if resp.status_code != 200 or "uuid" not in body:
+        raise RuntimeError(f"POST {url}/task/new answered {resp.status_code} {body!r}")
+    return str(body["uuid"])
+
+
+@dataclass
+class Finished:
+    """How a task got to its final status, seconds from ``started``."""
+
+    info: dict[str, Any]
+    seconds: float
+    running_after_s: float | None  # first poll that saw status 20 (None: never seen)
+    polls: int
+
+
+async def wait_final(client: httpx.AsyncClient, url: str, task: str, started: float,
+                     timeout_s: float, interval_s: float = 0.1) -> Finished:
+    """Polls ``GET /task/{uuid}/info`` until status 30, 40 or 50."""
+    running: float | None = None
+    polls = 0
+    while True:
+        resp = await client.get(f"{url}/task/{task}/info", timeout=30)
+        polls += 1
+        now = time.perf_counter()
+        info: dict[str, Any] = resp.json() if resp.status_code == 200 else {}
+        code = info.get("status", {}).get("code")
+        if code == 20 and running is None:
+            running = now - started
+        if code in (30, 40, 50):
+            return Finished(info, now - started, running, polls)
+        if now - started > timeout_s:
+            raise TimeoutError(f"{url}: task {task} not finished after {timeout_s:.0f} s: "
+                               f"{resp.status_code} {info or resp.text[:200]!r}")
+        await asyncio.sleep(interval_s)
+
+
+def median(values: Sequence[float]) -> float:
+    """The median; NaN for no values."""
+    return statistics.median(values) if values else math.nan
 
 
 # -- the report ------------------------------------------------------------------------------

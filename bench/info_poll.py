@@ -32,6 +32,13 @@ p99 over 1 s while no process is CPU-bound; aiohttp, on the same gateway, ~460 r
 ~250 ms for ~0.3 ms of client CPU per request. With httpx the figure at 50 pollers is the
 client's, not the gateway's.
 
+With ``SCALEODM_BENCH_NODEODM_URL`` (bench/README.md, "Comparing with NodeODM"): that NodeODM is
+given ``--info-nodeodm-tasks`` completed tasks before anything is measured, and after the figures
+above ``info`` and ``task_info`` are polled in alternating rounds on the gateway
+(``scaleodm:*``), on NodeODM (``nodeodm:*``) and, for ``task_info``, on two gateway processes
+behind a round-robin client (``scaleodm_2gw:*``); medians of the rounds and ``ratio:*`` =
+ScaleODM / NodeODM.
+
     uv run python -m bench.info_poll [--quick] [--info-tasks 1000] [--info-seconds 5] ...
 """
 
@@ -41,13 +48,14 @@ import argparse
 import asyncio
 import contextlib
 import datetime as dt
+import math
 import os
 import random
 import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,12 +65,20 @@ from pymongo import AsyncMongoClient
 from bench.baselines import MONGO_FIND_WHAT, Op, mongo_find, rate
 from bench.common import (
     MONGO_FIND,
+    NODEODM_URL_ENV,
     BenchEnv,
     CpuWindow,
     Figure,
     at,
+    create_zipurl_task,
+    images_zip,
+    median,
     mongo_pid,
+    node_info,
+    nodeodm_pid,
+    nodeodm_url,
     percentile,
+    serve_files,
     standalone,
 )
 from scaleodm.common.contracts import events
@@ -70,6 +86,7 @@ from scaleodm.common.domain import options as odm_options
 from scaleodm.common.domain.status import NodeOdmStatus
 from scaleodm.common.store import s3 as s3mod
 from scaleodm.common.store.tasks import TaskStore
+from tests.harness.stack import Stack
 
 NAME = "info_poll"
 DATABASE = "info"
@@ -82,7 +99,8 @@ STORE_WHAT = {
                         "/task/{uuid}/info?with_output=N reads), called in the benchmark process",
 }
 
-QUICK: dict[str, Any] = {"info_tasks": 100, "info_seconds": 1.0, "info_levels": "1,10"}
+QUICK: dict[str, Any] = {"info_tasks": 100, "info_seconds": 1.0, "info_levels": "1,10",
+                         "info_nodeodm_tasks": 20}
 
 # status mix of the stored tasks (fractions of --info-tasks)
 MIX = (("queued", 0.10), ("running", 0.10), ("completed", 0.55), ("failed", 0.15),
@@ -109,6 +127,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--info-client", choices=("aiohttp", "httpx"), default="aiohttp",
                        help="HTTP client of the pollers (default aiohttp: httpx costs the client "
                        "~5x the CPU and is the bottleneck at 50 pollers)")
+    group.add_argument("--info-nodeodm-tasks", type=int, default=100,
+                       help=f"with {NODEODM_URL_ENV}: completed tasks polled on NodeODM (created "
+                       "there when missing; default 100)")
+    group.add_argument("--info-nodeodm-rounds", type=int, default=3,
+                       help=f"with {NODEODM_URL_ENV}: rounds per target, alternating (default 3)")
+    group.add_argument("--info-nodeodm-timeout", type=float, default=1800.0,
+                       help=f"with {NODEODM_URL_ENV}: seconds to wait for NodeODM to finish the "
+                       "tasks it is given (default 1800)")
 
 
 # -- the stored tasks -----------------------------------------------------------------------
@@ -283,10 +309,13 @@ async def http_get(base: str, kind: str) -> AsyncIterator[Get]:
         yield httpx_get
 
 
-async def poll(base: str, endpoint: str, tasks: dict[str, Stored], active: int, level: int,
-               seconds: float, warmup: float, cpu: CpuWindow, client: str = "aiohttp") -> Level:
+async def poll(base: str | Sequence[str], endpoint: str, tasks: dict[str, Stored], active: int,
+               level: int, seconds: float, warmup: float, cpu: CpuWindow,
+               client: str = "aiohttp") -> Level:
     """``level`` pollers, each on its own connection, back to back for ``warmup`` + ``seconds``;
-    what completes in the last ``seconds`` counts."""
+    what completes in the last ``seconds`` counts. Several ``base`` URLs (gateway replicas): each
+    poller has a connection to each and sends its requests to them in turn (round robin)."""
+    bases = [base] if isinstance(base, str) else list(base)
     result = Level()
     ids = list(tasks)
     rng = random.Random(level)
@@ -301,8 +330,12 @@ async def poll(base: str, endpoint: str, tasks: dict[str, Stored], active: int, 
         result.cpu = cpu.stop()
 
     async def poller() -> None:
-        async with http_get(base, client) as get:
+        async with contextlib.AsyncExitStack() as connections:
+            gets = [await connections.enter_async_context(http_get(b, client)) for b in bases]
+            turn = 0
             while loop.time() < end:
+                get = gets[turn % len(gets)]
+                turn += 1
                 task: str | None = None
                 if endpoint == "info":
                     path = "/info"
@@ -326,6 +359,190 @@ async def poll(base: str, endpoint: str, tasks: dict[str, Stored], active: int, 
 
     await asyncio.gather(window(), *(poller() for _ in range(level)))
     return result
+
+
+# -- the NodeODM comparison -----------------------------------------------------------------
+
+CMP_ENDPOINTS = ("info", "task_info")  # polled on NodeODM too
+SCALEODM, NODEODM, SCALEODM_2GW = "scaleodm", "nodeodm", "scaleodm_2gw"
+RATIO_UNIT = "× NodeODM"
+
+
+async def nodeodm_finished_tasks(env: BenchEnv, url: str, count: int,
+                                 timeout_s: float) -> dict[str, Stored]:
+    """``count`` completed tasks on the NodeODM at ``url``: those it already has (its tasks
+    survive a restart in ``data/tasks.json``), else new zipurl tasks created through its API,
+    waited for until they finish (NodeODM's test mode holds each for ``--test_seconds``)."""
+    done: list[str] = []
+    async with httpx.AsyncClient(timeout=30) as client:
+        node = await node_info(client, url)
+        listed = (await client.get(f"{url}/task/list")).json()
+        for item in listed:
+            info = (await client.get(f"{url}/task/{item['uuid']}/info")).json()
+            if info.get("status", {}).get("code") == int(NodeOdmStatus.COMPLETED):
+                done.append(item["uuid"])
+                if len(done) == count:
+                    return {task: Stored(int(NodeOdmStatus.COMPLETED), 0) for task in done}
+        missing = count - len(done)
+        sys.stderr.write(f"info_poll: {url} has {len(done)} completed tasks; creating {missing} "
+                         f"more and waiting for them to finish (maxParallelTasks "
+                         f"{node.get('maxParallelTasks')})\n")
+        # NodeODM answers /task/new first and downloads the zip after: served until the end
+        with serve_files(env.tmp / "nodeodm-seed", {"seed.zip": images_zip(5)}) as files:
+            created = list(await asyncio.gather(*(
+                create_zipurl_task(client, url, files.url("seed.zip"), f"bench info_poll {i}")
+                for i in range(missing))))
+            pending = set(created)
+            started = shown = time.perf_counter()
+            while pending:
+                for task in list(pending):
+                    info = (await client.get(f"{url}/task/{task}/info")).json()
+                    code = info.get("status", {}).get("code")
+                    if code == int(NodeOdmStatus.COMPLETED):
+                        pending.discard(task)
+                    elif code in (int(NodeOdmStatus.FAILED), int(NodeOdmStatus.CANCELED)):
+                        raise RuntimeError(f"{url}: seed task {task} ended {info.get('status')}")
+                now = time.perf_counter()
+                if now - started > timeout_s:
+                    raise TimeoutError(f"{url}: {len(pending)} seed tasks not finished after "
+                                       f"{timeout_s:.0f} s")
+                if pending and now - shown > 15:
+                    sys.stderr.write(f"info_poll: NodeODM: {missing - len(pending)}/{missing} "
+                                     f"finished\n")
+                    shown = now
+                await asyncio.sleep(1)
+    return {task: Stored(int(NodeOdmStatus.COMPLETED), 0) for task in done + created}
+
+
+@dataclass
+class Target:
+    name: str
+    base: str | list[str]
+    tasks: dict[str, Stored]
+    active: int
+
+
+# The processes a target's server cost is counted over (CpuWindow names in compare_nodeodm).
+SERVER_CPU = {SCALEODM: ("gateway", "mongo"), SCALEODM_2GW: ("gateway", "gateway_2", "mongo"),
+              NODEODM: ("nodeodm",)}
+
+
+def _cpu_ms_per_req(target: str, level: Level, seconds: float) -> float:
+    """CPU milliseconds the server spent per answered request (NaN without its CPU share)."""
+    shares = [level.cpu.get(f"cpu_pct_{proc}", math.nan) for proc in SERVER_CPU[target]]
+    if not level.latencies or any(math.isnan(v) for v in shares):
+        return math.nan
+    return sum(shares) / 100 * seconds * 1000 / len(level.latencies)
+
+
+@dataclass
+class Summary:
+    req_s: float
+    p99_ms: float
+    cpu_ms: float
+
+
+def _median_figures(target: str, endpoint: str, level: int, rounds: list[Level],
+                    seconds: float, detail: dict[str, Any]) -> tuple[list[Figure], Summary]:
+    """The median over rounds of req/s, p50, p99 and server CPU per request of one target."""
+    req_s = median([len(r.latencies) / seconds for r in rounds])
+    p50 = median([1000 * percentile(r.latencies, 50) for r in rounds])
+    p99 = median([1000 * percentile(r.latencies, 99) for r in rounds])
+    cpu_ms = median([_cpu_ms_per_req(target, r, seconds) for r in rounds])
+    detail = {**detail, "server_cpu": "+".join(SERVER_CPU[target]), "rounds": [
+        {"req_per_s": round(len(r.latencies) / seconds, 1),
+         "p50_ms": round(1000 * percentile(r.latencies, 50), 2),
+         "p99_ms": round(1000 * percentile(r.latencies, 99), 2),
+         "cpu_ms_per_req": round(_cpu_ms_per_req(target, r, seconds), 3),
+         "errors": sum(r.errors.values()), **r.cpu} for r in rounds]}
+    pipe = at(MONGO_FIND, level) if target == SCALEODM else None
+    return [
+        Figure(NAME, at(f"{target}:{endpoint}_req_per_s", level), req_s, "req/s", pipe, detail),
+        Figure(NAME, at(f"{target}:{endpoint}_p50_ms", level), p50, "ms", None, detail),
+        Figure(NAME, at(f"{target}:{endpoint}_p99_ms", level), p99, "ms", None, detail),
+        Figure(NAME, at(f"{target}:{endpoint}_cpu_ms_per_req", level), cpu_ms, "ms", None,
+               detail),
+    ], Summary(req_s, p99, cpu_ms)
+
+
+def _div(a: float, b: float) -> float:
+    return a / b if b and not math.isnan(b) else math.nan
+
+
+async def compare_nodeodm(url: str, stack: Stack, env: BenchEnv, scaleodm: dict[str, Stored],
+                          active: int, nodeodm: dict[str, Stored], endpoints: list[str],
+                          levels: list[int], args: argparse.Namespace) -> list[Figure]:
+    """The same polls against ScaleODM's gateway, NodeODM, and two gateway replicas behind a
+    round-robin client (task_info only), in alternating rounds; medians and ratios."""
+    seconds, warmup, rounds = float(args.info_seconds), float(args.info_warmup), \
+        int(args.info_nodeodm_rounds)
+    stack.start("gateway-2")
+    replicas = [stack.gateway_url, f"http://127.0.0.1:{stack.ports['gateway-2']}"]
+    async with httpx.AsyncClient(timeout=30) as client:
+        node = await node_info(client, url)
+    # as many ScaleODM tasks polled as NodeODM ones, completed ones as there
+    completed = [t for t, s in scaleodm.items() if s.code == int(NodeOdmStatus.COMPLETED)]
+    ours = {t: scaleodm[t] for t in completed[:len(nodeodm)]}
+    targets = {SCALEODM: Target(SCALEODM, stack.gateway_url, ours, active),
+               NODEODM: Target(NODEODM, url, nodeodm, int(node["taskQueueCount"])),
+               SCALEODM_2GW: Target(SCALEODM_2GW, replicas, ours, active)}
+    pids: dict[str, int | None] = {"gateway": stack.procs["gateway"].pid,
+                                   "gateway_2": stack.procs["gateway-2"].pid,
+                                   "mongo": mongo_pid(env), "client": None}
+    node_pid = nodeodm_pid(url)
+    if node_pid is not None:
+        pids["nodeodm"] = node_pid
+    cpu = CpuWindow(pids)
+    common = {"seconds": seconds, "rounds": rounds, "cpus": os.cpu_count(),
+              "nodeodm": {"url": url, "version": node.get("version"),
+                          "maxParallelTasks": node.get("maxParallelTasks"),
+                          "tasks_polled": len(nodeodm), "pid_found": node_pid is not None},
+              "scaleodm": {"tasks_stored": len(scaleodm), "tasks_polled": len(ours),
+                           "gateways": "one uvicorn process; scaleodm_2gw: two on the same "
+                           "database, each poller alternating between them"},
+              "client": f"{args.info_client}, one client and connection per poller (per "
+                        "gateway for scaleodm_2gw)",
+              "order": "rounds alternate the targets (rotated each round); figures are the "
+                       "median of the rounds"}
+    figures: list[Figure] = []
+    errors: dict[str, dict[str, int]] = {}
+    for endpoint in [e for e in CMP_ENDPOINTS if e in endpoints]:
+        names = [SCALEODM, NODEODM] + ([SCALEODM_2GW] if endpoint == "task_info" else [])
+        for level in levels:
+            samples: dict[str, list[Level]] = {name: [] for name in names}
+            for r in range(rounds):
+                for name in names[r % len(names):] + names[:r % len(names)]:
+                    t = targets[name]
+                    samples[name].append(await poll(t.base, endpoint, t.tasks, t.active, level,
+                                                    seconds, warmup, cpu, args.info_client))
+            summary: dict[str, Summary] = {}
+            for name in names:
+                detail = {**common, "concurrency": level, "target": name}
+                figs, summary[name] = _median_figures(name, endpoint, level, samples[name],
+                                                      seconds, detail)
+                figures += figs
+                errors[f"{name}:{endpoint}@{level}"] = dict(
+                    sum((r.errors for r in samples[name]), Counter()))
+            theirs = summary[NODEODM]
+            what = {"what": "ScaleODM / NodeODM, medians of the rounds (req/s: above 1 is "
+                    "ScaleODM faster; p99 and CPU per request: below 1 is ScaleODM faster or "
+                    "cheaper)", "concurrency": level}
+            for name, prefix in ((SCALEODM, "ratio"), (SCALEODM_2GW, "ratio_2gw")):
+                if name not in summary:
+                    continue
+                mine = summary[name]
+                figures += [
+                    Figure(NAME, at(f"{prefix}:{endpoint}_req_per_s", level),
+                           _div(mine.req_s, theirs.req_s), RATIO_UNIT, None, what),
+                    Figure(NAME, at(f"{prefix}:{endpoint}_p99_ms", level),
+                           _div(mine.p99_ms, theirs.p99_ms), RATIO_UNIT, None, what),
+                    Figure(NAME, at(f"{prefix}:{endpoint}_cpu_ms_per_req", level),
+                           _div(mine.cpu_ms, theirs.cpu_ms), RATIO_UNIT, None, what),
+                ]
+    figures.append(Figure(NAME, "nodeodm_cmp_errors",
+                          sum(sum(e.values()) for e in errors.values()), "responses", None,
+                          {"by_target": errors}))
+    return figures
 
 
 # -- the benchmark --------------------------------------------------------------------------
@@ -358,6 +575,13 @@ async def measure(env: BenchEnv, args: argparse.Namespace) -> list[Figure]:
     if unknown:
         raise SystemExit(f"unknown --info-endpoints {sorted(unknown)}; known: {ENDPOINTS}")
     seconds, warmup = float(args.info_seconds), float(args.info_warmup)
+
+    url = nodeodm_url()
+    nodeodm: dict[str, Stored] = {}
+    if url:  # before anything runs here: the seed tasks are NodeODM's work, not measured
+        nodeodm = await nodeodm_finished_tasks(env, url, int(args.info_nodeodm_tasks),
+                                               float(args.info_nodeodm_timeout))
+    compared: list[Figure] = []
 
     mongo: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(env.mongo_url, tz_aware=True)
     baselines: list[Figure] = []
@@ -397,6 +621,9 @@ async def measure(env: BenchEnv, args: argparse.Namespace) -> list[Figure]:
                     results[endpoint, level] = await poll(
                         stack.gateway_url, endpoint, tasks, active, level, seconds, warmup, cpu,
                         args.info_client)
+            if url:
+                compared = await compare_nodeodm(url, stack, env, tasks, active, nodeodm,
+                                                 endpoints, levels, args)
         finally:
             stack.stop()
     finally:
@@ -429,7 +656,7 @@ async def measure(env: BenchEnv, args: argparse.Namespace) -> list[Figure]:
         figures.append(Figure(NAME, f"{endpoint}_errors",
                               sum(sum(e.values()) for e in errors.values()), "responses", None,
                               {"by_level": errors}))
-    return figures
+    return figures + compared
 
 
 if __name__ == "__main__":
