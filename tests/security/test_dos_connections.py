@@ -7,10 +7,14 @@ the header deadline (a ``408`` when part of a request came). A second gateway wi
 deadline (so that a loaded machine cannot blur "served at once" with "served once the attackers
 were gone"): 200 half-open connections do not keep an honest request from being served while
 they are all still connected, and each is closed at its deadline afterwards; an idle keep-alive
-connection is closed after the keep-alive timeout, long before the header deadline. In-process,
-the same protocol class under uvicorn with an app that gives up on a client that stopped
-reading (as an event stream does after its send timeout): the connection, closed with bytes
-still unsent, is aborted after the keep-alive timeout instead of waiting for the client to read.
+connection is closed after the keep-alive timeout, long before the header deadline. A request
+head (request line and headers) over 16 KiB is refused with a ``431`` — one long header, many
+headers, a long URL, at once or in pieces, and one split right in its blank line — while one just
+under it is served, and pipelined requests are all answered. In-process, the same protocol class
+under uvicorn with an app that gives up on a client that stopped reading (as an event stream
+does after its send timeout): the connection, closed with bytes still unsent, is aborted after
+the keep-alive timeout instead of waiting for the client to read; on asyncio's event loop and on
+uvloop's (the gateway's: its transports take no attributes, the bound must hold there too).
 
 Time bounds are generous (this runs on loaded CI machines): an upper bound only has to tell
 "closed by this timer" from "closed by a later one, or never".
@@ -32,6 +36,7 @@ import anyio
 import httpx
 import pytest
 import uvicorn
+import uvloop
 
 from scaleodm.common.settings import GatewaySettings
 from scaleodm.gateway import serving
@@ -180,7 +185,74 @@ def test_idle_keep_alive_connection_is_closed(patient_gateway: Stack) -> None:
     assert b"HTTP/1.1" not in rest
 
 
+def _head(size: int, shape: str) -> bytes:
+    """A GET /info head of exactly ``size`` bytes, its padding in one header, many or the URL."""
+    start, end = b"GET /info", b" HTTP/1.1\r\nHost: gateway\r\n"
+    if shape == "url":
+        pad = size - len(start + end) - len(b"?p=") - 2
+        return start + b"?p=" + b"a" * pad + end + b"\r\n"
+    base = len(start + end) + 2
+    if shape == "many":
+        line = b"X-Many: aaaaaaaaaaaaaaaaaaaaaaa\r\n"
+        count, rest = divmod(size - base, len(line))
+        return start + end + line * count + b"X-Rest: " + b"a" * (rest - 10) + b"\r\n" + b"\r\n"
+    return start + end + b"X-Big: " + b"a" * (size - base - 9) + b"\r\n" + b"\r\n"
+
+
+@pytest.mark.parametrize("shape", ["one", "many", "url"])
+@pytest.mark.parametrize("pieces", [1, 20], ids=["at-once", "in-pieces"])
+def test_a_request_head_over_16_kib_is_refused(gateway: Stack, shape: str,
+                                               pieces: int) -> None:
+    head = _head(serving.MAX_HEAD_BYTES + 1, shape)
+    assert len(head) == serving.MAX_HEAD_BYTES + 1
+    with _connect(gateway) as sock:
+        step = -(-len(head) // pieces)
+        try:
+            for i in range(0, len(head), step):
+                sock.sendall(head[i:i + step])
+                time.sleep(0.02 if pieces > 1 else 0)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # refused before the rest was sent
+        _, answer = _until_closed(sock, MARGIN_S)
+    assert answer.startswith(b"HTTP/1.1 431 "), answer[:100]
+
+
+@pytest.mark.parametrize("shape", ["one", "many", "url"])
+def test_a_request_head_of_16_kib_is_served(gateway: Stack, shape: str) -> None:
+    head = _head(serving.MAX_HEAD_BYTES, shape)
+    assert len(head) == serving.MAX_HEAD_BYTES
+    with _connect(gateway) as sock:
+        sock.sendall(head[:-3])  # the blank line split between two reads
+        time.sleep(0.1)
+        sock.sendall(head[-3:])
+        sock.settimeout(5)
+        answer = sock.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:100]
+
+
+def test_pipelined_requests_are_all_answered(gateway: Stack) -> None:
+    with _connect(gateway) as sock:
+        sock.sendall(b"GET /info HTTP/1.1\r\nHost: gateway\r\n\r\n" * 3)
+        sock.settimeout(5)
+        got = b""
+        while got.count(b"HTTP/1.1 200 ") < 3:
+            chunk = sock.recv(65536)
+            assert chunk, got
+            got += chunk
+        # then idle: the keep-alive timer closes it, as after any response
+        waited, _ = _until_closed(sock, HEADER_TIMEOUT_S + MARGIN_S)
+    assert waited < HEADER_TIMEOUT_S
+
+
 async def test_a_closed_connection_whose_peer_does_not_read_is_aborted() -> None:
+    await _unread_connection_is_aborted()
+
+
+def test_a_closed_connection_whose_peer_does_not_read_is_aborted_on_uvloop() -> None:
+    uvloop.run(_unread_connection_is_aborted())
+
+
+async def _unread_connection_is_aborted() -> None:
     gave_up = asyncio.Event()
     sent = 0
 

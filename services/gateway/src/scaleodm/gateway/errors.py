@@ -18,12 +18,13 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from scaleodm.common import store
 from scaleodm.common.domain.text import shown
 from scaleodm.common.logging import get_logger
+from scaleodm.gateway.responses import JsonResponse
 
 log = get_logger(__name__)
 STORAGE_UNAVAILABLE = "Storage unavailable, please retry later"
@@ -46,7 +47,7 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(NodeOdmError)
     async def _nodeodm(request: Request, exc: NodeOdmError) -> Response:
         log.info("request refused", path=request.url.path, error=exc.body.get("error"))
-        return JSONResponse(exc.body)
+        return JsonResponse(exc.body)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> Response:
@@ -54,7 +55,7 @@ def install(app: FastAPI) -> None:
             f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors()
         )
         log.info("invalid request", path=request.url.path, error=detail)
-        return JSONResponse({"error": f"Invalid request: {detail}"})
+        return JsonResponse({"error": f"Invalid request: {detail}"})
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> Response:
@@ -66,15 +67,15 @@ def install(app: FastAPI) -> None:
                 f"<pre>Cannot {request.method} {path}</pre>\n</body>\n</html>\n",
                 status_code=404,
             )
-        return JSONResponse({"error": str(exc.detail)})
+        return JsonResponse({"error": str(exc.detail)})
 
     async def _unexpected(request: Request, exc: Exception) -> Response:
         if store.is_unavailable(exc):
             log.warning("storage unavailable", path=request.url.path, error=repr(exc))
-            return JSONResponse({"error": STORAGE_UNAVAILABLE})  # NodeODM: errors are HTTP 200
+            return JsonResponse({"error": STORAGE_UNAVAILABLE})  # NodeODM: errors are HTTP 200
         ref = secrets.token_hex(6)
         log.error("unhandled error", ref=ref, path=request.url.path, exc_info=exc)
-        return JSONResponse({"error": f"Internal error (ref {ref})"})
+        return JsonResponse({"error": f"Internal error (ref {ref})"})
 
     # The storage errors by class first: Starlette answers those in its exception middleware,
     # while the catch-all handler answers and then re-raises (uvicorn logs a second traceback).

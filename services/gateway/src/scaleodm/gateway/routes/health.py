@@ -13,10 +13,10 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter
-from fastapi.responses import JSONResponse
 
 from scaleodm.common import runtime
 from scaleodm.gateway.deps import ResourcesDep
+from scaleodm.gateway.responses import JsonResponse
 
 router = APIRouter(tags=["health"], include_in_schema=False)
 
@@ -25,7 +25,7 @@ router = APIRouter(tags=["health"], include_in_schema=False)
 async def read_health(res: ResourcesDep) -> Any:
     """The process serves requests and its NATS connection is not closed for good."""
     status, body = runtime.liveness(res.broker)
-    return JSONResponse(body, status_code=status)
+    return JsonResponse(body, status_code=status)
 
 
 @router.get("/readyz")
@@ -34,4 +34,4 @@ async def read_readiness(res: ResourcesDep) -> Any:
     ready, checks = await runtime.check_readiness(
         [("mongo", res.mongo.ping), runtime.nats_check(res.broker), ("s3", res.s3.ping)]
     )
-    return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
+    return JsonResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)

@@ -35,6 +35,7 @@ from scaleodm.common.store import s3 as s3mod
 from scaleodm.gateway import actions, bodies, downloads, models, openapi, submission
 from scaleodm.gateway.deps import ResourcesDep, TokenDep
 from scaleodm.gateway.errors import NodeOdmError, not_found
+from scaleodm.gateway.responses import JsonResponse
 
 log = get_logger(__name__)
 router = APIRouter(tags=["nodeodm"], dependencies=[TokenDep])
@@ -43,20 +44,27 @@ API_VERSION = "2.2.4"  # NodeODM §3.1: x.y.z >= 1.5.1 unlocks chunked uploads a
 
 
 def _memory() -> tuple[int, int]:
+    """MemTotal and MemAvailable in bytes (the first and third lines of /proc/meminfo)."""
+    found: dict[str, int] = {}
     try:
         with open("/proc/meminfo") as fh:
-            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in fh}
-        return info.get("MemTotal", 0), info.get("MemAvailable", 0)
+            for line in fh:
+                key, _, value = line.partition(":")
+                if key in ("MemTotal", "MemAvailable"):
+                    found[key] = int(value.split()[0]) * 1024
+                    if len(found) == 2:
+                        break
     except OSError:
-        return 0, 0
+        pass
+    return found.get("MemTotal", 0), found.get("MemAvailable", 0)
 
 
 @router.get("/info", operation_id="nodeodm-read_info", response_model=None,
             responses=openapi.ok(models.NodeInfo, "Node information."))
-async def read_info(res: ResourcesDep) -> dict[str, Any]:
+async def read_info(res: ResourcesDep) -> JsonResponse:
     """Node information (NodeODM §3.1)."""
     total, available = _memory()
-    return {
+    return JsonResponse({
         "version": API_VERSION,
         "taskQueueCount": await res.queue_count.get(),
         "totalMemory": total,
@@ -66,21 +74,21 @@ async def read_info(res: ResourcesDep) -> dict[str, Any]:
         "maxParallelTasks": res.settings.max_parallel_tasks,
         "engineVersion": res.settings.engine_version,
         "engine": "odm",
-    }
+    })
 
 
 @router.get("/options", operation_id="nodeodm-read_options", response_model=None,
             responses=openapi.ok(list[models.OptionPublic], "The option catalog."))
-async def read_options() -> list[dict[str, Any]]:
+async def read_options() -> JsonResponse:
     """The engine's option catalog (NodeODM §3.2)."""
-    return odm_options.catalog_as_json()
+    return JsonResponse(odm_options.catalog_as_json())
 
 
 @router.get("/task/list", operation_id="nodeodm-list_tasks", response_model=None,
             responses=openapi.ok(list[models.TaskListItem], "Every task."))
-async def list_tasks(res: ResourcesDep) -> list[dict[str, str]]:
+async def list_tasks(res: ResourcesDep) -> JsonResponse:
     """Every task, in creation order (NodeODM §3.3)."""
-    return [{"uuid": t} for t in await res.store.list_task_ids()]
+    return JsonResponse([{"uuid": t} for t in await res.store.list_task_ids()])
 
 
 async def _find_task(res: ResourcesDep, uuid: str) -> dict[str, Any] | None:
@@ -104,7 +112,7 @@ async def read_task_info(
     request: Request,
     res: ResourcesDep,
     with_output: Annotated[str | None, Query()] = None,
-) -> dict[str, Any]:
+) -> JsonResponse:
     """Task information; ``with_output=N`` adds console lines from N on (NodeODM §3.6)."""
     doc = await _task_or_error(res, uuid)
     info = taskinfo.task_info(doc, clock.now_ms())
@@ -112,7 +120,7 @@ async def read_task_info(
         with_output = request.query_params["output"]  # §11 #18: the Swagger name, harmless
     if with_output is not None:
         info["output"] = await _output(res, doc, taskinfo.parse_line_param(with_output))
-    return info
+    return JsonResponse(info)  # JSON already (responses.py): no jsonable_encoder walk
 
 
 async def _output(res: ResourcesDep, doc: dict[str, Any], n: int) -> list[str]:
@@ -131,10 +139,10 @@ async def _output(res: ResourcesDep, doc: dict[str, Any], n: int) -> list[str]:
             responses=openapi.ok(list[str], "Console lines.", path_params=True))
 async def read_task_output(
     uuid: str, res: ResourcesDep, line: Annotated[str | None, Query()] = None
-) -> list[str]:
+) -> JsonResponse:
     """Console output from line N on; negative N = the last |N| lines (NodeODM §3.7)."""
     doc = await _task_or_error(res, uuid)
-    return await _output(res, doc, taskinfo.parse_line_param(line))
+    return JsonResponse(await _output(res, doc, taskinfo.parse_line_param(line)))
 
 
 async def _capped_body(request: Request, res: ResourcesDep) -> bytes:
