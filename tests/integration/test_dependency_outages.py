@@ -8,7 +8,9 @@ Covers: NATS away for longer than nats-py's old reconnect budget (60 attempts) â
 keeps trying, answers ``/readyz`` 503 quickly and ``/healthz`` 200 (reconnecting is not dead),
 and recovers without a restart when NATS is back on the same port (a task created afterwards
 completes); a frozen MongoDB answers ``Storage unavailable, please retry later`` within its
-deadline (task info, task creation) and fails readiness, and everything works after SIGCONT; a
+deadline (info of a task the gateway must read from MongoDB, task creation; a task its read
+model holds is still answered, from memory) and fails readiness, and everything works after
+SIGCONT; a
 frozen S3 does the same for an upload and a download, while a removal accepted meanwhile
 deletes the task's S3 objects once S3 answers again; cancel and remove answer the same error while
 MongoDB is frozen and change nothing; SIGTERM while MongoDB is frozen stops every
@@ -220,7 +222,12 @@ async def test_frozen_mongodb_answers_storage_unavailable(
     task_id = await _completed_task(outages, gw)
     bound_s = MONGO_TIMEOUT_S + 2
     with _frozen(outages.mongo_pid):
-        info_s, info = await _timed(gw.get(f"/task/{task_id}/info"))
+        # A task this gateway holds in its read model is answered from memory (NATS is up:
+        # it is current); one it must read from MongoDB gets the error, within the deadline.
+        held_s, held = await _timed(gw.get(f"/task/{task_id}/info"))
+        assert held.json()["status"]["code"] == 40 and held_s < 1.0, (held_s, held.text)
+        unheld = str(uuid.uuid4())
+        info_s, info = await _timed(gw.get(f"/task/{unheld}/info"))
         assert info.status_code == 200 and info.json() == STORAGE_UNAVAILABLE, info.text
         assert info_s < bound_s, info_s
         files = [("images", (name, body, "image/jpeg")) for name, body in _files()]

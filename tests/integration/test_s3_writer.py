@@ -4,11 +4,12 @@ Each test works in a bucket of its own (unique name) through ``S3.open`` with a 
 the smallest S3 accepts, so that multipart behaviour shows with small objects.
 
 Covered: an object smaller than one part is one ``PutObject`` (no multipart upload, plain ETag,
-content type kept); 12 MiB written in uneven chunks becomes a 3-part upload (ETag ``-3``) with
-identical content (sha256) and content type; ``abort`` after partial writes leaves no object and
-no pending multipart upload, and is idempotent; the context manager aborts on an exception and
-when left without ``complete()``; ``upload_stream`` round-trips; ``S3.delete``; the part size
-is at least 5 MiB.
+content type kept), and so is one of exactly one part; 12 MiB written in uneven chunks becomes a
+3-part upload (ETag ``-3``) with identical content (sha256) and content type, parts going out while
+writing (pipelined: the process's buffers are free); ``abort`` after partial writes leaves no
+object and no pending multipart upload, and is idempotent; the context manager aborts on an
+exception and when left without ``complete()``; ``upload_stream`` round-trips; ``S3.delete``; the
+part size is at least 5 MiB.
 
 Left out: real AWS behaviour beyond moto (checksums, throttling) and the multipart parser
 (``tests/unit/test_multipart.py``).
@@ -91,6 +92,21 @@ async def test_empty_object(store: S3) -> None:
     assert await store.size(target) == 0
 
 
+async def test_an_object_of_exactly_one_part_is_one_put(store: S3) -> None:
+    target = url(store, "one-part.bin")
+    data = random.Random(6).randbytes(5 * MiB)
+    async with store.writer(target) as writer:
+        for i in range(0, len(data), MiB):
+            await writer.write(data[i : i + MiB])
+        assert writer.parts_uploaded == 0  # a part is cut only once a byte beyond it came
+        assert await writer.complete() == len(data)
+    assert writer.parts_uploaded == 0
+    head = await store.client.head_object(Bucket=target.bucket, Key=target.key)
+    assert "-" not in head["ETag"]
+    assert await read_all(store, target) == data
+    assert await pending_uploads(store) == []
+
+
 async def test_multipart_upload_is_identical(store: S3) -> None:
     target = url(store, "big.bin")
     data = random.Random(7).randbytes(12 * MiB)
@@ -118,7 +134,7 @@ async def test_exact_multiple_of_the_part_size(store: S3) -> None:
     data = b"\x01" * (10 * MiB)
     async with store.writer(target) as writer:
         await writer.write(data)
-        assert writer.parts_uploaded == 2
+        assert writer.parts_uploaded == 1  # the second waits for a byte beyond it, or the end
         await writer.complete()
     assert writer.parts_uploaded == 2  # no empty third part
     assert await read_all(store, target) == data
@@ -199,7 +215,7 @@ async def test_write_to_a_missing_bucket_fails_cleanly(store: S3) -> None:
     writer = store.writer(S3Url(f"missing-{uuid.uuid4().hex[:12]}", "x"))
     with pytest.raises(ClientError):
         async with writer:
-            await writer.write(b"e" * (5 * MiB))
+            await writer.write(b"e" * (5 * MiB + 1))
     assert not writer.completed
 
 

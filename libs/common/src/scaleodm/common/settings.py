@@ -143,7 +143,7 @@ class S3Settings(BaseModel):
         8 * 1024 * 1024, description="Multipart upload part size (>= 5 MiB)."
     )
     upload_buffers: int = Field(
-        2,
+        8,
         description="Most part buffers a process holds at once across all uploads (memory "
         "bound ~ upload_buffers x part size); further uploads wait. 0 = unbounded.",
     )

@@ -16,6 +16,11 @@ path below and propagate unchanged:
   write), the sink is completed. The next chunk is read only after that, so what is held is at
   most one network chunk plus the sink's own buffer (for ``S3Writer``: one part), and a slow sink
   back-pressures the client through the ASGI server's flow control;
+- a sink may also offer ``complete_soon()`` (``EarlyFileSink``): its completion then runs while
+  the next file is read (an ``S3Writer`` sending its last bytes on a spare buffer), and is
+  awaited before the next file's completion and before ``stream_form`` returns — at most one
+  file of a request is completing at a time, and ``files`` keeps the body's order. A file counts
+  as stored (in ``files``) only once its completion succeeded;
 - text fields (parts without a ``filename``) may come before or after the files — CloudODM sends
   ``options`` after the images — and are returned in ``StreamedForm.fields``; each is limited to
   ``max_field_bytes`` and there may be at most ``max_fields`` of them;
@@ -27,7 +32,8 @@ path below and propagate unchanged:
   the closing boundary are read (so the reader counts them) and ignored;
 - on any error, including the client disconnecting (the stream raises) or the request task
   being cancelled, the sink of a file that is not completed yet is ``abort()``-ed (shielded from
-  a further cancellation) and the files completed so far are attached to the exception as
+  a further cancellation), and so is a file still completing (its sink cleans up whatever its
+  completion left), and the files completed so far are attached to the exception as
   ``exc.completed`` (see ``completed_files``) so that the caller can delete them. Errors raised
   by ``open_sink`` or by a sink (e.g. a ``MultipartError("Unexpected field")`` from the factory,
   or an S3 failure) propagate unchanged, with the same clean-up.
@@ -41,7 +47,7 @@ import re
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from python_multipart import MultipartParser
 from python_multipart.exceptions import FormParserError
@@ -98,6 +104,15 @@ class FileSink(Protocol):
     async def complete(self) -> Any: ...
 
     async def abort(self) -> None: ...
+
+
+@runtime_checkable
+class EarlyFileSink(FileSink, Protocol):
+    """A sink whose completion can run while the next file is read."""
+
+    async def complete_soon(self) -> asyncio.Future[Any]:
+        """Start completing; the future gives what ``complete()`` would return."""
+        ...
 
 
 SinkFactory = Callable[[str, str, str | None], Awaitable[FileSink]]
@@ -344,6 +359,17 @@ class _OpenFile:
 class _Progress:
     files: list[StoredFile] = field(default_factory=list)
     current: _OpenFile | None = None
+    completing: tuple[_OpenFile, asyncio.Future[Any]] | None = None  # complete_soon's
+
+    async def settle(self, *, wait: bool = True) -> None:
+        """Wait for the file completing, if any (with ``wait=False``: only if it is done): then
+        it is stored, or its error raised."""
+        if self.completing is None or not (wait or self.completing[1].done()):
+            return
+        file, result = self.completing
+        value = await result
+        self.completing = None
+        self.files.append(StoredFile(file.field, file.filename, file.size, value))
 
 
 async def _replay(events: list[_Event], progress: _Progress, open_sink: SinkFactory) -> None:
@@ -371,9 +397,13 @@ async def _replay(events: list[_Event], progress: _Progress, open_sink: SinkFact
         else:
             current = progress.current
             assert current is not None
-            result = await current.sink.complete()
-            progress.files.append(StoredFile(current.field, current.filename, current.size,
-                                             result))
+            await progress.settle()  # one file completing at a time, in order
+            if isinstance(current.sink, EarlyFileSink):
+                progress.completing = (current, await current.sink.complete_soon())
+            else:
+                result = await current.sink.complete()
+                progress.files.append(StoredFile(current.field, current.filename, current.size,
+                                                 result))
             progress.current = None
     await flush()
 
@@ -432,9 +462,11 @@ async def stream_form(
             del chunk  # only the slices in ``events`` stay alive while the sinks work
             await _replay(events, progress, open_sink)
             events.clear()
+            await progress.settle(wait=False)  # a completion that ended counts at once
         if not collector.ended:
             raise _malformed("unexpected end of body")
         parser.finalize()
+        await progress.settle()
         return form
     except BaseException as exc:
         with contextlib.suppress(Exception):  # e.g. an exception type with __slots__
@@ -442,4 +474,7 @@ async def stream_form(
         current, progress.current = progress.current, None
         if current is not None:
             await _abort(current.sink)
+        completing, progress.completing = progress.completing, None
+        if completing is not None:
+            await _abort(completing[0].sink)
         raise

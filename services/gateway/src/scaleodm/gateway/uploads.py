@@ -10,6 +10,7 @@ names that are only dots and spaces, and Windows device names (``CON``, ``NUL``,
 
 from __future__ import annotations
 
+import asyncio
 import posixpath
 import re
 import unicodedata
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from scaleodm.common.domain.text import shown
-from scaleodm.common.store.s3 import S3, S3Url, S3Writer
+from scaleodm.common.store.s3 import S3, S3Url
 from scaleodm.common.store.uploads import NamesExhaustedError, UploadStore
 from scaleodm.gateway.multipart import FileSink, MultipartError
 
@@ -88,24 +89,56 @@ def next_name(name: str) -> str:
 
 
 class _S3Sink:
-    """One uploaded file on its way into S3; the registry keeps the name bookkeeping."""
+    """One uploaded file on its way into S3; the registry keeps the name bookkeeping.
 
-    def __init__(self, writer: S3Writer, name: str, registry: NameRegistry) -> None:
-        self.writer = writer
+    ``complete_soon`` lets the request read its next file while this one's last bytes go to S3
+    (``S3Writer.complete_soon``); ``multipart.stream_form`` waits for it before the next
+    completion and before it returns.
+    """
+
+    def __init__(self, s3: S3, url: S3Url, name: str, registry: NameRegistry,
+                 content_type: str | None) -> None:
+        self.s3 = s3
+        self.url = url
+        self.writer = s3.writer(url, content_type)
         self.name = name
         self.registry = registry
+        self._finishing: asyncio.Future[Any] | None = None
+        self._recorded: int | None = None  # the size recorded with the name once stored
 
-    async def write(self, data: bytes) -> None:
+    async def write(self, data: bytes | memoryview) -> None:
         await self.writer.write(data)
 
     async def complete(self) -> Any:
-        size = await self.writer.complete()
+        return await self._record(await self.writer.complete())
+
+    async def complete_soon(self) -> asyncio.Future[Any]:
+        size = await self.writer.complete_soon()
+        self._finishing = asyncio.ensure_future(self._record_when(size))
+        return self._finishing
+
+    async def _record_when(self, size: asyncio.Future[int]) -> Any:
+        return await self._record(await size)
+
+    async def _record(self, size: int) -> Any:
         await self.registry.stored(self.name, size)
+        self._recorded = size
         return self.name
 
     async def abort(self) -> None:
-        await self.writer.abort()
-        await self.registry.release(self.name)
+        finishing, self._finishing = self._finishing, None
+        if finishing is not None:  # let it end (bounded by the S3 and store deadlines) rather
+            await asyncio.wait([finishing])  # than cut it between the object and its record
+            if not finishing.cancelled():
+                finishing.exception()  # retrieved: the request is failing already
+        try:
+            # A completion under way or done may have left the object (and a failed record
+            # would leave it unknown): stop what is in flight, then delete it.
+            await self.writer.abort()
+            if self.writer.completing:
+                await self.s3.delete(self.url)
+        finally:
+            await self.registry.release(self.name, stored_size=self._recorded)
 
 
 @dataclass
@@ -131,9 +164,11 @@ class NameRegistry:
         if self.uploads is not None and self.upload_id is not None:
             await self.uploads.mark_stored(self.upload_id, name, size)
 
-    async def release(self, name: str) -> None:
+    async def release(self, name: str, *, stored_size: int | None = None) -> None:
+        """Give a name back: its file was never stored, or (``stored_size``) it was recorded
+        and its object is deleted (``UploadStore.release_name``)."""
         if self.uploads is not None and self.upload_id is not None:
-            await self.uploads.release_name(self.upload_id, name)
+            await self.uploads.release_name(self.upload_id, name, stored_size=stored_size)
         self.taken.discard(name)
 
 
@@ -154,8 +189,7 @@ def s3_sinks(s3: S3, prefix: S3Url, registry: NameRegistry, *, max_files: int) -
         if reason is not None:
             await registry.release(name)
             raise InvalidFileNameError(name, reason)
-        writer = s3.writer(S3Url(prefix.bucket, prefix.key + name), content_type)
-        return _S3Sink(writer, name, registry)
+        return _S3Sink(s3, S3Url(prefix.bucket, prefix.key + name), name, registry, content_type)
 
     return open_sink
 

@@ -4,32 +4,42 @@ Uploads of unknown length go through ``S3Writer``, the one streaming-upload impl
 (``upload_stream`` and ``upload_file`` are built on it; the gateway feeds it multipart file parts
 as they arrive from the client):
 
-- bytes are appended to a buffer; as soon as it holds ``part_size_bytes`` (at least 5 MiB, S3's
-  minimum for every part but the last) exactly one part is cut off and uploaded with
-  ``UploadPart``, the multipart upload being created lazily on the first full part. Memory is
-  therefore about one part plus one incoming chunk (plus the part's bytes copy while it is sent),
-  whatever the object's size, and the writer awaits each part: a slow S3 back-pressures the
-  producer instead of piling data up;
-- ``complete()`` sends an object smaller than one part as a single ``PutObject`` (no multipart
+- bytes are appended to a buffer; once it holds more than ``part_size_bytes`` (at least 5 MiB,
+  S3's minimum for every part but the last) exactly one part is cut off and uploaded with
+  ``UploadPart``, the multipart upload being created on the first part. A part is cut only when
+  a byte beyond it has arrived, so an object of at most one part — the usual drone image with
+  the default 8 MiB — is always one ``PutObject`` at ``complete()``: one request instead of
+  three, and no server-side concatenation;
+- parts are pipelined: while one part goes to S3 the next one fills from the producer, so one
+  upload keeps S3 busy. At most one part per writer is in flight (the next cut waits for it),
+  and the part in flight holds a buffer of its own (a *spare*, below); when no spare is free
+  the part is sent inline and the producer waits for it, as a slow S3 back-pressures it either
+  way. A part is joined once from the chunks as they came (the one copy) into a ``bytearray``,
+  which botocore hashes as it is and aiohttp sends in one write;
+- ``complete()`` sends an object of at most one part as a single ``PutObject`` (no multipart
   upload ever exists for it), otherwise uploads the remainder as the last part and completes;
-- ``abort()`` (idempotent) aborts a started multipart upload, so a failed or cancelled upload
-  leaves neither an object nor billable orphaned parts behind. As an async context manager the
-  writer aborts when the block is left without ``complete()`` (an exception, a cancellation, or
-  a forgotten ``complete``). The abort request is shielded from a second cancellation so that a
-  client disconnect cannot leave it half-sent.
+- ``abort()`` (idempotent) stops a part in flight and aborts a started multipart upload, so a
+  failed or cancelled upload leaves neither an object nor billable orphaned parts behind. As an
+  async context manager the writer aborts when the block is left without ``complete()`` (an
+  exception, a cancellation, or a forgotten ``complete``). The abort is shielded from a second
+  cancellation so that a client disconnect cannot leave it half-sent.
 
 Part buffers (``PartBuffers``, ``S3.buffers``) bound a process's upload memory: at most
-``upload_buffers`` writers hold a part's bytes at once, whatever the number of uploads. A writer
-draws on them through a ``BufferAccount``: one per upload, or one per request in the gateway (bound
-with ``account.bound()``, so every writer the request opens shares it); an account holds at most
-one buffer. An account's wait for a buffer is bounded (``wait_s``: then ``BuffersBusyError``), and
-so is its hold while it fills a part (``hold_s``): an account past that deadline is preempted, but
-only while another account waits — a slow upload costs nobody anything when buffers are free, and
-memory is bounded by the number of buffers either way; cutting it then would only fail uploads on
-slow links. Preemption calls the account's ``on_preempt`` (the gateway's body reader raises at
-once, even while it waits for the client) and its next ``write`` raises ``BufferPreemptedError``.
-The hold clock runs only while the buffer fills: it stops while a part goes to S3 and restarts
-after it, so a slow S3 never preempts anyone.
+``upload_buffers`` parts' bytes are held at once, whatever the number of uploads — about
+``upload_buffers`` x (part size + one incoming chunk). A buffer is either *filling* (held by a
+``BufferAccount``) or a *spare* carrying a part in flight. A writer draws on them through an
+account: one per upload, or one per request in the gateway (bound with ``account.bound()``, so
+every writer the request opens shares it); an account holds at most one filling buffer, and its
+writer takes a spare only when one is free and nobody waits (a spare never jumps the queue), so
+pipelining is what a lone upload gets on an idle gateway, and many uploads share the buffers
+as before. An account's wait for a buffer is bounded (``wait_s``: then ``BuffersBusyError``),
+and so is its hold while it fills a part (``hold_s``): an account past that deadline is
+preempted, but only while another account waits — a slow upload costs nobody anything when
+buffers are free, and memory is bounded by the number of buffers either way; cutting it then
+would only fail uploads on slow links. Preemption calls the account's ``on_preempt`` (the
+gateway's body reader raises at once, even while it waits for the client) and its next
+``write`` raises ``BufferPreemptedError``. The hold clock runs only while the buffer fills: it
+stops while a part goes to S3 inline and restarts after it, so a slow S3 never preempts anyone.
 
 Deadlines: every S3 request the facade and its writers make (an upload part, a small object, a
 listing page, a download's start and each of its chunks) is bounded by ``request_timeout_s``,
@@ -103,10 +113,11 @@ class BufferPreemptedError(Exception):
 
 
 class BufferAccount:
-    """One upload's (or one request's) draw on the process's part buffers: at most one at a time.
+    """One upload's (or one request's) draw on the process's part buffers: at most one filling
+    buffer at a time, and spares for parts in flight (``try_spare``) when they are free.
 
     ``acquire`` is a no-op while the account holds its buffer, so writers sharing an account (one
-    after the other, as the files of one request) never hold two. Not for concurrent writers.
+    after the other, as the files of one request) never fill two. Not for concurrent writers.
     """
 
     def __init__(self, pool: PartBuffers, wait_s: float | None, hold_s: float | None) -> None:
@@ -114,6 +125,7 @@ class BufferAccount:
         self.wait_s = wait_s
         self.hold_s = hold_s
         self.holding = False
+        self.spares = 0  # parts of this account in flight, each on a spare buffer
         self.preempted = False
         self.deadline = math.inf  # loop time the current part must be full by (inf: no clock)
         self.on_preempt: Callable[[BaseException], None] | None = None
@@ -142,6 +154,20 @@ class BufferAccount:
     def release(self) -> None:
         """Give the buffer back (idempotent); the longest waiter gets it."""
         self.pool._release(self)
+
+    def try_spare(self) -> bool:
+        """Take a spare buffer for a part in flight, without waiting: only while this account
+        fills a buffer of its own, a buffer is free and no account waits for one."""
+        if self.preempted or not self.holding or not self.pool._take_spare():
+            return False
+        self.spares += 1
+        return True
+
+    def release_spare(self) -> None:
+        """The part in flight is done (sent or not): its spare goes back to the pool."""
+        if self.spares > 0:
+            self.spares -= 1
+            self.pool._release_spare()
 
     @contextlib.contextmanager
     def bound(self) -> Iterator[BufferAccount]:
@@ -174,14 +200,16 @@ _bound_account: contextvars.ContextVar[BufferAccount | None] = contextvars.Conte
 class PartBuffers:
     """The process's part buffers (``S3Settings.upload_buffers``; None = unbounded).
 
-    Waiters are served first come, first served. While anyone waits, the holders past their hold
-    deadline are preempted, the longest overdue first and no more than there are waiters; a
-    timer reviews the holders again at the next deadline.
+    Waiters are served first come, first served; spares (parts in flight) are lent only when no
+    one waits. While anyone waits, the holders past their hold deadline are preempted, the
+    longest overdue first and no more than there are waiters; a timer reviews the holders again
+    at the next deadline.
     """
 
     def __init__(self, limit: int | None) -> None:
         self.limit = limit
         self._held: set[BufferAccount] = set()
+        self._spares = 0
         self._waiters: collections.deque[tuple[BufferAccount, asyncio.Future[None]]] = (
             collections.deque()
         )
@@ -197,15 +225,23 @@ class PartBuffers:
         return len(self._held)
 
     @property
+    def spares(self) -> int:
+        """Buffers lent to parts in flight."""
+        return self._spares
+
+    @property
     def waiting(self) -> int:
         return sum(1 for _, fut in self._waiters if not fut.done())
+
+    def _free(self) -> bool:
+        return self.limit is None or len(self._held) + self._spares < self.limit
 
     async def _acquire(self, account: BufferAccount) -> None:
         if self.limit is None:
             account.holding = True
             account.renew()
             return
-        if len(self._held) < self.limit and not self._waiters:
+        if self._free() and not self._waiters:
             self._grant(account)
             return
         entry = (account, asyncio.get_running_loop().create_future())
@@ -238,7 +274,20 @@ class PartBuffers:
         account.holding = False
         account.suspend()
         self._held.discard(account)
-        while self._waiters and self.limit is not None and len(self._held) < self.limit:
+        self._serve_waiters()
+
+    def _take_spare(self) -> bool:
+        if not self._free() or self.waiting:
+            return False
+        self._spares += 1
+        return True
+
+    def _release_spare(self) -> None:
+        self._spares -= 1
+        self._serve_waiters()
+
+    def _serve_waiters(self) -> None:
+        while self._waiters and self._free():
             waiter, fut = self._waiters.popleft()
             if fut.done():  # given up (timed out or cancelled)
                 continue
@@ -456,12 +505,21 @@ async def _shielded(aw: Awaitable[Any]) -> None:
     await asyncio.shield(task)
 
 
+async def _stopped(task: asyncio.Future[Any]) -> None:
+    """Cancel ``task`` and wait for its end; its outcome is dropped (retrieved)."""
+    task.cancel()
+    await asyncio.wait([task])
+    if not task.cancelled():
+        task.exception()
+
+
 class S3Writer:
     """One object written as a stream: ``write``* then ``complete``, or ``abort``.
 
     Not safe for concurrent ``write`` calls (callers write sequentially, awaiting each call).
     Each S3 request is bounded by ``deadline_s`` (None: unbounded; ``S3.writer`` passes
-    ``request_timeout_s``).
+    ``request_timeout_s``). Parts go out pipelined when the account lends a spare buffer (module
+    docstring); a failure of a part in flight is raised by the next ``write`` or ``complete``.
     """
 
     def __init__(self, client: Any, url: S3Url, part_size: int,
@@ -474,10 +532,19 @@ class S3Writer:
         self.url = url
         self.part_size = part_size
         self.content_type = content_type
-        self._buf = bytearray()
+        # The part filling: the written chunks as they came (immutable: held, not copied), joined
+        # once into the part's body when it is cut (the one copy). A ``bytearray`` body, as
+        # botocore hashes it and aiohttp sends it in one write; a ``bytes`` body botocore would
+        # wrap in a BytesIO, read again in 1 MiB pieces to hash it and send in 64 KiB writes.
+        self._chunks: list[bytes | memoryview] = []
+        self._buffered = 0
         self._total = 0
         self._upload_id: str | None = None
-        self._parts: list[dict[str, Any]] = []
+        self._parts: list[dict[str, Any]] = []  # sent: PartNumber and ETag
+        self._cut = 0  # parts cut off so far (sent or in flight): the last PartNumber used
+        self._sending: asyncio.Task[None] | None = None  # the part in flight on a spare
+        self._finishing: asyncio.Task[int] | None = None  # complete_soon's completion
+        self._completing = False
         self._state = "open"  # -> "completed" | "aborted"
         self._account = account
         self._holding = False  # this writer holds its account's part buffer
@@ -494,8 +561,9 @@ class S3Writer:
 
     @property
     def parts_uploaded(self) -> int:
-        """Parts sent with ``UploadPart`` so far (0: still buffered, or a single ``PutObject``)."""
-        return len(self._parts)
+        """Parts handed to ``UploadPart`` so far, one in flight included (0: still buffered, or
+        a single ``PutObject``)."""
+        return self._cut
 
     def _check_open(self) -> None:
         if self._state != "open":
@@ -504,8 +572,8 @@ class S3Writer:
     def _extra(self) -> dict[str, Any]:
         return {"ContentType": self.content_type} if self.content_type else {}
 
-    async def write(self, data: bytes) -> None:
-        """Buffer ``data``; upload every full part right away (awaited: back-pressure).
+    async def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Buffer ``data``; send every full part as soon as a byte beyond it arrives.
 
         With an account, a writer first takes one of the process's part buffers, so many
         concurrent uploads hold at most ``upload_buffers`` parts in memory; the others stop
@@ -514,22 +582,39 @@ class S3Writer:
         account was preempted (see the module docstring).
         """
         self._check_open()
+        if self._completing:
+            raise RuntimeError(f"S3Writer for {self.url} is completing")
         if not data:
             return
         await self._hold()
-        self._buf += data
+        if not isinstance(data, bytes):  # the caller may reuse a mutable buffer: keep a copy
+            data = bytes(data)
+        self._chunks.append(data)
+        self._buffered += len(data)
         self._total += len(data)
-        while len(self._buf) >= self.part_size:
-            # Hand the buffer itself to the upload (no copy of a whole part); keep the tail.
-            body, self._buf = self._buf, self._buf[self.part_size:]
-            del body[self.part_size:]
-            if self._account is not None:
-                self._account.suspend()
-            await self._upload_part(body)
-            if self._account is not None:
-                self._account.renew()
-        if not self._buf:
-            self._release()
+        while self._buffered > self.part_size:
+            await self._send_part(self._cut_part())
+
+    def _cut_part(self) -> bytearray:
+        """The first ``part_size`` buffered bytes as one body; the rest stays buffered."""
+        taken: list[bytes | memoryview] = []
+        need = self.part_size
+        chunks = self._chunks
+        i = 0
+        while need:
+            chunk = chunks[i]
+            if len(chunk) <= need:
+                taken.append(chunk)
+                need -= len(chunk)
+                i += 1
+            else:  # split without copying: views of the chunk, joined below
+                view = memoryview(chunk)
+                taken.append(view[:need])
+                chunks[i] = view[need:]
+                need = 0
+        del chunks[:i]
+        self._buffered -= self.part_size
+        return bytearray().join(taken)
 
     async def _hold(self) -> None:
         if self._account is not None:
@@ -543,62 +628,145 @@ class S3Writer:
             self._holding = False
             self._account.release()
 
-    async def _upload_part(self, body: bytes | bytearray) -> None:
-        if len(self._parts) >= MAX_PARTS:
-            raise ValueError(f"{self.url}: more than {MAX_PARTS} parts of {self.part_size} bytes")
-        if self._upload_id is None:
+    async def _send_part(self, body: bytearray) -> None:
+        """Send one full part: in flight on a spare buffer while the next fills, or inline."""
+        await self._sent()  # at most one part in flight: its buffer is free again after this
+        number = self._next_number()
+        if self._upload_id is None:  # created here, never in flight: abort always knows it
             created = await _request(self.client.create_multipart_upload(
                 Bucket=self.url.bucket, Key=self.url.key, **self._extra()
             ), self._deadline_s, "CreateMultipartUpload")
             self._upload_id = created["UploadId"]
-        n = len(self._parts) + 1
+        account = self._account
+        if account is not None and account.try_spare():
+            self._sending = asyncio.ensure_future(self._upload_on_spare(account, body, number))
+            account.renew()  # the next part starts filling now
+            return
+        if account is not None:
+            account.suspend()
+        await self._upload_part(body, number)
+        if account is not None:
+            account.renew()
+
+    def _next_number(self) -> int:
+        if self._cut >= MAX_PARTS:
+            raise ValueError(f"{self.url}: more than {MAX_PARTS} parts of {self.part_size} bytes")
+        self._cut += 1
+        return self._cut
+
+    async def _upload_on_spare(self, account: BufferAccount, body: bytearray, number: int
+                               ) -> None:
+        try:
+            await self._upload_part(body, number)
+        finally:
+            account.release_spare()
+
+    async def _sent(self) -> None:
+        """Wait for the part in flight, if any; its failure is raised here."""
+        sending, self._sending = self._sending, None
+        if sending is not None:
+            await sending
+
+    async def _upload_part(self, body: bytearray, number: int) -> None:
+        assert self._upload_id is not None
         res = await _request(self.client.upload_part(
-            Bucket=self.url.bucket, Key=self.url.key, UploadId=self._upload_id, PartNumber=n,
-            Body=body,
+            Bucket=self.url.bucket, Key=self.url.key, UploadId=self._upload_id,
+            PartNumber=number, Body=body,
         ), self._deadline_s, "UploadPart")
-        self._parts.append({"PartNumber": n, "ETag": res["ETag"]})
+        self._parts.append({"PartNumber": number, "ETag": res["ETag"]})
 
     async def complete(self) -> int:
         """Make the object visible; returns its size. A no-op once completed."""
         if self._state == "completed":
             return self._total
+        if self._finishing is not None:  # after complete_soon: its outcome
+            return await self._finishing
         self._check_open()
+        self._completing = True
         if self._account is not None:
             self._account.suspend()  # nothing more to fill
-        if self._upload_id is None:  # smaller than one part: a single PUT
+        return await self._finish()
+
+    async def complete_soon(self) -> asyncio.Future[int]:
+        """``complete()`` without waiting for S3 when the account lends a spare buffer: the
+        filling buffer is given back at once (the next object of the account can fill it) while
+        the last bytes go to S3 on the spare. The future gives the size or raises the failure;
+        without a spare the object is completed here and the future is done already."""
+        if self._state == "completed" or self._finishing is not None:
+            return asyncio.ensure_future(self.complete())
+        self._check_open()
+        account = self._account
+        if account is not None and self._holding and account.try_spare():
+            self._completing = True
+            self._release()
+            self._finishing = asyncio.ensure_future(self._finish_on_spare(account))
+            return self._finishing
+        done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        done.set_result(await self.complete())
+        return done
+
+    @property
+    def completing(self) -> bool:
+        """``complete`` (or ``complete_soon``) began: the object may exist from then on, even
+        when the writer is aborted during the last request."""
+        return self._completing
+
+    async def _finish_on_spare(self, account: BufferAccount) -> int:
+        try:
+            return await self._finish()
+        finally:
+            account.release_spare()
+
+    async def _finish(self) -> int:
+        await self._sent()
+        body = bytearray().join(self._chunks)  # the one copy, as for a part
+        self._chunks, self._buffered = [], 0
+        if self._upload_id is None:  # at most one part: a single PUT
             await _request(self.client.put_object(
-                Bucket=self.url.bucket, Key=self.url.key, Body=bytes(self._buf), **self._extra()
+                Bucket=self.url.bucket, Key=self.url.key, Body=body, **self._extra()
             ), self._deadline_s, "PutObject")
         else:
-            if self._buf:
-                body = bytes(self._buf)
-                self._buf = bytearray()
-                await self._upload_part(body)
+            if body:
+                await self._upload_part(body, self._next_number())
             await _request(self.client.complete_multipart_upload(
                 Bucket=self.url.bucket, Key=self.url.key, UploadId=self._upload_id,
-                MultipartUpload={"Parts": self._parts},
+                MultipartUpload={"Parts": sorted(self._parts, key=lambda p: p["PartNumber"])},
             ), self._deadline_s, "CompleteMultipartUpload")
             self._upload_id = None
-        self._buf = bytearray()
         self._release()
         self._state = "completed"
         return self._total
 
     async def abort(self) -> None:
-        """Drop everything written; abort a started multipart upload. Idempotent.
+        """Drop everything written; stop a part (or the completion) in flight and abort a
+        started multipart upload. Idempotent.
 
-        After ``complete()`` this does nothing (the object stays; delete it to undo).
+        After ``complete()`` this does nothing (the object stays; delete it to undo). An object
+        whose completion was under way may exist all the same (``completing``).
         """
         if self._state != "open":
             return
+        finishing, self._finishing = self._finishing, None
+        if finishing is not None:  # stop the completion first: it may still cut or send
+            await _shielded(_stopped(finishing))
+            if self._state != "open":  # it completed meanwhile: the object stays
+                return
         self._state = "aborted"
-        self._buf = bytearray()
+        self._chunks, self._buffered = [], 0
         self._release()
+        sending, self._sending = self._sending, None
         upload_id, self._upload_id = self._upload_id, None
+        if sending is None and upload_id is None:
+            return
+        await _shielded(self._stop(sending, upload_id))
+
+    async def _stop(self, sending: asyncio.Task[None] | None, upload_id: str | None) -> None:
+        if sending is not None:
+            await _stopped(sending)  # its spare is given back as it ends
         if upload_id is not None:
-            await _shielded(_request(self.client.abort_multipart_upload(
+            await _request(self.client.abort_multipart_upload(
                 Bucket=self.url.bucket, Key=self.url.key, UploadId=upload_id
-            ), self._deadline_s, "AbortMultipartUpload"))
+            ), self._deadline_s, "AbortMultipartUpload")
 
     async def __aenter__(self) -> S3Writer:
         return self

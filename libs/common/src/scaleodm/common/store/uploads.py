@@ -9,6 +9,17 @@ wins; the session stays until the task exists, so a commit cut off in between ca
 A single-request ``/task/new`` holds its id here too (``reserve``), so that two requests, or a
 request and a chunked upload, never share one id's files.
 
+The session also counts, as files are written, what commit needs, so that commit reads one
+document and never lists names or objects: ``stored_count``/``stored_bytes`` (files stored
+while the upload was open, less those given back) and ``in_flight`` (names claimed while it was
+open and neither stored nor given back yet). Each is changed by a guarded ``$inc`` on the open
+session in the same request that records the name, and commit flips ``committed`` with
+``find_one_and_update``, so the counts it returns are exactly those of the files recorded before
+the flip; a file recorded after it is counted nowhere, as before (its object lies under the
+task's prefix all the same). With ``in_flight`` at 0 no name can still be arriving, and
+``delete`` skips marking them as orphans. A session opened without counters (``counted`` absent:
+an older gateway opened it) is committed by reading its names, as before.
+
 Retention (NodeODM ``cleanupUploadsAfter``; the watcher's sweep does it): ``active_at_ms`` is the
 last activity of an upload (init, reserve, each file, commit). An upload idle for longer than the
 retention is first *closed* with a guarded update (it becomes committed and reserved, so no
@@ -26,7 +37,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from pymongo import ASCENDING
+from pymongo import ASCENDING, ReturnDocument
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
@@ -42,6 +53,9 @@ class UploadNotFoundError(Exception):
 
 class NamesExhaustedError(Exception):
     """Every renaming of a file name is taken already (``_MAX_RENAMES``)."""
+
+
+COUNTED = 1  # the session's counters' version (``counted``), set when it is opened
 
 
 class UploadStore:
@@ -62,7 +76,8 @@ class UploadStore:
         try:
             await self.sessions.insert_one({
                 "_id": upload_id, "fields": fields, "committed": False, "created_at": now,
-                "active_at_ms": clock.now_ms(),
+                "active_at_ms": clock.now_ms(), "counted": COUNTED, "stored_count": 0,
+                "stored_bytes": 0, "in_flight": 0,
             })
         except DuplicateKeyError:
             res = await self.sessions.update_one(
@@ -84,6 +99,11 @@ class UploadStore:
         except DuplicateKeyError:
             return False
         return True
+
+    async def unreserve(self, upload_id: str) -> None:
+        """Free an id ``reserve`` held (its task exists, or its request failed). No name is ever
+        claimed under a held id (no chunked route takes it), so the session is all there is."""
+        await self.sessions.delete_one({"_id": upload_id, "reserved": True})
 
     async def get(self, upload_id: str) -> Doc | None:
         """The upload, open or committed (a committed one whose task is missing was cut off)."""
@@ -117,7 +137,8 @@ class UploadStore:
         # After the insert: a close or commit in between either sees the name (and marks it in
         # ``delete``) or makes this guarded update miss.
         res = await self.sessions.update_one(
-            {"_id": upload_id, "committed": False}, {"$set": {"active_at_ms": clock.now_ms()}}
+            {"_id": upload_id, "committed": False},
+            {"$set": {"active_at_ms": clock.now_ms()}, "$inc": {"in_flight": 1}},
         )
         if res.matched_count == 0:
             await self.files.update_one(
@@ -126,12 +147,25 @@ class UploadStore:
         return candidate
 
     async def mark_stored(self, upload_id: str, name: str, size: int) -> None:
+        """The file ``name`` is in S3 (``size`` bytes): recorded on its name, then counted by
+        the session while it is open (module docstring). Counts as activity."""
         await self.files.update_one(
             {"_id": f"{upload_id}/{name}"}, {"$set": {"size": size, "stored": True}}
         )
+        await self.sessions.update_one(
+            {"_id": upload_id, "committed": False},
+            {"$set": {"active_at_ms": clock.now_ms()},
+             "$inc": {"stored_count": 1, "stored_bytes": size, "in_flight": -1}},
+        )
 
-    async def release_name(self, upload_id: str, name: str) -> None:
+    async def release_name(self, upload_id: str, name: str, *, stored_size: int | None = None
+                           ) -> None:
+        """Give a claimed name back: its file was never stored, or (``stored_size``: it was, with
+        that size) its object has been deleted. The session's counts follow while it is open."""
         await self.files.delete_one({"_id": f"{upload_id}/{name}"})
+        change = ({"in_flight": -1} if stored_size is None
+                  else {"stored_count": -1, "stored_bytes": -stored_size})
+        await self.sessions.update_one({"_id": upload_id, "committed": False}, {"$inc": change})
 
     async def stored_names(self, upload_id: str) -> list[str]:
         cursor = self.files.find(
@@ -139,21 +173,35 @@ class UploadStore:
         )
         return [d["name"] async for d in cursor]
 
-    async def commit(self, upload_id: str) -> bool:
-        res = await self.sessions.update_one(
+    async def commit(self, upload_id: str) -> Doc | None:
+        """Close the open upload ``upload_id`` for good; its session as committed (with the
+        counts of every file recorded before), or None when no open upload has this id."""
+        doc: Doc | None = await self.sessions.find_one_and_update(
             {"_id": upload_id, "committed": False},
             {"$set": {"committed": True, "committed_at": clock.now(),
                       "active_at_ms": clock.now_ms()}},
+            return_document=ReturnDocument.AFTER,
         )
-        return res.modified_count == 1
+        return doc
 
-    async def delete(self, upload_id: str) -> None:
+    async def stored_count(self, session: Doc) -> int:
+        """How many files the upload ``session`` holds: its count, or for a session opened
+        without counters, its stored names."""
+        if session.get("counted") == COUNTED:
+            return max(0, int(session.get("stored_count") or 0))
+        return len(await self.stored_names(session["_id"]))
+
+    async def delete(self, upload_id: str, session: Doc | None = None) -> None:
         """Forget the upload (its task exists, or it failed). Names of files still arriving
-        stay, as orphans: their objects land after this (module docstring)."""
-        await self.files.update_many(
-            {"upload_id": upload_id, "stored": False, "orphan_at_ms": None},
-            {"$set": {"orphan_at_ms": clock.now_ms()}},
-        )
+        stay, as orphans: their objects land after this (module docstring). ``session``: its
+        committed document, if at hand; when it counts no name in flight, there is none to
+        mark."""
+        if (session is None or session.get("counted") != COUNTED
+                or int(session.get("in_flight") or 0) != 0):
+            await self.files.update_many(
+                {"upload_id": upload_id, "stored": False, "orphan_at_ms": None},
+                {"$set": {"orphan_at_ms": clock.now_ms()}},
+            )
         await self.files.delete_many({"upload_id": upload_id, "orphan_at_ms": None})
         await self.sessions.delete_one({"_id": upload_id})
 

@@ -1,9 +1,12 @@
 """Creating tasks (NodeODM §3.4, §3.5): ``/task/new`` and the chunked init -> upload -> commit.
 
-Files stream from the request into S3 as they arrive (``multipart.stream_form`` + S3 multipart
-uploads), so memory stays bounded whatever the upload size and nothing touches local disk. A
-chunked upload's state is in MongoDB and S3 only, so any gateway replica can serve any of its
-requests. Commit validates and answers at once; fetching and processing happen in the run.
+Files stream from the request into S3 as they arrive (``multipart.stream_form`` +
+``S3Writer``), so memory stays bounded whatever the upload size (the process's part buffers,
+``store.s3``) and nothing touches local disk. A chunked upload's state is in MongoDB and S3 only,
+so any gateway replica can serve any of its requests. Commit reads the upload's counts in the
+same write that closes it (``store.uploads``: no listing of names or objects), creates the task
+and answers; the upload's records are deleted after the answer. Fetching and processing happen
+in the run.
 
 Task ids are canonical (lower-case, ``contracts.ids.canonical_task_id``) from the moment they
 enter: ``set-uuid`` and the ``{uuid}`` of upload/commit. Init and commit answer the canonical
@@ -18,7 +21,7 @@ import contextlib
 import uuid as uuidlib
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, BackgroundTasks, Request
 from starlette.requests import ClientDisconnect
 
 from scaleodm.common.contracts.ids import canonical_task_id
@@ -116,7 +119,7 @@ async def create_task(request: Request, res: ResourcesDep) -> dict[str, str]:
         files = stored or (multipart.completed_files(exc) if exc is not None else [])
         await _delete_stored(res, inputs, files)
         with contextlib.suppress(Exception):
-            await res.uploads.delete(task_id)
+            await res.uploads.unreserve(task_id)
 
     with bind_task(task_id):
         registry = uploads.NameRegistry()
@@ -146,7 +149,7 @@ async def create_task(request: Request, res: ResourcesDep) -> dict[str, str]:
         except NodeOdmError:
             await drop_inputs()
             raise
-        await res.uploads.delete(task_id)  # the task exists now: it holds the id
+        await res.uploads.unreserve(task_id)  # the task exists now: it holds the id
     return {"uuid": task_id}
 
 
@@ -203,7 +206,8 @@ async def upload_files(uuid: str, request: Request, res: ResourcesDep) -> dict[s
 
 @router.post("/task/new/commit/{uuid}", operation_id="nodeodm-commit_task", response_model=None,
              responses=openapi.ok(models.UuidResponse, "The task's uuid.", path_params=True))
-async def commit_task(uuid: str, res: ResourcesDep) -> dict[str, str]:
+async def commit_task(uuid: str, res: ResourcesDep, background: BackgroundTasks
+                      ) -> dict[str, str]:
     """Turn an upload into a task and queue it; heavy work happens in the run (§3.5)."""
     settings = res.settings
     task_id = canonical_task_id(uuid)
@@ -211,13 +215,19 @@ async def commit_task(uuid: str, res: ResourcesDep) -> dict[str, str]:
         raise NodeOdmError("Invalid uuid (not found)")
     inputs = s3mod.task_inputs(settings.s3.bucket, task_id)
     with bind_task(task_id):
-        session = await res.uploads.get(task_id)
-        # A session committed without a task: the commit that closed it died before creating
-        # the task; this (retried) commit finishes it. With a task, it is one no longer.
-        if session is None or session.get("reserved") or (  # reserved: a /task/new's own id
-            session.get("committed") and await res.store.get_task(task_id, include_removed=True)
-        ):
-            raise NodeOdmError("Invalid uuid (not found)")
+        # One write closes the open upload and reads what it holds, counted as its files were
+        # stored (store.uploads): no listing of names or objects. A refusal below discards the
+        # upload, so closing it first changes nothing for the client.
+        session = await res.uploads.commit(task_id)
+        if session is None:
+            session = await res.uploads.get(task_id)
+            # A session committed without a task: the commit that closed it died before
+            # creating the task; this (retried) commit finishes it. With a task, it is one no
+            # longer. Reserved: a /task/new's own id, or an upload the retention closed.
+            if session is None or session.get("reserved") or not session.get("committed") or (
+                await res.store.get_task(task_id, include_removed=True)
+            ):
+                raise NodeOdmError("Invalid uuid (not found)")
         try:
             fields = submission.TaskFields.from_dict(session.get("fields") or {})
         except (TypeError, ValueError) as exc:
@@ -227,12 +237,10 @@ async def commit_task(uuid: str, res: ResourcesDep) -> dict[str, str]:
         except NodeOdmError:
             await _discard(res, task_id, inputs)
             raise
-        count = len(await res.uploads.stored_names(task_id))
+        count = await res.uploads.stored_count(session)
         if count == 0:
             await _discard(res, task_id, inputs)
             raise NodeOdmError("Need at least 1 file.")
-        if not session.get("committed") and not await res.uploads.commit(task_id):
-            raise NodeOdmError("Invalid uuid (not found)")
         await res.points.hit("gateway.commit.before_submit")
         failure = None
         if settings.max_images and count > settings.max_images:
@@ -245,8 +253,17 @@ async def commit_task(uuid: str, res: ResourcesDep) -> dict[str, str]:
             if isinstance(exc.__cause__, TaskExistsError):  # a concurrent retry created it
                 raise NodeOdmError("Invalid uuid (not found)") from exc
             raise
-        await res.uploads.delete(task_id)
+        # The task holds the id now: the upload's records go after the answer. Should that fail,
+        # the committed session stays until the retention's sweep (it keeps the task's files).
+        background.add_task(_forget_upload, res, task_id, session)
     return {"uuid": task_id}
+
+
+async def _forget_upload(res: Resources, upload_id: str, session: dict[str, Any]) -> None:
+    try:
+        await res.uploads.delete(upload_id, session)
+    except Exception as exc:
+        log.warning("upload records not deleted", task_id=upload_id, error=repr(exc))
 
 
 async def _delete_stored(res: Resources, inputs: s3mod.S3Url, files: list[multipart.StoredFile],
@@ -257,7 +274,7 @@ async def _delete_stored(res: Resources, inputs: s3mod.S3Url, files: list[multip
         with contextlib.suppress(Exception):
             await res.s3.delete(s3mod.S3Url(inputs.bucket, inputs.key + file.result))
             if upload_id is not None:
-                await res.uploads.release_name(upload_id, file.result)
+                await res.uploads.release_name(upload_id, file.result, stored_size=file.size)
 
 
 async def _discard(res: Resources, upload_id: str, inputs: s3mod.S3Url) -> None:
