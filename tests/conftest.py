@@ -8,13 +8,16 @@ run on mongoeco (see ``tests/integration/test_store.py``).
 from __future__ import annotations
 
 import compileall
+import os
 import re
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+from pymongo import AsyncMongoClient
 
 from tests.harness import properties, servers  # noqa: F401 - registers the fast profile
 from tests.harness.httpfixture import HttpFixture
@@ -110,3 +113,30 @@ def fresh_stack(
 async def client(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(base_url=stack.gateway_url, timeout=30) as c:
         yield c
+
+
+@pytest.fixture(scope="module", params=list(servers.MONGO_KINDS))
+def wire_url(request: pytest.FixtureRequest,
+             tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A MongoDB wire server per kind (nx-27017, mongoeco; or the real one from the env), one
+    per test module: for the store's queries, which every server must answer alike."""
+    kind: str = request.param
+    if kind == "mongoeco" and not os.environ.get("SCALEODM_TEST_MONGODB_URL"):
+        reason = servers.mongoeco_available()
+        if reason is not None:
+            pytest.skip(reason)
+    with servers.mongo_server(kind, tmp_path_factory.mktemp(f"wire-{kind}")) as url:
+        yield url
+
+
+@pytest.fixture
+async def wire_db(wire_url: str) -> AsyncIterator[Any]:
+    """A fresh database on ``wire_url``, dropped afterwards."""
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
+        wire_url, tz_aware=True, serverSelectionTimeoutMS=5000)
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    try:
+        yield client[name]
+    finally:
+        await client.drop_database(name)
+        await client.close()

@@ -23,7 +23,6 @@ import contextlib
 import datetime as dt
 import functools
 import inspect
-import os
 import socket
 import threading
 import time
@@ -272,30 +271,6 @@ async def _gone(stack: Stack, db: Any, task_id: str) -> bool:
 
 
 # -- the store's retention queries, on every wire server ------------------------------------
-
-
-@pytest.fixture(scope="module", params=list(servers.MONGO_KINDS))
-def wire_url(request: pytest.FixtureRequest,
-             tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    kind: str = request.param
-    if kind == "mongoeco" and not os.environ.get("SCALEODM_TEST_MONGODB_URL"):
-        reason = servers.mongoeco_available()
-        if reason is not None:
-            pytest.skip(reason)
-    with servers.mongo_server(kind, tmp_path_factory.mktemp(f"retention-{kind}")) as url:
-        yield url
-
-
-@pytest.fixture
-async def wire_db(wire_url: str) -> AsyncIterator[Any]:
-    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
-        wire_url, tz_aware=True, serverSelectionTimeoutMS=5000)
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    try:
-        yield client[name]
-    finally:
-        await client.drop_database(name)
-        await client.close()
 
 
 async def _task(store: TaskStore, *evs: Callable[[str], events.TaskEvent],

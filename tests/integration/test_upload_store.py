@@ -14,17 +14,13 @@ Left out: the retention sweep (``test_retention.py``) and the HTTP routes
 
 from __future__ import annotations
 
-import os
 import uuid
-from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
-from pymongo import AsyncMongoClient
 
 from scaleodm.common import clock
 from scaleodm.common.store.uploads import UploadStore
-from tests.harness import servers
 
 pytestmark = pytest.mark.integration
 
@@ -33,30 +29,11 @@ def _rename(name: str) -> str:
     return f"_{name}"
 
 
-@pytest.fixture(scope="module", params=list(servers.MONGO_KINDS))
-def wire_url(request: pytest.FixtureRequest,
-             tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    kind: str = request.param
-    if kind == "mongoeco" and not os.environ.get("SCALEODM_TEST_MONGODB_URL"):
-        reason = servers.mongoeco_available()
-        if reason is not None:
-            pytest.skip(reason)
-    with servers.mongo_server(kind, tmp_path_factory.mktemp(f"uploads-{kind}")) as url:
-        yield url
-
-
 @pytest.fixture
-async def uploads(wire_url: str) -> AsyncIterator[UploadStore]:
-    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
-        wire_url, tz_aware=True, serverSelectionTimeoutMS=5000)
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    try:
-        store = UploadStore(client[name])
-        await store.ensure_indexes()
-        yield store
-    finally:
-        await client.drop_database(name)
-        await client.close()
+async def uploads(wire_db: Any) -> UploadStore:
+    store = UploadStore(wire_db)
+    await store.ensure_indexes()
+    return store
 
 
 async def _counts(uploads: UploadStore, upload_id: str) -> tuple[int, int, int]:
