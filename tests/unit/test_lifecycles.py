@@ -3,7 +3,8 @@ and ``sources.open`` (watcher), and the Argo run contract they share (``argoruns
 
 Covered: ``Lifecycle.current`` only inside its lifespan (``RuntimeError`` before and after), the
 resources closed on exit, also when the body fails; ``executors.open`` builds the executor the
-settings name (local: the engine resolved, the runner started as ``scaleodm.run.runner``; argo:
+settings name (local: the engine resolved, the runner started as ``scaleodm.run.runner``, its
+fork server ``scaleodm.run.forking`` running while it is open; argo:
 a Kubernetes client from a kubeconfig, closed on exit) and ``sources.open`` the run source (the
 Argo one selecting its shards by the ``argoruns`` labels); ``SCALEODM_EXECUTOR`` and
 ``SCALEODM_SOURCE`` both name a ``RunPlatform``. That every platform has a branch in both
@@ -35,7 +36,7 @@ from scaleodm.common.settings import (
     WatcherSettings,
 )
 from scaleodm.common.store.tasks import TaskStore
-from scaleodm.run import runner
+from scaleodm.run import forking, runner
 from scaleodm.scheduler import executors
 from scaleodm.scheduler.executors import argo as argo_executor
 from scaleodm.scheduler.executors import local as local_executor
@@ -113,8 +114,12 @@ async def test_executors_open_local(tmp_path: Path) -> None:
         assert executor.engine is EngineKind.TEST
         assert (tmp_path / "runs").is_dir()
         reaper = executor._reaper
+        server = executor.forker._proc  # the runner fork server, warm before the scheduler
+        assert server is not None and server.returncode is None
     assert reaper.done()  # closed on exit
+    assert server.returncode is not None
     assert local_executor.RUNNER_MODULE == runner.__name__ == "scaleodm.run.runner"
+    assert local_executor.FORK_SERVER_MODULE == forking.__name__ == "scaleodm.run.forking"
 
 
 async def test_executors_open_argo(tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""One local run, as its own process: ``python -m scaleodm.run.runner <run dir>``.
+"""One local run, as its own process: ``python -m scaleodm.run.runner <run dir>``, or forked
+from the pre-imported fork server (``scaleodm.run.forking``), which is how the scheduler starts it.
 
 The local counterpart of an Argo Workflow's pod: fetch inputs -> run the engine -> package and
 upload the outputs -> write ``result.json``. It runs in its own session, so a scheduler crash
@@ -186,9 +187,14 @@ async def main_async(rd: localruns.RunDir) -> int:
     return 0
 
 
+def run(path: Path) -> int:
+    """The run of the run directory ``path``, in this process; returns the exit code. Called by
+    ``main`` and in each child of the fork server (``scaleodm.run.forking``)."""
+    return asyncio.run(main_async(localruns.RunDir(path)))
+
+
 def main() -> None:
-    rd = localruns.RunDir(Path(sys.argv[1]))
-    sys.exit(asyncio.run(main_async(rd)))
+    sys.exit(run(Path(sys.argv[1])))
 
 
 if __name__ == "__main__":

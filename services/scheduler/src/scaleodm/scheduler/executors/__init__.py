@@ -25,7 +25,8 @@ async def open(settings: SchedulerSettings) -> AsyncIterator[Executor]:
 
     ``argo``: Workflows through the Kubernetes API (``settings.argo.kubeconfig``, else in-cluster).
     ``local``: runner processes under ``settings.local.runs_dir``, with the engine resolved first
-    (``engines.resolve_engine``: ``auto`` without a docker engine refuses to start).
+    (``engines.resolve_engine``: ``auto`` without a docker engine refuses to start), forked from
+    a fork server that is warm when this returns (``LocalExecutor.prepare``).
     """
     executor: Executor
     match settings.executor:
@@ -36,6 +37,11 @@ async def open(settings: SchedulerSettings) -> AsyncIterator[Executor]:
         case RunPlatform.LOCAL:
             engine = await engines.resolve_engine(settings)
             executor = local.LocalExecutor(settings.local.runs_dir, engine)
+            try:
+                await executor.prepare()
+            except BaseException:  # a stop during the start
+                await executor.close()
+                raise
             runs = f"local:{engine.value}:{settings.local.runs_dir}"
         case _:
             assert_never(settings.executor)

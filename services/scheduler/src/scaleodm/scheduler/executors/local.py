@@ -1,5 +1,12 @@
-"""Local executor: each attempt is a detached runner process (``python -m scaleodm.run.runner``,
-the run package) and a run directory.
+"""Local executor: each attempt is a detached runner process (``scaleodm.run.runner``, the run
+package) and a run directory.
+
+Runners are forked from the run package's fork server (``scaleodm.run.forking``, driven by
+``RunnerForker``), started with the executor and warm before the scheduler says it is ready: a
+runner then starts in milliseconds instead of the 1-2 s of a fresh interpreter importing the run
+package, and the first task after a start is as quick as any other. Without the server (it did
+not start, or died: it is started again, ``FORK_SERVER_RETRY_S`` apart) a runner is spawned as
+``python -m scaleodm.run.runner <run dir>``; either way it is the same process in its own session.
 
 Idempotency mirrors Argo's deterministic names: the run directory is named after uuid + attempt
 and created with ``mkdir`` (the claim), so a redelivered create finds it and changes nothing. A
@@ -15,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import shutil
 import signal
@@ -27,25 +35,175 @@ from scaleodm.common.contracts.commands import RunSpec
 from scaleodm.common.contracts.ids import run_name
 from scaleodm.common.logging import get_logger
 from scaleodm.common.settings import EngineKind
-from scaleodm.run import runner
+from scaleodm.run import forking, runner
 from scaleodm.scheduler.executors.base import StartOutcome
 
 log = get_logger(__name__)
-# The runner's module, run with ``python -m`` (named from the module, so it follows it).
+# The runner's and the fork server's modules, run with ``python -m`` (named from the modules, so
+# they follow them).
 RUNNER_MODULE = runner.__name__
+FORK_SERVER_MODULE = forking.__name__
+FORK_SERVER_READY_TIMEOUT_S = 30.0  # imports and warm-up; beyond, runners are spawned
+FORK_REPLY_TIMEOUT_S = 10.0  # one fork; a server that does not answer is replaced
+FORK_SERVER_RETRY_S = 30.0  # between two starts of the server
+FORK_SERVER_STOP_TIMEOUT_S = 2.0
 
 
 class RunNotStartedError(RuntimeError):
     """The run directory or the runner process could not be created (details in the log)."""
 
 
+class RunnerForker:
+    """The scheduler's end of the runner fork server (``scaleodm.run.forking``, its protocol).
+
+    ``start`` starts the server and waits (bounded) for its ``ready``; ``fork`` asks it for one
+    runner. A server that exits, fails a request or does not answer in time is stopped and never
+    asked again (a late answer could be taken for the next request's); ``fork`` then answers
+    None, the caller spawns the runner itself, and a new server is started in the background at
+    most every ``FORK_SERVER_RETRY_S``. A fork whose answer was lost may have happened: the
+    spawned runner then finds the run's lock taken and exits, so one runner runs either way.
+    """
+
+    def __init__(self) -> None:
+        self._proc: asyncio.subprocess.Process | None = None
+        self._lock = asyncio.Lock()
+        self._starting: asyncio.Task[bool] | None = None
+        self._stopping: set[asyncio.Task[None]] = set()
+        self._last_start = -math.inf
+
+    @property
+    def ready(self) -> bool:
+        """A server is there to fork runners."""
+        return self._proc is not None and self._proc.returncode is None
+
+    async def start(self, timeout_s: float = FORK_SERVER_READY_TIMEOUT_S) -> bool:
+        """Start the server; True once it said ``ready`` within ``timeout_s``."""
+        loop = asyncio.get_running_loop()
+        self._last_start = loop.time()
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", FORK_SERVER_MODULE,
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                # its log lines are the scheduler's
+            )
+        except OSError as exc:
+            log.warning("runner fork server not started; runners are spawned",
+                        error=repr(exc))
+            return False
+        try:
+            ready = await _wait_ready(proc, timeout_s)
+        except BaseException:  # cancelled (a stop during the start): no server left behind
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            raise
+        if not ready:
+            log.warning("runner fork server not ready; runners are spawned",
+                        timeout_s=timeout_s, exit_code=proc.returncode)
+            await _stop_server(proc)
+            return False
+        async with self._lock:
+            old, self._proc = self._proc, proc
+        if old is not None:
+            await _stop_server(old)
+        log.info("runner fork server ready", pid=proc.pid,
+                 start_s=round(loop.time() - self._last_start, 3))
+        return True
+
+    async def fork(self, path: Path) -> int | None:
+        """The pid of the runner forked for the run directory ``path``; None without a server."""
+        async with self._lock:
+            proc = self._proc
+            if proc is None or proc.returncode is not None:
+                self._proc = None
+                self._restart_later()
+                return None
+            assert proc.stdin is not None and proc.stdout is not None
+            try:
+                proc.stdin.write(os.fsencode(path) + b"\n")
+                await proc.stdin.drain()
+                line = await asyncio.wait_for(proc.stdout.readline(), FORK_REPLY_TIMEOUT_S)
+            except (OSError, TimeoutError) as exc:
+                line, error = b"", repr(exc)
+            except asyncio.CancelledError:  # its answer is still to come: never ask it again
+                self._proc = None
+                stopping = asyncio.get_running_loop().create_task(_stop_server(proc))
+                self._stopping.add(stopping)
+                stopping.add_done_callback(self._stopping.discard)
+                raise
+            else:
+                error = "closed" if not line else ""
+            answer = line.strip()
+            if answer.isdigit():
+                return int(answer)
+            if answer == forking.ERROR:  # one fork failed (the server logged why); it goes on
+                return None
+            log.warning("runner fork server lost; runners are spawned until it is back",
+                        error=error or repr(answer[:80]), exit_code=proc.returncode)
+            self._proc = None
+        await _stop_server(proc)
+        self._restart_later()
+        return None
+
+    def _restart_later(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._starting is not None and not self._starting.done():
+            return
+        if loop.time() - self._last_start < FORK_SERVER_RETRY_S:
+            return
+        self._starting = loop.create_task(self.start(), name="runner-fork-server")
+
+    async def close(self) -> None:
+        """Stop the server (runs it forked go on) and a start in flight."""
+        if self._starting is not None:
+            self._starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._starting
+        async with self._lock:
+            proc, self._proc = self._proc, None
+        if proc is not None:
+            await _stop_server(proc)
+        await asyncio.gather(*self._stopping)
+
+
+async def _wait_ready(proc: asyncio.subprocess.Process, timeout_s: float) -> bool:
+    """True once the server said ``ready`` (whatever an import printed before is skipped);
+    False when it exited or took longer than ``timeout_s``."""
+    assert proc.stdout is not None
+    try:
+        async with asyncio.timeout(timeout_s):
+            while line := await proc.stdout.readline():
+                if line.strip() == forking.READY:
+                    return True
+    except TimeoutError:
+        pass
+    return False
+
+
+async def _stop_server(proc: asyncio.subprocess.Process) -> None:
+    """End of input (the server exits at once), then SIGKILL if it lingers."""
+    if proc.stdin is not None:
+        proc.stdin.close()
+    try:
+        await asyncio.wait_for(proc.wait(), FORK_SERVER_STOP_TIMEOUT_S)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+
+
 class LocalExecutor:
     def __init__(self, runs_dir: Path, engine: EngineKind) -> None:
         self.runs_dir = runs_dir
         self.engine = engine
+        self.forker = RunnerForker()
         self._children: list[subprocess.Popen[bytes]] = []
         runs_dir.mkdir(parents=True, exist_ok=True)
         self._reaper = asyncio.get_running_loop().create_task(self._reap())
+
+    async def prepare(self) -> None:
+        """Start the runner fork server and wait until it is warm (bounded): runners started
+        from then on, the first one included, skip the interpreter's start and imports."""
+        await self.forker.start()
 
     def _dir(self, task_id: str, attempt: int) -> localruns.RunDir:
         return localruns.RunDir(self.runs_dir / run_name(task_id, attempt))
@@ -53,25 +211,35 @@ class LocalExecutor:
     async def start(self, spec: RunSpec) -> StartOutcome:
         rd = self._dir(spec.task_id, spec.attempt)
         try:
-            return self._start(rd, spec)
+            if not self._claim(rd, spec):
+                return StartOutcome.EXISTS
+            await self._launch(rd)
         except OSError as exc:
             log.error("run not started", run=str(rd.path), error=repr(exc))
             raise RunNotStartedError("the local run could not be prepared") from exc
+        return StartOutcome.STARTED
 
-    def _start(self, rd: localruns.RunDir, spec: RunSpec) -> StartOutcome:
+    def _claim(self, rd: localruns.RunDir, spec: RunSpec) -> bool:
+        """The run directory with its ``run.json``; False when the run exists already."""
         try:
             rd.path.mkdir()
         except FileExistsError:
             if rd.runner_started or rd.result is not None or rd.cancel_requested:
-                return StartOutcome.EXISTS
+                return False
             log.warning("claimed run never started; starting it", run=rd.path.name)
         if rd.run is None:
             localruns.write_json_atomic(
                 rd.file(localruns.RUN_FILE),
                 {"spec": spec.model_dump(mode="json"), "engine": self.engine.value},
             )
+        return True
+
+    async def _launch(self, rd: localruns.RunDir) -> None:
+        pid = await self.forker.fork(rd.path.resolve())
+        if pid is not None:
+            log.info("runner forked", run=rd.path.name, pid=pid)
+            return
         self._spawn(rd)
-        return StartOutcome.STARTED
 
     def _spawn(self, rd: localruns.RunDir) -> None:
         with rd.file(localruns.RUNNER_LOG).open("ab") as log_fh:
@@ -117,6 +285,7 @@ class LocalExecutor:
             self._children = [p for p in self._children if p.poll() is None]
 
     async def close(self) -> None:
+        await self.forker.close()
         self._reaper.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._reaper
