@@ -72,18 +72,18 @@ class NewTask:
 Written = Callable[[str, int | None], Awaitable[None]]
 
 
-async def _nobody(task_id: str, seq: int | None) -> None:
-    del task_id, seq
-
-
 class TaskActions:
     def __init__(self, store: TaskStore, emitter: Emitter, points: failpoints.Failpoints,
-                 written: Written = _nobody) -> None:
+                 written: Written | None = None) -> None:
         self.store = store
         self.emitter = emitter
         self.points = points
         # The read model (readmodel.py): drops the task, waits for its event to come back.
-        self.written = written
+        self._written = written
+
+    async def written(self, task_id: str, seq: int | None) -> None:
+        if self._written is not None:
+            await self._written(task_id, seq)
 
     async def create(self, new: NewTask, *, failure: str | None = None) -> None:
         """The task at status 10 with its run queued; ``failure`` fails it at once instead

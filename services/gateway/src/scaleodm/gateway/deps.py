@@ -42,9 +42,8 @@ class Resources:
 
     def __post_init__(self) -> None:
         self.queue_count = CachedValue(self.store.count_active, self.settings.info_cache_s)
-        self.actions = TaskActions(self.store, self.emitter, self.points) if (
-            self.read_model is None) else TaskActions(self.store, self.emitter, self.points,
-                                                      self.read_model.written)
+        self.actions = TaskActions(self.store, self.emitter, self.points,
+                                   self.read_model.written if self.read_model else None)
 
     @property
     def store(self) -> TaskStore:

@@ -33,10 +33,12 @@ again whatever happened: a bound on the damage of anything this reasoning missed
    task's entry before it answers; the next read fills it from MongoDB.
 3. *Read your writes, on any other process*: a write answers only once its event came back on
    this process's subscription (bounded by ``read_model_echo_timeout_s``), i.e. once the NATS
-   server has routed it to every subscriber; and a read first waits for a *sync point*: a
-   PING/PONG with the server (``flush``) that started after the read arrived, and until every
-   message received before the PONG was applied. NATS delivers one connection's messages in
-   order, so the reader has applied the write's event. Concurrent reads share one sync point.
+   server has routed it to every subscriber; and a read of a task held here (a document, or
+   an id known as unknown) first waits for a *sync point*: a PING/PONG with the server
+   (``flush``) that started after the read arrived, and until every message received before
+   the PONG was applied. NATS delivers one connection's messages in order, so the reader has
+   applied the write's event. Concurrent reads share one sync point. A task not held is read
+   from MongoDB, which has every answered write.
    With a NATS cluster the promise holds between processes connected to the same server;
    across servers, up to the route's delay (sub-millisecond on a LAN).
 4. *Disconnected, not stale*: while this process's NATS connection is down, and after it comes
@@ -55,7 +57,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -241,7 +242,12 @@ class ReadModel:
         return doc
 
     async def _get(self, task_id: str) -> Doc | None:
-        if self.size == 0 or not await self._synced():
+        if self.size == 0 or not self._connected():
+            self.stats["bypass"] += 1
+            return await self.store.tasks.find_one({"_id": task_id})
+        # Only what is held needs the sync point: a task not held is read from MongoDB anyway.
+        held = task_id in self._entries or task_id in self._absent
+        if held and not await self._synced():
             self.stats["bypass"] += 1
             return await self.store.tasks.find_one({"_id": task_id})
         now = time.monotonic()
@@ -260,17 +266,23 @@ class ReadModel:
             del self._absent[task_id]
         return await self._fill(task_id)
 
-    async def _synced(self) -> bool:
-        """True once this process has applied every event the server sent it before now."""
-        sync = self._sync
-        if sync is None or not self.nc.is_connected:
+    def _connected(self) -> bool:
+        """False (everything dropped) while the subscription cannot be trusted: not started,
+        disconnected; after a reconnection (events may have been missed) everything held is
+        dropped too."""
+        if self._sync is None or not self.nc.is_connected:
             self.clear()
             return False
-        if self._reconnect_count() != self._reconnects:  # events may have been missed
+        if self._reconnect_count() != self._reconnects:
             self._reconnects = self._reconnect_count()
             self.clear()
+        return True
+
+    async def _synced(self) -> bool:
+        """True once this process has applied every event the server sent it before now."""
+        assert self._sync is not None  # _connected() said so
         try:
-            await sync.wait()
+            await self._sync.wait()
         except Exception as exc:
             log.warning("read model sync point failed; reading MongoDB", error=repr(exc))
             self.clear()
@@ -303,9 +315,11 @@ class ReadModel:
                     break
                 doc = apply_event(doc, ev)
                 seq = max(seq, ev.seq)
-            if not gap and self._sub is not None and reconnects == self._reconnect_count():
+            if (not gap and self._sub is not None and self.nc.is_connected
+                    and reconnects == self._reconnect_count()):
                 self._remember(task_id, _Entry(doc, seq, time.monotonic()))
-        elif not fill.pending and reconnects == self._reconnect_count():
+        elif (not fill.pending and self.nc.is_connected
+              and reconnects == self._reconnect_count()):
             self._absent[task_id] = time.monotonic()
             while len(self._absent) > self.negative_size:
                 self._absent.popitem(last=False)
@@ -397,7 +411,3 @@ class ReadModel:
 
     def _reconnect_count(self) -> int:
         return int(self.nc.stats.get("reconnects", 0))
-
-    def entries(self) -> Iterator[tuple[str, Doc]]:
-        """What is held (tests, diagnostics)."""
-        return ((k, e.doc) for k, e in self._entries.items())
