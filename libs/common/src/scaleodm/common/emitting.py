@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from faststream.nats import NatsBroker
 from pydantic import ValidationError
 
-from scaleodm.common import clock
+from scaleodm.common import clock, failpoints
 from scaleodm.common.contracts import bus, commands, events
 from scaleodm.common.contracts.ids import TaskId
 from scaleodm.common.logging import get_logger
@@ -80,10 +80,12 @@ def outbound(doc: Doc) -> Outbound:
 
 
 class Emitter:
-    def __init__(self, store: TaskStore, broker: NatsBroker, publish_timeout_s: float) -> None:
+    def __init__(self, store: TaskStore, broker: NatsBroker, publish_timeout_s: float,
+                 points: failpoints.Failpoints | None = None) -> None:
         self.store = store
         self.broker = broker
         self.publish_timeout_s = publish_timeout_s
+        self.points = points or failpoints.Failpoints()
         self._queue: asyncio.Queue[Outbound] = asyncio.Queue(QUEUE_SIZE)
         self._worker: asyncio.Task[None] | None = None
         self._dropped = 0  # events of the current queue overflow, left to the relay
@@ -146,6 +148,7 @@ class Emitter:
     async def deliver(self, out: Outbound) -> Delivery:
         """Publish the event, then its command; mark it published."""
         ev = out.event
+        await self.points.hit("emitter.before_publish")
         try:
             await bus.publish_event(self.broker, ev, timeout_s=self.publish_timeout_s)
             if out.command is not None:

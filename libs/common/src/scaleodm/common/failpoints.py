@@ -28,7 +28,8 @@ def parse(spec: str) -> dict[str, str]:
 
 class Failpoints:
     """Actions: ``hang`` (wait forever), ``crash`` (exit the process at once, no cleanup),
-    ``error`` (raise ``FailpointError``: an unexpected exception, as a bug would raise)."""
+    ``error`` (raise ``FailpointError``: an unexpected exception, as a bug would raise),
+    ``sleep<ms>`` (wait that many milliseconds, then go on: a slow dependency)."""
 
     def __init__(self, spec: str = "") -> None:
         self._points = parse(spec)
@@ -47,6 +48,8 @@ class Failpoints:
             await asyncio.Event().wait()
         if action == "error":
             raise FailpointError(name)
+        if action.startswith("sleep"):
+            await asyncio.sleep(int(action.removeprefix("sleep")) / 1000)
 
 
 class FailpointError(RuntimeError):

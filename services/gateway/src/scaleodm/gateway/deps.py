@@ -42,8 +42,9 @@ class Resources:
 
     def __post_init__(self) -> None:
         self.queue_count = CachedValue(self.store.count_active, self.settings.info_cache_s)
-        self.actions = TaskActions(self.store, self.emitter, self.points,
-                                   self.read_model.written if self.read_model else None)
+        # ``is not None``: an empty read model is falsy (``__len__``), and must still be told.
+        written = self.read_model.written if self.read_model is not None else None
+        self.actions = TaskActions(self.store, self.emitter, self.points, written)
 
     @property
     def store(self) -> TaskStore:

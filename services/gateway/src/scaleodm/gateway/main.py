@@ -57,14 +57,15 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             await upload_store.ensure_indexes()
             hub = EventHub.for_settings(conn, settings)
             stack.push_async_callback(hub.close)  # runs before the broker drains
-            emitter = Emitter(mongo.store, broker, settings.nats.publish_timeout_s)
+            points = failpoints.Failpoints(settings.failpoints)
+            emitter = Emitter(mongo.store, broker, settings.nats.publish_timeout_s, points)
             stack.push_async_callback(emitter.aclose)  # before the broker drains
             read_model = ReadModel.for_settings(mongo.store, conn, settings)
             await read_model.start()
             stack.push_async_callback(read_model.close)
             app.state.resources = Resources(
                 settings, mongo, s3, broker, emitter, upload_store,
-                failpoints.Failpoints(settings.failpoints), event_hub=hub, read_model=read_model,
+                points, event_hub=hub, read_model=read_model,
             )
             log.info("gateway ready", port=settings.gateway_port)
             yield

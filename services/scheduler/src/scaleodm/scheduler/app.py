@@ -52,11 +52,11 @@ async def open_resources(
         stack.push_async_callback(mongo.close)
         s3 = await stack.enter_async_context(S3.open(settings.s3))
         executor = await stack.enter_async_context(executors.open(settings))
-        emitter = Emitter(mongo.store, broker, settings.nats.publish_timeout_s)
+        points = failpoints.Failpoints(settings.failpoints)
+        emitter = Emitter(mongo.store, broker, settings.nats.publish_timeout_s, points)
         stack.push_async_callback(emitter.aclose)  # before MongoDB closes
         handler = CommandHandler(
-            mongo.store, executor, emitter,
-            s3, failpoints.Failpoints(settings.failpoints),
+            mongo.store, executor, emitter, s3, points,
             bucket=settings.s3.bucket, max_deliver=settings.max_deliver,
         )
         log.info("scheduler ready", executor=settings.executor.value)
