@@ -529,9 +529,30 @@ def test_every_configmap_key_is_consumed(overlay: str) -> None:
                 cm = find(objects, "ConfigMap", ref["name"]) or {}
                 keys = [i["key"] for i in ref["items"]] if "items" in ref else cm.get("data") or {}
                 consumed |= {(ref["name"], k) for k in keys}
+    # The Workflows' semaphores (read by Argo's controller): test_capacity_semaphores_...
+    scheduler = build_settings(objects, the_container(objects, "scaleodm-scheduler"))
+    assert isinstance(scheduler, SchedulerSettings)
+    semaphores = find(objects, "ConfigMap", scheduler.argo.capacity_configmap) or {}
+    consumed |= {(scheduler.argo.capacity_configmap, k) for k in semaphores.get("data") or {}}
     for cm in of_kind(objects, "ConfigMap"):
         for key in cm.get("data") or {}:
             assert (cm["metadata"]["name"], key) in consumed, f"{cm['metadata']['name']}: {key}"
+
+
+@overlays
+def test_capacity_semaphores_match_the_admission_settings(overlay: str) -> None:
+    """Gateway and scheduler see one capacity; the ConfigMap of the Workflows' semaphores holds
+    the same slots (``all`` = the global cap, one key per size class)."""
+    objects = rendered(overlay)
+    gateway = build_settings(objects, the_container(objects, "scaleodm-gateway"))
+    scheduler = build_settings(objects, the_container(objects, "scaleodm-scheduler"))
+    assert isinstance(gateway, GatewaySettings) and isinstance(scheduler, SchedulerSettings)
+    assert gateway.capacity == scheduler.capacity
+    semaphores = find(objects, "ConfigMap", scheduler.argo.capacity_configmap)
+    assert semaphores is not None, scheduler.argo.capacity_configmap
+    want = {"all": str(scheduler.capacity.max_active),
+            **{c.name: str(c.slots) for c in scheduler.capacity.classes}}
+    assert semaphores["data"] == want
 
 
 @overlays

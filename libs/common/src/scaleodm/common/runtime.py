@@ -28,7 +28,7 @@ import contextlib
 import enum
 import functools
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from contextlib import AbstractAsyncContextManager
 from types import TracebackType
 from typing import Any, Generic, TypeVar
@@ -371,15 +371,33 @@ class Lifecycle(Generic[T]):
                 self._current = None
 
 
+def start_loop(
+    stack: contextlib.AsyncExitStack, loop: Coroutine[Any, Any, None], name: str
+) -> asyncio.Task[None]:
+    """Run ``loop`` (a service's background loop) as a task, cancelled and awaited when
+    ``stack`` closes."""
+    task = asyncio.get_running_loop().create_task(loop, name=name)
+
+    async def stop() -> None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    stack.push_async_callback(stop)
+    return task
+
+
 async def open_bus(broker: NatsBroker, settings: BaseServiceSettings, *,
-                   durable: str | None = None, **tuning: float) -> None:
+                   durable: str | None = None, **tuning: float) -> NatsClient:
     """Connect, and declare the streams (at ``nats.stream_replicas``) and this service's
-    durable consumer, if it has one (``tuning``: its ``streams.durables`` parameters)."""
+    durable consumer, if it has one (``tuning``: its ``streams.durables`` parameters); the
+    connection."""
     conn = await broker.connect()
     js = conn.jetstream()
     await streams.ensure_streams(js, replicas=settings.nats.stream_replicas)
     if durable is not None:
         await streams.ensure_consumers(js, only=durable, **tuning)
+    return conn
 
 
 def make_app(

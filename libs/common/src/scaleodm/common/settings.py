@@ -202,6 +202,81 @@ class ArgoSettings(BaseModel):
     max_memory_gib: float = Field(256.0, description="Upper clamp of the sizing table's memory.")
     min_memory_gib: float = Field(4.0, description="Lower clamp of the sizing table's memory.")
     cpu_per_gib: float = Field(0.125, description="CPU request per GiB of memory request.")
+    capacity_configmap: str = Field(
+        "scaleodm-capacity",
+        description="ConfigMap of the Workflows' semaphores (keys `all` and one per size class, "
+        "holding the slots): Argo holds a Workflow beyond them pending, a second guard behind "
+        "the scheduler's admission; empty: no semaphores.",
+    )
+
+
+# Images assumed for a task whose count is not known when it is sized or classed.
+ASSUMED_IMAGES = 200
+
+
+class SizeClass(BaseModel):
+    """One size class of runs: the tasks of at most ``max_images`` images (the sizing table's
+    key), with ``slots`` runs of the class active at once."""
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9-]{0,31}$")
+    max_images: int | None = Field(None, ge=1, description="None: no upper bound.")
+    slots: int = Field(ge=0)
+
+
+def _default_classes() -> list[SizeClass]:
+    return [SizeClass(name="small", max_images=200, slots=10),
+            SizeClass(name="medium", max_images=1500, slots=4),
+            SizeClass(name="large", max_images=None, slots=2)]
+
+
+class CapacitySettings(BaseModel):
+    """How many runs may be active at once (admitted and not ended): a global cap and one per
+    size class. A task beyond them waits queued (status 10) with no run, and is admitted when a
+    slot frees: highest priority first, then fair share across tenants, then oldest
+    (scheduler/admission.py). Gateway and scheduler must be given the same values."""
+
+    max_active: int = Field(
+        10, ge=1,
+        description="Runs active at once, all classes together; reported as `maxParallelTasks` "
+        "in /info.",
+    )
+    classes: list[SizeClass] = Field(
+        default_factory=_default_classes,
+        description="Size classes (JSON list of `{name, max_images, slots}`, by ascending "
+        "`max_images`; the last has no bound): a task belongs to the first class its image count "
+        "fits (an unknown count counts as 200 images). On Kubernetes the Workflows also wait on "
+        "the semaphores of `argo.capacity_configmap` (deploy/k8s ships it with these values).",
+    )
+
+    @field_validator("classes")
+    @classmethod
+    def _classes_cover_every_count(cls, v: list[SizeClass]) -> list[SizeClass]:
+        if not v:
+            raise ValueError("at least one size class is needed")
+        names = [c.name for c in v]
+        if len(set(names)) != len(names):
+            raise ValueError(f"size class names must be distinct: {names}")
+        bounds = [c.max_images for c in v[:-1]]
+        if any(b is None for b in bounds) or v[-1].max_images is not None:
+            raise ValueError("only the last size class, and it always, has no `max_images`")
+        if bounds != sorted({b for b in bounds if b is not None}):
+            raise ValueError("size classes must be listed by strictly ascending `max_images`")
+        return v
+
+    @property
+    def parallel(self) -> int:
+        """Runs that can be active at once: the global cap, or the classes' slots together
+        when fewer (NodeODM's ``maxParallelTasks``)."""
+        return min(self.max_active, sum(c.slots for c in self.classes))
+
+    def class_of(self, images_count: int | None) -> SizeClass:
+        """The size class of a task of ``images_count`` images (None: unknown yet, a zipurl or
+        an S3 folder: counted as ``ASSUMED_IMAGES``)."""
+        count = ASSUMED_IMAGES if images_count is None else images_count
+        for size_class in self.classes:
+            if size_class.max_images is None or count <= size_class.max_images:
+                return size_class
+        raise AssertionError("the last class has no bound")  # _classes_cover_every_count
 
 
 class Environment(enum.StrEnum):
@@ -266,9 +341,7 @@ class GatewaySettings(BaseServiceSettings):
     max_images: int | None = Field(
         None, description="Most images per task; unset = unlimited (`maxImages: null`)."
     )
-    max_parallel_tasks: int = Field(
-        1, description="Reported as `maxParallelTasks` in /info (runs the cluster admits at once)."
-    )
+    capacity: CapacitySettings = Field(default_factory=CapacitySettings)
     max_request_bytes: int = Field(
         100 * 1024**3,
         description="Largest request body accepted (uploads stream to S3; this bounds abuse).",
@@ -433,6 +506,12 @@ class SchedulerSettings(BaseServiceSettings):
     )
     local: LocalRunSettings = Field(default_factory=LocalRunSettings)
     argo: ArgoSettings = Field(default_factory=ArgoSettings)
+    capacity: CapacitySettings = Field(default_factory=CapacitySettings)
+    admission_interval_s: float = Field(
+        2.0, gt=0,
+        description="Admission passes run when a task is queued or a run ends, and at least "
+        "this often (a missed wake-up costs at most this long).",
+    )
     ack_wait_s: float = Field(60.0, description="JetStream ack_wait of the command consumer.")
     max_deliver: int = Field(10, description="Deliveries of one command before it is given up.")
     zip_max_bytes: int = Field(

@@ -3,6 +3,8 @@
 The only code in the gateway that changes a task. Each action is one durable write to MongoDB —
 the event, with the command it causes (``Emitter.emit``) — and returns once that write is done,
 whether NATS is up or not: the publisher (or later the watcher's relay) delivers the command.
+A created or restarted task waits queued for its admission (the scheduler's, which gives it a
+run slot and carries its run command); a cancel or remove carries its command itself.
 An answer of success means the command will be delivered. A refusal (``ActionError``: unknown
 task, uuid taken, not restartable) means this request recorded nothing; the routes turn it into
 NodeODM's answer. A storage error ("Storage unavailable") means the write may or may not have
@@ -23,7 +25,7 @@ from scaleodm.common.domain import options as odm_options
 from scaleodm.common.domain.status import TERMINAL_STATES, TaskState
 from scaleodm.common.emitting import Emitter, Outbound
 from scaleodm.common.logging import bind_task, get_logger
-from scaleodm.common.store.tasks import Outcome, TaskExistsError, TaskStore, run_command
+from scaleodm.common.store.tasks import Outcome, TaskExistsError, TaskStore
 
 log = get_logger(__name__)
 
@@ -58,6 +60,7 @@ class NewTask:
     outputs: list[str] | None
     sources: list[str]
     output_prefix: str
+    priority: int = 0
 
     def document(self) -> dict[str, Any]:
         return {
@@ -65,6 +68,7 @@ class NewTask:
             "options": self.options, "images_count": self.images_count, "webhook": self.webhook,
             "skip_post_processing": self.skip_post_processing, "outputs": self.outputs,
             "sources": self.sources, "output_prefix": self.output_prefix,
+            "priority": self.priority,
         }
 
 
@@ -92,15 +96,13 @@ class TaskActions:
         queued = events.new(events.TaskQueued, new.task_id, 1)
         failed = None if failure is None else events.new(
             events.TaskFailed, new.task_id, 1, error_message=failure)
-        command = None if failed is not None else run_command({**doc, "attempt": 1})
         with bind_task(new.task_id, attempt=1):
             try:
-                created = await self.store.create_task(doc, queued, command, failed=failed)
+                created = await self.store.create_task(doc, queued, failed=failed)
             except TaskExistsError as exc:
                 raise TaskExistsAlreadyError(new.task_id) from exc
             await self.points.hit("gateway.run.before_publish")
-            self.emitter.send_soon(Outbound(queued.model_copy(update={"seq": created.seq}),
-                                            command))
+            self.emitter.send_soon(Outbound(queued.model_copy(update={"seq": created.seq})))
             if failed is not None:
                 seq = await self.store.event_seq(failed.event_id)
                 self.emitter.send_soon(Outbound(failed.model_copy(update={"seq": seq})))
@@ -125,14 +127,12 @@ class TaskActions:
         with bind_task(task_id, attempt=attempt):
             queued = events.new(events.TaskQueued, task_id, attempt, options=options,
                                 date_created_ms=clock.now_ms())
-            command = run_command({**doc, "attempt": attempt, "options": options})
-            result = await self.store.apply_event(queued, command)
+            result = await self.store.apply_event(queued)
             if result.outcome is not Outcome.APPLIED:
-                # Another request recorded this attempt first: its options and command apply.
+                # Another request recorded this attempt first: its options apply.
                 raise NotRestartableError(task_id)
             await self.points.hit("gateway.run.before_publish")
-            self.emitter.send_soon(Outbound(queued.model_copy(update={"seq": result.seq}),
-                                            command))
+            self.emitter.send_soon(Outbound(queued.model_copy(update={"seq": result.seq})))
             log.info("task restarted")
             await self.written(task_id, result.seq)
 

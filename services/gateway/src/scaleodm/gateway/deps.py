@@ -12,6 +12,7 @@ from faststream.nats import NatsBroker
 from scaleodm.common import failpoints
 from scaleodm.common.emitting import Emitter
 from scaleodm.common.settings import GatewaySettings
+from scaleodm.common.store.admission import AdmissionStore
 from scaleodm.common.store.s3 import S3
 from scaleodm.common.store.tasks import MongoHandle, TaskStore
 from scaleodm.common.store.uploads import UploadStore
@@ -37,11 +38,15 @@ class Resources:
     read_model: ReadModel | None = None
     # taskQueueCount of /info, counted at most once per SCALEODM_INFO_CACHE_S (cached.py)
     queue_count: CachedValue[int] = field(init=False)
+    # queuePosition of task info: the admission order, read at most as often.
+    queue_positions: CachedValue[dict[str, int]] = field(init=False)
     # The task actions (create, restart, cancel, remove): the only writer of tasks here.
     actions: TaskActions = field(init=False)
 
     def __post_init__(self) -> None:
         self.queue_count = CachedValue(self.store.count_active, self.settings.info_cache_s)
+        admission = AdmissionStore(self.store.db, self.settings.capacity)
+        self.queue_positions = CachedValue(admission.queue_positions, self.settings.info_cache_s)
         # ``is not None``: an empty read model is falsy (``__len__``), and must still be told.
         written = self.read_model.written if self.read_model is not None else None
         self.actions = TaskActions(self.store, self.emitter, self.points, written)

@@ -100,6 +100,10 @@ class TaskInfo(TypedDict):
     options: list[TaskOption]
     imagesCount: Annotated[int, Field(ge=0)]
     progress: Annotated[float, Field(ge=0, le=100)]
+    queuePosition: NotRequired[Annotated[int, Field(
+        ge=1, description="ScaleODM: while the task waits for a run slot (status 10, not "
+        "admitted yet), its place in the admission order (1 = next), as of the scheduler's "
+        "last admission pass.")]]
     output: NotRequired[Annotated[list[str], Field(description="Only with `with_output`.")]]
 
 

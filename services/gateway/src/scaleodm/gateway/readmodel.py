@@ -123,7 +123,8 @@ def apply_event(doc: Doc, ev: events.TaskEvent) -> Doc:
     """``ev`` applied to a task document in memory (what ``TaskStore.apply_event`` does to it in
     MongoDB, the ``updated_at`` stamp aside)."""
     snap = projection.Snapshot(attempt=doc["attempt"], state=TaskState(doc["state"]),
-                               removed=bool(doc.get("removed", False)))
+                               removed=bool(doc.get("removed", False)),
+                               admitted=bool(doc.get("admitted")))
     step = projection.plan(snap, ev)
     if step is None or not step.update:
         return doc

@@ -47,6 +47,7 @@ class TaskFields:
     webhook: str | None = None
     outputs: str | None = None
     date_created: str | None = None
+    priority: str | None = None  # ScaleODM: admission order (higher first)
 
     @classmethod
     def from_text(cls, text: Any) -> TaskFields:
@@ -55,6 +56,7 @@ class TaskFields:
             name=text("name"), options=text("options"),
             skip_post_processing=text("skipPostProcessing"), webhook=text("webhook"),
             outputs=text("outputs"), date_created=text("dateCreated"),
+            priority=text("priority"),
         )
 
     @classmethod
@@ -71,11 +73,28 @@ class TaskFields:
     def skip_pp(self) -> bool:
         return self.skip_post_processing == "true"  # only the exact string (§3.4)
 
+    def priority_value(self) -> int:
+        """``priority``: an integer in ``PRIORITIES``, 0 when not given; else the client's
+        error."""
+        raw = (self.priority or "").strip()
+        if not raw:
+            return DEFAULT_PRIORITY
+        if not re.fullmatch(r"[+-]?[0-9]{1,4}", raw) or int(raw) not in PRIORITIES:
+            raise NodeOdmError(f"Invalid priority: {shown(raw)} (an integer from "
+                               f"{PRIORITIES.start} to {PRIORITIES.stop - 1})")
+        return int(raw)
+
+
+# ScaleODM's ``priority`` field: waiting tasks of a higher priority are admitted first.
+PRIORITIES = range(-100, 101)
+DEFAULT_PRIORITY = 0
+
 
 async def accepted_options(res: Resources, fields: TaskFields) -> list[dict[str, Any]]:
     """Everything about the fields that can be refused synchronously, checked; the options to
     store. The same for ``/task/new``, init (pre-check) and commit (NodeODM §5.3)."""
     outbound = outbound_policy(res)
+    fields.priority_value()
     options = validated_options(fields.options, skip_pp=fields.skip_pp)
     await check_option_urls(options, outbound)
     await check_webhook(fields.webhook, outbound)
@@ -317,6 +336,7 @@ async def submit(
         outputs=parse_outputs(fields.outputs),
         sources=sources,
         output_prefix=str(s3mod.task_outputs(res.settings.s3.bucket, task_id)),
+        priority=fields.priority_value(),
     )
     try:
         await res.actions.create(new, failure=failure)

@@ -1,4 +1,7 @@
-"""Scheduler app: one durable pull consumer on ``tasks.commands.>``.
+"""Scheduler app: one durable pull consumer on ``tasks.commands.>``, and admission.
+
+Admission (``admission.py``) gives waiting tasks their run slots; the run commands it records
+come back through the consumer like any other command.
 
 All replicas share the ``scheduler`` durable, so scaling out needs nothing else (and KEDA scales
 on its lag). Handlers run concurrently within a fetched batch. The resources (MongoDB, S3, the
@@ -22,9 +25,12 @@ from scaleodm.common.contracts import commands, streams
 from scaleodm.common.emitting import Emitter
 from scaleodm.common.logging import get_logger
 from scaleodm.common.settings import SchedulerSettings
+from scaleodm.common.store.admission import AdmissionStore
+from scaleodm.common.store.leases import Leases
 from scaleodm.common.store.s3 import S3
 from scaleodm.common.store.tasks import MongoHandle, open_store
 from scaleodm.scheduler import executors
+from scaleodm.scheduler.admission import Admitter
 from scaleodm.scheduler.handlers import CommandHandler, backoff_s
 
 log = get_logger(__name__)
@@ -45,7 +51,7 @@ async def open_resources(
 ) -> AsyncIterator[Resources]:
     """Streams and the ``scheduler`` durable declared, then MongoDB, S3 and the executor;
     closed in reverse order."""
-    await runtime.open_bus(broker, settings, durable=streams.SCHEDULER_DURABLE,
+    conn = await runtime.open_bus(broker, settings, durable=streams.SCHEDULER_DURABLE,
                            ack_wait_s=settings.ack_wait_s, max_deliver=settings.max_deliver)
     async with contextlib.AsyncExitStack() as stack:
         mongo = await open_store(settings.mongo, "scheduler")
@@ -59,7 +65,16 @@ async def open_resources(
             mongo.store, executor, emitter, s3, points,
             bucket=settings.s3.bucket, max_deliver=settings.max_deliver,
         )
-        log.info("scheduler ready", executor=settings.executor.value)
+        admission_store = AdmissionStore(mongo.store.db, settings.capacity)
+        await admission_store.ensure_indexes()
+        admitter = Admitter(admission_store, Leases(mongo.store.db), emitter, settings.capacity,
+                            interval_s=settings.admission_interval_s)
+        await admitter.subscribe(conn)
+        admitter.wake()  # a first pass at once: tasks may have waited while none ran
+        runtime.start_loop(stack, admitter.run(), "admission")
+        log.info("scheduler ready", executor=settings.executor.value,
+                 max_active=settings.capacity.max_active,
+                 classes={c.name: c.slots for c in settings.capacity.classes})
         yield Resources(mongo, s3, handler)
 
 

@@ -1,5 +1,8 @@
 """Command handling: idempotent, retried with back-off, never a lost task.
 
+A run command comes with its task's admission (``admission.py``): only an admitted attempt, one
+holding a run slot, is started.
+
 A create/restart is acked only after its run exists (the executor's start is idempotent), so a
 scheduler that dies in between leaves the command unacked and JetStream redelivers it to another
 replica, whose start then finds the run and changes nothing. The task document is read before and
@@ -174,9 +177,14 @@ class CommandHandler:
         elif TaskState(doc["state"]) not in ACTIVE_STATES:
             log.info("task no longer active; stopping the run", state=doc["state"])
             await self.executor.cancel(spec.task_id, spec.attempt)
+        elif not doc.get("admitted"):
+            # Not given a slot (a command of a node before admission control): admission will
+            # start it; nothing runs, nothing to stop.
+            log.info("attempt not admitted yet; no run started")
 
 
 def _is_current(doc: dict[str, Any] | None, attempt: int) -> bool:
-    """``attempt`` is the task's current attempt and the task is queued or running."""
+    """``attempt`` is the task's current attempt, admitted (it holds a run slot), and the task
+    is queued or running."""
     return (doc is not None and not doc.get("removed") and doc["attempt"] == attempt
-            and TaskState(doc["state"]) in ACTIVE_STATES)
+            and bool(doc.get("admitted")) and TaskState(doc["state"]) in ACTIVE_STATES)

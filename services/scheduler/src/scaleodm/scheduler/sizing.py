@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from scaleodm.common.settings import ArgoSettings
+from scaleodm.common.settings import ASSUMED_IMAGES, ArgoSettings
 
 __all__ = ["ASSUMED_IMAGES", "MEMORY_TABLE", "Resources", "option_multiplier", "peak_gib", "size"]
 
@@ -40,7 +40,6 @@ MEMORY_TABLE: Final[tuple[tuple[int, float], ...]] = (
     (5000, 227.0),
     (12000, 800.0),
 )
-ASSUMED_IMAGES: Final = 200
 FAST_ORTHOPHOTO_MULTIPLIER: Final = 0.5
 DSM_DTM_MULTIPLIER: Final = 1.5
 MEMORY_LIMIT_FACTOR: Final = 1.2

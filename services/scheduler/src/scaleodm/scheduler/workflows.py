@@ -288,6 +288,24 @@ def _odm(spec: RunSpec, settings: ArgoSettings) -> m.ContainerNode:
     )
 
 
+def _synchronization(spec: RunSpec, settings: ArgoSettings) -> m.Synchronization | None:
+    """The semaphores the Workflow waits on (``argo.capacity_configmap``): ``all`` and its size
+    class's. The scheduler admits no more runs than they allow; they hold back what a stale
+    admission would start beyond it (Argo keeps such a Workflow pending, without pods)."""
+    if not settings.capacity_configmap:
+        return None
+    keys = [CAPACITY_ALL] + ([spec.size_class] if spec.size_class else [])
+    return m.Synchronization(semaphores=[
+        m.SemaphoreRef(config_map_key_ref=m.ConfigMapKeySelector(
+            name=settings.capacity_configmap, key=key))
+        for key in keys
+    ])
+
+
+# The key of the global cap in the capacity ConfigMap (the others are the size classes' names).
+CAPACITY_ALL = "all"
+
+
 def build_workflow(
     spec: RunSpec, settings: ArgoSettings, *, shard: int, step_env: Mapping[str, str]
 ) -> dict[str, Any]:
@@ -355,6 +373,8 @@ def build_workflow(
                 seccomp_profile=m.SeccompProfile(type="RuntimeDefault"),
             ),
             active_deadline_seconds=settings.active_deadline_s,
+            priority=spec.priority,
+            synchronization=_synchronization(spec, settings),
             pod_gc=m.PodGC(
                 strategy="OnWorkflowCompletion",
                 delete_delay_duration=f"{settings.pod_gc_delay_s}s",

@@ -13,9 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
 
 from faststream.asgi import AsgiFastStream
 from faststream.nats import NatsBroker
@@ -54,32 +53,17 @@ async def open_resources(settings: WatcherSettings, broker: NatsBroker) -> Async
         s3 = await stack.enter_async_context(S3.open(settings.s3))
         source = await stack.enter_async_context(sources.open(settings, mongo.store, emitter))
         loops = (
-            _start(stack, source.run(), f"runs-{settings.source.value}"),
-            _start(stack, relaying.relay_outbox(
+            runtime.start_loop(stack, source.run(), f"runs-{settings.source.value}"),
+            runtime.start_loop(stack, relaying.relay_outbox(
                 mongo.store, emitter, Leases(mongo.store.db),
                 holder=f"{socket.gethostname()}/{settings.replica}",
                 interval_s=settings.outbox_interval_s, min_age_s=settings.outbox_min_age_s,
             ), "outbox"),
-            _start(stack, retention.sweep_forever(mongo.store, emitter, s3, settings),
+            runtime.start_loop(stack, retention.sweep_forever(mongo.store, emitter, s3, settings),
                    "retention"),
         )
         log.info("watcher ready", source=settings.source.value)
         yield Resources(mongo, s3, loops)
-
-
-def _start(
-    stack: contextlib.AsyncExitStack, loop: Coroutine[Any, Any, None], name: str
-) -> asyncio.Task[None]:
-    """Run ``loop`` as a task, cancelled (and awaited) when ``stack`` closes."""
-    task = asyncio.get_running_loop().create_task(loop, name=name)
-
-    async def stop() -> None:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-    stack.push_async_callback(stop)
-    return task
 
 
 def create_app(settings: WatcherSettings) -> AsgiFastStream:

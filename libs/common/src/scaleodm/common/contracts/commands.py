@@ -36,14 +36,18 @@ class RunSpec(_Command):
     images_count: int | None = Field(
         None, description="Images known at submission (uploads), for sizing; None = unknown."
     )
+    priority: int = Field(0, description="The task's priority (higher first; Workflow "
+                          "`spec.priority`).")
+    size_class: str | None = Field(
+        None, description="The size class whose slot the run holds (its admission).")
 
 
-# Used by the gateway on /task/new and commit; consumed by the scheduler.
+# Carried by a task's admission (scheduler/admission.py); consumed by the scheduler.
 class CreateTask(RunSpec):
     verb: Literal["create"] = "create"
 
 
-# Used by the gateway on /task/restart: a new attempt under the same uuid.
+# The same, for a new attempt under the same uuid (after /task/restart).
 class RestartTask(RunSpec):
     verb: Literal["restart"] = "restart"
 

@@ -53,6 +53,13 @@ class TaskQueued(_Event):
     date_created_ms: int | None = Field(None, description="New dateCreated (restart resets it).")
 
 
+# The attempt was given a run slot (scheduler/admission.py): its run is being started. Status
+# stays 10 until the run starts; carries the run command.
+class TaskAdmitted(_Event):
+    kind: Literal["admitted"] = "admitted"
+    size_class: str = Field(description="The size class whose slot the run holds.")
+
+
 # The run started (status 20).
 class TaskRunning(_Event):
     kind: Literal["running"] = "running"
@@ -103,6 +110,7 @@ class TaskRemoved(_Event):
 
 TaskEvent = (
     TaskQueued
+    | TaskAdmitted
     | TaskRunning
     | TaskInputsReady
     | TaskProgressed

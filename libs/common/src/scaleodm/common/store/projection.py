@@ -5,6 +5,8 @@ event must be ignored. The rules:
 
 - state is per attempt: events of an older attempt are ignored; a ``queued`` event for the next
   attempt opens it (restart) only from a terminal state;
+- an attempt is ``admitted`` (given a run slot) once, while it is queued; it holds the slot
+  while queued or running, so an end or a removal frees it (scheduler/admission.py);
 - a task never moves backwards: queued -> running -> terminal; progress only rises (``$max``);
 - an attempt's end sets progress 100 whatever the outcome (NodeODM §4.4): completed, failed
   (also a run that did not start: it stands for NodeODM's failure to start the engine), and
@@ -37,6 +39,7 @@ class Snapshot:
     attempt: int
     state: TaskState
     removed: bool = False
+    admitted: bool = False  # the attempt holds a run slot (``admitted`` event)
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,9 @@ def fresh_attempt(attempt: int) -> dict[str, Any]:
         "started_at_ms": None,
         "finished_at_ms": None,
         "error_message": None,
+        "admitted": False,
+        "size_class": None,
+        "admitted_at_ms": None,
     }
 
 
@@ -82,6 +88,16 @@ def plan(snap: Snapshot, ev: events.TaskEvent) -> Plan | None:
             return _next_attempt(snap, ev)
         case _ if ev.attempt != snap.attempt:
             return None  # another attempt's: an older one, or one not opened yet
+        case events.TaskAdmitted():
+            # Once per attempt, and only while it waits: a canceled task takes no slot.
+            if snap.admitted or snap.state != TaskState.QUEUED:
+                return None
+            return Plan(
+                guard={"attempt": ev.attempt, "state": TaskState.QUEUED.value,
+                       "admitted": {"$ne": True}},
+                update={"$set": {"admitted": True, "size_class": ev.size_class,
+                                 "admitted_at_ms": clock.to_ms(ev.occurred_at)}},
+            )
         case events.TaskOutput():
             end = ev.line_start + len(ev.lines)
             return Plan(guard={"attempt": ev.attempt}, update={"$max": {"output_lines": end}})

@@ -101,18 +101,17 @@ class TaskStore:
     # -- tasks -------------------------------------------------------------------------------
 
     async def create_task(
-        self, doc: Doc, queued: events.TaskQueued, command: commands.Command | None = None,
-        *, failed: events.TaskFailed | None = None,
+        self, doc: Doc, queued: events.TaskQueued, *, failed: events.TaskFailed | None = None,
     ) -> ApplyResult:
-        """Record a new task's ``queued`` event (with its run ``command``), then insert the task
-        (attempt 1, queued). With ``failed`` (a task refused after its upload, NodeODM §3.5),
-        that event is recorded too and the task is inserted failed already: no state in between
-        that a crash could leave behind.
+        """Record a new task's ``queued`` event, then insert the task (attempt 1, queued). With
+        ``failed`` (a task refused after its upload, NodeODM §3.5), that event is recorded too
+        and the task is inserted failed already: no state in between that a crash could leave
+        behind.
 
         In this order, a creation cut off in between leaves an event without a task, which a
-        retry with the same uuid completes (the event is found, given this command and marked
-        unpublished again, so the outbox relay still queues the run); the other way round would
-        leave a task whose run nothing ever queues.
+        retry with the same uuid completes (the event is found and marked unpublished again, so
+        the outbox relay still announces the task); the other way round would leave a task that
+        nothing announces (admission still finds it: it reads the task documents).
         """
         if await self.tombstoned(doc["_id"]):
             raise TaskExistsError(doc["_id"])
@@ -123,12 +122,12 @@ class TaskStore:
             "created_at": now,
             **doc,
         }
-        seq, first = await self._record(queued, command)
+        seq, first = await self._record(queued)
         if first is not None:  # a retry of a cut-off creation, or a uuid taken by a task
             if await self.tasks.find_one({"_id": doc["_id"]}, {"_id": 1}) is not None:
                 raise TaskExistsError(doc["_id"])
-            await self.events.update_one({"_id": queued.event_id}, {"$set": {
-                "published": False, "command": _command_doc(command)}})
+            await self.events.update_one({"_id": queued.event_id},
+                                         {"$set": {"published": False}})
         full["seq"] = seq
         if failed is not None:
             full["seq"], _ = await self._record(failed)
@@ -224,11 +223,13 @@ class TaskStore:
         return await self._update(ev, step, ev.seq)
 
     async def _snapshot(self, task_id: str) -> projection.Snapshot | None:
-        doc = await self.tasks.find_one({"_id": task_id}, {"attempt": 1, "state": 1, "removed": 1})
+        doc = await self.tasks.find_one(
+            {"_id": task_id}, {"attempt": 1, "state": 1, "removed": 1, "admitted": 1})
         if doc is None:
             return None
         return projection.Snapshot(
-            attempt=doc["attempt"], state=TaskState(doc["state"]), removed=doc.get("removed", False)
+            attempt=doc["attempt"], state=TaskState(doc["state"]),
+            removed=doc.get("removed", False), admitted=bool(doc.get("admitted")),
         )
 
     async def _update(self, ev: events.TaskEvent, step: projection.Plan, seq: int | None
@@ -365,9 +366,8 @@ def _command_doc(command: commands.Command | None) -> Doc | None:
 
 
 def run_command(task: Doc) -> commands.CreateTask | commands.RestartTask:
-    """The run command of the task's current attempt (the one builder of it): ``CreateTask`` for
-    the first attempt, ``RestartTask`` after. ``task`` is a task document, or the one a
-    creation or a restart is about to write."""
+    """The run command of the task's current attempt (the one builder of it), which its
+    admission carries: ``CreateTask`` for the first attempt, ``RestartTask`` after."""
     kind = commands.CreateTask if task["attempt"] == 1 else commands.RestartTask
     return kind(
         task_id=TaskId(task["_id"]), attempt=task["attempt"], name=task["name"],
@@ -375,6 +375,7 @@ def run_command(task: Doc) -> commands.CreateTask | commands.RestartTask:
         output_prefix=task["output_prefix"],
         skip_post_processing=bool(task.get("skip_post_processing")),
         outputs=task.get("outputs"), images_count=task.get("images_count") or None,
+        priority=int(task.get("priority") or 0), size_class=task.get("size_class"),
     )
 
 

@@ -71,7 +71,7 @@ async def read_info(res: ResourcesDep) -> JsonResponse:
         "availableMemory": available,
         "cpuCores": os.cpu_count() or 1,
         "maxImages": res.settings.max_images,
-        "maxParallelTasks": res.settings.max_parallel_tasks,
+        "maxParallelTasks": res.settings.capacity.parallel,
         "engineVersion": res.settings.engine_version,
         "engine": "odm",
     })
@@ -116,6 +116,10 @@ async def read_task_info(
     """Task information; ``with_output=N`` adds console lines from N on (NodeODM §3.6)."""
     doc = await _task_or_error(res, uuid)
     info = taskinfo.task_info(doc, clock.now_ms())
+    if doc["state"] == TaskState.QUEUED.value and not doc.get("admitted"):
+        position = (await res.queue_positions.get()).get(doc["_id"])
+        if position is not None:
+            info["queuePosition"] = position
     if with_output is None and "output" in request.query_params:
         with_output = request.query_params["output"]  # §11 #18: the Swagger name, harmless
     if with_output is not None:

@@ -1,0 +1,109 @@
+"""What admission reads and writes: the tasks waiting for a run slot, the slots in use, and the
+queue's order (``queuePosition`` in task info).
+
+A task waits while it is queued and not ``admitted`` for its current attempt; it holds a slot
+while it is admitted and queued or running (``store.projection``: the ``admitted`` event sets
+the flag, a restart clears it). Both are read from the task documents on every pass, so no
+counter can drift. The scheduler's admission (``scheduler/admission.py``) decides; the queue's
+order it saves is the one document the gateway reads for positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pymongo import ASCENDING, DESCENDING
+from pymongo.asynchronous.database import AsyncDatabase
+
+from scaleodm.common import clock
+from scaleodm.common.domain.status import ACTIVE_STATES, TaskState
+from scaleodm.common.settings import CapacitySettings
+
+Doc = dict[str, Any]
+DEFAULT_TENANT = "default"
+QUEUE_ID = "queue"
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """A task waiting for a slot, as admission sees it."""
+
+    task_id: str
+    attempt: int
+    tenant: str
+    priority: int
+    queued_at_ms: int
+    size_class: str
+
+
+@dataclass(frozen=True)
+class Active:
+    """The runs holding slots now: by size class and by tenant."""
+
+    by_class: dict[str, int]
+    by_tenant: dict[str, int]
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_class.values())
+
+
+WAITING: Doc = {"state": TaskState.QUEUED.value, "removed": False, "admitted": {"$ne": True}}
+HOLDING: Doc = {"admitted": True, "removed": False,
+                "state": {"$in": sorted(s.value for s in ACTIVE_STATES)}}
+
+
+class AdmissionStore:
+    def __init__(self, db: AsyncDatabase[Doc], capacity: CapacitySettings) -> None:
+        self.tasks = db["tasks"]
+        self.admission = db["admission"]
+        self.capacity = capacity
+
+    async def ensure_indexes(self) -> None:
+        await self.tasks.create_index(
+            [("state", ASCENDING), ("priority", DESCENDING), ("date_created_ms", ASCENDING)],
+            name="admission",
+        )
+
+    async def waiting(self, limit: int) -> list[Waiting]:
+        """Up to ``limit`` waiting tasks, highest priority and oldest first."""
+        cursor = self.tasks.find(
+            WAITING,
+            {"attempt": 1, "tenant": 1, "priority": 1, "date_created_ms": 1, "images_count": 1},
+        ).sort([("priority", DESCENDING), ("date_created_ms", ASCENDING)]).limit(limit)
+        return [
+            Waiting(
+                task_id=d["_id"], attempt=d["attempt"],
+                tenant=d.get("tenant") or DEFAULT_TENANT, priority=int(d.get("priority") or 0),
+                queued_at_ms=int(d.get("date_created_ms") or 0),
+                size_class=self.capacity.class_of(d.get("images_count") or None).name,
+            )
+            async for d in cursor
+        ]
+
+    async def active(self) -> Active:
+        """The slots in use, by class and by tenant."""
+        by_class: dict[str, int] = {}
+        by_tenant: dict[str, int] = {}
+        async for d in self.tasks.find(HOLDING, {"size_class": 1, "tenant": 1}):
+            size_class = d.get("size_class") or self.capacity.classes[-1].name
+            tenant = d.get("tenant") or DEFAULT_TENANT
+            by_class[size_class] = by_class.get(size_class, 0) + 1
+            by_tenant[tenant] = by_tenant.get(tenant, 0) + 1
+        return Active(by_class, by_tenant)
+
+    async def task(self, task_id: str) -> Doc | None:
+        """The task document, unless it is removed or no longer waits."""
+        return await self.tasks.find_one({"_id": task_id, **WAITING})
+
+    async def save_queue(self, task_ids: list[str]) -> None:
+        """The waiting tasks in admission order (position = index + 1)."""
+        await self.admission.replace_one(
+            {"_id": QUEUE_ID}, {"_id": QUEUE_ID, "ids": task_ids, "at": clock.now()}, upsert=True)
+
+    async def queue_positions(self) -> dict[str, int]:
+        """Task id → position in the queue (1 = admitted next), as the last pass saved it."""
+        doc = await self.admission.find_one({"_id": QUEUE_ID}, {"ids": 1})
+        ids: list[str] = doc.get("ids", []) if doc else []
+        return {task_id: i + 1 for i, task_id in enumerate(ids)}
