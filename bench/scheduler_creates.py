@@ -6,14 +6,17 @@ controller double does **not** run (Workflows are only stored, no pods), so noth
 Creation times are taken inside the double when a create is applied.
 
 1. **Backlog**: ``--sched-tasks`` tasks are queued while no scheduler runs, as the gateway does
-   (``scaleodm.gateway.actions.TaskActions.create``: the ``queued`` event with its ``create``
-   command and the task document in MongoDB, then the event and the command on JetStream through
-   the outbox's delivery, ``Emitter.deliver``), with ``s3://`` prefix
-   inputs (the Argo executor does not fetch inputs; it puts them into the Workflow). Then the
-   scheduler (``SCALEODM_EXECUTOR=argo``) starts and drains the queue: creates/s =
-   (N - 1) / (last create - first create), as seen by the double.
-2. **Latency** (scheduler idle and running): ``--sched-latency-tasks`` commands published at
-   ``--sched-latency-rate`` per second; p50/p95 of command published -> Workflow created.
+   (``scaleodm.gateway.actions.TaskActions.create``: the ``queued`` event and the task document
+   in MongoDB, then the event on JetStream through the outbox's delivery, ``Emitter.deliver``),
+   with ``s3://`` prefix inputs (the Argo executor does not fetch inputs; it puts them into the
+   Workflow). Then the scheduler (``SCALEODM_EXECUTOR=argo``, a capacity above the backlog)
+   starts, admits the tasks (``admission.py``: each admission an event carrying the create
+   command, published and consumed like any command) and drains the queue: creates/s =
+   (N - 1) / (last create - first create), as seen by the double; the admission log gives
+   admissions/s.
+2. **Latency** (scheduler idle and running): ``--sched-latency-tasks`` tasks queued at
+   ``--sched-latency-rate`` per second; p50/p95 of task recorded -> Workflow created
+   (admission included).
 3. **Baseline** ``k8s_create_per_s``: the same number of Workflows created straight from the
    bench with the scheduler's client (``kubernetes_asyncio`` ``CustomObjectsApi`` through
    ``scaleodm.common.argoruns.api_client``, asyncio), bodies built beforehand by the same
@@ -163,7 +166,8 @@ class Submitter:
 
 
 def new_task(bucket: str) -> tuple[dict[str, Any], commands.CreateTask]:
-    """A task document and its create command, field for field as ``actions.TaskActions``."""
+    """A task document, field for field as ``actions.TaskActions``, and the create command its
+    admission will carry."""
     task_id = str(uuid.uuid4())
     opts = odm_options.add_post_processing_options(
         odm_options.validate_options(OPTIONS), skip_post_processing=False)
@@ -179,17 +183,17 @@ def new_task(bucket: str) -> tuple[dict[str, Any], commands.CreateTask]:
     return doc, cmd
 
 
-async def record_task(b: Submitter, doc: dict[str, Any], cmd: commands.CreateTask) -> int | None:
-    created = await b.store.create_task(doc, events.new(events.TaskQueued, doc["_id"], 1), cmd)
+async def record_task(b: Submitter, doc: dict[str, Any]) -> int | None:
+    created = await b.store.create_task(doc, events.new(events.TaskQueued, doc["_id"], 1))
     return created.seq
 
 
 async def publish_task(b: Submitter, cmd: commands.CreateTask, seq: int | None) -> float:
-    """Publish the queued event, then the create command (the outbox's delivery); the time the
+    """Publish the queued event (the outbox's delivery; admission follows); the time the
     publish started."""
     at = time.time()
     queued = events.new(events.TaskQueued, cmd.task_id, 1).model_copy(update={"seq": seq})
-    assert await b.emitter.deliver(Outbound(queued, cmd))
+    assert await b.emitter.deliver(Outbound(queued))
     return at
 
 
@@ -199,7 +203,7 @@ async def queue_backlog(b: Submitter, count: int, concurrency: int = 16) -> list
     async def one() -> str:
         async with sem:
             doc, cmd = new_task(b.bucket)
-            seq = await record_task(b, doc, cmd)
+            seq = await record_task(b, doc)
             await publish_task(b, cmd, seq)
             return cmd.task_id
 
@@ -295,24 +299,25 @@ async def backlog_phase(b: Submitter, stack: Stack, double: ApiDouble, tasks: in
 
 async def latency_phase(b: Submitter, double: ApiDouble, tasks: int, rate: float,
                         already: int) -> list[Figure]:
-    prepared = []
-    for _ in range(tasks):
-        doc, cmd = new_task(b.bucket)
-        prepared.append((cmd, await record_task(b, doc, cmd)))
+    # Admission reads the task documents: a task is measured from its recording on (the
+    # gateway's write), not from its event's publish, which admission may precede.
     published: dict[str, float] = {}
     start = time.monotonic()
-    for i, (cmd, seq) in enumerate(prepared):
+    for i in range(tasks):
         delay = start + i / rate - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
-        published[run_name(cmd.task_id, 1)] = await publish_task(b, cmd, seq)
+        doc, cmd = new_task(b.bucket)
+        at = time.time()
+        await publish_task(b, cmd, await record_task(b, doc))
+        published[run_name(cmd.task_id, 1)] = at
     await wait_count(double, NAMESPACE, already + tasks)
     created = await double.created(NAMESPACE)
     lat = [(created[name] - at) * 1000 for name, at in published.items() if name in created]
     detail = {"tasks": tasks, "rate_per_s": rate, "created": len(lat),
               "mean_ms": round(sum(lat) / len(lat), 1) if lat else None,
               "max_ms": round(max(lat), 1) if lat else None,
-              "measured": "command publish started (bench) -> create applied (double)"}
+              "measured": "task recorded (bench, as the gateway) -> create applied (double)"}
     return [Figure(NAME, "create_latency_p50_ms", percentile(lat, 50), "ms", None, detail),
             Figure(NAME, "create_latency_p95_ms", percentile(lat, 95), "ms", None,
                    {"tasks": tasks})]
@@ -369,6 +374,10 @@ async def measure(env: BenchEnv, args: argparse.Namespace) -> list[Figure]:
             "SCALEODM_EXECUTOR": "argo",
             "SCALEODM_ARGO__KUBECONFIG": str(double.kubeconfig),
             "SCALEODM_ARGO__NAMESPACE": NAMESPACE,
+            # Room for every task: this measures creating runs, not waiting for slots.
+            "SCALEODM_CAPACITY__MAX_ACTIVE": str(10 * (tasks + latency_tasks) + 100),
+            "SCALEODM_CAPACITY__CLASSES": json.dumps([{
+                "name": "any", "max_images": None, "slots": 10 * (tasks + latency_tasks) + 100}]),
         })
         broker = NatsBroker(env.nats.url)
         handle = await open_store(MongoSettings(url=env.mongo_url, database=DATABASE), "bench")

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,9 @@ def _default(field: Any) -> str:
         return ""
     if value is None:
         return "unset"
+    if isinstance(value, list) and any(isinstance(v, BaseModel) for v in value):
+        # As the variable is written: JSON.
+        return f"`{json.dumps([v.model_dump(mode='json') for v in value])}`"
     if hasattr(value, "value"):
         value = value.value
     return f"`{value}`"

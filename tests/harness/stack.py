@@ -63,6 +63,9 @@ class Stack:
             "SCALEODM_OUTBOX_INTERVAL_S": "1",
             "SCALEODM_OUTBOX_MIN_AGE_S": "1",
             "SCALEODM_OUTBOUND_ALLOW": '["127.0.0.0/8"]',  # fixtures and hooks are on loopback
+            # Room for every test's tasks at once (tests of admission set their own capacity).
+            "SCALEODM_CAPACITY__MAX_ACTIVE": "200",
+            "SCALEODM_CAPACITY__CLASSES": '[{"name": "any", "max_images": null, "slots": 200}]',
             # s3:// zipurls the tests use (S3Settings.input_allow; none by default)
             "SCALEODM_S3__INPUT_ALLOW": f'["s3://{self.bucket}/{S3_INPUT_PREFIX}"]',
         })

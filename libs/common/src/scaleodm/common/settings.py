@@ -256,6 +256,8 @@ class CapacitySettings(BaseModel):
         names = [c.name for c in v]
         if len(set(names)) != len(names):
             raise ValueError(f"size class names must be distinct: {names}")
+        if "all" in names:
+            raise ValueError("`all` names the global cap (the Workflows' semaphore key)")
         bounds = [c.max_images for c in v[:-1]]
         if any(b is None for b in bounds) or v[-1].max_images is not None:
             raise ValueError("only the last size class, and it always, has no `max_images`")

@@ -53,6 +53,8 @@ LEASE_TTL_S = 15.0
 # Waiting tasks one pass reads (in priority, then submission order): the queue positions of
 # tasks beyond it are not known, and they are admitted by later passes.
 WINDOW = 10_000
+# Admissions written at once (each a few MongoDB round trips); the lease is renewed between.
+BATCH = 16
 # The events after which a pass may admit something: a task queued, a slot freed.
 WAKE_KINDS = ("queued", "completed", "failed", "canceled", "removed")
 
@@ -174,13 +176,14 @@ class Admitter:
         ordered = order(waiting, active.by_tenant)
         chosen = admit(ordered, active, self.capacity, self.tenant_limit)
         admitted = []
-        for task in chosen:
-            # Another replica may have taken the lease if this one stalled: checked per task,
-            # so a stalled pass admits at most one task the new holder also counted.
-            if not await self.leases.hold(LEASE, self.holder, LEASE_TTL_S):
+        for start in range(0, len(chosen), BATCH):
+            # Another replica may have taken the lease if this one stalled: checked per batch,
+            # so a stalled pass admits at most one batch the new holder also counted.
+            if start and not await self.leases.hold(LEASE, self.holder, LEASE_TTL_S):
                 break
-            if await self._admit(task):
-                admitted.append(task)
+            batch = chosen[start:start + BATCH]
+            done = await asyncio.gather(*(self._admit(task) for task in batch))
+            admitted += [task for task, ok in zip(batch, done, strict=True) if ok]
         taken = {t.task_id for t in admitted}
         queue = [t.task_id for t in ordered if t.task_id not in taken]
         if queue != self._queue_ids:
@@ -199,7 +202,8 @@ class Admitter:
             ev = events.new(events.TaskAdmitted, task.task_id, task.attempt,
                             size_class=task.size_class)
             wait_ms = clock.now_ms() - task.queued_at_ms
-            result = await self.emitter.emit(ev, command=run_command(doc))
+            command = run_command({**doc, "size_class": task.size_class})
+            result = await self.emitter.emit(ev, command=command)
             if result.changed:
                 log.info("task admitted", size_class=task.size_class, tenant=task.tenant,
                          priority=task.priority, waited_ms=wait_ms)
