@@ -4,7 +4,8 @@ The subscribers come from the services' own FastStream apps (scheduler: commands
 events; the watcher subscribes to nothing), so the document follows the code. Publishing is not
 declared there (emitters call ``broker.publish``), so a documentation-only broker adds the two
 publications: task events ``events.task.<task_id>.<kind>`` (gateway, scheduler, watcher) and
-commands ``tasks.commands.<verb>`` (gateway). Building the apps connects to nothing.
+commands ``tasks.commands.<verb>`` (create/restart by the scheduler's admission, cancel/remove by
+the gateway and the watcher's retention). Building the apps connects to nothing.
 
 ``python scripts/asyncapi.py`` prints the YAML; ``--write`` writes ``docs/asyncapi.yaml``;
 ``--check`` exits 1 when that file is stale (the test suite runs the check).
@@ -61,7 +62,9 @@ def _docs_broker() -> NatsBroker:
     broker.publisher(
         streams.command_subject("{verb}"), stream=streams.TASKS_STREAM_REF,
         title="task-commands",
-        description="Commands to the scheduler (imperative), published by the gateway.",
+        description="Commands to the scheduler (imperative), each carried by the event that "
+        "causes it: create/restart by `admitted` (the scheduler's admission gave the attempt a "
+        "run slot), cancel by `canceled`, remove by `removed`.",
         schema=commands.AnyCommand,
     )
     return broker

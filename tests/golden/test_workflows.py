@@ -7,9 +7,10 @@ appended unless skipped) built with default ``ArgoSettings`` and fixed S3 values
 instead (then review the diff like code), as Hera's ``tests/test_examples.py`` does.
 
 Presets: ``default`` (3 images), ``fast-orthophoto``, ``dsm-dtm``, ``large`` (5000 images, a
-node selector), ``restart`` (attempt 2 with new options, post-processing skipped), ``zipurl`` (an
-http zip with unknown image count; a name full of shell and Argo template syntax, a zipurl
-reaching for the S3 secret with Kubernetes' ``$(VAR)``).
+node selector, priority 10), ``restart`` (attempt 2 with new options, post-processing skipped),
+``zipurl`` (an http zip with unknown image count, priority -5; a name full of shell and Argo
+template syntax, a zipurl reaching for the S3 secret with Kubernetes' ``$(VAR)``). Each carries
+the size class its admission gives it with the default capacity settings.
 
 Also covered, per preset: the manifest parses as Hera's ``hera.workflows.models.Workflow`` (the
 generated Argo schema) and dumps back to the same dict; YAML round trip; no container runs a
@@ -17,7 +18,10 @@ shell and every option value is one whole argv item of ODM's command; no ``{{`` 
 template syntax); every ``$`` of a container's command, args and env values is escaped as ``$$``
 (Kubernetes' ``$(VAR)`` expansion; the attack itself is in
 ``tests/security/test_workflow_injection.py``); the ``--spec`` argument decodes to the preset's
-``RunSpec``; no container adds a capability; labels on the Workflow and its pods; determinism.
+``RunSpec``; no container adds a capability; labels on the Workflow and its pods; determinism;
+``spec.priority`` is the task's and ``spec.synchronization`` waits on the capacity ConfigMap's
+semaphores ``all`` and the run's size class (only ``all`` without a class, none when
+``argo.capacity_configmap`` is empty).
 Builder errors: an option value holding ``{{``, credentials in ``step_env``, a task id that is
 not a uuid, zero shards (``argoruns.shard_of``, shared with the watcher).
 
@@ -41,7 +45,7 @@ from scaleodm.common import argoruns
 from scaleodm.common.contracts.commands import CreateTask, RestartTask, RunSpec
 from scaleodm.common.contracts.ids import run_name
 from scaleodm.common.domain.options import add_post_processing_options, to_engine_args
-from scaleodm.common.settings import ArgoSettings, S3Settings, SchedulerSettings
+from scaleodm.common.settings import ArgoSettings, CapacitySettings, S3Settings, SchedulerSettings
 from scaleodm.scheduler import workflows
 from scaleodm.scheduler.executors import argo
 
@@ -78,6 +82,7 @@ PRESETS: dict[str, tuple[RunSpec, ArgoSettings]] = {
             sources=[INPUTS],
             output_prefix=OUTPUTS,
             images_count=3,
+            size_class="small",
         ),
         ArgoSettings(),
     ),
@@ -93,6 +98,7 @@ PRESETS: dict[str, tuple[RunSpec, ArgoSettings]] = {
             sources=[INPUTS],
             output_prefix=OUTPUTS,
             images_count=120,
+            size_class="small",
         ),
         ArgoSettings(),
     ),
@@ -109,6 +115,7 @@ PRESETS: dict[str, tuple[RunSpec, ArgoSettings]] = {
             sources=[INPUTS],
             output_prefix=OUTPUTS,
             images_count=350,
+            size_class="medium",
         ),
         ArgoSettings(),
     ),
@@ -121,6 +128,8 @@ PRESETS: dict[str, tuple[RunSpec, ArgoSettings]] = {
             sources=[INPUTS],
             output_prefix=OUTPUTS,
             images_count=5000,
+            size_class="large",
+            priority=10,
         ),
         ArgoSettings(node_selector={"node-type": "cpu", "scaleodm.io/pool": "odm-large"}),
     ),
@@ -140,6 +149,7 @@ PRESETS: dict[str, tuple[RunSpec, ArgoSettings]] = {
             skip_post_processing=True,
             outputs=["odm_orthophoto/odm_orthophoto.tif", "odm_report"],
             images_count=3,
+            size_class="small",
         ),
         ArgoSettings(),
     ),
@@ -155,6 +165,8 @@ PRESETS: dict[str, tuple[RunSpec, ArgoSettings]] = {
             ],
             output_prefix=OUTPUTS,
             images_count=None,
+            size_class="small",
+            priority=-5,
         ),
         ArgoSettings(),
     ),
@@ -301,6 +313,40 @@ def test_name_and_labels(preset: str) -> None:
 @pytest.mark.parametrize("preset", IDS)
 def test_deterministic(preset: str) -> None:
     assert build(preset) == build(preset)
+
+
+@pytest.mark.parametrize("preset", IDS)
+def test_priority_and_capacity_semaphores(preset: str) -> None:
+    """Argo starts pending Workflows by priority, and holds one pending while the semaphores of
+    the capacity ConfigMap it waits on are taken: ``all`` and its size class's."""
+    spec, settings = PRESETS[preset]
+    # The preset's class is the one admission gives it (an unknown count: as 200 images).
+    assert spec.size_class == CapacitySettings().class_of(spec.images_count).name
+    wf = build(preset)["spec"]
+    assert wf["priority"] == spec.priority
+    assert wf["synchronization"] == {"semaphores": [
+        {"configMapKeyRef": {"name": settings.capacity_configmap, "key": key}}
+        for key in ("all", spec.size_class)
+    ]}
+    assert settings.capacity_configmap == "scaleodm-capacity"
+
+
+@pytest.mark.parametrize(
+    ("configmap", "size_class", "semaphores"),
+    [
+        pytest.param("caps", None, [{"configMapKeyRef": {"name": "caps", "key": "all"}}],
+                     id="no-size-class"),
+        pytest.param("", "small", None, id="semaphores-off"),
+    ],
+)
+def test_semaphores_follow_the_settings(
+    configmap: str, size_class: str | None, semaphores: list[dict[str, Any]] | None
+) -> None:
+    spec, _ = PRESETS["default"]
+    manifest = workflows.build_workflow(
+        spec.model_copy(update={"size_class": size_class}),
+        ArgoSettings(capacity_configmap=configmap), shard=0, step_env=STEP_ENV)
+    assert manifest["spec"].get("synchronization", {}).get("semaphores") == semaphores
 
 
 def test_option_value_with_argo_template_syntax_is_refused() -> None:

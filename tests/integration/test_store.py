@@ -442,11 +442,9 @@ async def test_a_deleted_task_leaves_a_tombstone_that_refuses_its_uuid(store: Ta
 
     with pytest.raises(TaskExistsError):
         await store.create_task({"_id": task_id, "name": "again"},
-                                events.new(events.TaskQueued, task_id, 1),
-                                commands.CreateTask(task_id=TaskId(task_id), attempt=1, name="a",
-                                                    sources=[], output_prefix="s3://b/p/"))
+                                events.new(events.TaskQueued, task_id, 1))
     assert await store.get_task(task_id, include_removed=True) is None
-    assert await _n_events(store, task_id) == 0  # no command left for the outbox either
+    assert await _n_events(store, task_id) == 0  # no event left for the outbox either
 
     await store.delete_task(task_id)  # a redelivered remove: the first tombstone stays
     assert await store.tombstones.find({"_id": task_id}).to_list(None) == [stone]
@@ -588,22 +586,24 @@ async def test_a_command_is_recorded_with_the_event_that_causes_it(store: TaskSt
     assert await store.events.find_one({"_id": f"{task_id}:7:canceled"}) is None
 
 
-async def test_a_retried_creation_gets_its_command_and_goes_back_to_the_outbox(
+async def test_a_retried_creation_is_completed_and_its_event_goes_back_to_the_outbox(
     store: TaskStore,
 ) -> None:
-    """A creation cut off after its event: the retry completes it with the run command."""
+    """A creation cut off after its event: the retry inserts the task and hands the event to
+    the outbox again; the task then waits for admission like any new one."""
     task_id = _tid()
     await store._record(events.new(events.TaskQueued, task_id, 1))
     await store.mark_published(f"{task_id}:1:queued")
     doc = {"_id": task_id, "name": "t", "date_created_ms": 1, "options": [], "images_count": 2,
            "sources": ["s3://b/in/"], "output_prefix": "s3://b/tasks/x/outputs/"}
-    command = run_command({**doc, "attempt": 1})
-    result = await store.create_task(doc, events.new(events.TaskQueued, task_id, 1), command)
+    result = await store.create_task(doc, events.new(events.TaskQueued, task_id, 1))
     assert result.seq == 1
     [recorded] = await store.unpublished_events(
         dt.datetime.now(dt.UTC) + dt.timedelta(seconds=5))
     assert recorded["_id"] == f"{task_id}:1:queued"
-    assert commands.COMMAND_ADAPTER.validate_python(recorded["command"]) == command
+    assert recorded.get("command") is None  # admission carries the run command
+    task = await store.get_task(task_id)
+    assert task is not None and task["state"] == "queued" and task["admitted"] is False
 
 
 def test_run_command_is_built_from_the_task_document() -> None:
@@ -615,6 +615,9 @@ def test_run_command_is_built_from_the_task_document() -> None:
     assert isinstance(cmd, commands.RestartTask)
     assert (cmd.attempt, cmd.options, cmd.skip_post_processing, cmd.images_count) == (
         2, [{"name": "dsm", "value": True}], True, None)
+    assert (cmd.priority, cmd.size_class) == (0, None)  # not admitted yet
+    admitted = run_command({**doc, "priority": -3, "size_class": "large"})
+    assert (admitted.priority, admitted.size_class) == (-3, "large")
     assert isinstance(run_command({**doc, "attempt": 1}), commands.CreateTask)
 
 

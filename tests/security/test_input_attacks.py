@@ -447,6 +447,8 @@ async def _stream_chunked(port: int, path: str, ctype: str, total: int) -> tuple
             writer.write(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
             await writer.drain()
             sent += len(chunk)
+            # drain() does not yield while the socket takes everything: let the answer in.
+            await asyncio.sleep(0)
         writer.write(b'2\r\n"}\r\n0\r\n\r\n')
         await writer.drain()
 

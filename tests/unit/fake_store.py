@@ -5,6 +5,7 @@ one) and the same outbox fields. The store's own behaviour on MongoDB is checked
 
 from __future__ import annotations
 
+import collections
 import datetime as dt
 from typing import Any
 
@@ -30,27 +31,38 @@ def _matches(doc: Doc, guard: Doc) -> bool:
     return True
 
 
+class FakeCollection:
+    """Documents by ``_id``: what the gateway reads of ``AdmissionStore`` (the saved queue)."""
+
+    def __init__(self) -> None:
+        self.docs: dict[str, Doc] = {}
+
+    async def find_one(self, query: Doc, projection: Doc | None = None) -> Doc | None:
+        doc = self.docs.get(query["_id"])
+        return None if doc is None else dict(doc)
+
+
 class FakeTaskStore:
     def __init__(self) -> None:
         self.tasks: dict[str, Doc] = {}
         self.events: dict[str, Doc] = {}
         self.tombstones: set[str] = set()  # uuids of deleted tasks
+        # The other collections (``AdmissionStore(store.db, ...)``), created on first use.
+        self.db: collections.defaultdict[str, FakeCollection] = collections.defaultdict(
+            FakeCollection)
 
-    async def create_task(self, doc: Doc, queued: events.TaskQueued,
-                          command: commands.Command | None = None, *,
+    async def create_task(self, doc: Doc, queued: events.TaskQueued, *,
                           failed: events.TaskFailed | None = None) -> ApplyResult:
         if doc["_id"] in self.tombstones:
             raise TaskExistsError(doc["_id"])
-        seq, first = self._record(queued, command)
+        seq, first = self._record(queued, None)
         if doc["_id"] in self.tasks:
             raise TaskExistsError(doc["_id"])
         if first is not None:
-            self.events[queued.event_id].update(published=False,
-                                                command=_dump(command))
+            self.events[queued.event_id]["published"] = False
         self.tasks[doc["_id"]] = {
-            "attempt": 1, "state": TaskState.QUEUED.value, "progress": 0.0, "output_lines": 0,
-            "started_at_ms": None, "finished_at_ms": None, "error_message": None,
-            "removed": False, "created_at": dt.datetime.now(dt.UTC), **doc,
+            **projection.fresh_attempt(1), "removed": False,
+            "created_at": dt.datetime.now(dt.UTC), **doc,
         }
         if failed is not None:
             self._record(failed, None)
@@ -108,7 +120,8 @@ class FakeTaskStore:
         doc = self.tasks.get(task_id)
         if doc is None:
             return None
-        return projection.Snapshot(doc["attempt"], TaskState(doc["state"]), doc["removed"])
+        return projection.Snapshot(doc["attempt"], TaskState(doc["state"]), doc["removed"],
+                                   bool(doc.get("admitted")))
 
     def _update(self, ev: events.TaskEvent, step: projection.Plan) -> bool:
         doc = self.tasks[ev.task_id]

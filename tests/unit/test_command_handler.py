@@ -4,7 +4,9 @@
 Covered:
 - create/restart start the attempt's run once, also when the command is redelivered (the
   executor's start is idempotent: the second finds the run) and only for the current attempt of a
-  task still active (a stale attempt, a task already over or gone starts nothing);
+  task still active (a stale attempt, a task already over or gone starts nothing) once that
+  attempt is admitted (holds a run slot): a command for an attempt not admitted yet starts and
+  stops nothing, and starts the run once the attempt is admitted;
 - a malformed ``output_prefix`` fails before any run is started;
 - a run whose attempt is not the task's current active one is stopped: before a start (a
   redelivered create of a task canceled, ended, restarted, removed or deleted since: the first
@@ -153,9 +155,12 @@ class Scheduler:
             max_deliver=MAX_DELIVER,
         )
 
-    def task(self, *, attempt: int = 1, state: str = "queued") -> str:
+    def task(self, *, attempt: int = 1, state: str = "queued", admitted: bool = True) -> str:
+        """A task whose current attempt is ``attempt``, by default admitted (given a run slot:
+        its run command comes with its admission)."""
         task_id = str(uuid.uuid4())
-        self.store.tasks[task_id] = {"_id": task_id, "attempt": attempt, "state": state}
+        self.store.tasks[task_id] = {"_id": task_id, "attempt": attempt, "state": state,
+                                     "admitted": admitted}
         return task_id
 
 
@@ -199,13 +204,18 @@ Stop = Literal["cancel", "remove", None]
 @pytest.mark.parametrize(
     ("doc", "attempt", "stop"),
     [
-        pytest.param({"attempt": 2, "state": "queued"}, 1, "cancel", id="stale-attempt"),
-        pytest.param({"attempt": 1, "state": "canceled"}, 1, "cancel", id="already-canceled"),
-        pytest.param({"attempt": 1, "state": "completed"}, 1, "cancel", id="already-completed"),
-        pytest.param({"attempt": 1, "state": "canceled", "removed": True}, 1, "remove",
-                     id="removed"),
+        # admitted: the attempt the task has holds a slot; what stops the run is the other reason
+        pytest.param({"attempt": 2, "state": "queued", "admitted": True}, 1, "cancel",
+                     id="stale-attempt"),
+        pytest.param({"attempt": 1, "state": "canceled", "admitted": True}, 1, "cancel",
+                     id="already-canceled"),
+        pytest.param({"attempt": 1, "state": "completed", "admitted": True}, 1, "cancel",
+                     id="already-completed"),
+        pytest.param({"attempt": 1, "state": "canceled", "admitted": True, "removed": True}, 1,
+                     "remove", id="removed"),
         pytest.param(None, 1, "remove", id="task-gone"),
-        pytest.param({"attempt": 1, "state": "queued"}, 2, None, id="attempt-not-there-yet"),
+        pytest.param({"attempt": 1, "state": "queued", "admitted": True}, 2, None,
+                     id="attempt-not-there-yet"),
     ],
 )
 @pytest.mark.parametrize("first_delivery_started_it", [False, True])
@@ -234,7 +244,7 @@ def _cancel(doc: dict[str, Any]) -> None:
 
 
 def _cancel_and_restart(doc: dict[str, Any]) -> None:
-    doc["state"], doc["attempt"] = "queued", doc["attempt"] + 1
+    doc["state"], doc["attempt"], doc["admitted"] = "queued", doc["attempt"] + 1, False
 
 
 def _remove(doc: dict[str, Any]) -> None:
@@ -277,6 +287,29 @@ async def test_a_run_overtaken_while_it_started_is_stopped(
     assert s.executor.starts == [(task_id, 1)]
     assert s.executor.canceled == ([(task_id, 1)] if stop == "cancel" else [])
     assert s.executor.removed == ([(task_id, 1)] if stop == "remove" else [])
+
+
+@pytest.mark.parametrize(("verb", "attempt"), [("create", 1), ("restart", 2)])
+async def test_a_command_for_an_attempt_not_admitted_starts_nothing(
+    verb: Literal["create", "restart"], attempt: int
+) -> None:
+    """The task's current attempt, queued, but not given a run slot (a run command published
+    before admission control): no run is started, none stopped, and no event; the command is
+    done with (no raise: JetStream does not redeliver it). The attempt's admission starts it."""
+    s = Scheduler()
+    task_id = s.task(attempt=attempt, admitted=False)
+    cmd = _spec(verb, task_id, attempt)
+    with structlog.testing.capture_logs() as logs:
+        await s.handler.handle(cmd, delivered=1)
+    assert s.executor.starts == [] and s.executor.runs == {}
+    assert s.executor.canceled == [] and s.executor.removed == []
+    assert s.emitter.emitted == []
+    assert [e["event"] for e in logs if "not admitted" in e["event"]] == [
+        "attempt not admitted yet; no run started"]
+
+    s.store.tasks[task_id]["admitted"] = True  # its admission, with the same run command
+    await s.handler.handle(cmd, delivered=1)
+    assert list(s.executor.runs) == [(task_id, attempt)]
 
 
 async def test_malformed_output_prefix_starts_nothing() -> None:

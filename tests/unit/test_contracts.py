@@ -41,6 +41,8 @@ RUN = {
     "output_prefix": "s3://bucket/outputs/x/2/",
     "skip_post_processing": True,
     "outputs": ["odm_orthophoto/odm_orthophoto.tif"],
+    "priority": -5,
+    "size_class": "medium",
 }
 AT = dt.datetime(2025, 1, 2, 3, 4, 5, 678000, tzinfo=dt.UTC)
 
@@ -84,6 +86,12 @@ EVENTS = [
         events.TaskQueued,
         f"{TASK}:3:queued",
         id="queued-restart",
+    ),
+    pytest.param(
+        lambda: events.new(events.TaskAdmitted, TASK, 2, size_class="large"),
+        events.TaskAdmitted,
+        f"{TASK}:2:admitted",
+        id="admitted",
     ),
     pytest.param(
         lambda: events.new(events.TaskRunning, TASK, 1), events.TaskRunning, f"{TASK}:1:running",
@@ -194,8 +202,10 @@ def test_command_rejected(change: dict[str, Any]) -> None:
 @pytest.mark.parametrize(
     ("verb", "key"),
     [
-        pytest.param("create", f"{TASK}:2:create", id="create"),
-        pytest.param("restart", f"{TASK}:2:restart", id="restart"),
+        # Not ":create"/":restart": those ids of a node before admission control, published
+        # for the same attempt, would deduplicate away the admission's run command.
+        pytest.param("create", f"{TASK}:2:start", id="create"),
+        pytest.param("restart", f"{TASK}:2:start", id="restart"),
         pytest.param("cancel", f"{TASK}:2:cancel", id="cancel"),
         pytest.param("remove", f"{TASK}:2:remove", id="remove"),
     ],
@@ -208,7 +218,7 @@ def test_idempotency_key_differs_per_attempt() -> None:
     first = commands.CreateTask(**RUN)
     second = commands.RestartTask(**{**RUN, "attempt": 3})
     assert commands.idempotency_key(first) != commands.idempotency_key(second)
-    assert commands.idempotency_key(second) == f"{TASK}:3:restart"
+    assert commands.idempotency_key(second) == f"{TASK}:3:start"
 
 
 def test_commands_are_frozen() -> None:
@@ -271,6 +281,7 @@ def test_every_event_kind_is_covered() -> None:
         pytest.param({"attempt": 0}, id="attempt-zero"),
         pytest.param({"progress": 100.5}, id="progress-above-100"),
         pytest.param({"progress": -1}, id="progress-negative"),
+        pytest.param({"kind": "admitted"}, id="admitted-without-size-class"),
     ],
 )
 def test_event_rejected(change: dict[str, Any]) -> None:
@@ -467,7 +478,7 @@ async def test_publish_command(verb: str, cls: type[BaseModel]) -> None:
     ((message, subject, kw),) = broker.calls
     assert subject == f"tasks.commands.{verb}"
     assert kw["stream"] == "TASKS"
-    assert kw["headers"] == {"Nats-Msg-Id": f"{TASK}:2:{verb}"}
+    assert kw["headers"] == {"Nats-Msg-Id": commands.idempotency_key(cmd)}
     assert 2.4 < kw["timeout"] <= 2.5  # the whole publish's deadline
     back = commands.COMMAND_ADAPTER.validate_json(json.dumps(message))
     assert type(back) is cls

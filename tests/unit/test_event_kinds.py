@@ -50,6 +50,10 @@ class Kind(NamedTuple):
 # One row per kind: a new kind fails test_table_has_every_kind until it is described here.
 KIND_TABLE: dict[str, Kind] = {
     "queued": Kind(lambda a: events.new(events.TaskQueued, TID, a), False, NodeOdmStatus.QUEUED),
+    # The task was given a run slot; its run is being started; status stays 10.
+    "admitted": Kind(
+        lambda a: events.new(events.TaskAdmitted, TID, a, size_class="small"), False, None
+    ),
     "running": Kind(lambda a: events.new(events.TaskRunning, TID, a), False, NodeOdmStatus.RUNNING),
     "inputs": Kind(
         lambda a: events.new(events.TaskInputsReady, TID, a, images_count=3), False, None
@@ -150,10 +154,12 @@ def test_new_refuses_a_wrong_key(make: Callable[[], events.TaskEvent]) -> None:
 @pytest.mark.parametrize("removed", [False, True], ids=["live", "removed"])
 def test_projection_handles_every_kind(kind: str, removed: bool) -> None:
     for state in TaskState:
-        for attempt in (1, 2, 3):  # older, current and next attempt against a snapshot at 2
-            snap = projection.Snapshot(attempt=2, state=state, removed=removed)
-            step = projection.plan(snap, KIND_TABLE[kind].make(attempt))
-            assert step is None or isinstance(step, projection.Plan)
+        for admitted in (False, True):
+            for attempt in (1, 2, 3):  # older, current and next attempt against a snapshot at 2
+                snap = projection.Snapshot(attempt=2, state=state, removed=removed,
+                                           admitted=admitted)
+                step = projection.plan(snap, KIND_TABLE[kind].make(attempt))
+                assert step is None or isinstance(step, projection.Plan)
 
 
 def test_projection_refuses_an_unknown_kind() -> None:

@@ -1,11 +1,14 @@
 """The gateway's task actions through its HTTP routes, fast: the real FastAPI app over ASGI, the
 real ``Emitter``, FastStream's in-memory ``TestNatsBroker`` and an in-memory task store.
 
-Covered: cancel/remove/restart answer as NodeODM does and record each event with its command in
-the outbox; with NATS down every action still succeeds at once (MongoDB holds it) and the relay
-delivers the commands, event first, with their ``Nats-Msg-Id``, once NATS is back; with NATS up
-the background publisher delivers without the relay; NodeODM's errors for an unknown uuid, a task
-that cannot be restarted and bad restart options (validated before the lookup).
+Covered: cancel/remove/restart answer as NodeODM does and record each event in the outbox, a
+cancel or remove with its command, a create or restart with none (its run command comes with its
+admission, the scheduler's); with NATS down every action still succeeds at once (MongoDB holds it)
+and the relay delivers the events and commands, event first, with their ``Nats-Msg-Id``, once NATS
+is back; with NATS up the background publisher delivers without the relay; NodeODM's errors for an
+unknown uuid, a task that cannot be restarted and bad restart options (validated before the
+lookup); of two racing restarts, the options of the one recorded first are the task's; a task
+waiting for its admission shows its ``queuePosition``.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from scaleodm.common import emitting, failpoints
 from scaleodm.common.contracts import commands, events, streams
 from scaleodm.common.emitting import Emitter, Relayed
 from scaleodm.common.settings import GatewaySettings
+from scaleodm.common.store.admission import QUEUE_ID
 from scaleodm.common.store.tasks import run_command
 from scaleodm.gateway.actions import NewTask
 from scaleodm.gateway.deps import Resources
@@ -124,16 +128,16 @@ async def test_actions_with_nats_down_succeed_and_the_relay_delivers_them_later(
     assert await down.info(gone) == {"error": f"{gone} not found"}
     assert (await down.info(done))["status"] == {"code": 10}
     pending = {e["_id"]: e["command"] for e in down.store.unpublished()}
-    assert pending == {
-        f"{created}:1:queued": {**pending[f"{created}:1:queued"], "verb": "create"},
-        f"{running}:1:queued": pending[f"{running}:1:queued"],
-        f"{gone}:1:queued": pending[f"{gone}:1:queued"],
-        f"{done}:1:queued": pending[f"{done}:1:queued"],
+    assert pending == {  # a queued event carries no command: the run comes with its admission
+        f"{created}:1:queued": None,
+        f"{running}:1:queued": None,
+        f"{gone}:1:queued": None,
+        f"{done}:1:queued": None,
         f"{running}:1:canceled": {"schema_version": 1, "task_id": running, "attempt": 1,
                                   "verb": "cancel"},
         f"{gone}:1:removed": {"schema_version": 1, "task_id": gone, "attempt": 1,
                               "verb": "remove"},
-        f"{done}:2:queued": {**pending[f"{done}:2:queued"], "verb": "restart", "attempt": 2},
+        f"{done}:2:queued": None,
     }
 
     # NATS is back: the relay hands each recorded event to the same delivery.
@@ -145,11 +149,10 @@ async def test_actions_with_nats_down_succeed_and_the_relay_delivers_them_later(
     assert down.store.unpublished() == []
     ids = [msg_id for _, _, msg_id in seen]
     assert ids.index(f"{gone}:1:removed") < ids.index(f"{gone}:1:remove"), "event, then command"
+    assert sorted(ids) == sorted([*pending, f"{running}:1:cancel", f"{gone}:1:remove"])
     verbs = {(s.rsplit(".", 1)[1], b["task_id"]) for s, b, _ in seen
              if s.startswith("tasks.commands.")}
-    assert verbs == {("create", created), ("create", running), ("create", gone),
-                     ("create", done), ("cancel", running), ("remove", gone),
-                     ("restart", done)}
+    assert verbs == {("cancel", running), ("remove", gone)}
 
 
 async def test_with_nats_up_the_publisher_delivers_without_the_relay() -> None:
@@ -165,8 +168,7 @@ async def test_with_nats_up_the_publisher_delivers_without_the_relay() -> None:
             await gw.http.aclose()
     assert gw.store.unpublished() == []
     assert [msg_id for _, _, msg_id in seen] == [
-        f"{task_id}:1:queued", f"{task_id}:1:create", f"{task_id}:1:canceled",
-        f"{task_id}:1:cancel"]
+        f"{task_id}:1:queued", f"{task_id}:1:canceled", f"{task_id}:1:cancel"]
     cancel = commands.COMMAND_ADAPTER.validate_python(seen[-1][1])
     assert cancel == commands.CancelTask(task_id=task_id, attempt=1)  # type: ignore[arg-type]
     event = events.EVENT_ADAPTER.validate_python(seen[-2][1])
@@ -192,8 +194,7 @@ async def test_nodeodm_errors_of_the_actions(down: Gateway) -> None:
 async def test_the_relay_stops_a_pass_at_the_first_refusal_and_drains_full_batches(
     down: Gateway,
 ) -> None:
-    for _ in range(3):
-        await down.new_task()
+    tasks = [await down.new_task() for _ in range(3)]
     refusing = _DownBroker()
     relay = Emitter(down.store, refusing, publish_timeout_s=1.0)  # type: ignore[arg-type]
     assert await relaying.relay_once(down.store, relay, min_age_s=0) == (0, False)
@@ -205,7 +206,7 @@ async def test_the_relay_stops_a_pass_at_the_first_refusal_and_drains_full_batch
         assert await relaying.relay_once(down.store, relay, min_age_s=0, batch=2) == (2, True)
         assert await relaying.relay_once(down.store, relay, min_age_s=0, batch=2) == (1, False)
     assert down.store.unpublished() == []
-    assert len(seen) == 6  # three events and their create commands
+    assert sorted(m for _, _, m in seen) == sorted(f"{t}:1:queued" for t in tasks)
 
 
 class _Flaky:
@@ -235,7 +236,7 @@ async def test_the_publisher_keeps_trying_the_head_of_its_queue_while_nats_is_aw
             await gw.emitter.aclose()
             await gw.http.aclose()
     assert gw.store.unpublished() == [], "no relay needed after a short outage"
-    assert [m for _, _, m in seen] == [x for t in ids for x in (f"{t}:1:queued", f"{t}:1:create")]
+    assert [m for _, _, m in seen] == [f"{t}:1:queued" for t in ids]
 
 
 async def test_the_publisher_survives_a_storage_error() -> None:
@@ -260,7 +261,7 @@ async def test_the_publisher_survives_a_storage_error() -> None:
             await gw.emitter.aclose()
             await gw.http.aclose()
     assert [e["_id"] for e in gw.store.unpublished()] == [f"{first}:1:queued"]  # the relay's
-    assert f"{second}:1:create" in [m for _, _, m in seen], "the publisher lives on"
+    assert f"{second}:1:queued" in [m for _, _, m in seen], "the publisher lives on"
 
 
 class _Refusing:
@@ -295,8 +296,7 @@ async def test_messages_that_can_never_be_published_are_set_aside_and_hold_up_no
     assert down.store.unpublished() == []
     aside = {e["_id"] for e in down.store.events.values() if e.get("set_aside")}
     assert aside == {f"{stuck}:1:queued", f"{orphan}:1:queued", f"{big}:1:canceled"}
-    assert {m for _, _, m in seen} == {f"{fine}:1:queued", f"{fine}:1:create",
-                                      f"{big}:1:queued", f"{big}:1:create"}
+    assert {m for _, _, m in seen} == {f"{fine}:1:queued", f"{big}:1:queued"}
 
 
 async def test_of_two_racing_restarts_the_recorded_one_runs_with_its_options(
@@ -304,17 +304,35 @@ async def test_of_two_racing_restarts_the_recorded_one_runs_with_its_options(
 ) -> None:
     """Both requests build attempt 2's ``queued`` event; A's insert wins, B's guarded update
     comes first. B applies A's event, not its own, and is told its restart did not happen: the
-    task's options are those of the command that will run."""
+    task's options, from which its admission builds the run command, are A's."""
     task_id = await down.new_task(state="completed")
     options = [{"name": "fast-orthophoto", "value": True}]
-    doc = dict(down.store.tasks[task_id])
     down.store._record(events.new(events.TaskQueued, task_id, 2, options=options),
-                       run_command({**doc, "attempt": 2, "options": options}))  # A, then slow
+                       None)  # A, then slow
     b = await down.post("/task/restart", uuid=task_id, options='[{"name":"dsm","value":true}]')
     assert b == {"success": False, "error": "Task cannot be restarted"}
     task = down.store.tasks[task_id]
     assert (task["attempt"], task["state"], task["options"]) == (2, "queued", options)
-    assert down.store.events[f"{task_id}:2:queued"]["command"]["options"] == options
+    assert not task["admitted"], "the new attempt waits for its admission"
+    assert down.store.events[f"{task_id}:2:queued"]["body"]["options"] == options
+    run = run_command(task)  # what the admission of attempt 2 will carry
+    assert isinstance(run, commands.RestartTask)
+    assert (run.attempt, run.options) == (2, options)
+
+
+async def test_a_waiting_task_shows_its_place_in_the_admission_order(down: Gateway) -> None:
+    """``queuePosition`` while the task waits for a run slot (status 10, not admitted), from
+    the order the scheduler's last admission pass saved; none once it is admitted or running
+    (the saved order may predate that), nor for a task that order does not have yet."""
+    first, second, admitted, running, newest = [await down.new_task() for _ in range(5)]
+    down.store.tasks[admitted]["admitted"] = True
+    down.store.tasks[running].update(admitted=True, state="running")
+    down.store.db["admission"].docs[QUEUE_ID] = {
+        "_id": QUEUE_ID, "ids": [second, first, admitted, running]}
+    infos = {t: await down.info(t) for t in (first, second, admitted, running, newest)}
+    assert {t: i.get("queuePosition") for t, i in infos.items()} == {
+        first: 2, second: 1, admitted: None, running: None, newest: None}
+    assert [i["status"]["code"] for i in infos.values()] == [10, 10, 10, 20, 10]
 
 
 async def test_a_task_refused_after_its_upload_is_created_failed_in_one_step() -> None:

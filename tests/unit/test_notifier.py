@@ -259,6 +259,7 @@ async def test_gives_up_at_the_horizon(now: clock.ManualClock) -> None:
 
 NON_TERMINAL: list[Callable[[], events.TaskEvent]] = [
     lambda: events.new(events.TaskQueued, TID, 1),
+    lambda: events.new(events.TaskAdmitted, TID, 1, size_class="small"),
     lambda: events.new(events.TaskRunning, TID, 1),
     lambda: events.new(events.TaskInputsReady, TID, 1, images_count=2),
     lambda: events.new(events.TaskProgressed, TID, 1, key="k", progress=99),

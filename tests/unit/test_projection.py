@@ -8,6 +8,9 @@ Covered, table-driven over every event kind and the relevant snapshot states:
   terminal state (the restart), whose update resets the attempt's fields;
 - ``removed`` always applies (to other attempts too), once: on a removed task it is recorded and
   changes nothing (the first removal's time stays); a removed task ignores everything else;
+- ``admitted`` (a run slot given) applies once per attempt, only while it is queued: ignored when
+  the attempt is admitted already, no longer queued (running, ended, canceled) or another attempt;
+  a restart clears it, and the new attempt can be admitted;
 - the exact guard (preconditions repeated in the filter) and update documents.
 
 Left out: applying the plans to MongoDB (``tests/integration/test_store.py``), event log / seq
@@ -51,6 +54,7 @@ def _at(ev: events.TaskEvent) -> events.TaskEvent:
 # Every kind, built for a given attempt.
 KINDS: dict[str, EventFactory] = {
     "queued": lambda a: _at(events.new(events.TaskQueued, TID, a)),
+    "admitted": lambda a: _at(events.new(events.TaskAdmitted, TID, a, size_class="medium")),
     "running": lambda a: _at(events.new(events.TaskRunning, TID, a)),
     "progress": lambda a: _at(events.new(events.TaskProgressed, TID, a, key="k", progress=42.5)),
     "output": lambda a: _at(events.new(events.TaskOutput, TID, a, line_start=3, lines=["a", "b"])),
@@ -73,6 +77,13 @@ def _expected_same_attempt(kind: str, state: TaskState) -> Plan | None:
         return Plan()
     if kind == "output":
         return Plan(guard=same, update={"$max": {"output_lines": 5}})
+    if kind == "admitted":  # the snapshot is not admitted (Snapshot's default)
+        if state != Q:
+            return None
+        return Plan(
+            guard={**same, "state": "queued", "admitted": {"$ne": True}},
+            update={"$set": {"admitted": True, "size_class": "medium", "admitted_at_ms": AT_MS}},
+        )
     if kind == "running":
         if state not in (Q, R):
             return None
@@ -133,6 +144,9 @@ def test_event_of_current_attempt(kind: str, state: TaskState, expected: Plan | 
         pytest.param("canceled", F, True, id="cancel-wins-over-failed"),
         pytest.param("canceled", X, False, id="cancel-twice"),
         pytest.param("output", C, True, id="late-output-of-same-attempt"),
+        pytest.param("admitted", Q, True, id="admit-queued"),
+        pytest.param("admitted", R, False, id="no-admission-while-running"),
+        pytest.param("admitted", X, False, id="no-admission-after-canceled"),
     ],
 )
 def test_transition_rules(kind: str, state: TaskState, applies: bool) -> None:
@@ -203,6 +217,9 @@ def test_restart_plan_resets_the_attempt_and_carries_new_options() -> None:
                 "started_at_ms": None,
                 "finished_at_ms": None,
                 "error_message": None,
+                "admitted": False,
+                "size_class": None,
+                "admitted_at_ms": None,
                 "options": opts,
                 "date_created_ms": 1_700_000_000_000,
             }
@@ -257,8 +274,8 @@ def test_removed_task_ignores_everything_else(kind: str, ev_attempt: int) -> Non
 
 @pytest.mark.parametrize(
     "kind",
-    [pytest.param(k, id=k) for k in ("running", "progress", "output", "completed", "failed",
-                                      "canceled")],
+    [pytest.param(k, id=k) for k in ("admitted", "running", "progress", "output", "completed",
+                                      "failed", "canceled")],
 )
 def test_every_update_guards_the_attempt(kind: str) -> None:
     step = plan(Snapshot(attempt=7, state=Q), KINDS[kind](7))
@@ -277,3 +294,42 @@ def test_output_lines_come_from_line_start_plus_count() -> None:
     step = plan(Snapshot(attempt=1, state=R), ev)
     assert step is not None
     assert step.update == {"$max": {"output_lines": 14}}
+
+
+# -- admission --------------------------------------------------------------------------------
+
+
+def test_admission_of_a_queued_attempt_applies_once() -> None:
+    """The slot is recorded with its class and time; the guard repeats "queued, not admitted",
+    so of two concurrent admissions of the attempt one changes the document."""
+    step = plan(Snapshot(attempt=1, state=Q), KINDS["admitted"](1))
+    assert step == Plan(
+        guard={"attempt": 1, "state": "queued", "admitted": {"$ne": True}},
+        update={"$set": {"admitted": True, "size_class": "medium", "admitted_at_ms": AT_MS}},
+    )
+    assert plan(Snapshot(attempt=1, state=Q, admitted=True), KINDS["admitted"](1)) is None
+
+
+@pytest.mark.parametrize("admitted", [False, True], ids=["not-admitted", "admitted"])
+@pytest.mark.parametrize("state", [R, C, F, X], ids=lambda s: s.value)
+def test_admission_of_an_attempt_no_longer_queued_is_ignored(
+    state: TaskState, admitted: bool
+) -> None:
+    """A task canceled (or ended) while it waited takes no slot."""
+    assert plan(Snapshot(attempt=1, state=state, admitted=admitted), KINDS["admitted"](1)) is None
+
+
+@pytest.mark.parametrize("ev_attempt", [1, 3], ids=["older-attempt", "next-attempt"])
+def test_admission_of_another_attempt_is_ignored(ev_attempt: int) -> None:
+    assert plan(Snapshot(attempt=2, state=Q), KINDS["admitted"](ev_attempt)) is None
+
+
+def test_a_restart_clears_the_admission_and_its_attempt_can_be_admitted() -> None:
+    step = plan(Snapshot(attempt=1, state=C, admitted=True), KINDS["queued"](2))
+    assert step is not None
+    reset = step.update["$set"]
+    assert (reset["admitted"], reset["size_class"], reset["admitted_at_ms"]) == (False, None, None)
+    after = Snapshot(attempt=reset["attempt"], state=TaskState(reset["state"]),
+                     admitted=reset["admitted"])
+    admission = plan(after, KINDS["admitted"](2))
+    assert admission is not None and admission.update["$set"]["admitted"] is True

@@ -6,6 +6,9 @@ Covered:
   (``SCALEODM_GATEWAY_PORT``, ``SCALEODM_TOKEN`` as a SecretStr, ...), defaults when unset,
   invalid values rejected;
 - ``SCALEODM_MAX_IMAGES``: unset or 0 means unlimited (None; NodeODM's ``maxImages`` is never 0);
+- capacity (``SCALEODM_CAPACITY__MAX_ACTIVE``, ``SCALEODM_CAPACITY__CLASSES`` as JSON): size class
+  lists that would leave an image count without a class, or two classes for one, are refused;
+  ``class_of`` (an unknown count is classed as 200 images) and ``parallel``;
 - ``insecure_defaults`` while the development S3 secret is in use;
 - ``env_names()`` for each class of ``SETTINGS_CLASSES`` (expected names present, groups expanded,
   other services' names absent);
@@ -17,6 +20,7 @@ Every test starts from an environment without any ``SCALEODM_*`` variable. Left 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -29,9 +33,11 @@ from pydantic_settings import SettingsError
 from scaleodm.common.settings import (
     DEV_CREDENTIAL,
     SETTINGS_CLASSES,
+    CapacitySettings,
     GatewaySettings,
     NotifierSettings,
     SchedulerSettings,
+    SizeClass,
     WatcherSettings,
     env_names,
 )
@@ -67,8 +73,22 @@ def test_nested_mongo_url(monkeypatch: pytest.MonkeyPatch) -> None:
     [
         pytest.param(GatewaySettings, "SCALEODM_GATEWAY_PORT", "3100",
                      lambda s: s.gateway_port == 3100, id="gateway-port"),
-        pytest.param(GatewaySettings, "SCALEODM_MAX_PARALLEL_TASKS", "4",
-                     lambda s: s.max_parallel_tasks == 4, id="max-parallel-tasks"),
+        pytest.param(GatewaySettings, "SCALEODM_CAPACITY__MAX_ACTIVE", "4",
+                     lambda s: s.capacity.max_active == 4, id="capacity-max-active"),
+        pytest.param(SchedulerSettings, "SCALEODM_CAPACITY__MAX_ACTIVE", "4",
+                     lambda s: s.capacity.max_active == 4, id="scheduler-capacity-max-active"),
+        pytest.param(
+            SchedulerSettings, "SCALEODM_CAPACITY__CLASSES",
+            '[{"name": "small", "max_images": 50, "slots": 3},'
+            ' {"name": "huge", "max_images": null, "slots": 1}]',
+            lambda s: [(c.name, c.max_images, c.slots) for c in s.capacity.classes]
+            == [("small", 50, 3), ("huge", None, 1)],
+            id="capacity-classes",
+        ),
+        pytest.param(SchedulerSettings, "SCALEODM_ADMISSION_INTERVAL_S", "0.5",
+                     lambda s: s.admission_interval_s == 0.5, id="admission-interval"),
+        pytest.param(SchedulerSettings, "SCALEODM_ARGO__CAPACITY_CONFIGMAP", "caps",
+                     lambda s: s.argo.capacity_configmap == "caps", id="capacity-configmap"),
         pytest.param(SchedulerSettings, "SCALEODM_ENGINE", "test",
                      lambda s: s.engine == "test", id="scheduler-engine"),
         pytest.param(SchedulerSettings, "SCALEODM_LOCAL__RUNS_DIR", "/srv/runs",
@@ -99,6 +119,80 @@ def test_defaults() -> None:
     assert s.max_images is None
     assert s.nats.url == "nats://127.0.0.1:4222"
     assert s.mongo.url == "mongodb://127.0.0.1:27017"
+    assert s.capacity.max_active == 10
+    assert [(c.name, c.max_images, c.slots) for c in s.capacity.classes] == [
+        ("small", 200, 10), ("medium", 1500, 4), ("large", None, 2)]
+    assert s.capacity == SchedulerSettings().capacity  # gateway and scheduler must agree
+
+
+def _classes(*spec: tuple[str, int | None, int]) -> list[SizeClass]:
+    return [SizeClass(name=n, max_images=m, slots=k) for n, m, k in spec]
+
+
+@pytest.mark.parametrize(
+    ("classes", "reason"),
+    [
+        pytest.param([], "at least one size class", id="empty"),
+        pytest.param([{"name": "a", "max_images": 10, "slots": 1},
+                      {"name": "a", "max_images": None, "slots": 1}], "distinct",
+                     id="duplicate-names"),
+        pytest.param([{"name": "a", "max_images": 10, "slots": 1},
+                      {"name": "b", "max_images": 100, "slots": 1}], "no `max_images`",
+                     id="bounded-last-class"),
+        pytest.param([{"name": "a", "max_images": None, "slots": 1},
+                      {"name": "b", "max_images": None, "slots": 1}], "no `max_images`",
+                     id="unbounded-class-not-last"),
+        pytest.param([{"name": "a", "max_images": 500, "slots": 1},
+                      {"name": "b", "max_images": 100, "slots": 1},
+                      {"name": "c", "max_images": None, "slots": 1}], "ascending",
+                     id="descending-max-images"),
+        pytest.param([{"name": "a", "max_images": 100, "slots": 1},
+                      {"name": "b", "max_images": 100, "slots": 1},
+                      {"name": "c", "max_images": None, "slots": 1}], "ascending",
+                     id="equal-max-images"),
+        pytest.param([{"name": "all", "max_images": None, "slots": 1}], "global cap",
+                     id="reserved-name-all"),
+    ],
+)
+def test_invalid_size_classes_refused(
+    monkeypatch: pytest.MonkeyPatch, classes: list[dict[str, object]], reason: str
+) -> None:
+    """Every image count must fall in exactly one class (``class_of``), and the names are the
+    semaphore keys of the Workflows beside ``all``."""
+    with pytest.raises(ValidationError, match=reason):
+        CapacitySettings.model_validate({"classes": classes})
+    monkeypatch.setenv("SCALEODM_CAPACITY__CLASSES", json.dumps(classes))
+    for cls in (GatewaySettings, SchedulerSettings):
+        with pytest.raises(ValidationError, match=reason):
+            cls()
+
+
+def test_class_of_an_image_count() -> None:
+    capacity = CapacitySettings(classes=_classes(
+        ("small", 100, 1), ("medium", 500, 1), ("large", None, 1)))
+    assert [capacity.class_of(n).name for n in (0, 1, 100, 101, 500, 501, 10**6)] == [
+        "small", "small", "small", "medium", "medium", "large", "large"]
+    # An unknown count (a zipurl, an S3 folder) is classed as 200 images.
+    assert capacity.class_of(None) == capacity.class_of(200)
+    assert capacity.class_of(None).name == "medium"
+    assert CapacitySettings().class_of(None) == CapacitySettings().class_of(200)
+
+
+@pytest.mark.parametrize(
+    ("max_active", "slots", "parallel"),
+    [
+        pytest.param(10, (2, 3), 5, id="classes-fewer"),
+        pytest.param(4, (2, 3), 4, id="cap-fewer"),
+        pytest.param(5, (2, 3), 5, id="equal"),
+    ],
+)
+def test_parallel_is_what_can_run_at_once(
+    max_active: int, slots: tuple[int, int], parallel: int
+) -> None:
+    """``maxParallelTasks`` in /info: the global cap or the classes' slots together."""
+    capacity = CapacitySettings(max_active=max_active, classes=_classes(
+        ("small", 100, slots[0]), ("large", None, slots[1])))
+    assert capacity.parallel == parallel
 
 
 def test_token_is_secret(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -170,14 +264,18 @@ COMMON = {
         pytest.param(
             "gateway",
             {"SCALEODM_GATEWAY_PORT", "SCALEODM_GATEWAY_HOST", "SCALEODM_TOKEN",
-             "SCALEODM_MAX_IMAGES", "SCALEODM_MAX_PARALLEL_TASKS", "SCALEODM_ZIPURL_SCHEMES"},
-            {"SCALEODM_ENGINE", "SCALEODM_WEBHOOK", "SCALEODM_LOCAL__RUNS_DIR"},
+             "SCALEODM_MAX_IMAGES", "SCALEODM_CAPACITY__MAX_ACTIVE",
+             "SCALEODM_CAPACITY__CLASSES", "SCALEODM_ZIPURL_SCHEMES"},
+            {"SCALEODM_ENGINE", "SCALEODM_WEBHOOK", "SCALEODM_LOCAL__RUNS_DIR",
+             "SCALEODM_MAX_PARALLEL_TASKS", "SCALEODM_ADMISSION_INTERVAL_S"},
             id="gateway",
         ),
         pytest.param(
             "scheduler",
             {"SCALEODM_EXECUTOR", "SCALEODM_ENGINE", "SCALEODM_ODM_IMAGE",
-             "SCALEODM_LOCAL__RUNS_DIR", "SCALEODM_ACK_WAIT_S", "SCALEODM_ZIP_MAX_BYTES"},
+             "SCALEODM_LOCAL__RUNS_DIR", "SCALEODM_ACK_WAIT_S", "SCALEODM_ZIP_MAX_BYTES",
+             "SCALEODM_CAPACITY__MAX_ACTIVE", "SCALEODM_CAPACITY__CLASSES",
+             "SCALEODM_ADMISSION_INTERVAL_S", "SCALEODM_ARGO__CAPACITY_CONFIGMAP"},
             {"SCALEODM_GATEWAY_PORT", "SCALEODM_TOKEN", "SCALEODM_WEBHOOK"},
             id="scheduler",
         ),
@@ -185,7 +283,8 @@ COMMON = {
             "watcher",
             {"SCALEODM_LOCAL__RUNS_DIR", "SCALEODM_POLL_INTERVAL_S",
              "SCALEODM_OUTPUT_BATCH_LINES"},
-            {"SCALEODM_ENGINE", "SCALEODM_GATEWAY_PORT", "SCALEODM_WEBHOOK"},
+            {"SCALEODM_ENGINE", "SCALEODM_GATEWAY_PORT", "SCALEODM_WEBHOOK",
+             "SCALEODM_CAPACITY__MAX_ACTIVE"},
             id="watcher",
         ),
         pytest.param(
@@ -201,7 +300,8 @@ def test_env_names(service: str, present: set[str], absent: set[str]) -> None:
     assert present | COMMON <= names
     assert not absent & names
     # groups are expanded, never a variable of their own
-    assert not {"SCALEODM_NATS", "SCALEODM_MONGO", "SCALEODM_S3", "SCALEODM_LOCAL"} & names
+    assert not {"SCALEODM_NATS", "SCALEODM_MONGO", "SCALEODM_S3", "SCALEODM_LOCAL",
+                "SCALEODM_CAPACITY"} & names
     assert all(n == n.upper() and n.startswith("SCALEODM_") for n in names)
 
 

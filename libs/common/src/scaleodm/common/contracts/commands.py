@@ -70,4 +70,7 @@ COMMAND_ADAPTER: TypeAdapter[AnyCommand] = TypeAdapter(AnyCommand)
 
 
 def idempotency_key(cmd: Command) -> str:
-    return f"{cmd.task_id}:{cmd.attempt}:{cmd.verb}"
+    # A run command is "start" whatever its verb: nodes before admission control published
+    # ":create"/":restart" for the same attempt, which would deduplicate away the admission's.
+    kind = "start" if isinstance(cmd, RunSpec) else cmd.verb
+    return f"{cmd.task_id}:{cmd.attempt}:{kind}"

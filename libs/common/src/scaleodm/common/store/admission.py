@@ -2,10 +2,11 @@
 queue's order (``queuePosition`` in task info).
 
 A task waits while it is queued and not ``admitted`` for its current attempt; it holds a slot
-while it is admitted and queued or running (``store.projection``: the ``admitted`` event sets
-the flag, a restart clears it). Both are read from the task documents on every pass, so no
-counter can drift. The scheduler's admission (``scheduler/admission.py``) decides; the queue's
-order it saves is the one document the gateway reads for positions.
+while it is admitted and queued, or running (``store.projection``: the ``admitted`` event sets
+the flag, a restart clears it; a task running since before admission control counts too).
+Both are read from the task documents on every pass, so no counter can drift. The scheduler's
+admission (``scheduler/admission.py``) decides; the queue's order it saves is the one document
+the gateway reads for positions.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pymongo import ASCENDING, DESCENDING
 from pymongo.asynchronous.database import AsyncDatabase
 
 from scaleodm.common import clock
-from scaleodm.common.domain.status import ACTIVE_STATES, TaskState
+from scaleodm.common.domain.status import TaskState
 from scaleodm.common.settings import CapacitySettings
 
 Doc = dict[str, Any]
@@ -50,8 +51,11 @@ class Active:
 
 
 WAITING: Doc = {"state": TaskState.QUEUED.value, "removed": False, "admitted": {"$ne": True}}
-HOLDING: Doc = {"admitted": True, "removed": False,
-                "state": {"$in": sorted(s.value for s in ACTIVE_STATES)}}
+# A running task holds a slot whether admitted or not (one started before admission control).
+HOLDING: Doc = {"removed": False, "$or": [
+    {"state": TaskState.RUNNING.value},
+    {"state": TaskState.QUEUED.value, "admitted": True},
+]}
 
 
 class AdmissionStore:
