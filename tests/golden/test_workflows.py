@@ -318,7 +318,9 @@ def test_deterministic(preset: str) -> None:
 @pytest.mark.parametrize("preset", IDS)
 def test_priority_and_capacity_semaphores(preset: str) -> None:
     """Argo starts pending Workflows by priority, and holds one pending while the semaphores of
-    the capacity ConfigMap it waits on are taken: ``all`` and its size class's."""
+    the capacity ConfigMap it waits on are taken: its size class's, then ``all`` (in that
+    order: a class missing from the ConfigMap must fail before the Workflow queues on ``all``,
+    where Argo would leave its place behind and hold back every later Workflow)."""
     spec, settings = PRESETS[preset]
     # The preset's class is the one admission gives it (an unknown count: as 200 images).
     assert spec.size_class == CapacitySettings().class_of(spec.images_count).name
@@ -326,7 +328,7 @@ def test_priority_and_capacity_semaphores(preset: str) -> None:
     assert wf["priority"] == spec.priority
     assert wf["synchronization"] == {"semaphores": [
         {"configMapKeyRef": {"name": settings.capacity_configmap, "key": key}}
-        for key in ("all", spec.size_class)
+        for key in (spec.size_class, "all")
     ]}
     assert settings.capacity_configmap == "scaleodm-capacity"
 

@@ -77,6 +77,7 @@ import standardwebhooks
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
 from pymongo import MongoClient
 
+from scaleodm.common.store.admission import HOLDING
 from tests.harness import data
 from tests.harness.httpfixture import HttpFixture, Received
 from tests.harness.servers import BIN, NatsCluster, wait_http
@@ -86,6 +87,7 @@ TERMINAL = (30, 40, 50)
 SECRET = "whsec_" + "Y2hhb3MtdGVzdC1zZWNyZXQtMDEyMzQ1Njc4OWFi"  # fixed: verify signatures
 FAIL_IMAGE = "odm-test-engine-fail-1.jpg"
 INTENDED = {"ok": 40, "fail": 30, "cancel": 50}
+CHAOS_SLOTS = 4  # runs the scheduler may admit at once
 PROBE_STREAM = "CHAOS_PROBE"  # subject ``chaos_probe``: publish stalls around NATS kills
 RETRYABLE = (httpx.TransportError,)  # connect refused, reset, cut off mid-answer, timeouts
 # Crashes (exit 97) right inside the windows between two writes that a random kill rarely hits.
@@ -216,6 +218,7 @@ class ChaosReport:
     webhook_tasks: int = 0
     webhook_ids: int = 0
     repeated_deliveries: int = 0  # same webhook-id POSTed again
+    slots_at_once: int = 0  # most run slots held at once (admitted, not ended)
     tasks_with_several_ids: int = 0
     events: int = 0
     seq_gaps: int = 0
@@ -250,6 +253,8 @@ class ChaosReport:
             ("not as intended", f"{len(mismatched)} (informational: e.g. a cancel after the end)"),
             ("task duration", f"p50 {took[len(took) // 2]:.1f} s, max {took[-1]:.1f} s "
                               "(submitted -> seen terminal)" if took else "-"),
+            ("run slots", f"at most {self.slots_at_once} held at once (capacity "
+                          f"{CHAOS_SLOTS})"),
             ("topology", f"{self.replicas} process(es) per service; NATS "
                          + (f"cluster of {self.nats_nodes}" if self.nats_nodes > 1
                             else "single server")),
@@ -288,6 +293,11 @@ def stack_env(config: ChaosConfig) -> dict[str, str]:
     """Settings that make recovery take seconds, not minutes (redeliveries, retries)."""
     return {
         "SCALEODM_TEST_ENGINE_SECONDS": str(config.engine_seconds),
+        # Fewer slots than tasks: admission works through the kills (and no slot may leak).
+        "SCALEODM_CAPACITY__MAX_ACTIVE": str(CHAOS_SLOTS),
+        "SCALEODM_CAPACITY__CLASSES": json.dumps(
+            [{"name": "any", "max_images": None, "slots": CHAOS_SLOTS}]),
+        "SCALEODM_ADMISSION_INTERVAL_S": "1",
         "SCALEODM_ACK_WAIT_S": "4",  # scheduler: an unacked command comes back after 4 s
         "SCALEODM_WEBHOOK_SECRET": SECRET,  # webhook-id + signatures
         "SCALEODM_WEBHOOK_TIMEOUT_S": "2",
@@ -936,7 +946,8 @@ class Chaos:
     def mongo_events(self) -> list[dict[str, Any]]:
         with self.mongo() as client:
             cursor = client[self.stack.database]["events"].find(
-                {}, {"_id": 1, "task_id": 1, "attempt": 1, "kind": 1, "seq": 1, "published": 1})
+                {}, {"_id": 1, "task_id": 1, "attempt": 1, "kind": 1, "seq": 1, "published": 1,
+                     "recorded_at": 1})
             return list(cursor)
 
     async def stream_event_ids(self) -> Counter[str]:
@@ -990,10 +1001,18 @@ class Chaos:
             finally:
                 await close_nats(nc)
 
+    def held_slots(self) -> list[str]:
+        """Tasks still holding a run slot (admission counts them from the task documents)."""
+        with self.mongo() as client:
+            tasks = client[self.stack.database]["tasks"]
+            return [d["_id"] for d in tasks.find(HOLDING, {"_id": 1})]
+
     async def check(self, phase: Phase) -> None:
         phase.detail = "reading the events from MongoDB"
         events = await asyncio.to_thread(self.mongo_events)
         await self.check_tasks(events, phase)
+        phase.detail = "run slots"
+        self.check_slots(events, await asyncio.to_thread(self.held_slots))
         phase.detail = "webhooks"
         self.check_webhooks(events)
         phase.detail = "events"
@@ -1036,6 +1055,41 @@ class Chaos:
                     rep.notes.append(f"task {task.uuid} ({task.kind}, "
                                      f"{'chunked' if task.chunked else 'zipurl'}) ended "
                                      f"{task.final}: {why}"[:240])
+
+    def check_slots(self, events: list[dict[str, Any]], held: list[str]) -> None:
+        """Every task ended, so no slot may be held any more (a leaked slot is held forever);
+        and never more slots were held at once than the capacity: each attempt holds one from
+        its ``admitted`` event to its end (completed, failed, canceled) or its task's removal,
+        by the events' recording times."""
+        problems = self.report.problems
+        if held:
+            problems.append(f"{len(held)} run slot(s) still held after every task ended: "
+                            f"{held[:5]}")
+        admitted: dict[tuple[str, int], float] = {}
+        ended: dict[tuple[str, int], float] = {}
+        removed: dict[str, float] = {}
+        for ev in events:
+            at = ev["recorded_at"].timestamp()
+            key = (ev["task_id"], ev["attempt"])
+            if ev["kind"] == "admitted":
+                admitted[key] = at
+            elif ev["kind"] in ("completed", "failed", "canceled"):
+                ended[key] = min(at, ended.get(key, at))
+            elif ev["kind"] == "removed":
+                removed[ev["task_id"]] = min(at, removed.get(ev["task_id"], at))
+        spans = []
+        for key, start in admitted.items():
+            end = min(ended.get(key, float("inf")), removed.get(key[0], float("inf")))
+            if end > start:  # else it was never held: the attempt ended before its admission
+                spans.append((start, end))
+        steps = sorted([(start, 1) for start, _ in spans] + [(end, -1) for _, end in spans])
+        now = most = 0
+        for _, step in steps:  # an end sorts before a start at the same instant
+            now += step
+            most = max(most, now)
+        self.report.slots_at_once = most
+        if most > CHAOS_SLOTS:
+            problems.append(f"{most} run slots held at once; the capacity is {CHAOS_SLOTS}")
 
     def check_webhooks(self, events: list[dict[str, Any]]) -> None:
         """Every terminal task was POSTed (signed) at least once, with its final status; but a

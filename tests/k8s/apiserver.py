@@ -11,6 +11,11 @@ calls ScaleODM's Argo executor and watcher make, with the apiserver semantics th
 * core ``v1`` ``pods`` (read-only over HTTP; created by the controller double in-process): get,
   list, watch, and ``pods/{name}/log`` with ``container``, ``follow``, ``timestamps``,
   ``sinceSeconds``, ``tailLines``, ``limitBytes``.
+* core ``v1`` ``configmaps`` (namespaced): create, get, list, merge-patch, delete, watch, as for
+  workflows (a strategic merge patch, ``kubernetes_asyncio``'s default for core types, is applied
+  as a merge patch: the same thing for a ConfigMap's ``data``); ``data`` must map strings to
+  strings (400 otherwise); delete answers a ``Status`` (``Success``), as for core types. The
+  controller double reads its Workflows' semaphore limits there.
 * ``/version``, ``/api``, ``/apis`` (minimal discovery; ``kubernetes_asyncio`` does not call them).
 
 Semantics kept: one global, monotonically increasing ``resourceVersion`` (string integers) shared
@@ -37,7 +42,8 @@ more than one container needs ``container=`` (400, as the apiserver); an unknown
 the kubelet's fixed-width RFC 3339 nano UTC form (``2026-11-22T05:00:00.123456789Z``).
 
 Left out on purpose: other resources and verbs (PUT/update, deleteCollection, status
-subresources — Argo's Workflow CRD has none), server-side apply and strategic merge patch (415),
+subresources — Argo's Workflow CRD has none), server-side apply and strategic merge patch (415;
+ConfigMaps excepted, above),
 pagination (``limit`` is accepted and ignored, no ``continue``), ``resourceVersionMatch``,
 ``sendInitialEvents``, finalizers, garbage collection (the controller double deletes a workflow's
 pods itself), admission and schema validation, TLS, RBAC.
@@ -105,7 +111,12 @@ class ResourceType:
 
 WORKFLOWS = ResourceType("workflows", "argoproj.io", "v1alpha1", "Workflow")
 PODS = ResourceType("pods", "", "v1", "Pod")
-RESOURCES: dict[str, ResourceType] = {WORKFLOWS.plural: WORKFLOWS, PODS.plural: PODS}
+CONFIGMAPS = ResourceType("configmaps", "", "v1", "ConfigMap")
+RESOURCES: dict[str, ResourceType] = {
+    WORKFLOWS.plural: WORKFLOWS, PODS.plural: PODS, CONFIGMAPS.plural: CONFIGMAPS
+}
+#: Resources clients may create, patch and delete over HTTP (pods are the controller's).
+WRITABLE = frozenset({WORKFLOWS, CONFIGMAPS})
 
 
 # --------------------------------------------------------------------------------------- errors
@@ -547,6 +558,7 @@ class Store:
                 raise invalid(rt, "", "metadata.name", "", "name or generateName is required")
             name = prefix + uuid.uuid4().hex[:5]
         self._validate_meta(rt, meta, name)
+        _validate_body(rt, obj)
         if (namespace, name) in self._objects[rt.plural]:
             raise ApiError(
                 409,
@@ -580,6 +592,10 @@ class Store:
         if current is None:
             raise not_found(rt, name)
         kind = content_type.split(";")[0].strip().lower()
+        if kind == "application/strategic-merge-patch+json" and rt is CONFIGMAPS:
+            # kubernetes_asyncio's default for core types; for a ConfigMap (maps, no merge-keyed
+            # lists outside metadata) it is a JSON merge patch
+            kind = "application/merge-patch+json"
         if kind == "application/merge-patch+json":
             if not isinstance(body, dict):
                 raise bad_request("merge patch body must be a JSON object")
@@ -619,6 +635,7 @@ class Store:
             meta[key] = current["metadata"][key]
         patched["kind"], patched["apiVersion"] = rt.kind, rt.api_version
         self._validate_meta(rt, meta, name)
+        _validate_body(rt, patched)
         if patched == current:
             return copy.deepcopy(current)  # a no-op update neither bumps nor notifies
         if {k: v for k, v in patched.items() if k != "metadata"} != {
@@ -1011,7 +1028,7 @@ class FakeApiServer:
         namespace = request.match_info["namespace"]
         if request.method == "GET":
             return await self._list_or_watch(request, rt, namespace)
-        if request.method == "POST" and rt is WORKFLOWS:
+        if request.method == "POST" and rt in WRITABLE:
             body = request[_RECORD].body
             created = self.store.create(rt, namespace, body)
             return web.json_response(created, status=201)
@@ -1028,13 +1045,20 @@ class FakeApiServer:
         namespace, name = request.match_info["namespace"], request.match_info["name"]
         if request.method == "GET":
             return web.json_response(self.store.get(rt, namespace, name))
-        if request.method == "PATCH" and rt is WORKFLOWS:
+        if request.method == "PATCH" and rt in WRITABLE:
             record: RequestRecord = request[_RECORD]
             content_type = request.headers.get("Content-Type", "")
             patched = self.store.patch(rt, namespace, name, record.body, content_type)
             return web.json_response(patched)
-        if request.method == "DELETE" and rt is WORKFLOWS:
-            return web.json_response(self.store.delete(rt, namespace, name))
+        if request.method == "DELETE" and rt in WRITABLE:
+            deleted = self.store.delete(rt, namespace, name)
+            if rt.group:  # custom resources answer with the deleted object
+                return web.json_response(deleted)
+            # core types without ReturnDeletedObject (ConfigMaps) answer with a Status
+            return web.json_response({
+                "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success",
+                "details": {"name": name, "kind": rt.plural, "uid": deleted["metadata"]["uid"]},
+            })
         raise self._method_not_allowed(request)
 
     async def _list_or_watch(
@@ -1049,7 +1073,7 @@ class FakeApiServer:
         if parse_bool(query.get("watch")):
             return await self._watch(request, rt, selector)
         items = self.store.list_objects(rt, selector)
-        if rt is PODS:
+        if not rt.group:  # core types' list items carry no kind/apiVersion
             for item in items:
                 item.pop("kind", None)
                 item.pop("apiVersion", None)
@@ -1262,6 +1286,22 @@ def _convert(event: WatchEvent, selector: Selector) -> JsonObj | None:
         previous["metadata"]["resourceVersion"] = str(event.rv)
         return {"type": DELETED, "object": previous}
     return None
+
+
+def _validate_body(rt: ResourceType, obj: JsonObj) -> None:
+    """The decoding errors the apiserver gives for a ConfigMap's ``data``."""
+    if rt is not CONFIGMAPS:
+        return
+    data = obj.get("data")
+    if data is None:
+        return
+    if not isinstance(data, dict):
+        raise bad_request("json: cannot unmarshal into Go struct field ConfigMap.data of type "
+                          "map[string]string")
+    for key, value in data.items():
+        if not isinstance(value, str):
+            raise bad_request(f"json: cannot unmarshal {type(value).__name__} into Go struct "
+                              f"field ConfigMap.data of type string (key {key!r})")
 
 
 def _int_param(query: Mapping[str, str], name: str) -> int | None:

@@ -49,6 +49,34 @@ and watcher can observe it through the Kubernetes API (stack-notes §3):
   terminates a pod; one space when no pod existed yet), Workflow ``Failed`` with
   ``Stopped with strategy '<S>'``. Deleting the Workflow cancels its run and deletes its pods (the
   owner-reference garbage collection).
+* Workflow-level semaphores, ``spec.synchronization.semaphores`` (and the older singular
+  ``semaphore``, first), as Argo v3.7's ``workflow/sync`` runs them: before anything else the
+  Workflow queues on each semaphore (lock key ``<ns>/ConfigMap/<name>/<key>``, ``<ns>`` the
+  ref's ``namespace`` or the Workflow's) and takes them all at once, or none: only when it is at
+  the front of every queue (ordered by ``spec.priority`` descending, then
+  ``creationTimestamp``, ties by creation order) and each has a free slot. The limit is
+  ``strconv.Atoi`` of the key in the ConfigMap (apiserver double storage), re-read at every
+  attempt: a changed value resizes (holders beyond a lowered limit run on; an unreadable value
+  keeps the last limit read; ``"0"`` → message ``Failed to get semaphore limit for <lock>``).
+  Waiting: phase ``Pending``, no pod, no ``startedAt``, ``message`` ``Waiting for <lock> lock.
+  Lock status: <limit - holders>/<limit>`` (the first lock it cannot take), and
+  ``status.synchronization.semaphore.waiting``/``holding`` as Argo writes them. A lock that
+  cannot be initialized the first time it is used (no ConfigMap, no key, ``0`` or not a number)
+  fails the Workflow: ``Failed`` with ``Failed to acquire the synchronization lock. failed to
+  initialize semaphore <lock> with limit`` (also Argo's errors for duplicate items, a ref with
+  neither ``configMapKeyRef`` nor ``database``, and database semaphores: ``database session is
+  not available ...``); as in Argo, its entries in the queues of the locks listed before the
+  failing one stay (ahead of the later Workflows of its priority, which then wait) until the
+  Workflow is deleted, and go ``existence_check_period`` s after that (Argo's periodic check,
+  1 min), without requeueing anyone. Locks are released when the
+  Workflow reaches a final phase (``status.synchronization`` dropped), or is deleted; waiters
+  try again ``semaphore_notify_delay`` s later (Argo's ``SEMAPHORE_NOTIFY_DELAY``, 1 s), at once
+  on any ConfigMap change, and when their own spec changes (e.g. ``priority``). Shutdown of a
+  waiting Workflow: ``Terminate`` releases it as ``Succeeded`` (Argo's
+  ``releaseLocksForPendingShuttingdownWfs``), ``Stop`` keeps it waiting and stops it
+  (``Failed``, ``Stopped with strategy 'Stop'``) once it holds its locks. Records: per lock, the
+  most holders at once (:meth:`Controller.max_holders`, :meth:`Controller.semaphore`); per run,
+  when it ran (``RunInfo.started_at``/``ended_at``) and whether it waited.
 
 Scripted scenarios (call before creating the Workflow; keyed by workflow name):
 :meth:`Controller.fail_with_exit`, :meth:`Controller.fail_with_image_pull` (pod stays ``Pending``,
@@ -62,8 +90,11 @@ it keeps running (the container is not marked terminated before the held lines a
 Left out: ``onExit`` handlers (so ``Stop`` and ``Terminate`` behave the same), steps/DAG entrypoints
 (Failed "invalid spec"), ``workflowTemplateRef`` (Error "not found"), ``activeDeadlineSeconds``,
 ``podGC`` and ``ttlStrategy`` (delete pods/workflows yourself with the server's ``delete``),
-parallelism/queueing (use ``hold``), progress-file reporting, artifacts (no ``init`` container),
-node offloading, Argo's own validation.
+``parallelism`` (Workflow-, template- and controller-level; use ``hold`` to keep one queued),
+mutexes (Failed "invalid spec") and template-level ``synchronization``, a controller restart
+(Argo rebuilds its locks from the Workflows' ``status.synchronization``), a deleted pod (Argo's
+``pod deleted``: use :meth:`Controller.fail_with_exit`), progress-file reporting, artifacts (no
+``init`` container), node offloading, Argo's own validation.
 """
 
 from __future__ import annotations
@@ -71,10 +102,12 @@ from __future__ import annotations
 import asyncio
 import copy
 import os
+import re
 import shlex
 import signal
 import socket
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -83,6 +116,7 @@ from typing import Any
 
 from tests.k8s.apiserver import (
     ADDED,
+    CONFIGMAPS,
     DELETED,
     MODIFIED,
     PODS,
@@ -103,6 +137,11 @@ NODE_NAME_ANNOTATION = "workflows.argoproj.io/node-name"
 NODE_ID_ANNOTATION = "workflows.argoproj.io/node-id"
 EXECUTOR_IMAGE = "quay.io/argoproj/argoexec:v3.7.18"
 FINAL_PHASES = frozenset({"Succeeded", "Failed", "Error"})
+#: Argo's ``SEMAPHORE_NOTIFY_DELAY`` default: waiters are requeued this long after a release.
+SEMAPHORE_NOTIFY_DELAY = 1.0
+#: Argo's ``workflowExistenceCheckPeriod``: how often queue entries of deleted Workflows go.
+EXISTENCE_CHECK_PERIOD = 60.0
+_ATOI = re.compile(r"[+-]?[0-9]+")
 
 
 def fnv1a_32(text: str) -> int:
@@ -220,6 +259,13 @@ class RunInfo:
     project_dirs: list[Path]
     shutdown: str | None
     done: bool
+    #: ``time.time()`` when it went ``Running`` (its locks held) and when it ended (final phase,
+    #: or deleted); ``None`` before that
+    started_at: float | None = None
+    ended_at: float | None = None
+    #: whether it ever waited for a semaphore, and the lock keys it holds now
+    waited: bool = False
+    locks: list[str] = field(default_factory=list)
 
     @property
     def pod(self) -> str | None:
@@ -229,6 +275,92 @@ class RunInfo:
 
 class _Gone(Exception):
     """The workflow was deleted while running."""
+
+
+class _LockError(Exception):
+    """Argo's ``TryAcquire`` error: the Workflow fails with
+    ``Failed to acquire the synchronization lock. <message>``."""
+
+
+@dataclass(frozen=True)
+class LockRef:
+    """One semaphore a Workflow names: ``name`` is Argo's lock key,
+    ``<namespace>/ConfigMap/<configmap>/<key>`` (``<namespace>/Database/<key>`` for a database
+    semaphore, which the double never initializes: it has no database)."""
+
+    name: str
+    namespace: str
+    configmap: str
+    key: str
+    database: bool = False
+
+
+@dataclass
+class _Semaphore:
+    """Argo's ``prioritySemaphore``: holders, a priority queue, the last limit it could read."""
+
+    ref: LockRef
+    limit: int
+    holders: list[str] = field(default_factory=list)  # holder keys "<ns>/<workflow>"
+    pending: dict[str, tuple[int, str, int]] = field(default_factory=dict)  # key → queue order
+    max_holders: int = 0
+
+    def front(self) -> str | None:
+        return min(self.pending, key=lambda k: self.pending[k]) if self.pending else None
+
+
+@dataclass
+class SemaphoreInfo:
+    """A snapshot of one semaphore (see :meth:`Controller.semaphore`)."""
+
+    name: str
+    limit: int
+    holders: list[str]
+    pending: list[str]
+    max_holders: int
+
+
+def semaphore_refs(spec: JsonObj, namespace: str) -> list[LockRef]:
+    """The semaphores of ``spec.synchronization`` in Argo's order (``semaphore`` then
+    ``semaphores``), with Argo's configuration errors as :class:`_LockError`. Mutexes raise
+    ``NotImplementedError`` (not modelled)."""
+    sync = spec.get("synchronization") or {}
+    items: list[tuple[str, Any]] = []
+    if sync.get("semaphore") is not None:
+        items.append(("semaphore", sync["semaphore"]))
+    if sync.get("mutex") is not None:
+        items.append(("mutex", sync["mutex"]))
+    items += [("semaphore", item) for item in sync.get("semaphores") or []]
+    items += [("mutex", item) for item in sync.get("mutexes") or []]
+    for index, item in enumerate(items):
+        if item in items[index + 1 :]:
+            raise _LockError(
+                "requested configuration is invalid: duplicate synchronization item found"
+            )
+    refs = []
+    for kind, raw in items:
+        if kind == "mutex":
+            raise NotImplementedError("the controller double does not model mutexes")
+        ref: JsonObj = raw or {}
+        ns = str(ref.get("namespace") or namespace)
+        cm, db = ref.get("configMapKeyRef"), ref.get("database")
+        if cm is not None and db is not None:
+            raise _LockError(
+                "requested configuration is invalid: "
+                "invalid semaphore with both ConfigMapKeyRef and Database"
+            )
+        if cm is not None:
+            name, key = str(cm.get("name") or ""), str(cm.get("key") or "")
+            refs.append(LockRef(f"{ns}/ConfigMap/{name}/{key}", ns, name, key))
+        elif db is not None:
+            key = str(db.get("key") or "")
+            refs.append(LockRef(f"{ns}/Database/{key}", ns, "", key, database=True))
+        else:
+            raise _LockError(
+                "requested configuration is invalid: cannot get LockName for a Semaphore "
+                "without a ConfigMapRef or Database"
+            )
+    return refs
 
 
 @dataclass
@@ -251,6 +383,26 @@ class _Run:
     pod: str | None = None
     pod_node: str | None = None
     container_nodes: dict[str, str] = field(default_factory=dict)
+    # synchronization (see Controller._try_acquire)
+    seq: int = 0
+    order: tuple[int, str, int] = (0, "", 0)
+    refs: list[LockRef] = field(default_factory=list)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    waiting: bool = False
+    waited: bool = False
+    terminated_waiting: bool = False
+    lock_error: str | None = None
+    held: list[str] = field(default_factory=list)
+    queued: set[str] = field(default_factory=set)
+    leaked: set[str] = field(default_factory=set)
+    sync_status: JsonObj | None = None
+    started_at: float | None = None
+    ended_at: float | None = None
+
+    @property
+    def holder(self) -> str:
+        """Argo's holder key of a Workflow-level lock."""
+        return f"{self.namespace}/{self.name}"
 
 
 class Controller:
@@ -269,6 +421,8 @@ class Controller:
         images: int = 3,
         ansi: bool = True,
         pending_phase: bool = True,
+        semaphore_notify_delay: float = SEMAPHORE_NOTIFY_DELAY,
+        existence_check_period: float = EXISTENCE_CHECK_PERIOD,
     ) -> None:
         self.server = server
         self.workdir = Path(workdir)
@@ -280,8 +434,12 @@ class Controller:
         self.images = images
         self.ansi = ansi
         self.pending_phase = pending_phase
+        self.semaphore_notify_delay = semaphore_notify_delay
+        self.existence_check_period = existence_check_period
         self._scenarios: dict[str, Scenario] = {}
         self._runs: dict[tuple[str, str], _Run] = {}
+        self._semaphores: dict[str, _Semaphore] = {}
+        self._seq = 0
         self._stopping = False
 
     # ------------------------------------------------------------------ lifecycle (any thread)
@@ -378,10 +536,38 @@ class Controller:
                         project_dirs=list(run.project_dirs),
                         shutdown=run.shutdown,
                         done=run.done,
+                        started_at=run.started_at,
+                        ended_at=run.ended_at,
+                        waited=run.waited,
+                        locks=list(run.held),
                     )
             return None
 
         return self.server.call(snapshot)
+
+    def semaphore(self, namespace: str, configmap: str, key: str) -> SemaphoreInfo | None:
+        """The semaphore ``<namespace>/ConfigMap/<configmap>/<key>`` (``None``: no Workflow has
+        used it yet). ``holders``/``pending`` are holder keys ``<ns>/<workflow>``, the queue in
+        the order Argo serves it."""
+
+        def snapshot() -> SemaphoreInfo | None:
+            sem = self._semaphores.get(f"{namespace}/ConfigMap/{configmap}/{key}")
+            if sem is None:
+                return None
+            return SemaphoreInfo(
+                name=sem.ref.name,
+                limit=sem.limit,
+                holders=list(sem.holders),
+                pending=sorted(sem.pending, key=lambda k: sem.pending[k]),
+                max_holders=sem.max_holders,
+            )
+
+        return self.server.call(snapshot)
+
+    def max_holders(self, namespace: str, configmap: str, key: str) -> int:
+        """The most Workflows that held that semaphore at once (0: never used)."""
+        info = self.semaphore(namespace, configmap, key)
+        return info.max_holders if info is not None else 0
 
     def wait_phase(self, namespace: str, name: str, *phases: str, timeout: float = 20.0) -> JsonObj:
         """Block (not on the server loop) until the workflow's phase is one of ``phases``."""
@@ -414,7 +600,14 @@ class Controller:
     # ------------------------------------------------------------------ events (server loop)
 
     def _on_event(self, rt: ResourceType, event: WatchEvent) -> None:
-        if rt is not WORKFLOWS or self._stopping:
+        if self._stopping:
+            return
+        if rt is CONFIGMAPS:
+            # Argo's semaphore ConfigMap informer requeues the Workflows waiting on it
+            if any(r.waiting for r in self._runs.values()):
+                asyncio.get_running_loop().call_soon(self._reevaluate)
+            return
+        if rt is not WORKFLOWS:
             return
         meta = event.obj["metadata"]
         key = (meta["namespace"], meta["name"])
@@ -423,23 +616,41 @@ class Controller:
             if (meta.get("labels") or {}).get(MANAGED_BY) != self.managed_by:
                 return
             scenario = copy.deepcopy(self._scenarios.get(key[1]) or Scenario())
-            run = _Run(key[0], key[1], scenario)
+            self._seq += 1
+            run = _Run(key[0], key[1], scenario, seq=self._seq)
             run.log_gate.set()
             if not scenario.held:
                 run.release.set()
             self._runs[key] = run
             run.task = asyncio.get_running_loop().create_task(self._drive(run))
         elif event.type == MODIFIED and run is not None and not run.done:
-            strategy = (event.obj.get("spec") or {}).get("shutdown")
-            if strategy and run.shutdown is None:
+            spec = event.obj.get("spec") or {}
+            strategy = spec.get("shutdown")
+            if run.waiting:
+                if strategy == "Terminate":
+                    # Argo: a Pending Workflow shut down with Terminate releases its locks and
+                    # is marked Succeeded (releaseLocksForPendingShuttingdownWfs)
+                    run.waiting, run.terminated_waiting = False, True
+                    run.shutdown = "Terminate"
+                    run.wake.set()
+                elif strategy:
+                    run.shutdown = str(strategy)  # Stop: it waits on, and stops once admitted
+                if spec != ((event.prev or {}).get("spec") or {}):
+                    asyncio.get_running_loop().call_soon(self._reevaluate)  # e.g. its priority
+            elif strategy and run.shutdown is None:
                 run.shutdown = str(strategy)
                 if run.task is not None:
                     run.task.cancel()
         elif event.type == DELETED and run is not None:
             run.deleted = True
+            if run.leaked:
+                asyncio.get_running_loop().call_later(
+                    self.existence_check_period, self._purge, run.holder, set(run.leaked)
+                )
             if run.task is not None and not run.task.done():
                 run.task.cancel()
             else:
+                self._release(run)
                 asyncio.get_running_loop().create_task(self._collect_pods(run))
 
     # ------------------------------------------------------------------ the run (server loop)
@@ -466,6 +677,10 @@ class Controller:
             await self._kill_engines(run)
             await self._collect_pods(run)
         finally:
+            self._release(run)
+            if run.ended_at is None and (run.deleted or run.started_at is not None):
+                run.ended_at = time.time()
+            run.waiting = False
             await self._kill_engines(run)
             run.done = True
 
@@ -499,23 +714,226 @@ class Controller:
         body: JsonObj = {"phase": phase, **status}
         if run.nodes:
             body["nodes"] = copy.deepcopy(run.nodes)
+        if run.sync_status is not None:
+            body["synchronization"] = copy.deepcopy(run.sync_status)
         if phase in FINAL_PHASES:
             body.setdefault("finishedAt", rfc3339())
             body["conditions"] = [{"type": "Completed", "status": "True"}]
             body.setdefault("progress", "1/1" if phase == "Succeeded" else "0/1")
+            # Argo releases the locks of a completed Workflow as it persists the final state,
+            # and drops status.synchronization
+            self._release(run)
+            run.sync_status = None
+            body["synchronization"] = None
+            if run.ended_at is None:
+                run.ended_at = time.time()
         self._patch_workflow(run, {"metadata": {"labels": labels}, "status": body})
 
     def _fail(self, run: _Run, phase: str, message: str) -> None:
         self._set_phase(run, phase, message=message)
 
+    # -- synchronization: Workflow-level semaphores (Argo's workflow/sync, v3.7)
+
+    async def _acquire(self, run: _Run) -> bool:
+        """Hold every semaphore the Workflow names, waiting ``Pending`` while it cannot. False:
+        the run ended instead (lock error → Failed; Terminate while waiting → Succeeded)."""
+        wf = self._workflow(run)
+        try:
+            run.refs = semaphore_refs(wf.get("spec") or {}, run.namespace)
+            message = self._try_acquire(run, wf)
+        except _LockError as error:
+            self._lock_failed(run, str(error))
+            return False
+        except NotImplementedError as error:
+            self._fail(run, "Failed", f"invalid spec: {error}")
+            return False
+        if message is None:
+            return True
+        run.waiting = run.waited = True
+        self._show_waiting(run, message)
+        if (wf.get("spec") or {}).get("shutdown") == "Terminate":
+            # Argo: the next operate() of this Pending Workflow releases it as Succeeded
+            run.waiting, run.terminated_waiting, run.shutdown = False, True, "Terminate"
+            run.wake.set()
+        await run.wake.wait()
+        if run.lock_error is not None:
+            self._lock_failed(run, run.lock_error)
+            return False
+        if run.terminated_waiting:
+            self._release(run)
+            run.sync_status = None
+            self._set_phase(run, "Succeeded", message=None, startedAt=rfc3339(), progress=None)
+            return False
+        return True
+
+    def _lock_failed(self, run: _Run, error: str) -> None:
+        # the queue entries of the locks it did initialize stay (Argo never removes them: its
+        # status lists no waiting lock); they go once the Workflow is deleted (_purge)
+        run.leaked |= run.queued
+        run.queued = set()
+        run.sync_status = None
+        self._set_phase(
+            run, "Failed", startedAt=rfc3339(), progress=None,
+            message=f"Failed to acquire the synchronization lock. {error}",
+        )  # fmt: skip
+
+    def _read_limit(self, ref: LockRef) -> int | None:
+        """Argo's getSyncLimit: the ConfigMap key as ``strconv.Atoi``; None on any error."""
+        try:
+            configmap = self._store.get(CONFIGMAPS, ref.namespace, ref.configmap)
+        except ApiError:
+            return None
+        value = (configmap.get("data") or {}).get(ref.key)
+        if not isinstance(value, str) or not _ATOI.fullmatch(value):
+            return None
+        return int(value)
+
+    def _try_acquire(self, run: _Run, wf: JsonObj) -> str | None:
+        """One ``TryAcquire``: None when every lock is now held, else the waiting message.
+        Raises :class:`_LockError` when a lock cannot be initialized."""
+        holder = run.holder
+        priority = int((wf.get("spec") or {}).get("priority") or 0)
+        run.order = (-priority, str(wf["metadata"].get("creationTimestamp") or ""), run.seq)
+        # prepAcquire: initialize each lock (reading its limit) and queue the Workflow on it
+        for ref in run.refs:
+            sem = self._semaphores.get(ref.name)
+            if sem is None:
+                if ref.database:
+                    raise _LockError(f"database session is not available for semaphore {ref.name}")
+                limit = self._read_limit(ref)
+                if not limit:  # Argo: a limit of 0, or none read, fails the initialization
+                    raise _LockError(f"failed to initialize semaphore {ref.name} with limit")
+                sem = self._semaphores[ref.name] = _Semaphore(ref, limit)
+            if holder not in sem.holders:
+                sem.pending[holder] = run.order
+                run.queued.add(ref.name)
+        # tryAcquireImpl: all or nothing; each lock only to the front of its queue
+        message: str | None = None
+        for ref in run.refs:
+            sem = self._semaphores[ref.name]
+            limit = self._read_limit(ref)
+            if limit is not None:
+                sem.limit = limit  # a changed value resizes; unreadable: the last known limit
+            if holder in sem.holders:
+                continue
+            blocked: str | None = None
+            if sem.limit == 0:
+                blocked = f"Failed to get semaphore limit for {ref.name}"
+            elif sem.front() != holder or len(sem.holders) >= sem.limit:
+                free = sem.limit - len(sem.holders)
+                blocked = f"Waiting for {ref.name} lock. Lock status: {free}/{sem.limit}"
+            if blocked is not None and message is None:
+                message = blocked
+        status = run.sync_status if run.sync_status is not None else {}
+        waiting: list[JsonObj] = list(status.get("waiting") or [])
+        holding: list[JsonObj] = list(status.get("holding") or [])
+        if message is None:
+            for ref in run.refs:
+                sem = self._semaphores[ref.name]
+                if holder not in sem.holders:
+                    sem.holders.append(holder)
+                    sem.max_holders = max(sem.max_holders, len(sem.holders))
+                sem.pending.pop(holder, None)
+                if ref.name not in run.held:
+                    run.held.append(ref.name)
+                # LockAcquired: hold it; a waiting entry goes only once its holders are empty
+                if not any(h["semaphore"] == ref.name for h in holding):
+                    holding.append({"semaphore": ref.name, "holders": [holder]})
+                waiting = [w for w in waiting
+                           if w["semaphore"] != ref.name or w.get("holders")]  # fmt: skip
+            run.queued = set()
+        else:
+            for ref in run.refs:  # LockWaiting: each lock with its current holders
+                entry: JsonObj = {"semaphore": ref.name}
+                if self._semaphores[ref.name].holders:
+                    entry["holders"] = list(self._semaphores[ref.name].holders)
+                index = next((i for i, w in enumerate(waiting) if w["semaphore"] == ref.name), -1)
+                if index < 0:
+                    waiting.append(entry)
+                else:
+                    waiting[index] = entry
+        run.sync_status = {"semaphore": {"holding": holding or None, "waiting": waiting or None}}
+        return message
+
+    def _show_waiting(self, run: _Run, message: str) -> None:
+        """Argo's markWorkflowPhase(Pending, msg): phase Pending, the first blocked lock's
+        message, no pods."""
+        try:
+            self._set_phase(run, "Pending", message=message)
+        except _Gone:
+            pass
+
+    def _reevaluate(self) -> None:
+        """The waiting Workflows try again (Argo requeues them), in queue order, until no more
+        can be admitted."""
+        if self._stopping:
+            return
+        progress = True
+        while progress:
+            progress = False
+            waiting = [r for r in self._runs.values() if r.waiting and not r.deleted]
+            for run in sorted(waiting, key=lambda r: r.order):
+                try:
+                    wf = self._store.get(WORKFLOWS, run.namespace, run.name)
+                except ApiError:
+                    continue
+                try:
+                    message = self._try_acquire(run, wf)
+                except _LockError as error:
+                    run.waiting, run.lock_error = False, str(error)
+                    run.wake.set()
+                    continue
+                if message is None:
+                    run.waiting = False
+                    run.wake.set()
+                    progress = True
+                else:
+                    self._show_waiting(run, message)
+
+    def _release(self, run: _Run) -> None:
+        """Argo's ReleaseAll: give back the locks held, leave the queues (idempotent). Waiters
+        are requeued ``semaphore_notify_delay`` s after a lock is given back."""
+        released = False
+        for name in run.held:
+            sem = self._semaphores.get(name)
+            if sem is not None and run.holder in sem.holders:
+                sem.holders.remove(run.holder)
+                released = True
+        for name in run.queued:
+            sem = self._semaphores.get(name)
+            if sem is not None:
+                sem.pending.pop(run.holder, None)
+        run.held, run.queued = [], set()
+        if released and not self._stopping:
+            asyncio.get_running_loop().call_later(self.semaphore_notify_delay, self._reevaluate)
+
+    def _purge(self, holder: str, names: set[str]) -> None:
+        """Argo's CheckWorkflowExistence for a deleted Workflow: its queue entries go (no
+        waiter is requeued for that)."""
+        for name in names:
+            sem = self._semaphores.get(name)
+            if sem is not None:
+                sem.pending.pop(holder, None)
+
     async def _execute(self, run: _Run) -> None:
         wf = self._workflow(run)
         spec = wf.get("spec") or {}
-        if spec.get("shutdown"):
+        synchronized = bool(spec.get("synchronization"))
+        if spec.get("shutdown") and not synchronized:
             run.shutdown = str(spec["shutdown"])
             self._finish_stopped(run)
             return
         await run.release.wait()
+        if synchronized:
+            # Argo's operate(): the Workflow-level locks come first, before anything else
+            if not await self._acquire(run):
+                return
+            wf = self._workflow(run)
+            spec = wf.get("spec") or {}
+            if spec.get("shutdown") or run.shutdown:
+                run.shutdown = str(spec.get("shutdown") or run.shutdown)
+                self._finish_stopped(run)
+                return
         entry = str(spec.get("entrypoint") or "")
         if spec.get("workflowTemplateRef"):
             ref = (spec.get("workflowTemplateRef") or {}).get("name")
@@ -551,12 +969,14 @@ class Controller:
             self._fail(run, "Failed", f"invalid spec: template '{entry}' has no containers")
             return
 
-        if self.pending_phase:
+        if self.pending_phase and not run.waited:
             await asyncio.sleep(self.step_delay)
             self._set_phase(run, "Pending", progress="0/1")
         await asyncio.sleep(self.step_delay)
         started = rfc3339()
-        self._set_phase(run, "Running", startedAt=started, progress="0/1")
+        run.started_at = time.time()
+        # once admitted, Argo's markWorkflowRunning clears the waiting message
+        self._set_phase(run, "Running", startedAt=started, progress="0/1", message=None)
 
         retry = template.get("retryStrategy")
         if retry is None:

@@ -294,7 +294,10 @@ def _synchronization(spec: RunSpec, settings: ArgoSettings) -> m.Synchronization
     admission would start beyond it (Argo keeps such a Workflow pending, without pods)."""
     if not settings.capacity_configmap:
         return None
-    keys = [CAPACITY_ALL] + ([spec.size_class] if spec.size_class else [])
+    # The class's first: Argo queues a Workflow on each lock in turn, and a lock it cannot set
+    # up (a class missing from the ConfigMap) would leave its place in the earlier queues,
+    # holding back every later Workflow on ``all`` (Argo 3.7 ``prepAcquire``).
+    keys = ([spec.size_class] if spec.size_class else []) + [CAPACITY_ALL]
     return m.Synchronization(semaphores=[
         m.SemaphoreRef(config_map_key_ref=m.ConfigMapKeySelector(
             name=settings.capacity_configmap, key=key))

@@ -166,22 +166,25 @@ class ArgoRunSource:
             await self.emitter.emit(events.new(events.TaskRunning, task_id, attempt))
             await self._follow(name, task_id, attempt)
         elif phase in ("Succeeded", "Failed", "Error"):
-            await self._follow(name, task_id, attempt)
-            follower = self.followers.get(name)
-            if follower is not None:  # report every console line before the terminal event
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(follower), 30)
+            if _ran_a_pod(wf):
+                await self._follow(name, task_id, attempt)
+                follower = self.followers.get(name)
+                if follower is not None:  # report every console line before the terminal event
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(asyncio.shield(follower), 30)
+            # else no pod ever ran (shut down or refused while it waited for its semaphores):
+            # no log to wait for, and waiting would hold up every later event of the watch.
             await self._finish(wf, task_id, attempt, phase)
 
     async def _finish(self, wf: dict[str, Any], task_id: str, attempt: int, phase: str) -> None:
         spec, status = wf.get("spec") or {}, wf.get("status") or {}
         message = status.get("message") or ""
-        if phase == "Succeeded":
+        if spec.get("shutdown") or message.startswith("Stopped with strategy"):
+            # A cancel, never 30 — nor 40: Argo ends a Workflow shut down while it waited for
+            # its semaphores "Succeeded" (and a cancel turns 40 into 50 anyway, §3.9).
+            await self.emitter.emit(events.new(events.TaskCanceled, task_id, attempt))
+        elif phase == "Succeeded":
             await self.emitter.emit(events.new(events.TaskCompleted, task_id, attempt))
-        elif spec.get("shutdown") or message.startswith("Stopped with strategy"):
-            await self.emitter.emit(events.new(
-                events.TaskCanceled, task_id, attempt
-            ))  # a cancel, never 30
         else:
             await self.emitter.emit(events.new(
                 events.TaskFailed, task_id, attempt, error_message=self._failure(wf)
@@ -301,3 +304,9 @@ class ArgoRunSource:
             await reporter.feed(splitter.flush())
         finally:
             resp.release()
+
+
+def _ran_a_pod(wf: dict[str, Any]) -> bool:
+    """Whether Argo created a pod for the Workflow (a ``Pod`` node in its status)."""
+    nodes = (wf.get("status") or {}).get("nodes") or {}
+    return any(node.get("type") == "Pod" for node in nodes.values())
