@@ -21,6 +21,8 @@ START, END = "<!-- settings-table -->", "<!-- /settings-table -->"
 
 
 def _default(field: Any) -> str:
+    if field.is_required():  # a field of an optional group (`oidc`): needed once it is used
+        return "unset (needed to use the group)"
     if field.default_factory is not None:
         value = field.default_factory()
     else:

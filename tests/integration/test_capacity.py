@@ -9,17 +9,16 @@ cancel, remove, a scheduler killed with SIGKILL — frees its slot for the next 
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import json
 import time
 
 import httpx
 import pytest
-from pymongo import MongoClient
 
 from scaleodm.common.contracts.ids import run_name
 from tests.harness import api, data, servers
 from tests.harness.httpfixture import HttpFixture
+from tests.harness.runs import most_at_once, run_intervals
 from tests.harness.stack import Stack
 
 pytestmark = pytest.mark.integration
@@ -29,32 +28,6 @@ def capacity(max_active: int, **slots: int) -> dict[str, str]:
     classes = [{"name": name, "max_images": None, "slots": n} for name, n in slots.items()]
     return {"SCALEODM_CAPACITY__MAX_ACTIVE": str(max_active),
             "SCALEODM_CAPACITY__CLASSES": json.dumps(classes)}
-
-
-def run_intervals(stack: Stack, ids: list[str]) -> dict[str, tuple[float, float]]:
-    """Each task's run as its events tell it: from ``running`` to its end (or now)."""
-    with MongoClient(stack.mongo_url, tz_aware=True) as client:
-        db = client[stack.database]
-        out = {}
-        for ev in db["events"].find({"task_id": {"$in": ids}}).sort("seq"):
-            t = dt.datetime.fromisoformat(ev["body"]["occurred_at"]).timestamp()
-            key = f"{ev['task_id']}:{ev['attempt']}"
-            if ev["kind"] == "running":
-                out[key] = (t, float("inf"))
-            elif ev["kind"] in ("completed", "failed", "canceled", "removed") and key in out:
-                start, end = out[key]
-                out[key] = (start, min(end, t))
-        return out
-
-
-def most_at_once(intervals: dict[str, tuple[float, float]]) -> int:
-    points = sorted([(s, 1) for s, _ in intervals.values()] +
-                    [(e, -1) for _, e in intervals.values()])
-    best = now = 0
-    for _, step in points:  # an end sorts before a start at the same instant
-        now += step
-        best = max(best, now)
-    return best
 
 
 async def test_runs_never_exceed_capacity_and_waiting_tasks_show_their_place(

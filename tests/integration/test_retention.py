@@ -385,7 +385,7 @@ async def test_upload_records_idle_close_and_orphans(wire_db: Any) -> None:
     uploads = UploadStore(wire_db)
     await uploads.ensure_indexes()
     upload_id = str(uuid.uuid4())
-    await uploads.init(upload_id, {"name": "u"})
+    await uploads.init(upload_id, {"name": "u"}, "default")
     assert await uploads.claim_name(upload_id, "a.jpg", lambda n: f"_{n}") == "a.jpg"
     await uploads.mark_stored(upload_id, "a.jpg", 10)
     now_ms = _ago_ms(0)
@@ -394,7 +394,7 @@ async def test_upload_records_idle_close_and_orphans(wire_db: Any) -> None:
     assert not await uploads.close_idle(upload_id, now_ms - 60_000)  # active: kept open
     assert await uploads.close_idle(upload_id, now_ms + 60_000)
     with pytest.raises(UploadNotFoundError):
-        await uploads.get_open(upload_id)
+        await uploads.get_open(upload_id, "default")
 
     # A chunk that checked the upload open before it closed claims its name afterwards.
     assert await uploads.claim_name(upload_id, "late.jpg", lambda n: f"_{n}") == "late.jpg"
@@ -412,11 +412,11 @@ async def test_commit_keeps_the_names_of_files_still_arriving(wire_db: Any) -> N
     uploads = UploadStore(wire_db)
     await uploads.ensure_indexes()
     upload_id = str(uuid.uuid4())
-    await uploads.init(upload_id, {})
+    await uploads.init(upload_id, {}, "default")
     for name in ("stored.jpg", "arriving.jpg"):
         await uploads.claim_name(upload_id, name, lambda n: f"_{n}")
     await uploads.mark_stored(upload_id, "stored.jpg", 10)
-    assert await uploads.commit(upload_id)
+    assert await uploads.commit(upload_id, "default")
     await uploads.delete(upload_id)  # the task exists now
     assert [o["name"] for o in await uploads.orphans(_ago_ms(0) + 60_000, 10)] == [
         "arriving.jpg"]

@@ -1,6 +1,6 @@
 """OIDC bearer tokens (``TenantDirectory.authenticate_bearer``) against a local JWKS issuer.
 
-The issuer is a small HTTP server on 127.0.0.1 (this module's ``issuer`` fixture) serving an OIDC
+The issuer is a small HTTP server on 127.0.0.1 (``tests.harness.oidc``) serving an OIDC
 discovery document and a JWKS of an RSA and an EC key made here with ``cryptography``; tokens
 are signed with PyJWT, hostile ones built by hand. The directory's monotonic clock is virtual,
 so the refetch interval and the key cache are tested without sleeping; token times (``exp``,
@@ -15,22 +15,18 @@ JWKS fetch per interval, also when concurrent; key rotation; a JWKS endpoint tha
 by the fetch timeout), answers garbage, an error, too much, or only a symmetric key; stale keys
 kept when a refresh fails; discovery naming another issuer; ``unknown_tenant`` and
 ``role_claim``. Leaves out TLS (the https rule is a settings check, tests/unit/test_tenants.py)
-and the gateway routes, not wired yet.
+and the gateway routes (``tests/integration/test_tenants.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
 import hmac
 import json
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -38,16 +34,22 @@ import jwt
 import pytest
 import structlog
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
-from jwt.algorithms import ECAlgorithm, RSAAlgorithm
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from scaleodm.common import tenants
+from tests.harness.oidc import (
+    AUDIENCE,
+    EC_KEY,
+    RSA_KEY,
+    Issuer,
+    b64,
+    claims,
+    jwk,
+    signed,
+)
 
 pytestmark = pytest.mark.integration
 
-AUDIENCE = "scaleodm"
-RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-EC_KEY = ec.generate_private_key(ec.SECP256R1())
 OTHER_RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 ROTATED_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 RSA_HEADER = {"alg": "RS256", "typ": "JWT", "kid": "rsa-1"}
@@ -61,91 +63,6 @@ tenants:
   - name: guests
     max_active_runs: 1
 """
-
-
-def jwk(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey, kid: str) -> dict[str, Any]:
-    """The public JWK of ``key`` as an issuer publishes it."""
-    if isinstance(key, rsa.RSAPrivateKey):
-        public: dict[str, Any] = RSAAlgorithm.to_jwk(key.public_key(), as_dict=True)
-    else:
-        public = ECAlgorithm.to_jwk(key.public_key(), as_dict=True)
-    return {**public, "kid": kid, "use": "sig"}
-
-
-def default_jwks() -> dict[str, Any]:
-    return {"keys": [jwk(RSA_KEY, "rsa-1"), jwk(EC_KEY, "ec-1")]}
-
-
-@dataclass
-class Issuer:
-    """The issuer's HTTP side: discovery and JWKS documents, scripted per test."""
-
-    server: ThreadingHTTPServer | None = None
-    jwks: Any = field(default_factory=default_jwks)
-    jwks_body: bytes | None = None  # served as is instead of ``jwks``
-    jwks_status: int = 200
-    jwks_hangs: bool = False
-    discovery_issuer: str | None = None  # None: the real base URL
-    gets: dict[str, int] = field(default_factory=dict)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    release: threading.Event = field(default_factory=threading.Event)
-
-    @property
-    def url(self) -> str:
-        assert self.server is not None
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def count(self, path: str) -> int:
-        with self.lock:
-            return self.gets.get(path, 0)
-
-    def reset(self) -> None:
-        with self.lock:
-            self.jwks, self.jwks_body, self.jwks_status = default_jwks(), None, 200
-            self.jwks_hangs, self.discovery_issuer = False, None
-            self.gets.clear()
-
-    def answer(self, path: str) -> tuple[int, bytes] | None:
-        """Status and body for a GET of ``path``; None: hang."""
-        with self.lock:
-            self.gets[path] = self.gets.get(path, 0) + 1
-            if path == "/.well-known/openid-configuration":
-                doc = {"issuer": self.discovery_issuer or self.url, "jwks_uri": self.url + "/jwks"}
-                return 200, json.dumps(doc).encode()
-            if path != "/jwks":
-                return 404, b"{}"
-            if self.jwks_hangs:
-                return None
-            return self.jwks_status, self.jwks_body or json.dumps(self.jwks).encode()
-
-    def start(self) -> None:
-        issuer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                answer = issuer.answer(self.path)
-                if answer is None:
-                    issuer.release.wait(30)
-                    return
-                status, body = answer
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def stop(self) -> None:
-        self.release.set()
-        if self.server is not None:
-            self.server.shutdown()
-            self.server.server_close()
 
 
 @pytest.fixture(scope="module")
@@ -200,34 +117,18 @@ def directory(issuer: Issuer, tenants_file: Path, clock: Clock) -> tenants.Tenan
     return directory_for(issuer, tenants_file, clock)
 
 
-def claims(issuer: Issuer, **overrides: Any) -> dict[str, Any]:
-    now = int(time.time())
-    base = {"iss": issuer.url, "aud": AUDIENCE, "sub": "user-1", "tenant": "alice",
-            "iat": now, "exp": now + 300}
-    return {k: v for k, v in {**base, **overrides}.items() if v is not None}
-
-
-def signed(body: dict[str, Any], key: Any = RSA_KEY, alg: str = "RS256",
-           kid: str = "rsa-1") -> str:
-    return jwt.encode(body, key, algorithm=alg, headers={"kid": kid})
-
-
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
 def hand_made(header: dict[str, Any], body: dict[str, Any],
               secret: bytes | rsa.RSAPrivateKey | None) -> str:
     """A JWS built by hand (PyJWT refuses to make these): unsigned, HS256 over a ``secret``, or
     RS256 with an RSA key."""
-    signing_input = f"{_b64(json.dumps(header).encode())}.{_b64(json.dumps(body).encode())}"
+    signing_input = f"{b64(json.dumps(header).encode())}.{b64(json.dumps(body).encode())}"
     if secret is None:
         return signing_input + "."
     if isinstance(secret, bytes):
         signature = hmac.new(secret, signing_input.encode(), hashlib.sha256).digest()
     else:
         signature = secret.sign(signing_input.encode(), padding.PKCS1v15(), hashes.SHA256())
-    return f"{signing_input}.{_b64(signature)}"
+    return f"{signing_input}.{b64(signature)}"
 
 
 def public_pem() -> bytes:
@@ -501,7 +402,7 @@ async def test_a_hanging_jwks_endpoint_is_bounded_by_the_timeout(
         pytest.param({"jwks_body": b"<html>not json</html>"}, "/jwks answered no JSON",
                      id="not-json"),
         pytest.param({"jwks": {"keys": "none"}}, "the JWKS has no `keys` list", id="no-keys"),
-        pytest.param({"jwks": {"keys": [{"kty": "oct", "k": _b64(b"secret"), "kid": "rsa-1"}]}},
+        pytest.param({"jwks": {"keys": [{"kty": "oct", "k": b64(b"secret"), "kid": "rsa-1"}]}},
                      "the JWKS has no asymmetric signature key", id="only-symmetric"),
         pytest.param({"jwks": {"keys": [{**jwk(RSA_KEY, "rsa-1"), "use": "enc"}]}},
                      "the JWKS has no asymmetric signature key", id="only-encryption"),

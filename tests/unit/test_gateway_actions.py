@@ -86,7 +86,7 @@ class Gateway:
             task_id=task_id, name="t", date_created_ms=1, options=[], images_count=2,
             webhook=None, skip_post_processing=False, outputs=None,
             sources=[f"s3://scaleodm/tasks/{task_id}/inputs/"],
-            output_prefix=f"s3://scaleodm/tasks/{task_id}/outputs/"))
+            output_prefix=f"s3://scaleodm/tasks/{task_id}/outputs/", tenant="default"))
         if state is not None:
             self.store.tasks[task_id]["state"] = state
         return task_id
@@ -346,7 +346,7 @@ async def test_a_task_refused_after_its_upload_is_created_failed_in_one_step() -
             await gw.res.actions.create(NewTask(
                 task_id=task_id, name="t", date_created_ms=1, options=[], images_count=9,
                 webhook=None, skip_post_processing=False, outputs=None, sources=[],
-                output_prefix=f"s3://scaleodm/tasks/{task_id}/outputs/"),
+                output_prefix=f"s3://scaleodm/tasks/{task_id}/outputs/", tenant="default"),
                 failure="Too many images")
             await _settle(gw)
             info = await gw.info(task_id)

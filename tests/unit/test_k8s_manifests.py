@@ -30,11 +30,13 @@ Checks, for every kustomization (base and overlays/dev):
   containers: ``/healthz`` and ``/readyz`` on ``SCALEODM_GATEWAY_PORT`` resp.
   ``SCALEODM_HEALTH_PORT``) and a ``terminationGracePeriodSeconds`` above FastStream's graceful
   timeout (plus uvicorn's margin and any preStop sleep);
-- plus: the NATS cluster (base: 3 servers, a route per pod, R3 streams in every program's
-  settings; dev: one server, R1), watcher sharding (``SCALEODM_REPLICA`` from the pod-index
-  label, ``SCALEODM_REPLICAS`` = StatefulSet replicas <= shards), one image for every ScaleODM
-  container equal to ``SCALEODM_ARGO__RUNNER_IMAGE``, the credential Secrets (S3, NATS,
-  MongoDB: templates only in base, development values only in the dev overlay), non-root
+- plus: the tenants Secret (template only; mounted as a directory, optional, into gateway and
+  scheduler; the documented ``SCALEODM_TENANTS_FILE`` points both into it; its example file
+  validates as a tenants file), the NATS cluster (base: 3 servers, a route per pod, R3 streams
+  in every program's settings; dev: one server, R1), watcher sharding (``SCALEODM_REPLICA`` from
+  the pod-index label, ``SCALEODM_REPLICAS`` = StatefulSet replicas <= shards), one image for
+  every ScaleODM container equal to ``SCALEODM_ARGO__RUNNER_IMAGE``, the credential Secrets (S3,
+  NATS, MongoDB: templates only in base, development values only in the dev overlay), non-root
   security contexts, Service selectors/ports, labels.
 
 Left out: applying anything to a cluster, image pulls, KEDA's and Argo's CRD schemas; the
@@ -62,7 +64,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from scaleodm.common import runtime
+from scaleodm.common import runtime, tenants
 from scaleodm.common.contracts import streams
 from scaleodm.common.settings import (
     SETTINGS_CLASSES,
@@ -121,6 +123,10 @@ CREDENTIAL_SECRETS = {
     "scaleodm-nats": ({"user", "password"}, K8S / "base" / "secret-nats.template.yaml"),
     "scaleodm-mongo": ({"username", "password"}, K8S / "base" / "secret-mongo.template.yaml"),
 }
+TENANTS_SECRET = "scaleodm-tenants"
+TENANTS_TEMPLATE = K8S / "base" / "secret-tenants.template.yaml"
+TENANTS_DIR = "/etc/scaleodm/tenants"
+TENANTS_FILE = f"{TENANTS_DIR}/tenants.yaml"
 # uvicorn's timeout_graceful_shutdown in scaleodm.common.runtime.serve and the gateway's main().
 UVICORN_SHUTDOWN_S = runtime.GRACEFUL_TIMEOUT_S + 5
 
@@ -907,6 +913,46 @@ def test_bus_and_database_secrets(overlay: str, name: str) -> None:
 
 
 @overlays
+def test_tenants_secret_is_mounted_where_the_tenants_file_is_read(overlay: str) -> None:
+    """Gateway and scheduler mount the optional tenants Secret as a directory (a ``subPath``
+    mount is never updated: no hot reload); the documented ``SCALEODM_TENANTS_FILE`` (a key of
+    scaleodm-admission, which both mount) names a file in it for both."""
+    objects = rendered(overlay)
+    assert find(objects, "Secret", TENANTS_SECRET) is None  # tenants are the operator's
+    admission = find(objects, "ConfigMap", "scaleodm-admission")
+    assert admission is not None
+    admission["data"]["SCALEODM_TENANTS_FILE"] = TENANTS_FILE  # as the README says to
+    for program in ("scaleodm-gateway", "scaleodm-scheduler"):
+        container = the_container(objects, program)
+        mount = next(m for m in container.spec["volumeMounts"] if m["mountPath"] == TENANTS_DIR)
+        assert "subPath" not in mount and mount.get("readOnly") is True, mount
+        volume = next(v for v in container.pod["volumes"] if v["name"] == mount["name"])
+        assert volume["secret"]["secretName"] == TENANTS_SECRET
+        assert volume["secret"]["optional"] is True, "without the Secret the pod still starts"
+        settings = build_settings(objects, container)
+        assert isinstance(settings, GatewaySettings | SchedulerSettings)
+        assert settings.tenants_file == Path(TENANTS_FILE)
+    for program in ("scaleodm-watcher", "scaleodm-notifier"):
+        volumes = the_container(objects, program).pod.get("volumes") or []
+        assert not [v for v in volumes if (v.get("secret") or {}).get("secretName")
+                    == TENANTS_SECRET], program
+    assert f"# SCALEODM_TENANTS_FILE: {TENANTS_FILE}" in (K8S / "base" / "config.yaml").read_text()
+
+
+def test_tenants_secret_template() -> None:
+    (template,) = load_documents(TENANTS_TEMPLATE)
+    kubernetes_validate.validate(template, K8S_VERSION, strict=True)
+    assert template["metadata"]["name"] == TENANTS_SECRET
+    assert set(template["stringData"]) == {"tenants.yaml"}
+    example = tenants.parse_tenants(template["stringData"]["tenants.yaml"])
+    tokens = [t.get_secret_value() for tenant in example.tenants for t in tenant.tokens]
+    assert tokens and all("REPLACE-ME" in t for t in tokens)
+    assert {t.role for t in example.tenants} == {"user", "admin"}
+    listed = yaml.safe_load((K8S / "base" / "kustomization.yaml").read_text())["resources"]
+    assert TENANTS_TEMPLATE.name not in listed
+
+
+@overlays
 def test_pods_run_as_non_root(overlay: str) -> None:
     objects = rendered(overlay)
     problems = []
@@ -974,6 +1020,8 @@ def test_readme_documents_the_deployment() -> None:
         "169.254.0.0/16",
         "scaleodm-nats",
         "scaleodm-mongo",
+        "scaleodm-tenants",
+        "SCALEODM_TENANTS_FILE",
         "PodDisruptionBudget",
     ):
         assert needle in text, f"deploy/k8s/README.md does not mention {needle!r}"

@@ -6,6 +6,9 @@ Covered:
   (``SCALEODM_GATEWAY_PORT``, ``SCALEODM_TOKEN`` as a SecretStr, ...), defaults when unset,
   invalid values rejected;
 - ``SCALEODM_MAX_IMAGES``: unset or 0 means unlimited (None; NodeODM's ``maxImages`` is never 0);
+- tenants: ``SCALEODM_TENANTS_FILE`` (gateway and scheduler), the optional ``SCALEODM_OIDC__*``
+  group (off unless set; an incomplete group, or OIDC without a tenants file, refused; plain http
+  only to loopback), expanded by ``env_names`` like the other groups;
 - capacity (``SCALEODM_CAPACITY__MAX_ACTIVE``, ``SCALEODM_CAPACITY__CLASSES`` as JSON): size class
   lists that would leave an image count without a class, or two classes for one, are refused;
   ``class_of`` (an unknown count is classed as 200 images) and ``parallel``;
@@ -195,6 +198,58 @@ def test_parallel_is_what_can_run_at_once(
     assert capacity.parallel == parallel
 
 
+def test_tenants_file_for_gateway_and_scheduler(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert GatewaySettings().tenants_file is None and SchedulerSettings().tenants_file is None
+    monkeypatch.setenv("SCALEODM_TENANTS_FILE", "/etc/scaleodm/tenants/tenants.yaml")
+    for cls in (GatewaySettings, SchedulerSettings):
+        assert cls().tenants_file == Path("/etc/scaleodm/tenants/tenants.yaml")
+
+
+def test_oidc_is_off_unless_its_issuer_is_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert GatewaySettings().oidc is None
+    monkeypatch.setenv("SCALEODM_TENANTS_FILE", "/tenants.yaml")
+    monkeypatch.setenv("SCALEODM_OIDC__ISSUER", "https://idp.example/realms/odm")
+    monkeypatch.setenv("SCALEODM_OIDC__AUDIENCE", "scaleodm")
+    monkeypatch.setenv("SCALEODM_OIDC__ALGORITHMS", '["ES256"]')
+    monkeypatch.setenv("SCALEODM_OIDC__LEEWAY_S", "5")
+    oidc = GatewaySettings().oidc
+    assert oidc is not None
+    assert (oidc.issuer, oidc.audience, oidc.algorithms, oidc.leeway_s, oidc.tenant_claim) == (
+        "https://idp.example/realms/odm", "scaleodm", ["ES256"], 5.0, "tenant")
+    assert oidc.discovery_url == (
+        "https://idp.example/realms/odm/.well-known/openid-configuration")
+
+
+@pytest.mark.parametrize(
+    ("env", "reason"),
+    [
+        pytest.param({"SCALEODM_OIDC__AUDIENCE": "a"}, "issuer", id="no-issuer"),
+        pytest.param({"SCALEODM_OIDC__ISSUER": "https://idp.example"}, "audience",
+                     id="no-audience"),
+        pytest.param({"SCALEODM_OIDC__ISSUER": "http://idp.example",
+                      "SCALEODM_OIDC__AUDIENCE": "a"}, "must be https", id="plain-http"),
+        pytest.param({"SCALEODM_OIDC__ISSUER": "https://idp.example",
+                      "SCALEODM_OIDC__AUDIENCE": "a", "SCALEODM_OIDC__ALGORITHMS": '["HS256"]'},
+                     "algorithms", id="symmetric-algorithm"),
+    ],
+)
+def test_oidc_refused_when_incomplete_or_unsafe(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], reason: str
+) -> None:
+    monkeypatch.setenv("SCALEODM_TENANTS_FILE", "/tenants.yaml")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError, match=reason):
+        GatewaySettings()
+
+
+def test_oidc_needs_a_tenants_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SCALEODM_OIDC__ISSUER", "http://127.0.0.1:8080")
+    monkeypatch.setenv("SCALEODM_OIDC__AUDIENCE", "scaleodm")
+    with pytest.raises(ValidationError, match="oidc needs tenants_file"):
+        GatewaySettings()
+
+
 def test_token_is_secret(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SCALEODM_TOKEN", "s3cr3t-token")
     s = GatewaySettings()
@@ -265,7 +320,9 @@ COMMON = {
             "gateway",
             {"SCALEODM_GATEWAY_PORT", "SCALEODM_GATEWAY_HOST", "SCALEODM_TOKEN",
              "SCALEODM_MAX_IMAGES", "SCALEODM_CAPACITY__MAX_ACTIVE",
-             "SCALEODM_CAPACITY__CLASSES", "SCALEODM_ZIPURL_SCHEMES"},
+             "SCALEODM_CAPACITY__CLASSES", "SCALEODM_ZIPURL_SCHEMES",
+             "SCALEODM_TENANTS_FILE", "SCALEODM_OIDC__ISSUER", "SCALEODM_OIDC__AUDIENCE",
+             "SCALEODM_OIDC__JWKS_URL", "SCALEODM_OIDC__ALGORITHMS"},
             {"SCALEODM_ENGINE", "SCALEODM_WEBHOOK", "SCALEODM_LOCAL__RUNS_DIR",
              "SCALEODM_MAX_PARALLEL_TASKS", "SCALEODM_ADMISSION_INTERVAL_S"},
             id="gateway",
@@ -275,8 +332,10 @@ COMMON = {
             {"SCALEODM_EXECUTOR", "SCALEODM_ENGINE", "SCALEODM_ODM_IMAGE",
              "SCALEODM_LOCAL__RUNS_DIR", "SCALEODM_ACK_WAIT_S", "SCALEODM_ZIP_MAX_BYTES",
              "SCALEODM_CAPACITY__MAX_ACTIVE", "SCALEODM_CAPACITY__CLASSES",
-             "SCALEODM_ADMISSION_INTERVAL_S", "SCALEODM_ARGO__CAPACITY_CONFIGMAP"},
-            {"SCALEODM_GATEWAY_PORT", "SCALEODM_TOKEN", "SCALEODM_WEBHOOK"},
+             "SCALEODM_ADMISSION_INTERVAL_S", "SCALEODM_ARGO__CAPACITY_CONFIGMAP",
+             "SCALEODM_TENANTS_FILE"},
+            {"SCALEODM_GATEWAY_PORT", "SCALEODM_TOKEN", "SCALEODM_WEBHOOK",
+             "SCALEODM_OIDC__ISSUER"},
             id="scheduler",
         ),
         pytest.param(
@@ -284,7 +343,7 @@ COMMON = {
             {"SCALEODM_LOCAL__RUNS_DIR", "SCALEODM_POLL_INTERVAL_S",
              "SCALEODM_OUTPUT_BATCH_LINES"},
             {"SCALEODM_ENGINE", "SCALEODM_GATEWAY_PORT", "SCALEODM_WEBHOOK",
-             "SCALEODM_CAPACITY__MAX_ACTIVE"},
+             "SCALEODM_CAPACITY__MAX_ACTIVE", "SCALEODM_TENANTS_FILE"},
             id="watcher",
         ),
         pytest.param(
@@ -301,7 +360,7 @@ def test_env_names(service: str, present: set[str], absent: set[str]) -> None:
     assert not absent & names
     # groups are expanded, never a variable of their own
     assert not {"SCALEODM_NATS", "SCALEODM_MONGO", "SCALEODM_S3", "SCALEODM_LOCAL",
-                "SCALEODM_CAPACITY"} & names
+                "SCALEODM_CAPACITY", "SCALEODM_OIDC"} & names
     assert all(n == n.upper() and n.startswith("SCALEODM_") for n in names)
 
 

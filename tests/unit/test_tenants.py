@@ -6,8 +6,9 @@ file; token lookup (the right tenant per token, None for a wrong, empty or missi
 token compared whatever matched); hot reload on a virtual clock (a rewritten file, a malformed
 rewrite keeping the last good directory with a token-free warning, a deleted file, the look
 interval); the submission checks (options, images, priority, monthly quota); OIDC settings
-validation. Leaves out JWT verification against an issuer (tests/integration/test_tenants_jwt.py)
-and the gateway's routes, which are not wired to tenants yet.
+validation; who may access whose tasks; the scheduler's per-tenant run limit following reloads.
+Leaves out JWT verification against an issuer (tests/integration/test_tenants_jwt.py) and the
+gateway's routes (tests/integration/test_tenants.py).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import structlog
 from pydantic import SecretStr, ValidationError
 
 from scaleodm.common import tenants
+from scaleodm.scheduler import app as scheduler_app
 
 ALICE = "alice-token-0123456789"
 ALICE_2 = "alice-second-token-xyz"
@@ -502,6 +504,36 @@ def test_check_priority(fields: dict[str, Any], requested: int | None,
 )
 def test_check_quota(quota: int | None, used: int, count: int, error: str | None) -> None:
     assert tenants.check_quota(tenant(monthly_image_quota=quota), used, count) == error
+
+
+@pytest.mark.parametrize(
+    ("caller", "owner", "allowed"),
+    [
+        pytest.param(tenant(), "alice", True, id="own"),
+        pytest.param(tenant(), "bob", False, id="another-tenants"),
+        pytest.param(tenant(), None, False, id="from-before-tenants"),
+        pytest.param(tenant(name="default"), None, True, id="from-before-tenants-default"),
+        pytest.param(tenant(role="admin"), "bob", True, id="admin-any"),
+        pytest.param(tenant(role="admin"), None, True, id="admin-old"),
+    ],
+)
+def test_may_access(caller: tenants.Tenant, owner: str | None, allowed: bool) -> None:
+    """A tenant acts on its own tasks, an admin on any; a task without a tenant (from before
+    tenants) is ``default``'s."""
+    assert caller.may_access(owner) is allowed
+
+
+def test_the_scheduler_reads_each_tenants_active_runs_and_follows_reloads(
+    reloading: Make, clock: Clock
+) -> None:
+    path, directory = reloading(VALID)
+    limit = scheduler_app.tenant_limits(directory)
+    assert (limit("alice"), limit("bob"), limit("nobody")) == (2, None, None)
+
+    _rewrite(path, "tenants:\n  - name: alice\n    max_active_runs: 0\n")
+    assert limit("alice") == 2  # within the interval: not even a stat
+    clock.advance(1.0)
+    assert limit("alice") == 0
 
 
 def test_the_quota_month_is_the_utc_calendar_month() -> None:

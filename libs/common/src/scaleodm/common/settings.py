@@ -11,11 +11,24 @@ from __future__ import annotations
 
 import enum
 import functools
+import ipaddress
+import types
+import typing
+import urllib.parse
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
-from pydantic import BaseModel, Field, IPvAnyNetwork, SecretStr, field_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    IPvAnyNetwork,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from scaleodm.common.domain.text import shown
 
 DEV_CREDENTIAL = "scaleodm-dev-secret"
 
@@ -281,6 +294,89 @@ class CapacitySettings(BaseModel):
         raise AssertionError("the last class has no bound")  # _classes_cover_every_count
 
 
+def secure_url(url: str) -> str:
+    """``url`` when https, or http to a loopback host (tests, a sidecar); else ``ValueError``.
+    For what must not be swapped on the way: an identity provider's keys."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        raise ValueError(f"not an http(s) URL: {shown(url)}")
+    if parts.scheme == "http" and not _loopback(parts.hostname):
+        raise ValueError(f"must be https (http only to a loopback host): {shown(url)}")
+    if parts.fragment:
+        raise ValueError(f"must have no fragment: {shown(url)}")
+    return url
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+# Asymmetric JWS algorithms only: ``none`` and HS* (a secret) make no sense with a public JWKS.
+Algorithm = Literal[
+    "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"
+]
+
+
+def _default_algorithms() -> list[Algorithm]:
+    return ["RS256", "ES256"]
+
+
+class OidcSettings(BaseModel):
+    """Bearer JWTs from an OpenID Connect issuer (``Authorization: Bearer``), verified by
+    ``scaleodm.common.tenants``. Off unless ``issuer`` is set (then ``audience`` is needed too)."""
+
+    issuer: str = Field(
+        description="The issuer, exactly as in the tokens' `iss` claim; setting it turns bearer "
+        "tokens on (with `audience`; needs `tenants_file`)."
+    )
+    audience: str = Field(description="The `aud` value tokens must carry (this API's id).")
+    jwks_url: str | None = Field(
+        None,
+        description="The issuer's JWKS; unset: `jwks_uri` of "
+        "`<issuer>/.well-known/openid-configuration` (OIDC discovery).",
+    )
+    tenant_claim: str = Field("tenant", description="Claim naming the tenant (top level).")
+    role_claim: str | None = Field(
+        None,
+        description="Claim (a string or list) that must hold `admin` for an admin tenant to act "
+        "as admin; unset: the tenants file's role applies as is.",
+    )
+    unknown_tenant: str | None = Field(
+        None,
+        description="File tenant whose limits apply to tokens naming a tenant not in the file; "
+        "unset: such tokens are refused.",
+    )
+    algorithms: list[Algorithm] = Field(
+        default_factory=_default_algorithms, min_length=1,
+        description="Accepted signature algorithms (asymmetric only).",
+    )
+    leeway_s: float = Field(
+        30.0, ge=0, le=300, description="Clock skew allowed on `exp`, `nbf` and `iat`."
+    )
+    jwks_cache_s: float = Field(300.0, gt=0, description="How long fetched keys are used.")
+    jwks_refetch_interval_s: float = Field(
+        30.0, gt=0,
+        description="Least time between two JWKS fetches caused by unknown key ids or failures.",
+    )
+    fetch_timeout_s: float = Field(
+        5.0, gt=0, description="Deadline of one key fetch (discovery and JWKS together)."
+    )
+
+    @field_validator("issuer", "jwks_url")
+    @classmethod
+    def _secure_url(cls, v: str | None) -> str | None:
+        return None if v is None else secure_url(v)
+
+    @property
+    def discovery_url(self) -> str:
+        return self.issuer.rstrip("/") + "/.well-known/openid-configuration"
+
+
 class Environment(enum.StrEnum):
     DEVELOPMENT = "development"
     PRODUCTION = "production"
@@ -338,10 +434,24 @@ class GatewaySettings(BaseServiceSettings):
     gateway_host: str = Field("0.0.0.0", description="Bind address of the gateway.")
     gateway_port: int = Field(3000, description="Gateway port (NodeODM's default is 3000).")
     token: SecretStr | None = Field(
-        None, description="When set, every API route requires `?token=<token>` (NodeODM)."
+        None,
+        description="When set, every API route requires `?token=<token>` (NodeODM); this token "
+        "is the `admin` tenant (every task, no limits).",
+    )
+    tenants_file: Path | None = Field(
+        None,
+        description="Tenants file (YAML: names, tokens, roles, limits; README \"Tenants\"), "
+        "reloaded when it changes; unset: no tenants but `admin` (`token`), or an open node.",
+    )
+    oidc: OidcSettings | None = Field(
+        None,
+        description="OIDC bearer tokens (`Authorization: Bearer <jwt>`) naming a tenant of "
+        "`tenants_file`; off unless `SCALEODM_OIDC__ISSUER` is set.",
     )
     max_images: int | None = Field(
-        None, description="Most images per task; unset = unlimited (`maxImages: null`)."
+        None,
+        description="Most images per task; unset = unlimited (`maxImages: null`). A tenant's "
+        "own `max_images` can only lower it.",
     )
     capacity: CapacitySettings = Field(default_factory=CapacitySettings)
     max_request_bytes: int = Field(
@@ -471,6 +581,12 @@ class GatewaySettings(BaseServiceSettings):
         # NodeODM §3.1: maxImages is null when unlimited, never 0.
         return v if v else None
 
+    @model_validator(mode="after")
+    def _oidc_names_file_tenants(self) -> Self:
+        if self.oidc is not None and self.tenants_file is None:
+            raise ValueError("oidc needs tenants_file: a token's claim names one of its tenants")
+        return self
+
 
 class EngineKind(enum.StrEnum):
     AUTO = "auto"
@@ -535,6 +651,11 @@ class SchedulerSettings(BaseServiceSettings):
         description="Most bytes a run's fetched inputs may take on disk, all sources together.",
     )
     fetch_timeout_s: float = Field(60.0, description="Read timeout when fetching zipurl inputs.")
+    tenants_file: Path | None = Field(
+        None,
+        description="The gateway's tenants file, for each tenant's `max_active_runs` "
+        "(admission); reloaded when it changes. Unset: no per-tenant limit.",
+    )
 
 
 # A deleted task's uuid is refused at least this long: the TASKS stream's duplicate window (2 min)
@@ -638,13 +759,24 @@ SETTINGS_CLASSES: dict[str, type[BaseServiceSettings]] = {
 }
 
 
+def _group(annotation: Any) -> type[BaseModel] | None:
+    """The settings group a field holds (``NatsSettings``, or ``OidcSettings | None``), if any."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        annotation = args[0] if len(args) == 1 else None
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return None
+
+
 def env_names(cls: type[BaseModel], prefix: str = "SCALEODM_") -> dict[str, Any]:
-    """Every environment variable a settings class reads, mapped to its field info."""
+    """Every environment variable a settings class reads, mapped to its field info; groups
+    (optional ones too) are expanded into their fields."""
     names: dict[str, Any] = {}
     for name, field in cls.model_fields.items():
-        ann = field.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel) and not issubclass(ann, SecretStr):
-            names.update(env_names(ann, f"{prefix}{name.upper()}__"))
+        group = _group(field.annotation)
+        if group is not None:
+            names.update(env_names(group, f"{prefix}{name.upper()}__"))
         else:
             names[f"{prefix}{name.upper()}"] = field
     return names

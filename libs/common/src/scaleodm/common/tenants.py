@@ -80,7 +80,7 @@ Client-facing wording. Refusals are typed errors whose ``message`` is short and 
 token material (nor a claim value). Authentication failures start with NodeODM's ``Invalid
 authentication token`` (nodeodm-api §1.3: CloudODM maps the prefix to "auth required"). Too many
 images keeps NodeODM's ``<n> images uploaded, but this node can only process up to <max>.``
-(nodeodm-api §3.4 step 5): once wired, ``/info`` reports the tenant's limit as ``maxImages``, so
+(nodeodm-api §3.4 step 5): ``/info`` reports the tenant's limit as ``maxImages``, so
 to the client the node's limit *is* its tenant's, and clients already show this message. ClusterODM
 (``libs/proxy.js``, ``libs/taskNew.js``) says only ``Max images count exceeded.`` and leaves quota
 wording to its cloud provider's ``approveNewTask`` (``Cannot approve task. Please contact
@@ -96,12 +96,10 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import hashlib
-import ipaddress
 import json
 import os
 import secrets
 import time
-import urllib.parse
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,9 +119,11 @@ from pydantic import (
     model_validator,
 )
 
+from scaleodm.common import settings
 from scaleodm.common.domain import options as odm_options
 from scaleodm.common.domain.text import shown
 from scaleodm.common.logging import get_logger
+from scaleodm.common.settings import OidcSettings
 
 __all__ = [
     "ADMIN_TENANT",
@@ -152,7 +152,7 @@ __all__ = [
 log = get_logger(__name__)
 
 # The tenant of SCALEODM_TOKEN, and the one tenant of an open node (the name task documents
-# without a tenant are counted under by admission, store.admission.DEFAULT_TENANT).
+# without a tenant belong to, store.tasks.DEFAULT_TENANT).
 ADMIN_TENANT = "admin"
 OPEN_TENANT = "default"
 # The gateway's ``priority`` field (submission.PRIORITIES).
@@ -165,10 +165,6 @@ _AUTH_PREFIX = "Invalid authentication token"
 _ASYMMETRIC_KEY_TYPES = frozenset({"RSA", "EC", "OKP"})
 
 Role = Literal["user", "admin"]
-# Asymmetric JWS algorithms only: ``none`` and HS* (a secret) make no sense with a public JWKS.
-Algorithm = Literal[
-    "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"
-]
 
 
 # --------------------------------------------------------------------------------------------
@@ -289,6 +285,11 @@ class Tenant(BaseModel):
             return self.max_priority
         return PRIORITIES.stop - 1 if self.role == "admin" else self.priority
 
+    def may_access(self, owner: str | None) -> bool:
+        """Whether the tenant may see and act on a task (or upload) of tenant ``owner``: its
+        own, or any as an admin. None: a task from before tenants, which is ``default``'s."""
+        return self.role == "admin" or self.name == (owner or OPEN_TENANT)
+
 
 def _option_names(context: Any) -> frozenset[str]:
     """Option names a file may name: the validation context's ``option_names``, else the
@@ -370,83 +371,6 @@ def parse_tenants(text: str, option_names: Iterable[str] | None = None) -> Tenan
         return TenantsFile.model_validate(data, context=context)
     except ValidationError as exc:
         raise TenantsFileError(_validation_reason(exc)) from None
-
-
-# --------------------------------------------------------------------------------------------
-# OIDC settings
-# --------------------------------------------------------------------------------------------
-
-
-def _checked_url(url: str) -> str:
-    """``url`` when https, or http to a loopback host; else ``ValueError``."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("https", "http") or not parts.hostname:
-        raise ValueError(f"not an http(s) URL: {shown(url)}")
-    if parts.scheme == "http" and not _loopback(parts.hostname):
-        raise ValueError(f"must be https (http only to a loopback host): {shown(url)}")
-    if parts.fragment:
-        raise ValueError(f"must have no fragment: {shown(url)}")
-    return url
-
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def _default_algorithms() -> list[Algorithm]:
-    return ["RS256", "ES256"]
-
-
-class OidcSettings(BaseModel):
-    """Bearer JWTs from an OpenID Connect issuer (``Authorization: Bearer``)."""
-
-    issuer: str = Field(description="The issuer, exactly as in the tokens' `iss` claim.")
-    audience: str = Field(description="The `aud` value tokens must carry (this API's id).")
-    jwks_url: str | None = Field(
-        None,
-        description="The issuer's JWKS; unset: `jwks_uri` of "
-        "`<issuer>/.well-known/openid-configuration` (OIDC discovery).",
-    )
-    tenant_claim: str = Field("tenant", description="Claim naming the tenant (top level).")
-    role_claim: str | None = Field(
-        None,
-        description="Claim (a string or list) that must hold `admin` for an admin tenant to act "
-        "as admin; unset: the tenants file's role applies as is.",
-    )
-    unknown_tenant: str | None = Field(
-        None,
-        description="File tenant whose limits apply to tokens naming a tenant not in the file; "
-        "unset: such tokens are refused.",
-    )
-    algorithms: list[Algorithm] = Field(
-        default_factory=_default_algorithms, min_length=1,
-        description="Accepted signature algorithms (asymmetric only).",
-    )
-    leeway_s: float = Field(
-        30.0, ge=0, le=300, description="Clock skew allowed on `exp`, `nbf` and `iat`."
-    )
-    jwks_cache_s: float = Field(300.0, gt=0, description="How long fetched keys are used.")
-    jwks_refetch_interval_s: float = Field(
-        30.0, gt=0,
-        description="Least time between two JWKS fetches caused by unknown key ids or failures.",
-    )
-    fetch_timeout_s: float = Field(
-        5.0, gt=0, description="Deadline of one key fetch (discovery and JWKS together)."
-    )
-
-    @field_validator("issuer", "jwks_url")
-    @classmethod
-    def _secure_url(cls, v: str | None) -> str | None:
-        return None if v is None else _checked_url(v)
-
-    @property
-    def discovery_url(self) -> str:
-        return self.issuer.rstrip("/") + "/.well-known/openid-configuration"
 
 
 # --------------------------------------------------------------------------------------------
@@ -581,7 +505,7 @@ def _discovered_jwks_url(document: Any, issuer: str) -> str:
     if not isinstance(uri, str):
         raise _FetchError("the discovery document has no `jwks_uri`")
     try:
-        return _checked_url(uri)
+        return settings.secure_url(uri)
     except ValueError as exc:
         raise _FetchError(f"jwks_uri {exc}") from None
 
@@ -706,6 +630,11 @@ class TenantDirectory:
     def open(self) -> bool:
         """Whether the node is open (no file, no token): every request is ``default``."""
         return self._current.open
+
+    @property
+    def accepts_bearer(self) -> bool:
+        """Whether OIDC bearer tokens are configured (:meth:`authenticate_bearer`)."""
+        return self._oidc is not None
 
     @property
     def tenants(self) -> tuple[Tenant, ...]:

@@ -11,6 +11,11 @@ NodeODM's answer. A storage error ("Storage unavailable") means the write may or
 happened — MongoDB can apply a write whose answer timed out — and a retry is safe: event ids are
 deterministic, so a cancel, remove or restart is recorded once; only a creation without
 ``set-uuid`` cannot be recognised when retried (the client never learnt its uuid).
+
+Every action is taken **by** a tenant (``tenants.Tenant``): a task belongs to the tenant that
+created it (``tenant`` in its document), and restart, cancel and remove of a task the caller may
+not access (another tenant's, unless the caller is an admin) fail exactly as for an unknown task:
+the same error, after the same read.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from scaleodm.common import clock, failpoints
+from scaleodm.common import clock, failpoints, tenants
 from scaleodm.common.contracts import events
 from scaleodm.common.domain import options as odm_options
 from scaleodm.common.domain.status import TERMINAL_STATES, TaskState
@@ -60,6 +65,7 @@ class NewTask:
     outputs: list[str] | None
     sources: list[str]
     output_prefix: str
+    tenant: str  # the creator's: who may see and act on it (tenants.Tenant.may_access)
     priority: int = 0
 
     def document(self) -> dict[str, Any]:
@@ -68,7 +74,7 @@ class NewTask:
             "options": self.options, "images_count": self.images_count, "webhook": self.webhook,
             "skip_post_processing": self.skip_post_processing, "outputs": self.outputs,
             "sources": self.sources, "output_prefix": self.output_prefix,
-            "priority": self.priority,
+            "tenant": self.tenant, "priority": self.priority,
         }
 
 
@@ -112,10 +118,11 @@ class TaskActions:
             log.info("task created", images=new.images_count, sources=len(new.sources))
             await self.written(new.task_id, created.seq)
 
-    async def restart(self, task_id: str, new_options: list[dict[str, Any]] | None) -> None:
+    async def restart(self, task_id: str, new_options: list[dict[str, Any]] | None, *,
+                      by: tenants.Tenant) -> None:
         """A new attempt under the same id, with new options (replacing the old ones, the
         automatic ones added again: §3.11 step 5, §5.4) or the old ones."""
-        doc = await self._task(task_id)
+        doc = await self._task(task_id, by)
         if TaskState(doc["state"]) not in TERMINAL_STATES:
             raise NotRestartableError(task_id)
         attempt = doc["attempt"] + 1
@@ -136,25 +143,26 @@ class TaskActions:
             log.info("task restarted")
             await self.written(task_id, result.seq)
 
-    async def cancel(self, task_id: str) -> None:
+    async def cancel(self, task_id: str, *, by: tenants.Tenant) -> None:
         """Status 50 and the run stopped (NodeODM §3.9)."""
-        doc = await self._task(task_id)
+        doc = await self._task(task_id, by)
         with bind_task(task_id, attempt=doc["attempt"]):
             result = await self.emitter.cancel(task_id, doc["attempt"])
             log.info("task canceled")
             await self.written(task_id, result.seq)
 
-    async def remove(self, task_id: str) -> None:
+    async def remove(self, task_id: str, *, by: tenants.Tenant) -> None:
         """The task gone for clients at once; its run, files and records deleted by the
         scheduler (NodeODM §3.10)."""
-        doc = await self._task(task_id)
+        doc = await self._task(task_id, by)
         with bind_task(task_id, attempt=doc["attempt"]):
             result = await self.emitter.remove(task_id, doc["attempt"])
             log.info("task removed")
             await self.written(task_id, result.seq)
 
-    async def _task(self, task_id: str) -> dict[str, Any]:
+    async def _task(self, task_id: str, by: tenants.Tenant) -> dict[str, Any]:
+        """The task ``by`` may act on; another tenant's is as unknown as no task."""
         doc = await self.store.get_task(task_id)
-        if doc is None:
+        if doc is None or not by.may_access(doc.get("tenant")):
             raise UnknownTaskError(task_id)
         return doc

@@ -1,26 +1,47 @@
-"""Request dependencies: the process-wide resources opened in the lifespan, and token auth."""
+"""Request dependencies: the process-wide resources opened in the lifespan, and the caller.
+
+Every API route knows who calls it (:func:`get_caller`, ``CallerDep``): a tenant of the tenants
+directory (``scaleodm.common.tenants``), found from NodeODM's ``?token=`` or, when OIDC is
+configured, from an ``Authorization: Bearer`` JWT. An open node (no tenants file, no
+``SCALEODM_TOKEN``, no OIDC) answers every request as its one tenant ``default``, whatever token
+it carries, as NodeODM without ``--token``. Refusals are NodeODM's (nodeodm-api §1.1, §1.3):
+HTTP 200 ``{"error": "Invalid authentication token: ..."}``; an identity provider that cannot be
+reached answers ``Identity provider unavailable, please retry later.`` the same way (a client's
+retry helps, as with ``Storage unavailable``).
+"""
 
 from __future__ import annotations
 
-import secrets
-from dataclasses import dataclass, field
+import collections
+from dataclasses import InitVar, dataclass, field
 from typing import Annotated, Any
 
 from fastapi import Depends, Query, Request
 from faststream.nats import NatsBroker
 
-from scaleodm.common import failpoints
+from scaleodm.common import failpoints, tenants
 from scaleodm.common.emitting import Emitter
 from scaleodm.common.settings import GatewaySettings
 from scaleodm.common.store.admission import AdmissionStore
 from scaleodm.common.store.s3 import S3
 from scaleodm.common.store.tasks import MongoHandle, TaskStore
 from scaleodm.common.store.uploads import UploadStore
+from scaleodm.common.store.usage import UsageStore
 from scaleodm.gateway.actions import TaskActions
 from scaleodm.gateway.cached import CachedValue
 from scaleodm.gateway.errors import NodeOdmError
 from scaleodm.gateway.eventstream import EventHub
 from scaleodm.gateway.readmodel import ReadModel
+
+# Task owners remembered per process (a task's tenant never changes): the all-tasks event stream
+# asks for the owner of every event it passes on.
+OWNERS_SIZE = 100_000
+
+
+def open_directory(settings: GatewaySettings) -> tenants.TenantDirectory:
+    """The gateway's tenants: the tenants file, ``SCALEODM_TOKEN`` and OIDC of ``settings``
+    (``TenantsFileError`` when the file cannot be used: the gateway refuses to start)."""
+    return tenants.TenantDirectory(settings.tenants_file, settings.token, settings.oidc)
 
 
 @dataclass
@@ -40,10 +61,20 @@ class Resources:
     queue_count: CachedValue[int] = field(init=False)
     # queuePosition of task info: the admission order, read at most as often.
     queue_positions: CachedValue[dict[str, int]] = field(init=False)
+    # Who may call (get_caller); built from the settings when not given.
+    tenant_directory: InitVar[tenants.TenantDirectory | None] = None
     # The task actions (create, restart, cancel, remove): the only writer of tasks here.
     actions: TaskActions = field(init=False)
+    directory: tenants.TenantDirectory = field(init=False)
+    # Images per tenant and month (monthly_image_quota).
+    usage: UsageStore = field(init=False)
+    _owners: collections.OrderedDict[str, str] = field(init=False)
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, tenant_directory: tenants.TenantDirectory | None) -> None:
+        self.directory = (tenant_directory if tenant_directory is not None
+                          else open_directory(self.settings))
+        self.usage = UsageStore(self.store.db)
+        self._owners = collections.OrderedDict()
         self.queue_count = CachedValue(self.store.count_active, self.settings.info_cache_s)
         admission = AdmissionStore(self.store.db, self.settings.capacity)
         self.queue_positions = CachedValue(admission.queue_positions, self.settings.info_cache_s)
@@ -55,11 +86,29 @@ class Resources:
     def store(self) -> TaskStore:
         return self.mongo.store
 
-    async def get_task(self, task_id: str) -> dict[str, Any] | None:
+    async def get_task(self, task_id: str, *, include_removed: bool = False
+                       ) -> dict[str, Any] | None:
         """A task as clients read it: from the read model when there is one."""
         if self.read_model is None:
-            return await self.store.get_task(task_id)
-        return await self.read_model.get_task(task_id)
+            return await self.store.get_task(task_id, include_removed=include_removed)
+        return await self.read_model.get_task(task_id, include_removed=include_removed)
+
+    async def task_owner(self, task_id: str) -> str | None:
+        """The tenant of task ``task_id`` (``default`` for a task from before tenants), None
+        when the task is not known (any more). Remembered once found: a task's tenant never
+        changes, and the events of a task deleted since still have their owner."""
+        owner = self._owners.get(task_id)
+        if owner is not None:
+            self._owners.move_to_end(task_id)
+            return owner
+        doc = await self.get_task(task_id, include_removed=True)
+        if doc is None:
+            return None
+        owner = str(doc.get("tenant") or tenants.OPEN_TENANT)
+        self._owners[task_id] = owner
+        while len(self._owners) > OWNERS_SIZE:
+            self._owners.popitem(last=False)
+        return owner
 
 
 # The dependencies are ``async def`` although they never await: FastAPI runs a plain ``def``
@@ -75,22 +124,57 @@ ResourcesDep = Annotated[Resources, Depends(get_resources)]
 
 TokenQuery = Annotated[
     str | None,
-    Query(description="The node's token, when it has one (nodeodm-api §1.3); only the query "
-          "string counts."),
+    Query(description="The caller's token: the node's or a tenant's (nodeodm-api §1.3); only "
+          "the query string counts."),
 ]
+# NodeODM §1.3: the text of a missing or wrong ``?token=`` (WebODM tests check the substring).
+TOKEN_REFUSED = "Invalid authentication token: token does not match."
+BEARER = "bearer"
 
 
-async def check_token(res: ResourcesDep, token: TokenQuery = None) -> None:
-    """NodeODM §1.3: with a token configured, every API route needs ``?token=``."""
-    expected = res.settings.token
-    if expected is None:
-        return
-    # As bytes: compare_digest raises TypeError for a str with non-ASCII characters.
-    if token is None or not secrets.compare_digest(
-        token.encode("utf-8", "surrogatepass"),
-        expected.get_secret_value().encode("utf-8", "surrogatepass"),
-    ):
-        raise NodeOdmError("Invalid authentication token: token does not match.")
+def _bearer(request: Request) -> str | None:
+    """The credentials of an ``Authorization: Bearer`` header, None without one (another
+    scheme, e.g. an ingress's Basic, is not ours to judge)."""
+    scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != BEARER:
+        return None
+    return credentials.strip()
 
 
-TokenDep = Depends(check_token)
+async def get_caller(request: Request, res: ResourcesDep, token: TokenQuery = None
+                     ) -> tenants.Tenant:
+    """The tenant calling (NodeODM §1.3 for ``?token=``), else NodeODM's token error.
+
+    With OIDC configured, a bearer JWT, when sent, decides alone: a refused one is an error even
+    with a good ``?token=`` beside it (two credentials naming two tenants are no request to
+    guess about). The token lookup compares digests in constant time (``tenants``); nothing of
+    a credential is logged or answered.
+    """
+    directory = res.directory
+    directory.reload_if_changed()  # a stat at most once a second
+    if directory.accepts_bearer:
+        bearer = _bearer(request)
+        if bearer is not None:
+            try:
+                return await directory.authenticate_bearer(bearer)
+            except tenants.TenantError as exc:  # AuthenticationError, IdentityProviderError
+                # NodeODM: errors are HTTP 200 (nodeodm-api §1.1), even the provider's outage.
+                raise NodeOdmError(exc.message) from None
+    caller = directory.lookup_token(token)
+    if caller is None:
+        raise NodeOdmError(TOKEN_REFUSED)
+    return caller
+
+
+def visible(doc: dict[str, Any] | None, caller: tenants.Tenant) -> dict[str, Any] | None:
+    """A task document if ``caller`` may see it, else None: another tenant's task is, to every
+    route, no task at all (routes read it as they would any task, then ask this)."""
+    if doc is None or not caller.may_access(doc.get("tenant")):
+        return None
+    return doc
+
+
+CallerDep = Annotated[tenants.Tenant, Depends(get_caller)]
+# On every API router: no route of it answers an unauthenticated request, also a route that does
+# not need the caller itself. FastAPI resolves ``get_caller`` once per request for both.
+CallerRequired = Depends(get_caller)

@@ -32,7 +32,9 @@ reads the ``EVENTS`` JetStream stream: the SSE ``id`` is the JetStream stream se
 increasing, stable for the stream's lifetime, ``max_age`` 7 days). One ordered consumer per client
 replays from ``cursor + 1`` and continues live, in order, gap-free by construction (JetStream
 de-duplicates re-publishes by ``Nats-Msg-Id``, so an event appears once). Without a cursor the
-stream is live only. A status filter becomes the consumer's subject filter.
+stream is live only. A status filter becomes the consumer's subject filter; a tenant's filter
+(``keep``: whose task an event is, asked per event) skips the others' events, which a resuming
+client then passes again and skips again (ids advance only with what is sent).
 
 Memory: between the bus and each client sits one queue (``ClientQueue``), bounded in count
 (``sse_queue_size``, per-task streams) and in bytes of event data (``sse_max_pending_bytes``,
@@ -512,9 +514,10 @@ def status_filter(statuses: list[int]) -> list[str]:
 
 async def follow_all(
     nc: NatsClient, cursor: int | None, subjects: list[str], *, stop: anyio.Event | None = None,
-    max_pending_bytes: int | None = None,
+    max_pending_bytes: int | None = None, keep: Callable[[str], Awaitable[bool]] | None = None,
 ) -> AsyncIterator[ServerSentEvent]:
-    """Every task's events from the EVENTS stream after stream sequence ``cursor`` (None: live).
+    """Every task's events from the EVENTS stream after stream sequence ``cursor`` (None: live);
+    with ``keep``, only the events of the tasks it says yes to (asked with the task id).
 
     Data is passed on as stored in the stream (an event published without ``seq`` keeps
     ``"seq": null`` here). ``stop`` (set at server shutdown) ends the stream cleanly. More than
@@ -572,6 +575,8 @@ async def follow_all(
                 log.warning("undecodable event on the bus", subject=msg.subject)
                 continue
             ev, data = _canonical(raw)
+            if keep is not None and not await keep(_task_of(msg.subject, raw)):
+                continue
             kind = ev.kind if ev is not None else str(raw.get("kind", "message"))
             yield ServerSentEvent(data, event=kind, id=str(msg.metadata.sequence.stream))
     finally:
@@ -581,6 +586,16 @@ async def follow_all(
                 await _settled(stopping[0])
             elif not nc.is_closed:
                 await _unsubscribe(sub)
+
+
+def _task_of(subject: str, raw: Any) -> str:
+    """The task an EVENTS message is about: its body's ``task_id`` (what the client reads),
+    else its subject's (``events.task.<id>.<kind>``)."""
+    task_id = raw.get("task_id") if isinstance(raw, dict) else None
+    if isinstance(task_id, str):
+        return task_id
+    parts = subject.split(".")
+    return parts[2] if len(parts) == 4 else ""
 
 
 async def _settled(task: asyncio.Task[None]) -> None:

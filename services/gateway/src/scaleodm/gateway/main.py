@@ -21,7 +21,7 @@ from scaleodm.common.settings import Environment, GatewaySettings, get_gateway_s
 from scaleodm.common.store.s3 import S3
 from scaleodm.common.store.tasks import open_store
 from scaleodm.common.store.uploads import UploadStore
-from scaleodm.gateway import errors, openapi, responses, serving
+from scaleodm.gateway import deps, errors, openapi, responses, serving
 from scaleodm.gateway.deps import Resources
 from scaleodm.gateway.eventstream import EventHub
 from scaleodm.gateway.readmodel import ReadModel
@@ -41,6 +41,11 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         _check_secrets(settings)
+        # First: a tenants file that cannot be used stops the start before anything is opened.
+        directory = deps.open_directory(settings)
+        log.info("tenants", open_node=directory.open, tenants=len(directory.tenants),
+                 tenants_file=str(settings.tenants_file) if settings.tenants_file else None,
+                 bearer=directory.accepts_bearer)
         async with contextlib.AsyncExitStack() as stack:
             mongo = await open_store(settings.mongo, "gateway")
             stack.push_async_callback(mongo.close)
@@ -65,7 +70,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             stack.push_async_callback(read_model.close)
             app.state.resources = Resources(
                 settings, mongo, s3, broker, emitter, upload_store,
-                points, event_hub=hub, read_model=read_model,
+                points, event_hub=hub, read_model=read_model, tenant_directory=directory,
             )
             log.info("gateway ready", port=settings.gateway_port)
             yield

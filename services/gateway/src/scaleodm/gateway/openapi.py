@@ -77,6 +77,8 @@ TASK_FIELDS: dict[str, Any] = {
                      '["odm_orthophoto/odm_orthophoto.tif"]'),
     "dateCreated": _text("Creation time in ms since the epoch; anything else means now.",
                          "1795323496602"),
+    "priority": _text("ScaleODM: admission order, an integer from -100 to 100 (higher first); "
+                      "absent: the tenant's default; above the tenant's ceiling: refused.", "10"),
 }
 _FILES: dict[str, Any] = {
     "type": "array",
@@ -93,8 +95,8 @@ SET_UUID: dict[str, Any] = {
     "name": "set-uuid",
     "in": "header",
     "required": False,
-    "description": "The uuid to give the task (kept as given); refused if a task has it. "
-    "Re-init of an upload not yet committed is allowed (§3.5).",
+    "description": "The uuid to give the task (kept as given); refused if a task or another "
+    "upload has it. Re-init of the caller's own upload not yet committed is allowed (§3.5).",
     "schema": {"type": "string", "pattern": UUID_PATTERN},
 }
 

@@ -3,6 +3,14 @@ to ``actions.TaskActions.create``.
 
 Shared by the single-request ``/task/new`` and the chunked ``init``/``commit`` flow, so both give
 the same task for the same input.
+
+The caller's tenant (``scaleodm.common.tenants``) bounds what it submits: the options it may set
+(checked on the options it sent, before the post-processing ones are added: §5.4), images per
+task (the smaller of the node's ``max_images`` and the tenant's, with NodeODM's message, §3.4
+step 5), the priority it may ask for, and its monthly image quota. The task belongs to the
+caller (``tenant`` in its document). The quota is taken last, just before the task is created,
+in one conditional MongoDB update (``store.usage``), and given back when the creation is refused.
+Images of a ``zipurl`` are not known at submission and are not counted.
 """
 
 from __future__ import annotations
@@ -15,7 +23,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 from urllib.parse import SplitResult, urlsplit
 
-from scaleodm.common import clock, netguard
+from scaleodm.common import clock, netguard, tenants
 from scaleodm.common.domain import options as odm_options
 from scaleodm.common.domain import webhooks
 from scaleodm.common.domain.text import shown
@@ -73,47 +81,67 @@ class TaskFields:
     def skip_pp(self) -> bool:
         return self.skip_post_processing == "true"  # only the exact string (§3.4)
 
-    def priority_value(self) -> int:
-        """``priority``: an integer in ``PRIORITIES``, 0 when not given; else the client's
-        error."""
+    def priority_for(self, tenant: tenants.Tenant) -> int:
+        """``priority``: an integer in ``PRIORITIES`` at most the tenant's ceiling; the tenant's
+        default when not given; else the client's error."""
         raw = (self.priority or "").strip()
-        if not raw:
-            return DEFAULT_PRIORITY
-        if not re.fullmatch(r"[+-]?[0-9]{1,4}", raw) or int(raw) not in PRIORITIES:
-            raise NodeOdmError(f"Invalid priority: {shown(raw)} (an integer from "
-                               f"{PRIORITIES.start} to {PRIORITIES.stop - 1})")
-        return int(raw)
+        requested = None
+        if raw:
+            if not re.fullmatch(r"[+-]?[0-9]{1,4}", raw) or int(raw) not in PRIORITIES:
+                raise NodeOdmError(f"Invalid priority: {shown(raw)} (an integer from "
+                                   f"{PRIORITIES.start} to {PRIORITIES.stop - 1})")
+            requested = int(raw)
+        try:
+            return tenants.check_priority(tenant, requested)
+        except tenants.PriorityError as exc:
+            raise NodeOdmError(exc.message) from exc
 
 
 # ScaleODM's ``priority`` field: waiting tasks of a higher priority are admitted first.
-PRIORITIES = range(-100, 101)
-DEFAULT_PRIORITY = 0
+PRIORITIES = tenants.PRIORITIES
 
 
-async def accepted_options(res: Resources, fields: TaskFields) -> list[dict[str, Any]]:
-    """Everything about the fields that can be refused synchronously, checked; the options to
-    store. The same for ``/task/new``, init (pre-check) and commit (NodeODM §5.3)."""
+async def accepted_options(res: Resources, fields: TaskFields, caller: tenants.Tenant
+                           ) -> list[dict[str, Any]]:
+    """Everything about the fields that can be refused synchronously, checked for ``caller``;
+    the options to store. The same for ``/task/new``, init (pre-check) and commit (§5.3)."""
     outbound = outbound_policy(res)
-    fields.priority_value()
-    options = validated_options(fields.options, skip_pp=fields.skip_pp)
+    fields.priority_for(caller)
+    options = validated_options(fields.options, skip_pp=fields.skip_pp, caller=caller)
     await check_option_urls(options, outbound)
     await check_webhook(fields.webhook, outbound)
     return options
+
+
+def check_tenant_options(caller: tenants.Tenant, options: list[dict[str, Any]]) -> None:
+    """Refuse an option the client named that ``caller`` may not set (before the gateway adds
+    its post-processing options, §5.4)."""
+    refusal = tenants.check_options(caller, (option["name"] for option in options))
+    if refusal is not None:
+        raise NodeOdmError(refusal)
+
+
+def images_refusal(res: Resources, caller: tenants.Tenant, count: int) -> str | None:
+    """NodeODM's error for a task of ``count`` images beyond the node's or ``caller``'s
+    ``max_images`` (§3.4 step 5), else None."""
+    return tenants.check_images(caller, count, res.settings.max_images)
 
 
 def outbound_policy(res: Resources) -> netguard.OutboundPolicy:
     return netguard.OutboundPolicy(res.settings.outbound_allow)
 
 
-def validated_options(raw: str | None, *, skip_pp: bool) -> list[dict[str, Any]]:
-    """NodeODM §5: errors become the client's ``{"error": ...}``; auto options added (§5.4)."""
+def validated_options(raw: str | None, *, skip_pp: bool, caller: tenants.Tenant
+                      ) -> list[dict[str, Any]]:
+    """NodeODM §5: errors become the client's ``{"error": ...}``; the options ``caller`` may
+    not set refused; auto options added (§5.4)."""
     try:
         opts = odm_options.validate_options(raw if raw else "[]")
     except odm_options.OptionsError as exc:
         raise NodeOdmError(exc.error) from exc
-    return odm_options.add_post_processing_options(
-        storable_options(opts), skip_post_processing=skip_pp
-    )
+    stored = storable_options(opts)
+    check_tenant_options(caller, stored)
+    return odm_options.add_post_processing_options(stored, skip_post_processing=skip_pp)
 
 
 INT64 = range(-(2**63), 2**63)  # what MongoDB stores as an integer
@@ -319,12 +347,25 @@ async def submit(
     task_id: str,
     fields: TaskFields,
     *,
+    caller: tenants.Tenant,
     options: list[dict[str, Any]],
     sources: list[str],
     images_count: int,
     failure: str | None = None,
+    late: bool = False,
 ) -> None:
-    """Create the task (status 10) and queue its first run; ``failure`` fails it at once."""
+    """Create ``caller``'s task (status 10) and queue its first run; ``failure`` fails it at
+    once. Its images count on the caller's monthly quota; a quota passed refuses the request,
+    or with ``late`` (a commit: the count was not known before, NodeODM §3.5) fails the task."""
+    priority = fields.priority_for(caller)
+    month = None
+    if failure is None and images_count:
+        month = tenants.quota_month(clock.now())
+        refusal = await _take_quota(res, caller, month, images_count)
+        if refusal is not None:
+            if not late:
+                raise NodeOdmError(refusal)
+            failure, month = refusal, None
     new = actions.NewTask(
         task_id=task_id,
         name=fields.name or default_name(),
@@ -336,9 +377,35 @@ async def submit(
         outputs=parse_outputs(fields.outputs),
         sources=sources,
         output_prefix=str(s3mod.task_outputs(res.settings.s3.bucket, task_id)),
-        priority=fields.priority_value(),
+        tenant=caller.name,
+        priority=priority,
     )
     try:
         await res.actions.create(new, failure=failure)
     except actions.TaskExistsAlreadyError as exc:
+        # Nothing was recorded: the images go back. (After a storage error the task may exist,
+        # MongoDB can apply a write whose answer timed out: they stay counted.)
+        if month is not None:
+            await asyncio.shield(_give_back(res, caller, month, images_count))
         raise NodeOdmError(f"Invalid set-uuid: {task_id}") from exc
+
+
+async def _take_quota(res: Resources, caller: tenants.Tenant, month: str, count: int
+                      ) -> str | None:
+    """Count ``count`` images on ``caller``'s ``month``; the client's error when that would
+    pass its monthly quota (nothing counted then), else None."""
+    quota = caller.monthly_image_quota
+    used = await res.usage.take(caller.name, month, count, quota)
+    if used is None:
+        return None
+    refusal = tenants.check_quota(caller, used, count)
+    # ``take`` refuses only a count beyond the quota; should a give-back have raced it, the
+    # message still says the quota is used up rather than nothing.
+    return refusal or tenants.check_quota(caller, quota or 0, count) or "Monthly quota exceeded."
+
+
+async def _give_back(res: Resources, caller: tenants.Tenant, month: str, count: int) -> None:
+    try:
+        await res.usage.give_back(caller.name, month, count)
+    except Exception as exc:
+        log.warning("quota not given back", tenant=caller.name, images=count, error=repr(exc))

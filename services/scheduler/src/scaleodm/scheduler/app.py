@@ -1,7 +1,9 @@
 """Scheduler app: one durable pull consumer on ``tasks.commands.>``, and admission.
 
 Admission (``admission.py``) gives waiting tasks their run slots; the run commands it records
-come back through the consumer like any other command.
+come back through the consumer like any other command. A tenant's ``max_active_runs`` (the
+gateway's tenants file, ``SCALEODM_TENANTS_FILE``) bounds its runs there: the file is looked at
+again at most once a second while admission passes run, so a change applies at the next pass.
 
 All replicas share the ``scheduler`` durable, so scaling out needs nothing else (and KEDA scales
 on its lag). Handlers run concurrently within a fetched batch. The resources (MongoDB, S3, the
@@ -12,7 +14,7 @@ handler as a frozen ``Resources``.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from faststream import AckPolicy
@@ -20,7 +22,7 @@ from faststream.asgi import AsgiFastStream
 from faststream.exceptions import NackMessage
 from faststream.nats import NatsBroker, NatsMessage, PullSub
 
-from scaleodm.common import failpoints, runtime
+from scaleodm.common import failpoints, runtime, tenants
 from scaleodm.common.contracts import commands, streams
 from scaleodm.common.emitting import Emitter
 from scaleodm.common.logging import get_logger
@@ -45,12 +47,25 @@ class Resources:
     handler: CommandHandler
 
 
+def tenant_limits(directory: tenants.TenantDirectory) -> Callable[[str], int | None]:
+    """Admission's ``tenant_limit``: a tenant's ``max_active_runs`` (None: no limit, also for a
+    tenant not in the file), from the tenants file as it is now."""
+    def limit(name: str) -> int | None:
+        directory.reload_if_changed()  # a stat at most once a second
+        tenant = directory.tenant(name)
+        return tenant.max_active_runs if tenant is not None else None
+
+    return limit
+
+
 @contextlib.asynccontextmanager
 async def open_resources(
     settings: SchedulerSettings, broker: NatsBroker
 ) -> AsyncIterator[Resources]:
     """Streams and the ``scheduler`` durable declared, then MongoDB, S3 and the executor;
     closed in reverse order."""
+    # First: a tenants file that cannot be used stops the start before anything is opened.
+    directory = tenants.TenantDirectory(settings.tenants_file)
     conn = await runtime.open_bus(broker, settings, durable=streams.SCHEDULER_DURABLE,
                            ack_wait_s=settings.ack_wait_s, max_deliver=settings.max_deliver)
     async with contextlib.AsyncExitStack() as stack:
@@ -68,11 +83,13 @@ async def open_resources(
         admission_store = AdmissionStore(mongo.store.db, settings.capacity)
         await admission_store.ensure_indexes()
         admitter = Admitter(admission_store, Leases(mongo.store.db), emitter, settings.capacity,
-                            interval_s=settings.admission_interval_s)
+                            interval_s=settings.admission_interval_s,
+                            tenant_limit=tenant_limits(directory))
         await admitter.subscribe(conn)
         admitter.wake()  # a first pass at once: tasks may have waited while none ran
         runtime.start_loop(stack, admitter.run(), "admission")
         log.info("scheduler ready", executor=settings.executor.value,
+                 tenants_file=str(settings.tenants_file) if settings.tenants_file else None,
                  max_active=settings.capacity.max_active,
                  classes={c.name: c.slots for c in settings.capacity.classes})
         yield Resources(mongo, s3, handler)

@@ -20,9 +20,9 @@ from pymongo.asynchronous.database import AsyncDatabase
 from scaleodm.common import clock
 from scaleodm.common.domain.status import TaskState
 from scaleodm.common.settings import CapacitySettings
+from scaleodm.common.store.tasks import DEFAULT_TENANT
 
 Doc = dict[str, Any]
-DEFAULT_TENANT = "default"
 QUEUE_ID = "queue"
 
 

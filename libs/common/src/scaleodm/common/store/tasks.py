@@ -97,6 +97,8 @@ class TaskStore:
             [("removed", ASCENDING), ("state", ASCENDING)], name="state"
         )
         await self.tasks.create_index([("created_at", ASCENDING)], name="created")
+        await self.tasks.create_index([("tenant", ASCENDING), ("created_at", ASCENDING)],
+                                      name="tenant")
 
     # -- tasks -------------------------------------------------------------------------------
 
@@ -157,8 +159,12 @@ class TaskStore:
             return None
         return doc
 
-    async def list_task_ids(self) -> list[str]:
-        cursor = self.tasks.find({"removed": False}, {"_id": 1}).sort("created_at", ASCENDING)
+    async def list_task_ids(self, tenant: str | None = None) -> list[str]:
+        """Ids of the tasks not removed, oldest first: every tenant's, or ``tenant``'s only."""
+        query: Doc = {"removed": False}
+        if tenant is not None:
+            query.update(owned_by(tenant))
+        cursor = self.tasks.find(query, {"_id": 1}).sort("created_at", ASCENDING)
         return [d["_id"] async for d in cursor]
 
     async def count_active(self) -> int:
@@ -359,6 +365,18 @@ class TaskStore:
             sort=[("seq", ASCENDING)],
         )
         return int(doc["seq"]) if doc is not None else None
+
+
+# The tenant of documents (tasks, uploads) written before tenants existed (no ``tenant``): the
+# open node's (tenants.OPEN_TENANT; admission counts them under it too).
+DEFAULT_TENANT = "default"
+
+
+def owned_by(tenant: str) -> Doc:
+    """The query part matching documents of ``tenant`` (those without a tenant: ``default``'s)."""
+    if tenant == DEFAULT_TENANT:
+        return {"tenant": {"$in": [tenant, None]}}
+    return {"tenant": tenant}
 
 
 def _command_doc(command: commands.Command | None) -> Doc | None:

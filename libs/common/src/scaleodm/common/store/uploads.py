@@ -9,6 +9,10 @@ wins; the session stays until the task exists, so a commit cut off in between ca
 A single-request ``/task/new`` holds its id here too (``reserve``), so that two requests, or a
 request and a chunked upload, never share one id's files.
 
+An upload belongs to the tenant that opened it (``tenant``; sessions opened before tenants
+existed: ``default``'s). Re-init, upload and commit match the session *and* its tenant in one
+query, so another tenant's upload is, to them, no upload at all.
+
 The session also counts, as files are written, what commit needs, so that commit reads one
 document and never lists names or objects: ``stored_count``/``stored_bytes`` (files stored
 while the upload was open, less those given back) and ``in_flight`` (names claimed while it was
@@ -42,6 +46,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
 from scaleodm.common import clock
+from scaleodm.common.store.tasks import owned_by
 
 Doc = dict[str, Any]
 _MAX_RENAMES = 1000
@@ -70,18 +75,19 @@ class UploadStore:
         await self.sessions.create_index([("created_at", ASCENDING)], name="created")
         await self.sessions.create_index([("active_at_ms", ASCENDING)], name="idle")
 
-    async def init(self, upload_id: str, fields: dict[str, Any]) -> None:
-        """Open an upload, or overwrite the fields of an open one (ClusterODM retries init)."""
+    async def init(self, upload_id: str, fields: dict[str, Any], tenant: str) -> None:
+        """Open an upload of ``tenant``, or overwrite the fields of its open one (ClusterODM
+        retries init); ``UploadNotFoundError`` when the id is taken otherwise."""
         now = clock.now()
         try:
             await self.sessions.insert_one({
                 "_id": upload_id, "fields": fields, "committed": False, "created_at": now,
                 "active_at_ms": clock.now_ms(), "counted": COUNTED, "stored_count": 0,
-                "stored_bytes": 0, "in_flight": 0,
+                "stored_bytes": 0, "in_flight": 0, "tenant": tenant,
             })
         except DuplicateKeyError:
             res = await self.sessions.update_one(
-                {"_id": upload_id, "committed": False},
+                {"_id": upload_id, "committed": False, **owned_by(tenant)},
                 {"$set": {"fields": fields, "active_at_ms": clock.now_ms()}},
             )
             if res.matched_count == 0:
@@ -109,8 +115,10 @@ class UploadStore:
         """The upload, open or committed (a committed one whose task is missing was cut off)."""
         return await self.sessions.find_one({"_id": upload_id})
 
-    async def get_open(self, upload_id: str) -> Doc:
-        doc = await self.sessions.find_one({"_id": upload_id, "committed": False})
+    async def get_open(self, upload_id: str, tenant: str) -> Doc:
+        """``tenant``'s open upload ``upload_id``; ``UploadNotFoundError`` when there is none."""
+        doc = await self.sessions.find_one(
+            {"_id": upload_id, "committed": False, **owned_by(tenant)})
         if doc is None:
             raise UploadNotFoundError(upload_id)
         return doc
@@ -173,11 +181,11 @@ class UploadStore:
         )
         return [d["name"] async for d in cursor]
 
-    async def commit(self, upload_id: str) -> Doc | None:
-        """Close the open upload ``upload_id`` for good; its session as committed (with the
-        counts of every file recorded before), or None when no open upload has this id."""
+    async def commit(self, upload_id: str, tenant: str) -> Doc | None:
+        """Close ``tenant``'s open upload ``upload_id`` for good; its session as committed (with
+        the counts of every file recorded before), or None when it has no such open upload."""
         doc: Doc | None = await self.sessions.find_one_and_update(
-            {"_id": upload_id, "committed": False},
+            {"_id": upload_id, "committed": False, **owned_by(tenant)},
             {"$set": {"committed": True, "committed_at": clock.now(),
                       "active_at_ms": clock.now_ms()}},
             return_document=ReturnDocument.AFTER,

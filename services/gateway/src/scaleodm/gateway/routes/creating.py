@@ -12,6 +12,14 @@ Task ids are canonical (lower-case, ``contracts.ids.canonical_task_id``) from th
 enter: ``set-uuid`` and the ``{uuid}`` of upload/commit. Init and commit answer the canonical
 id: a departure from NodeODM's "echo exactly as given" (§3.5) that ClusterODM, which sends the
 lower-case v4 uuids it generates, cannot see.
+
+Tenants: a task belongs to its caller; a chunked upload belongs to the caller of its init, and
+only that tenant may add files to it, re-init it or commit it (admins included: an upload is one
+client's work in progress, and its tenant's limits are the ones checked). To anyone else the
+upload does not exist (``Invalid uuid (not found)``), and its id is taken as any other
+(``Invalid set-uuid``). Limits (``submission``): options, priority and images at ``/task/new``
+and init as NodeODM's synchronous errors; images and the monthly quota after a commit as the
+task's failure (NodeODM §3.5).
 """
 
 from __future__ import annotations
@@ -24,32 +32,50 @@ from typing import Any
 from fastapi import APIRouter, BackgroundTasks, Request
 from starlette.requests import ClientDisconnect
 
+from scaleodm.common import tenants
 from scaleodm.common.contracts.ids import canonical_task_id
 from scaleodm.common.domain.text import shown
 from scaleodm.common.logging import bind_task, get_logger
 from scaleodm.common.store import s3 as s3mod
-from scaleodm.common.store.tasks import TaskExistsError
+from scaleodm.common.store.tasks import DEFAULT_TENANT, TaskExistsError
 from scaleodm.common.store.uploads import UploadNotFoundError
 from scaleodm.gateway import bodies, models, multipart, openapi, submission, uploads
-from scaleodm.gateway.deps import Resources, ResourcesDep, TokenDep
+from scaleodm.gateway.deps import CallerDep, CallerRequired, Resources, ResourcesDep
 from scaleodm.gateway.errors import NodeOdmError
 
 log = get_logger(__name__)
-router = APIRouter(tags=["nodeodm"], dependencies=[TokenDep])
+router = APIRouter(tags=["nodeodm"], dependencies=[CallerRequired])
 
 
-async def _checked_set_uuid(request: Request, res: Resources) -> str | None:
+def _taken(set_uuid: str) -> NodeOdmError:
+    return NodeOdmError(f"Invalid set-uuid: {shown(set_uuid)}")
+
+
+async def _checked_set_uuid(request: Request, res: Resources,
+                            reinit_by: tenants.Tenant | None = None) -> str | None:
     """The canonical id of ``set-uuid``; None when absent or empty (NodeODM). An id that a task
     holds, or held until it was deleted (its tombstone, ``store.tasks``), is refused as NodeODM
-    refuses an existing task's: a departure, NodeODM takes the uuid of a removed task again."""
+    refuses an existing task's: a departure, NodeODM takes the uuid of a removed task again.
+    ``reinit_by``: an init's caller, whose own open upload may be opened again; any other
+    upload's id is refused here too (another tenant's open upload is a taken id)."""
     set_uuid = request.headers.get("set-uuid") or None
     if set_uuid is None:
         return None
     task_id = canonical_task_id(set_uuid)
     if (task_id is None or await res.store.get_task(task_id, include_removed=True)
             or await res.store.tombstoned(task_id)):
-        raise NodeOdmError(f"Invalid set-uuid: {shown(set_uuid)}")
+        raise _taken(set_uuid)
+    if reinit_by is not None:
+        session = await res.uploads.get(task_id)
+        if session is not None and (session.get("committed")
+                                    or not _uploader(session, reinit_by)):
+            raise _taken(set_uuid)
     return task_id
+
+
+def _uploader(session: dict[str, Any], caller: tenants.Tenant) -> bool:
+    """Whether ``caller`` opened the upload ``session`` (before tenants: ``default``)."""
+    return (session.get("tenant") or DEFAULT_TENANT) == caller.name
 
 
 UPLOADS_BUSY = "Server busy: too many uploads in progress, please retry"
@@ -102,7 +128,8 @@ async def _parse(
 @router.post("/task/new", operation_id="nodeodm-create_task", response_model=None,
              responses=openapi.ok(models.UuidResponse, "The new task's uuid."),
              openapi_extra=openapi.CREATE_BODY)
-async def create_task(request: Request, res: ResourcesDep) -> dict[str, str]:
+async def create_task(request: Request, res: ResourcesDep, caller: CallerDep
+                      ) -> dict[str, str]:
     """Create a task from uploaded ``images`` and/or a ``zipurl`` in one request (§3.4)."""
     settings = res.settings
     task_id = await _checked_set_uuid(request, res) or str(uuidlib.uuid4())
@@ -133,19 +160,19 @@ async def create_task(request: Request, res: ResourcesDep) -> dict[str, str]:
             count = len(form.files)
             if not count and not zipurl:
                 raise NodeOdmError("Need at least 1 file or a zip file url.")
-            if settings.max_images and count > settings.max_images:
-                raise NodeOdmError(f"{count} images uploaded, but this node can only process "
-                                   f"up to {settings.max_images}.")
+            refusal = submission.images_refusal(res, caller, count)
+            if refusal is not None:
+                raise NodeOdmError(refusal)
             fields = submission.TaskFields.from_text(form.text)
-            options = await submission.accepted_options(res, fields)
+            options = await submission.accepted_options(res, fields, caller)
             sources = [str(inputs)] if count else []
             if zipurl:
                 sources.append(await submission.check_zipurl(
                     zipurl, settings.zipurl_schemes, submission.outbound_policy(res),
                     task_id=task_id, bucket=settings.s3.bucket, s3_allow=settings.s3.input_allow,
                 ))
-            await submission.submit(res, task_id, fields, options=options, sources=sources,
-                                    images_count=count)
+            await submission.submit(res, task_id, fields, caller=caller, options=options,
+                                    sources=sources, images_count=count)
         except NodeOdmError:
             await drop_inputs()
             raise
@@ -156,9 +183,10 @@ async def create_task(request: Request, res: ResourcesDep) -> dict[str, str]:
 @router.post("/task/new/init", operation_id="nodeodm-init_task", response_model=None,
              responses=openapi.ok(models.UuidResponse, "The upload's uuid."),
              openapi_extra=openapi.INIT_BODY)
-async def init_task(request: Request, res: ResourcesDep) -> dict[str, str]:
+async def init_task(request: Request, res: ResourcesDep, caller: CallerDep
+                    ) -> dict[str, str]:
     """Open a chunked upload (§3.5); re-init of an open upload keeps its files."""
-    set_uuid = await _checked_set_uuid(request, res)
+    set_uuid = await _checked_set_uuid(request, res, reinit_by=caller)
     upload_id = set_uuid or str(uuidlib.uuid4())
 
     async def nothing(_: object = None) -> None:
@@ -166,11 +194,11 @@ async def init_task(request: Request, res: ResourcesDep) -> dict[str, str]:
 
     form = await _parse(request, res, uploads.refuse_files(), cleanup=nothing)
     fields = submission.TaskFields.from_text(form.text)
-    await submission.accepted_options(res, fields)  # pre-check (§5.3)
+    await submission.accepted_options(res, fields, caller)  # pre-check (§5.3)
     try:
-        await res.uploads.init(upload_id, fields.to_dict())
-    except UploadNotFoundError as exc:  # committed meanwhile: it is a task now
-        raise NodeOdmError(f"Invalid set-uuid: {upload_id}") from exc
+        await res.uploads.init(upload_id, fields.to_dict(), caller.name)
+    except UploadNotFoundError as exc:  # committed (or taken) meanwhile
+        raise _taken(request.headers.get("set-uuid") or upload_id) from exc
     log.info("upload opened", task_id=upload_id)
     return {"uuid": upload_id}  # canonical; ClusterODM compares it with its lower-case uuid
 
@@ -178,13 +206,14 @@ async def init_task(request: Request, res: ResourcesDep) -> dict[str, str]:
 @router.post("/task/new/upload/{uuid}", operation_id="nodeodm-upload_files", response_model=None,
              responses=openapi.ok(models.SuccessResponse, "Stored.", path_params=True),
              openapi_extra=openapi.UPLOAD_BODY)
-async def upload_files(uuid: str, request: Request, res: ResourcesDep) -> dict[str, Any]:
+async def upload_files(uuid: str, request: Request, res: ResourcesDep, caller: CallerDep
+                       ) -> dict[str, Any]:
     """Add files to an open upload; duplicate names are renamed as NodeODM does (§3.5)."""
     task_id = canonical_task_id(uuid)
     try:
         if task_id is None:
             raise UploadNotFoundError(uuid)
-        await res.uploads.get_open(task_id)
+        await res.uploads.get_open(task_id, caller.name)
     except UploadNotFoundError as exc:
         raise NodeOdmError("Invalid uuid (not found)") from exc
     inputs = s3mod.task_inputs(res.settings.s3.bucket, task_id)
@@ -206,8 +235,8 @@ async def upload_files(uuid: str, request: Request, res: ResourcesDep) -> dict[s
 
 @router.post("/task/new/commit/{uuid}", operation_id="nodeodm-commit_task", response_model=None,
              responses=openapi.ok(models.UuidResponse, "The task's uuid.", path_params=True))
-async def commit_task(uuid: str, res: ResourcesDep, background: BackgroundTasks
-                      ) -> dict[str, str]:
+async def commit_task(uuid: str, res: ResourcesDep, caller: CallerDep,
+                      background: BackgroundTasks) -> dict[str, str]:
     """Turn an upload into a task and queue it; heavy work happens in the run (§3.5)."""
     settings = res.settings
     task_id = canonical_task_id(uuid)
@@ -218,22 +247,23 @@ async def commit_task(uuid: str, res: ResourcesDep, background: BackgroundTasks
         # One write closes the open upload and reads what it holds, counted as its files were
         # stored (store.uploads): no listing of names or objects. A refusal below discards the
         # upload, so closing it first changes nothing for the client.
-        session = await res.uploads.commit(task_id)
+        session = await res.uploads.commit(task_id, caller.name)
         if session is None:
             session = await res.uploads.get(task_id)
             # A session committed without a task: the commit that closed it died before
-            # creating the task; this (retried) commit finishes it. With a task, it is one no
-            # longer. Reserved: a /task/new's own id, or an upload the retention closed.
+            # creating the task; this (retried) commit of its tenant finishes it. With a task,
+            # it is one no longer. Reserved: a /task/new's own id, or an upload the retention
+            # closed.
             if session is None or session.get("reserved") or not session.get("committed") or (
-                await res.store.get_task(task_id, include_removed=True)
-            ):
+                not _uploader(session, caller)
+            ) or await res.store.get_task(task_id, include_removed=True):
                 raise NodeOdmError("Invalid uuid (not found)")
         try:
             fields = submission.TaskFields.from_dict(session.get("fields") or {})
         except (TypeError, ValueError) as exc:
             raise NodeOdmError("Malformed body.json") from exc
         try:
-            options = await submission.accepted_options(res, fields)
+            options = await submission.accepted_options(res, fields, caller)
         except NodeOdmError:
             await _discard(res, task_id, inputs)
             raise
@@ -242,13 +272,12 @@ async def commit_task(uuid: str, res: ResourcesDep, background: BackgroundTasks
             await _discard(res, task_id, inputs)
             raise NodeOdmError("Need at least 1 file.")
         await res.points.hit("gateway.commit.before_submit")
-        failure = None
-        if settings.max_images and count > settings.max_images:
-            failure = (f"{count} images uploaded, but this node can only process up to "
-                       f"{settings.max_images}.")
+        # NodeODM §3.5: too many images after a commit fail the task (so does the quota).
+        failure = submission.images_refusal(res, caller, count)
         try:
-            await submission.submit(res, task_id, fields, options=options, sources=[str(inputs)],
-                                    images_count=count, failure=failure)
+            await submission.submit(res, task_id, fields, caller=caller, options=options,
+                                    sources=[str(inputs)], images_count=count, failure=failure,
+                                    late=True)
         except NodeOdmError as exc:
             if isinstance(exc.__cause__, TaskExistsError):  # a concurrent retry created it
                 raise NodeOdmError("Invalid uuid (not found)") from exc

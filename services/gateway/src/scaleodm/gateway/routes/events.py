@@ -20,14 +20,20 @@ streams end cleanly (clients reconnect elsewhere). Token as on every route (``?t
 before the stream starts are NodeODM-style: 200 ``{"error": ...}``, among them ``Too many event
 streams ...`` beyond ``sse_max_streams`` open streams per process or ``sse_max_streams_per_client``
 per client (the client is its address — behind ``trusted_proxies`` the forwarded one — together
-with its ``?token=``).
+with its tenant).
+
+Tenants: another tenant's task answers as an unknown uuid on ``/task/{uuid}/events``; on
+``/events`` a tenant that is not an admin gets the events of its own tasks only. Events carry no
+tenant: each is matched with its task's tenant (``Resources.task_owner``: from memory once known,
+a task's tenant never changing). An event of a task this process never saw and that is deleted
+already (a replay of old events) has no known owner and goes to admins only: refusing what
+cannot be attributed is the safe side, and its task can no longer be read by anyone anyway.
 How replay and live events are joined: ``scaleodm.gateway.eventstream``.
 """
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any
 
 import anyio
@@ -37,17 +43,17 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from sse_starlette.sse import SendTimeoutError
 from starlette.types import Receive, Scope, Send
 
+from scaleodm.common import tenants
 from scaleodm.common.contracts import events
 from scaleodm.common.contracts.ids import canonical_task_id
 from scaleodm.common.domain.status import TERMINAL_STATES, TaskState
 from scaleodm.common.logging import get_logger
-from scaleodm.common.settings import GatewaySettings
-from scaleodm.gateway import eventstream, openapi
-from scaleodm.gateway.deps import Resources, ResourcesDep, TokenDep
+from scaleodm.gateway import deps, eventstream, openapi
+from scaleodm.gateway.deps import CallerDep, CallerRequired, Resources, ResourcesDep
 from scaleodm.gateway.errors import NodeOdmError, not_found
 
 log = get_logger(__name__)
-router = APIRouter(tags=["events"], dependencies=[TokenDep])
+router = APIRouter(tags=["events"], dependencies=[CallerRequired])
 
 class SseResponse(EventSourceResponse):
     """sse-starlette's response, with its media type visible to OpenAPI; it gives its stream
@@ -183,28 +189,23 @@ def _hub(res: Resources) -> eventstream.EventHub:
     return res.event_hub
 
 
-def client_key(request: Request, settings: GatewaySettings) -> str:
-    """Whose stream this is, for ``sse_max_streams_per_client``: the peer address, and the
-    token when the node has one (hashed: the key must not hold the secret). With one node token
-    shared by every client, the token alone would make the whole node one client; per-tenant
-    caps come with tenants' own tokens."""
+def client_key(request: Request, caller: tenants.Tenant) -> str:
+    """Whose stream this is, for ``sse_max_streams_per_client``: the peer address and the
+    caller's tenant. With one token shared by many clients (``SCALEODM_TOKEN``), the tenant
+    alone would make them all one client."""
     addr = request.client.host if request.client else "?"
-    if settings.token is not None:
-        token = request.query_params.get("token", "")
-        digest = hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
-        return f"token:{digest}:addr:{addr}"
-    return "addr:" + addr
+    return f"tenant:{caller.name}:addr:{addr}"
 
 
 SHUTDOWN_GRACE_S = 2.0  # streams end cleanly at shutdown (uvicorn waits up to 20 s)
 
 
 def _respond(
-    request: Request, res: Resources,
+    request: Request, res: Resources, caller: tenants.Tenant,
     stream: Callable[[anyio.Event], AsyncIterator[ServerSentEvent]],
 ) -> SseResponse:
     try:  # counted before anything is streamed; given back when the response ends
-        release = _hub(res).streams.take(client_key(request, res.settings))
+        release = _hub(res).streams.take(client_key(request, caller))
     except eventstream.TooManyStreamsError as exc:
         raise NodeOdmError(str(exc)) from exc
     stop = anyio.Event()  # set by sse-starlette when the server shuts down
@@ -229,14 +230,15 @@ def _respond(
     response_class=SseResponse, response_model=None, responses=TASK_RESPONSES,
 )
 async def stream_task_events(
-    uuid: str, request: Request, res: ResourcesDep, since: SinceQuery = None,
+    uuid: str, request: Request, res: ResourcesDep, caller: CallerDep, since: SinceQuery = None,
     last_event_id: LastEventIdHeader = None,
 ) -> Response:
     """One task's events as Server-Sent Events: history after the cursor, then live, until the
     current attempt's terminal event. `id` = per-task `seq`."""
     cursor = _cursor(last_event_id, since) or 0
     task_id = canonical_task_id(uuid)  # one spelling per task (contracts/ids.py)
-    doc = await res.store.get_task(task_id) if task_id is not None else None
+    doc = deps.visible(await res.store.get_task(task_id) if task_id is not None else None,
+                       caller)
     if task_id is None or doc is None:
         raise not_found(uuid)
     uuid = task_id
@@ -244,11 +246,11 @@ async def stream_task_events(
         through = await res.store.terminal_seq(uuid, int(doc["attempt"]))
         if through is not None and cursor >= through:
             return Response(status_code=204)
-        return _respond(request, res, lambda stop: eventstream.replay_task(
+        return _respond(request, res, caller, lambda stop: eventstream.replay_task(
             res.store, uuid, cursor, through, stop
         ))
     hub = _hub(res)
-    return _respond(request, res, lambda stop: eventstream.follow_task(
+    return _respond(request, res, caller, lambda stop: eventstream.follow_task(
         res.store, hub, uuid, cursor, resync_s=res.settings.sse_heartbeat_s, stop=stop
     ))
 
@@ -260,6 +262,7 @@ async def stream_task_events(
 async def stream_events(
     request: Request,
     res: ResourcesDep,
+    caller: CallerDep,
     status: Annotated[
         list[int] | None,
         Query(description="Keep the events that move a task to this NodeODM status "
@@ -268,15 +271,29 @@ async def stream_events(
     since: SinceQuery = None,
     last_event_id: LastEventIdHeader = None,
 ) -> Response:
-    """Every task's events as Server-Sent Events, from the EVENTS JetStream stream.
-    `id` = stream sequence; without a cursor, live only."""
+    """Every task's events (a tenant not admin: its own tasks') as Server-Sent Events, from the
+    EVENTS JetStream stream. `id` = stream sequence; without a cursor, live only."""
     statuses = status or []
     unknown = [s for s in statuses if s not in eventstream.STATUS_KINDS]
     if unknown:
         raise NodeOdmError(f"Invalid status: {unknown[0]}")
     cursor = _cursor(last_event_id, since)
     subjects = eventstream.status_filter(statuses)
-    return _respond(request, res, lambda stop: eventstream.follow_all(
+    keep = None if caller.role == "admin" else _owned_by(res, caller)
+    return _respond(request, res, caller, lambda stop: eventstream.follow_all(
         res.broker.connection, cursor, subjects, stop=stop,
-        max_pending_bytes=res.settings.sse_max_pending_bytes,
+        max_pending_bytes=res.settings.sse_max_pending_bytes, keep=keep,
     ))
+
+
+def _owned_by(res: Resources, caller: tenants.Tenant) -> Callable[[str], Awaitable[bool]]:
+    """Whether an event of task ``task_id`` is ``caller``'s to see (module docstring)."""
+    async def keep(task_id: str) -> bool:
+        return caller.may_access(await res.task_owner(task_id) or UNATTRIBUTED)
+
+    return keep
+
+
+# No tenant has this name (tenant names start with a letter or digit): an event of a task whose
+# owner is unknown is nobody's, which only admins see.
+UNATTRIBUTED = "-"

@@ -11,6 +11,10 @@ Hardened on purpose (departures from NodeODM that its clients do not notice):
   ``min(|N|, output_page_lines)`` lines.
 - cancel/remove/restart bodies are read up to ``max_action_body_bytes`` and no further, with
   the body idle timeout (``bodies.read_capped``).
+- Tenants (``deps.get_caller``): ``/task/list`` lists the caller's tasks (an admin's: every
+  task); a task of another tenant answers exactly as an unknown uuid on every route, from the
+  same read (the task is read, then its tenant compared: an unknown uuid costs the same read).
+  ``/info`` reports the caller's ``maxImages``.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from urllib.parse import parse_qsl
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
-from scaleodm.common import clock
+from scaleodm.common import clock, tenants
 from scaleodm.common.contracts.ids import canonical_task_id
 from scaleodm.common.domain import options as odm_options
 from scaleodm.common.domain import taskinfo
@@ -32,13 +36,13 @@ from scaleodm.common.domain.status import TaskState
 from scaleodm.common.domain.text import shown
 from scaleodm.common.logging import get_logger
 from scaleodm.common.store import s3 as s3mod
-from scaleodm.gateway import actions, bodies, downloads, models, openapi, submission
-from scaleodm.gateway.deps import ResourcesDep, TokenDep
+from scaleodm.gateway import actions, bodies, deps, downloads, models, openapi, submission
+from scaleodm.gateway.deps import CallerDep, CallerRequired, Resources, ResourcesDep
 from scaleodm.gateway.errors import NodeOdmError, not_found
 from scaleodm.gateway.responses import JsonResponse
 
 log = get_logger(__name__)
-router = APIRouter(tags=["nodeodm"], dependencies=[TokenDep])
+router = APIRouter(tags=["nodeodm"], dependencies=[CallerRequired])
 
 API_VERSION = "2.2.4"  # NodeODM §3.1: x.y.z >= 1.5.1 unlocks chunked uploads and with_output
 
@@ -61,8 +65,8 @@ def _memory() -> tuple[int, int]:
 
 @router.get("/info", operation_id="nodeodm-read_info", response_model=None,
             responses=openapi.ok(models.NodeInfo, "Node information."))
-async def read_info(res: ResourcesDep) -> JsonResponse:
-    """Node information (NodeODM §3.1)."""
+async def read_info(res: ResourcesDep, caller: CallerDep) -> JsonResponse:
+    """Node information (NodeODM §3.1); ``maxImages`` is the caller's."""
     total, available = _memory()
     return JsonResponse({
         "version": API_VERSION,
@@ -70,7 +74,7 @@ async def read_info(res: ResourcesDep) -> JsonResponse:
         "totalMemory": total,
         "availableMemory": available,
         "cpuCores": os.cpu_count() or 1,
-        "maxImages": res.settings.max_images,
+        "maxImages": tenants.max_images(caller, res.settings.max_images),
         "maxParallelTasks": res.settings.capacity.parallel,
         "engineVersion": res.settings.engine_version,
         "engine": "odm",
@@ -85,21 +89,24 @@ async def read_options() -> JsonResponse:
 
 
 @router.get("/task/list", operation_id="nodeodm-list_tasks", response_model=None,
-            responses=openapi.ok(list[models.TaskListItem], "Every task."))
-async def list_tasks(res: ResourcesDep) -> JsonResponse:
-    """Every task, in creation order (NodeODM §3.3)."""
-    return JsonResponse([{"uuid": t} for t in await res.store.list_task_ids()])
+            responses=openapi.ok(list[models.TaskListItem], "The caller's tasks."))
+async def list_tasks(res: ResourcesDep, caller: CallerDep) -> JsonResponse:
+    """The caller's tasks (an admin's: every task), in creation order (NodeODM §3.3)."""
+    owner = None if caller.role == "admin" else caller.name
+    return JsonResponse([{"uuid": t} for t in await res.store.list_task_ids(owner)])
 
 
-async def _find_task(res: ResourcesDep, uuid: str) -> dict[str, Any] | None:
-    """The task a client-given ``uuid`` names (any spelling of its id), or None."""
+async def _find_task(res: Resources, uuid: str, caller: tenants.Tenant
+                     ) -> dict[str, Any] | None:
+    """The task a client-given ``uuid`` names (any spelling of its id), if ``caller`` may see
+    it; else None, whether there is no such task or it is another tenant's."""
     task_id = canonical_task_id(uuid)
-    return await res.get_task(task_id) if task_id is not None else None
+    return deps.visible(await res.get_task(task_id) if task_id is not None else None, caller)
 
 
-async def _task_or_error(res: ResourcesDep, uuid: str) -> dict[str, Any]:
+async def _task_or_error(res: Resources, uuid: str, caller: tenants.Tenant) -> dict[str, Any]:
     """The task a ``{uuid}`` path parameter names, else NodeODM's ``<uuid> not found``."""
-    doc = await _find_task(res, uuid)
+    doc = await _find_task(res, uuid, caller)
     if doc is None:
         raise not_found(uuid)
     return doc
@@ -111,10 +118,11 @@ async def read_task_info(
     uuid: str,
     request: Request,
     res: ResourcesDep,
+    caller: CallerDep,
     with_output: Annotated[str | None, Query()] = None,
 ) -> JsonResponse:
     """Task information; ``with_output=N`` adds console lines from N on (NodeODM §3.6)."""
-    doc = await _task_or_error(res, uuid)
+    doc = await _task_or_error(res, uuid, caller)
     info = taskinfo.task_info(doc, clock.now_ms())
     if doc["state"] == TaskState.QUEUED.value and not doc.get("admitted"):
         position = (await res.queue_positions.get()).get(doc["_id"])
@@ -142,10 +150,11 @@ async def _output(res: ResourcesDep, doc: dict[str, Any], n: int) -> list[str]:
 @router.get("/task/{uuid}/output", operation_id="nodeodm-read_task_output", response_model=None,
             responses=openapi.ok(list[str], "Console lines.", path_params=True))
 async def read_task_output(
-    uuid: str, res: ResourcesDep, line: Annotated[str | None, Query()] = None
+    uuid: str, res: ResourcesDep, caller: CallerDep,
+    line: Annotated[str | None, Query()] = None,
 ) -> JsonResponse:
     """Console output from line N on; negative N = the last |N| lines (NodeODM §3.7)."""
-    doc = await _task_or_error(res, uuid)
+    doc = await _task_or_error(res, uuid, caller)
     return JsonResponse(await _output(res, doc, taskinfo.parse_line_param(line)))
 
 
@@ -217,23 +226,32 @@ async def _act(uuid: str, act: Callable[[str], Awaitable[None]]) -> dict[str, An
 @router.post("/task/cancel", operation_id="nodeodm-cancel_task", response_model=None,
              responses=openapi.action_ok("Canceled."),
              openapi_extra=openapi.action_body())
-async def cancel_task(request: Request, res: ResourcesDep) -> dict[str, Any]:
+async def cancel_task(request: Request, res: ResourcesDep, caller: CallerDep
+                      ) -> dict[str, Any]:
     """Cancel a task: status 50, its run stopped (NodeODM §3.9)."""
-    return await _act(_uuid_param(await _action_body(request, res)), res.actions.cancel)
+    async def cancel(task_id: str) -> None:
+        await res.actions.cancel(task_id, by=caller)
+
+    return await _act(_uuid_param(await _action_body(request, res)), cancel)
 
 
 @router.post("/task/remove", operation_id="nodeodm-remove_task", response_model=None,
              responses=openapi.action_ok("Removed."),
              openapi_extra=openapi.action_body())
-async def remove_task(request: Request, res: ResourcesDep) -> dict[str, Any]:
+async def remove_task(request: Request, res: ResourcesDep, caller: CallerDep
+                      ) -> dict[str, Any]:
     """Cancel a task and delete it with its data; the uuid is gone at once (NodeODM §3.10)."""
-    return await _act(_uuid_param(await _action_body(request, res)), res.actions.remove)
+    async def remove(task_id: str) -> None:
+        await res.actions.remove(task_id, by=caller)
+
+    return await _act(_uuid_param(await _action_body(request, res)), remove)
 
 
 @router.post("/task/restart", operation_id="nodeodm-restart_task", response_model=None,
              responses=openapi.action_ok("Restarted."),
              openapi_extra=openapi.action_body(restart=True))
-async def restart_task(request: Request, res: ResourcesDep) -> dict[str, Any]:
+async def restart_task(request: Request, res: ResourcesDep, caller: CallerDep
+                       ) -> dict[str, Any]:
     """Run a finished task again under the same uuid, optionally with new options (§3.11)."""
     body = await _action_body(request, res)
     uuid = _uuid_param(body)
@@ -247,10 +265,11 @@ async def restart_task(request: Request, res: ResourcesDep) -> dict[str, Any]:
             ))
         except odm_options.OptionsError as exc:
             raise NodeOdmError(exc.error) from exc
+        submission.check_tenant_options(caller, new_options)
         await submission.check_option_urls(new_options, submission.outbound_policy(res))
 
     async def restart(task_id: str) -> None:
-        await res.actions.restart(task_id, new_options)
+        await res.actions.restart(task_id, new_options, by=caller)
 
     return await _act(uuid, restart)
 
@@ -258,9 +277,10 @@ async def restart_task(request: Request, res: ResourcesDep) -> dict[str, Any]:
 # {asset:path}: an encoded "../x" arrives decoded; it must be refused as an asset, not 404.
 @router.get("/task/{uuid}/download/{asset:path}", operation_id="nodeodm-download_asset",
             response_model=None, responses=openapi.DOWNLOAD_RESPONSES)
-async def download_asset(uuid: str, asset: str, res: ResourcesDep) -> Response:
+async def download_asset(uuid: str, asset: str, res: ResourcesDep, caller: CallerDep
+                         ) -> Response:
     """``all.zip`` of a completed task, streamed from S3 (NodeODM §3.8)."""
-    doc = await _task_or_error(res, uuid)
+    doc = await _task_or_error(res, uuid, caller)
     if asset != "all.zip":
         raise NodeOdmError("Invalid asset")
     if doc["state"] != TaskState.COMPLETED.value:

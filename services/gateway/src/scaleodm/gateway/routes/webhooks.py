@@ -1,7 +1,8 @@
 """Webhook deliveries of a task, as the notifier recorded them: ``GET /task/{uuid}/webhooks``.
 
 Protected by the token like the NodeODM routes, with NodeODM's error convention for an unknown
-uuid (HTTP 200 + ``{"error": "<uuid> not found"}``, nodeodm-api §1.1). URLs are shown without
+uuid (HTTP 200 + ``{"error": "<uuid> not found"}``, nodeodm-api §1.1); another tenant's task is
+an unknown uuid. URLs are shown without
 user info, query string or fragment: ClusterODM-style hooks carry their token there.
 """
 
@@ -15,11 +16,11 @@ from fastapi import APIRouter
 
 from scaleodm.common.contracts.ids import canonical_task_id
 from scaleodm.common.store.deliveries import DeliveryStore
-from scaleodm.gateway import models, openapi
-from scaleodm.gateway.deps import ResourcesDep, TokenDep
+from scaleodm.gateway import deps, models, openapi
+from scaleodm.gateway.deps import CallerDep, CallerRequired, ResourcesDep
 from scaleodm.gateway.errors import not_found
 
-router = APIRouter(tags=["webhooks"], dependencies=[TokenDep])
+router = APIRouter(tags=["webhooks"], dependencies=[CallerRequired])
 
 
 def redact_url(url: str) -> str:
@@ -68,10 +69,12 @@ def _delivery_public(doc: dict[str, Any]) -> dict[str, Any]:
 @router.get("/task/{uuid}/webhooks", operation_id="webhooks-read_task_webhooks",
             response_model=None, responses=openapi.ok(
                 list[models.WebhookDelivery], "The deliveries, oldest first.", path_params=True))
-async def read_task_webhooks(uuid: str, res: ResourcesDep) -> list[dict[str, Any]]:
+async def read_task_webhooks(uuid: str, res: ResourcesDep, caller: CallerDep
+                             ) -> list[dict[str, Any]]:
     """The task's webhook deliveries: target, status (pending/delivered/dead), every attempt."""
     task_id = canonical_task_id(uuid)  # one spelling per task (contracts/ids.py)
-    if task_id is None or await res.store.get_task(task_id) is None:
+    doc = await res.store.get_task(task_id) if task_id is not None else None
+    if task_id is None or deps.visible(doc, caller) is None:
         raise not_found(uuid)
     deliveries = DeliveryStore(res.store.db)
     return [_delivery_public(d) for d in await deliveries.for_task(task_id)]
