@@ -29,6 +29,7 @@ import pytest
 from pymongo import AsyncMongoClient
 
 from scaleodm.common.contracts import events
+from scaleodm.common.store import uploads
 from scaleodm.common.store.tasks import TaskStore
 from tests.harness import api, data, servers
 from tests.harness.httpfixture import HttpFixture
@@ -108,6 +109,46 @@ async def test_gateway_dies_before_queueing_the_run_the_relay_queues_it(
     assert final["status"] == {"code": 40}
     assert sorted(p.name for p in crash_stack.runs_dir.glob(f"odm-{task_id}-*")) == [
         f"odm-{task_id}-1", f"odm-{task_id}-2"]
+
+
+async def test_a_request_cut_off_while_it_held_its_uuid_is_retried_once_its_gateway_is_gone(
+    crash_stack: Stack, gw: httpx.AsyncClient, http_fixture: HttpFixture
+) -> None:
+    """A single-request ``/task/new`` holds its ``set-uuid`` before it stores anything; its
+    gateway dies before the task exists: nobody releases the hold. The client's retry takes it
+    over once the dead gateway's lease has lapsed (seconds) and creates the task — it used to
+    be refused as ``Invalid set-uuid`` (the task lost). While the holder lives, the hold stands."""
+    task_id = str(uuid.uuid4())
+    _restart_gateway(crash_stack, "gateway.new.after_reserve=crash")
+    await _cut_off(crash_stack, gw.post("/task/new", headers={"set-uuid": task_id},
+                                        files=api.form(zipurl=_zip(http_fixture))))
+    _restart_gateway(crash_stack)
+    started = time.monotonic()
+    retry = await gw.post("/task/new", headers={"set-uuid": task_id},
+                          files=api.form(zipurl=_zip(http_fixture)))
+    took = time.monotonic() - started
+    assert retry.json() == {"uuid": task_id}, retry.text
+    assert took < uploads.HOLDER_TTL_S + uploads.HOLDER_RENEW_S + 2, took
+    final = await api.poll_until(gw, task_id, api.status_is(30, 40, 50), timeout_s=30)
+    assert final["status"] == {"code": 40}
+
+    # A live holder (its request hangs): a second request for the uuid is refused, as soon as
+    # the holder's lease is seen renewed.
+    held = str(uuid.uuid4())
+    _restart_gateway(crash_stack, "gateway.new.after_reserve=hang")
+    hanging = asyncio.ensure_future(gw.post("/task/new", headers={"set-uuid": held},
+                                            files=api.form(zipurl=_zip(http_fixture))))
+    try:
+        await asyncio.sleep(0.5)
+        async with httpx.AsyncClient(base_url=crash_stack.gateway_url, timeout=30) as other:
+            started = time.monotonic()
+            second = await other.post("/task/new", headers={"set-uuid": held},
+                                      files=api.form(zipurl=_zip(http_fixture)))
+        assert second.json() == {"error": f"Invalid set-uuid: {held}"}
+        assert time.monotonic() - started < uploads.HOLDER_RENEW_S + 2
+    finally:
+        hanging.cancel()
+        _restart_gateway(crash_stack)
 
 
 async def test_a_creation_cut_off_between_its_two_writes_is_completed_by_the_retry(

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import socket
 import sys
+import uuid as uuidlib
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -18,6 +20,7 @@ from scaleodm.common.contracts import streams
 from scaleodm.common.emitting import Emitter
 from scaleodm.common.logging import configure_logging, get_logger
 from scaleodm.common.settings import Environment, GatewaySettings, get_gateway_settings
+from scaleodm.common.store import uploads
 from scaleodm.common.store.s3 import S3
 from scaleodm.common.store.tasks import open_store
 from scaleodm.common.store.uploads import UploadStore
@@ -58,8 +61,13 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             await streams.ensure_streams(
                 conn.jetstream(), replicas=settings.nats.stream_replicas
             )
-            upload_store = UploadStore(mongo.store.db)
+            # This process's lease: the single-request uploads it holds name it, and a retry
+            # takes over the holds of a gateway that died (store/uploads.py).
+            holder = f"gateway/{socket.gethostname()}/{uuidlib.uuid4().hex[:12]}"
+            upload_store = UploadStore(mongo.store.db, holder)
             await upload_store.ensure_indexes()
+            runtime.start_loop(stack, upload_store.leases.keep(
+                holder, uploads.HOLDER_TTL_S, uploads.HOLDER_RENEW_S), "holder-lease")
             hub = EventHub.for_settings(conn, settings)
             stack.push_async_callback(hub.close)  # runs before the broker drains
             points = failpoints.Failpoints(settings.failpoints)

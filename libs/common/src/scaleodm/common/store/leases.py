@@ -1,4 +1,6 @@
-"""Leases: one holder at a time for work that several replicas could do (the outbox relay).
+"""Leases: one holder at a time for work that several replicas could do (the outbox relay,
+admission), and a process's sign of life (``keep``: a lease only it holds, renewed while it
+runs, so others can tell a dead holder of something from a live one).
 
 A lease is one document: ``_id`` (its name), ``holder``, ``until``. ``hold`` takes it when it is
 free or expired, or renews it for its holder; a holder that dies loses it when ``until`` passes.
@@ -8,6 +10,7 @@ takers), standard MongoDB.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from typing import Any
 
@@ -42,3 +45,30 @@ class Leases:
     async def release(self, name: str, holder: str) -> None:
         """Give the lease up (at shutdown), so another replica takes it at once."""
         await self.leases.delete_one({"_id": name, "holder": holder})
+
+    async def until(self, name: str) -> dt.datetime | None:
+        """When lease ``name`` runs out (None: nobody holds it)."""
+        doc = await self.leases.find_one({"_id": name}, {"until": 1})
+        return None if doc is None else _aware(doc["until"])
+
+    async def keep(self, name: str, ttl_s: float, every_s: float) -> None:
+        """Hold lease ``name`` (its own name as holder) for as long as this runs, renewed every
+        ``every_s``; released when cancelled. A failed renewal is tried again at the next
+        interval (the lease may lapse meanwhile: others then think this process dead)."""
+        try:
+            while True:
+                try:
+                    await self.hold(name, name, ttl_s)
+                except Exception:  # storage away: the next interval tries again
+                    pass
+                await asyncio.sleep(every_s)
+        finally:
+            try:
+                await asyncio.shield(self.release(name, name))
+            except Exception:
+                pass
+
+
+def _aware(at: dt.datetime) -> dt.datetime:
+    """A stored time as an aware UTC datetime (clients without ``tz_aware`` read naive ones)."""
+    return at if at.tzinfo is not None else at.replace(tzinfo=dt.UTC)

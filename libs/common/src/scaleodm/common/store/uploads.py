@@ -7,7 +7,11 @@ stored file name (``_id`` = ``<uuid>/<name>``), so claiming a name is one insert
 NodeODM renames duplicates. Commit flips ``committed`` with a guarded update, so exactly one commit
 wins; the session stays until the task exists, so a commit cut off in between can be retried.
 A single-request ``/task/new`` holds its id here too (``reserve``), so that two requests, or a
-request and a chunked upload, never share one id's files.
+request and a chunked upload, never share one id's files. The hold names the gateway process
+that took it (``holder``, a process lease renewed while the process runs: ``Leases.keep``): a
+request cut off by its gateway's death leaves a hold nobody releases, and the client's retry of
+that request takes it over once the holder's lease has run out (at most ``HOLDER_TTL_S``
+later; a holder that renews meanwhile is alive, and its hold stands).
 
 An upload belongs to the tenant that opened it (``tenant``; sessions opened before tenants
 existed: ``default``'s). Re-init, upload and commit match the session *and* its tenant in one
@@ -38,6 +42,8 @@ never vanish before the S3 object it stands for.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -46,6 +52,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
 from scaleodm.common import clock
+from scaleodm.common.store.leases import Leases
 from scaleodm.common.store.tasks import owned_by
 
 Doc = dict[str, Any]
@@ -63,11 +70,20 @@ class NamesExhaustedError(Exception):
 COUNTED = 1  # the session's counters' version (``counted``), set when it is opened
 
 
+# A gateway process's lease (``Leases.keep``): renewed every HOLDER_RENEW_S, it lapses
+# HOLDER_TTL_S after the process died.
+HOLDER_TTL_S = 6.0
+HOLDER_RENEW_S = 2.0
+
+
 class UploadStore:
-    def __init__(self, db: AsyncDatabase[Doc]) -> None:
+    def __init__(self, db: AsyncDatabase[Doc], holder: str | None = None) -> None:
         self.sessions = db["upload_sessions"]
         # Not "*_files": nx-27017 treats such names as GridFS and silently drops updates.
         self.files = db["upload_names"]
+        self.leases = Leases(db)
+        # This process's lease name, which its holds carry (None: holds nobody can take over).
+        self.holder = holder
 
     async def ensure_indexes(self) -> None:
         await self.files.create_index([("upload_id", ASCENDING)], name="upload")
@@ -101,10 +117,34 @@ class UploadStore:
             await self.sessions.insert_one({
                 "_id": upload_id, "fields": {}, "committed": True, "reserved": True,
                 "created_at": clock.now(), "active_at_ms": clock.now_ms(),
+                "holder": self.holder,
             })
         except DuplicateKeyError:
-            return False
+            return await self._take_over(upload_id)
         return True
+
+    async def _take_over(self, upload_id: str) -> bool:
+        """Take a hold whose holder died (module docstring); False while it lives, and for
+        anything that is not such a hold."""
+        held = await self.sessions.find_one({"_id": upload_id, "reserved": True}, {"holder": 1})
+        holder = None if held is None else held.get("holder")
+        if self.holder is None or holder is None or holder == self.holder:
+            return False
+        first = await self.leases.until(holder)
+        deadline = time.monotonic() + HOLDER_TTL_S + HOLDER_RENEW_S
+        while True:
+            until = await self.leases.until(holder)
+            if until is None or until < clock.now():  # dead: its hold is ours
+                taken = await self.sessions.update_one(
+                    {"_id": upload_id, "reserved": True, "holder": holder},
+                    {"$set": {"holder": self.holder, "created_at": clock.now(),
+                              "active_at_ms": clock.now_ms()}})
+                return taken.modified_count == 1
+            if first is not None and until > first:  # renewed: alive, the hold stands
+                return False
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.25)
 
     async def unreserve(self, upload_id: str) -> None:
         """Free an id ``reserve`` held (its task exists, or its request failed). No name is ever

@@ -138,6 +138,7 @@ async def create_task(request: Request, res: ResourcesDep, caller: CallerDep
     # refused, instead of mixing its files with these or deleting them when it fails.
     if not await res.uploads.reserve(task_id):
         raise NodeOdmError(f"Invalid set-uuid: {shown(task_id)}")
+    await res.points.hit("gateway.new.after_reserve")
     stored: list[multipart.StoredFile] = []
 
     async def drop_inputs(exc: BaseException | None = None) -> None:
