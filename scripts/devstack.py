@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import secrets
@@ -30,6 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from scaleodm.common.settings import CapacitySettings  # noqa: E402
 from scaleodm.run.engines import docker_answers  # noqa: E402
 from tests.harness import servers  # noqa: E402
 from tests.harness.stack import Stack  # noqa: E402
@@ -82,6 +84,19 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout_s: float = 20.0
     raise TimeoutError(f"rclone serve s3 not listening on {port}")
 
 
+def _capacity_env() -> dict[str, str]:
+    """``SCALEODM_CAPACITY__*`` as given, else the settings' defaults (the test harness's stack,
+    used here, gives every test room for all its tasks at once)."""
+    default = CapacitySettings()
+    return {
+        "SCALEODM_CAPACITY__MAX_ACTIVE": os.environ.get(
+            "SCALEODM_CAPACITY__MAX_ACTIVE", str(default.max_active)),
+        "SCALEODM_CAPACITY__CLASSES": os.environ.get(
+            "SCALEODM_CAPACITY__CLASSES",
+            json.dumps([c.model_dump(mode="json") for c in default.classes])),
+    }
+
+
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="devstack: %(message)s")
     data = Path(os.environ.get("SCALEODM_DEV_DATA", ROOT / ".data"))
@@ -117,6 +132,8 @@ def main() -> int:
                                      "SCALEODM_OUTBOUND_ALLOW", '["127.0.0.0/8"]'),
                                  "SCALEODM_TEST_ENGINE_SECONDS": engine_s,
                                  "SCALEODM_LOG_JSON": os.environ.get("SCALEODM_LOG_JSON", "true"),
+                                 # The settings' capacity, not the tests' room for everything.
+                                 **_capacity_env(),
                              })
             stack.callback(services.stop)
             gateway_port = int(os.environ.get("SCALEODM_GATEWAY_PORT", "3000"))
