@@ -15,6 +15,9 @@ token is the ``admin`` tenant. Covered:
 - ``/task/list`` per tenant, for admins, and a task from before tenants (no ``tenant``: the
   ``default`` tenant's, so only admins see it here).
 - ``/events`` per tenant (live and replayed): a user gets its own tasks' events only.
+- ``/usage``: a tenant's runs (one completed, one canceled while running) add up to what its task
+  documents say (runs, outcomes, images, wall, requested × wall); a user sees its own tenant only
+  and is refused another's (``?tenant=``); an admin sees every tenant, or one; a malformed month.
 - Bearer JWTs through the gateway: the provider's outage as a NodeODM error, a tenant by JWT is the
   same tenant as by token, refusals, a refused bearer beside a good ``?token=``.
 - Limits: ``maxImages`` per tenant in ``/info``, refused by ``/task/new`` and failing a task after
@@ -64,8 +67,11 @@ LIMITED = "limited-token-01234567"
 METERED = "metered-token-0123456"
 SOLO = "solo-token-0123456789a"
 DOOMED = "doomed-token-012345678"
+PAYER = "payer-token-0123456789"
+OTHER_PAYER = "other-payer-token-0123"
 TOKENS = {"admin": NODE, "alice": ALICE, "bob": BOB, "ops": OPS, "limited": LIMITED,
-          "metered": METERED, "solo": SOLO, "doomed": DOOMED}
+          "metered": METERED, "solo": SOLO, "doomed": DOOMED, "payer": PAYER,
+          "other-payer": OTHER_PAYER}
 
 TENANTS = f"""
 tenants:
@@ -89,6 +95,10 @@ tenants:
     max_active_runs: 1
   - name: doomed
     tokens: [{DOOMED}]
+  - name: payer
+    tokens: [{PAYER}]
+  - name: other-payer
+    tokens: [{OTHER_PAYER}]
 """
 REFUSED = {"error": "Invalid authentication token: token does not match."}
 
@@ -280,6 +290,7 @@ NO_TASK_ID: dict[tuple[str, str], str] = {
     ("GET", "/auth/info"): "no token (nodeodm-api §1.3)",
     ("POST", "/auth/login"): "no token (nodeodm-api §1.3)",
     ("POST", "/auth/register"): "no token (nodeodm-api §1.3)",
+    ("GET", "/usage"): "test_usage_per_tenant",
 }
 # Parameters that look like ids and are none: an event cursor, an asset name.
 NOT_TASK_IDS = {("header", "Last-Event-ID"), ("path", "asset")}
@@ -654,6 +665,96 @@ async def test_the_scheduler_holds_a_tenant_to_its_active_runs(t: Tenancy) -> No
     # bob's run did not wait behind solo's queue: it started before solo's last one.
     started = {k.split(":")[0]: v[0] for k, v in runs.items()}
     assert started[other] < max(started[i] for i in solo), runs
+
+
+# --------------------------------------------------------------------------------------------
+# Usage
+# --------------------------------------------------------------------------------------------
+
+
+def expected_usage(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per month (of the end, UTC): what ``GET /usage`` must say of these ended task documents
+    (one attempt each)."""
+    months: dict[str, dict[str, Any]] = {}
+    for doc in docs:
+        month = time.strftime("%Y-%m", time.gmtime(doc["finished_at_ms"] / 1000))
+        wall = ((doc["finished_at_ms"] - doc["started_at_ms"]) / 1000
+                if doc.get("started_at_ms") is not None else 0.0)
+        m = months.setdefault(month, {
+            "runs": 0, "outcomes": {"completed": 0, "failed": 0, "canceled": 0}, "images": 0,
+            "wallSeconds": 0.0, "coreSeconds": 0.0, "gibSeconds": 0.0})
+        m["runs"] += 1
+        m["outcomes"][doc["state"]] += 1
+        m["images"] += doc["images_count"]
+        m["wallSeconds"] += wall
+        m["coreSeconds"] += doc["requested_cpu_cores"] * wall
+        m["gibSeconds"] += doc["requested_memory_gib"] * wall
+    return months
+
+
+async def usage_of(t: Tenancy, who: str, **params: str) -> Any:
+    return body_of(await t[who].get("/usage", params=params))
+
+
+async def test_usage_per_tenant(t: Tenancy) -> None:
+    completed = (await submit(t, "payer", 2, name="completed"))["uuid"]
+    assert (await done(t, "payer", completed))["status"] == {"code": 40}
+    canceled = (await submit(t, "payer", 1, name="canceled while running"))["uuid"]
+    await api.poll_until(t["payer"], canceled, api.status_is(20), interval_s=0.02)
+    assert body_of(await t["payer"].post("/task/cancel", data={"uuid": canceled})) == {
+        "success": True}
+    other = (await submit(t, "other-payer", 3))["uuid"]
+    assert (await done(t, "other-payer", other))["status"] == {"code": 40}
+    await done(t, "payer", canceled, 50)
+
+    with mongo(t.stack) as db:
+        docs = {who: list(db["tasks"].find({"tenant": who}))
+                for who in ("payer", "other-payer")}
+    assert {d["_id"]: d["state"] for d in docs["payer"]} == {
+        completed: "completed", canceled: "canceled"}
+    assert all(d["requested_cpu_cores"] > 0 and d["requested_memory_gib"] > 0
+               for ds in docs.values() for d in ds)
+    expected = {who: expected_usage(ds) for who, ds in docs.items()}
+
+    def summed(answer: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in answer.items() if k not in ("tenant", "imagesSubmitted")}
+
+    for who, months in expected.items():
+        for month, want in months.items():
+            # The record of an end is written just after the task shows it: wait for it.
+            deadline = time.monotonic() + 10
+            while True:
+                [mine] = (await usage_of(t, who, month=month))["tenants"]
+                if mine["runs"] >= want["runs"] or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.1)
+            assert mine["tenant"] == who
+            got = summed(mine)
+            assert {k: got[k] for k in ("runs", "outcomes", "images")} == {
+                k: want[k] for k in ("runs", "outcomes", "images")}
+            for k in ("wallSeconds", "coreSeconds", "gibSeconds"):
+                assert got[k] == pytest.approx(want[k], abs=0.01), k
+            # An admin: every tenant of the month, or one; the same numbers.
+            everyone = await usage_of(t, "ops", month=month)
+            assert {u["tenant"]: u for u in everyone["tenants"]}[who] == mine
+            assert (await usage_of(t, "admin", month=month, tenant=who))["tenants"] == [mine]
+    this_month = time.strftime("%Y-%m", time.gmtime())
+    if this_month in expected["payer"]:  # the default month is the current one
+        assert (await usage_of(t, "payer")) == await usage_of(t, "payer", month=this_month)
+        [mine] = (await usage_of(t, "payer"))["tenants"]
+        assert mine["imagesSubmitted"] == 3
+
+    # A user never sees another tenant's usage, nor may ask for it.
+    for who, stranger in (("payer", "other-payer"), ("other-payer", "payer")):
+        assert [u["tenant"] for u in (await usage_of(t, who))["tenants"]] == [who]
+        assert await usage_of(t, who, tenant=stranger) == {
+            "error": "Only an admin may read another tenant's usage."}
+        assert (await usage_of(t, who, tenant=who))["tenants"][0]["tenant"] == who
+    assert await usage_of(t, "payer", month="2031-13") == {
+        "error": "Invalid month: 2031-13 (expected YYYY-MM)."}
+    assert await usage_of(t, "payer", month="May") == {
+        "error": "Invalid month: May (expected YYYY-MM)."}
+    assert body_of(await t.anonymous.get("/usage")) == REFUSED
 
 
 # --------------------------------------------------------------------------------------------

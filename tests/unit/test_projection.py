@@ -10,7 +10,9 @@ Covered, table-driven over every event kind and the relevant snapshot states:
   changes nothing (the first removal's time stays); a removed task ignores everything else;
 - ``admitted`` (a run slot given) applies once per attempt, only while it is queued: ignored when
   the attempt is admitted already, no longer queued (running, ended, canceled) or another attempt;
-  a restart clears it, and the new attempt can be admitted;
+  a restart clears it, and the new attempt can be admitted; it stores what the run requests
+  (``requested_cpu_cores``/``requested_memory_gib``, None from an event recorded before they
+  existed), which a restart clears too;
 - the exact guard (preconditions repeated in the filter) and update documents.
 
 Left out: applying the plans to MongoDB (``tests/integration/test_store.py``), event log / seq
@@ -54,7 +56,8 @@ def _at(ev: events.TaskEvent) -> events.TaskEvent:
 # Every kind, built for a given attempt.
 KINDS: dict[str, EventFactory] = {
     "queued": lambda a: _at(events.new(events.TaskQueued, TID, a)),
-    "admitted": lambda a: _at(events.new(events.TaskAdmitted, TID, a, size_class="medium")),
+    "admitted": lambda a: _at(events.new(events.TaskAdmitted, TID, a, size_class="medium",
+                                         cpu_cores=2.25, memory_gib=18.0)),
     "running": lambda a: _at(events.new(events.TaskRunning, TID, a)),
     "progress": lambda a: _at(events.new(events.TaskProgressed, TID, a, key="k", progress=42.5)),
     "output": lambda a: _at(events.new(events.TaskOutput, TID, a, line_start=3, lines=["a", "b"])),
@@ -82,7 +85,8 @@ def _expected_same_attempt(kind: str, state: TaskState) -> Plan | None:
             return None
         return Plan(
             guard={**same, "state": "queued", "admitted": {"$ne": True}},
-            update={"$set": {"admitted": True, "size_class": "medium", "admitted_at_ms": AT_MS}},
+            update={"$set": {"admitted": True, "size_class": "medium", "admitted_at_ms": AT_MS,
+                         "requested_cpu_cores": 2.25, "requested_memory_gib": 18.0}},
         )
     if kind == "running":
         if state not in (Q, R):
@@ -220,6 +224,8 @@ def test_restart_plan_resets_the_attempt_and_carries_new_options() -> None:
                 "admitted": False,
                 "size_class": None,
                 "admitted_at_ms": None,
+                "requested_cpu_cores": None,
+                "requested_memory_gib": None,
                 "options": opts,
                 "date_created_ms": 1_700_000_000_000,
             }
@@ -305,7 +311,8 @@ def test_admission_of_a_queued_attempt_applies_once() -> None:
     step = plan(Snapshot(attempt=1, state=Q), KINDS["admitted"](1))
     assert step == Plan(
         guard={"attempt": 1, "state": "queued", "admitted": {"$ne": True}},
-        update={"$set": {"admitted": True, "size_class": "medium", "admitted_at_ms": AT_MS}},
+        update={"$set": {"admitted": True, "size_class": "medium", "admitted_at_ms": AT_MS,
+                         "requested_cpu_cores": 2.25, "requested_memory_gib": 18.0}},
     )
     assert plan(Snapshot(attempt=1, state=Q, admitted=True), KINDS["admitted"](1)) is None
 
@@ -329,7 +336,20 @@ def test_a_restart_clears_the_admission_and_its_attempt_can_be_admitted() -> Non
     assert step is not None
     reset = step.update["$set"]
     assert (reset["admitted"], reset["size_class"], reset["admitted_at_ms"]) == (False, None, None)
+    assert (reset["requested_cpu_cores"], reset["requested_memory_gib"]) == (None, None)
     after = Snapshot(attempt=reset["attempt"], state=TaskState(reset["state"]),
                      admitted=reset["admitted"])
     admission = plan(after, KINDS["admitted"](2))
     assert admission is not None and admission.update["$set"]["admitted"] is True
+
+
+def test_an_admission_from_before_requests_were_recorded_stores_none() -> None:
+    """``admitted`` events recorded before ``cpu_cores``/``memory_gib`` existed still read, and
+    store None (their runs are charged no core- or GiB-seconds: ``store/usage.py``)."""
+    body = _at(events.new(events.TaskAdmitted, TID, 1, size_class="small")).model_dump(
+        mode="json", exclude={"cpu_cores", "memory_gib"})
+    old = events.EVENT_ADAPTER.validate_python(body)
+    step = plan(Snapshot(attempt=1, state=Q), old)
+    assert step is not None
+    assert step.update["$set"]["requested_cpu_cores"] is None
+    assert step.update["$set"]["requested_memory_gib"] is None

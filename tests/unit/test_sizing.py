@@ -6,7 +6,8 @@ unknown count taken as 200 images; the option multipliers (fast-orthophoto 0.5 w
 dsm/dtm 1.5, a false flag ignored); ``memory_multiplier``; the [min, max] clamp; the derived
 values (memory limit × 1.2, CPU max(1, GiB × cpu_per_gib) with limit × 1.5, ephemeral
 max(10 GiB, memory) with limit × 1.2); quantity formats (``Mi``, millicores) without float
-noise; monotonic growth with the image count.
+noise; monotonic growth with the image count; the requests read back as numbers
+(``cpu_cores``, ``memory_gib``: what the admission records and a run is charged for).
 
 Left out: how the workflow uses the record (``tests/golden/test_workflows.py``).
 """
@@ -147,3 +148,21 @@ def test_quantity_formats(images: int | None, options: list[dict[str, Any]]) -> 
 def test_monotonic_in_image_count() -> None:
     values = [sizing.peak_gib(n) for n in range(0, 20_000, 37)]
     assert values == sorted(values)
+
+
+@pytest.mark.parametrize(
+    ("images", "options"),
+    [pytest.param(40, [], id="small"), pytest.param(777, [DSM], id="dsm"),
+     pytest.param(None, [FAST], id="unknown-count")],
+)
+def test_requests_read_back_as_numbers(images: int | None, options: list[Any]) -> None:
+    res = sizing.size(images, options, ArgoSettings())
+    assert res.cpu_request == f"{round(res.cpu_cores * 1000)}m"
+    assert res.memory_request == f"{round(res.memory_gib * 1024)}Mi"
+    assert res.cpu_cores >= sizing.MIN_CPU_CORES and res.memory_gib > 0
+
+
+def test_requests_of_the_first_table_point() -> None:
+    res = sizing.size(40, [], UNCLAMPED)
+    assert res.memory_gib == 18.0
+    assert res.cpu_cores == max(1.0, 18.0 * UNCLAMPED.cpu_per_gib)

@@ -22,7 +22,8 @@ import random
 from collections.abc import Iterator
 from typing import Protocol
 
-__all__ = ["Clock", "ManualClock", "SystemClock", "backoff_s", "now", "now_ms", "to_ms", "use"]
+__all__ = ["Clock", "ManualClock", "SystemClock", "backoff_s", "from_ms", "month_of", "now",
+           "now_ms", "to_ms", "use"]
 
 MAX_EXPONENT = 64  # 2**64 times any base is past every sensible cap; no float overflow
 
@@ -72,9 +73,20 @@ def to_ms(at: dt.datetime) -> int:
     return int(at.timestamp() * 1000)
 
 
+def from_ms(ms: int) -> dt.datetime:
+    """Unix epoch milliseconds as a UTC datetime (the inverse of :func:`to_ms`)."""
+    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC)
+
+
 def now_ms() -> int:
     """The current wall-clock time as Unix epoch milliseconds."""
     return to_ms(now())
+
+
+def month_of(at: dt.datetime) -> str:
+    """The calendar month ``at`` falls in, in UTC, ``YYYY-MM``: the period of the monthly image
+    quota (``tenants.quota_month``) and of the usage records (``store/usage.py``)."""
+    return at.astimezone(dt.UTC).strftime("%Y-%m")
 
 
 @contextlib.contextmanager

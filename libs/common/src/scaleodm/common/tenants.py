@@ -119,7 +119,7 @@ from pydantic import (
     model_validator,
 )
 
-from scaleodm.common import settings
+from scaleodm.common import clock, settings
 from scaleodm.common.domain import options as odm_options
 from scaleodm.common.domain.text import shown
 from scaleodm.common.logging import get_logger
@@ -802,7 +802,7 @@ def check_priority(tenant: Tenant, requested: int | None) -> int:
 
 def quota_month(at: dt.datetime) -> str:
     """The quota period ``at`` falls in: its calendar month in UTC, ``YYYY-MM``."""
-    return at.astimezone(dt.UTC).strftime("%Y-%m")
+    return clock.month_of(at)
 
 
 def check_quota(tenant: Tenant, used: int, count: int) -> str | None:

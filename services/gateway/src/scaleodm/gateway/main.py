@@ -28,7 +28,7 @@ from scaleodm.gateway import deps, errors, openapi, responses, serving
 from scaleodm.gateway.deps import Resources
 from scaleodm.gateway.eventstream import EventHub
 from scaleodm.gateway.readmodel import ReadModel
-from scaleodm.gateway.routes import auth, creating, events, health, nodeodm, webhooks
+from scaleodm.gateway.routes import auth, creating, events, health, nodeodm, usage, webhooks
 
 log = get_logger(__name__)
 STARTUP_FAILURE = 3  # uvicorn's exit code when the server did not start
@@ -109,6 +109,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.include_router(creating.router)
     app.include_router(webhooks.router)
     app.include_router(events.router)
+    app.include_router(usage.router)
     app.openapi = _openapi(app)  # type: ignore[method-assign]
     return app
 

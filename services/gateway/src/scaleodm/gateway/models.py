@@ -135,3 +135,32 @@ class WebhookDelivery(TypedDict):
     firstAttemptAt: str | None
     nextAttemptAt: Annotated[str | None, Field(description="Only while pending")]
     attempts: list[WebhookAttempt]
+
+
+# GET /usage: runs of one tenant that ended in the month, by outcome.
+@with_config(_CLOSED)
+class UsageOutcomes(TypedDict):
+    completed: int
+    failed: int
+    canceled: int
+
+
+# GET /usage: one tenant's month (store/usage.py).
+@with_config(_CLOSED)
+class TenantUsagePublic(TypedDict):
+    tenant: str
+    runs: Annotated[int, Field(description="Attempts that ended in the month (UTC)")]
+    outcomes: UsageOutcomes
+    images: Annotated[int, Field(description="Images of those runs")]
+    wallSeconds: Annotated[float, Field(description="Started to finished; 0 if never started")]
+    coreSeconds: Annotated[float, Field(description="Requested CPU cores x wall seconds")]
+    gibSeconds: Annotated[float, Field(description="Requested memory GiB x wall seconds")]
+    imagesSubmitted: Annotated[int, Field(
+        description="Images counted on the monthly quota (submissions of the month)")]
+
+
+# GET /usage: the month and its tenants (a user: itself only).
+@with_config(_CLOSED)
+class UsagePublic(TypedDict):
+    month: Annotated[str, Field(description="YYYY-MM, UTC")]
+    tenants: list[TenantUsagePublic]

@@ -20,6 +20,12 @@ limit of active runs. A task that does not fit waits, and:
 - when the global cap is full, nothing behind it goes: a small task never overtakes a large one
   the cap would otherwise hold back forever.
 
+**What a run requests** is decided here too: the ``admitted`` event carries the CPU cores and
+memory of the run's ODM container (``sizing.size`` of the task's images and options, with the
+scheduler's ``ArgoSettings``), computed from the task document the admission reads anyway. Local
+runs get the same numbers: they are what a run is charged for in its usage record
+(``store/usage.py``), whichever executor runs it.
+
 The pure functions here decide; ``Admitter`` runs the passes (one replica at a time, under the
 ``admission`` lease) when a task is queued, when a run ends, and every
 ``admission_interval_s``.
@@ -41,10 +47,11 @@ from nats.aio.subscription import Subscription
 from scaleodm.common import clock
 from scaleodm.common.contracts import commands, events
 from scaleodm.common.logging import bind_task, get_logger
-from scaleodm.common.settings import CapacitySettings
+from scaleodm.common.settings import ArgoSettings, CapacitySettings
 from scaleodm.common.store.admission import Active, AdmissionStore, Waiting
 from scaleodm.common.store.leases import Leases
 from scaleodm.common.store.tasks import ApplyResult, run_command
+from scaleodm.scheduler import sizing
 
 log = get_logger(__name__)
 
@@ -121,8 +128,10 @@ class Admitter:
 
     def __init__(self, store: AdmissionStore, leases: Leases, emitter: EventSink,
                  capacity: CapacitySettings, *, interval_s: float,
-                 tenant_limit: Callable[[str], int | None] = lambda _tenant: None) -> None:
+                 tenant_limit: Callable[[str], int | None] = lambda _tenant: None,
+                 argo: ArgoSettings | None = None) -> None:
         self.store = store
+        self.argo = argo if argo is not None else ArgoSettings()
         self.leases = leases
         self.emitter = emitter
         self.capacity = capacity
@@ -199,8 +208,11 @@ class Admitter:
         if doc is None or doc["attempt"] != task.attempt:
             return False  # removed or restarted since it was read
         with bind_task(task.task_id, attempt=task.attempt):
+            requested = sizing.size(doc.get("images_count") or None,
+                                    doc.get("options") or [], self.argo)
             ev = events.new(events.TaskAdmitted, task.task_id, task.attempt,
-                            size_class=task.size_class)
+                            size_class=task.size_class, cpu_cores=requested.cpu_cores,
+                            memory_gib=requested.memory_gib)
             wait_ms = clock.now_ms() - task.queued_at_ms
             command = run_command({**doc, "size_class": task.size_class})
             result = await self.emitter.emit(ev, command=command)

@@ -84,7 +84,7 @@ async def open_resources(
         await admission_store.ensure_indexes()
         admitter = Admitter(admission_store, Leases(mongo.store.db), emitter, settings.capacity,
                             interval_s=settings.admission_interval_s,
-                            tenant_limit=tenant_limits(directory))
+                            tenant_limit=tenant_limits(directory), argo=settings.argo)
         await admitter.subscribe(conn)
         admitter.wake()  # a first pass at once: tasks may have waited while none ran
         runtime.start_loop(stack, admitter.run(), "admission")

@@ -14,7 +14,10 @@ mode (we request the peak, so a run never depends on node swap):
   emptyDir counts against the pod's ephemeral storage, so this is mostly the workspace's room).
 
 Quantities are Kubernetes strings in ``Mi`` and millicores (``18432Mi``, ``2250m``), rounded up,
-so equal inputs always give byte-identical manifests.
+so equal inputs always give byte-identical manifests. :attr:`Resources.cpu_cores` and
+:attr:`Resources.memory_gib` read the requests back as numbers: what a run is charged for in
+the usage records (the admission records them; ``store/usage.py``), the very quantities the pod
+asks for.
 """
 
 from __future__ import annotations
@@ -59,6 +62,16 @@ class Resources:
     memory_limit: str
     ephemeral_request: str
     ephemeral_limit: str
+
+    @property
+    def cpu_cores(self) -> float:
+        """The CPU request in cores (``2250m`` → 2.25)."""
+        return int(self.cpu_request.removesuffix("m")) / 1000
+
+    @property
+    def memory_gib(self) -> float:
+        """The memory request in GiB (``18432Mi`` → 18.0)."""
+        return int(self.memory_request.removesuffix("Mi")) / 1024
 
     def requests(self) -> dict[str, str]:
         return {

@@ -54,10 +54,16 @@ class TaskQueued(_Event):
 
 
 # The attempt was given a run slot (scheduler/admission.py): its run is being started. Status
-# stays 10 until the run starts; carries the run command.
+# stays 10 until the run starts; carries the run command. ``cpu_cores`` and ``memory_gib`` are
+# what the run requests (the scheduler's sizing), and what its usage record charges per second;
+# None in events recorded before they existed.
 class TaskAdmitted(_Event):
     kind: Literal["admitted"] = "admitted"
     size_class: str = Field(description="The size class whose slot the run holds.")
+    cpu_cores: float | None = Field(
+        None, ge=0, description="CPU cores the run requests (None: not recorded).")
+    memory_gib: float | None = Field(
+        None, ge=0, description="Memory in GiB the run requests (None: not recorded).")
 
 
 # The run started (status 20).

@@ -6,7 +6,9 @@ event must be ignored. The rules:
 - state is per attempt: events of an older attempt are ignored; a ``queued`` event for the next
   attempt opens it (restart) only from a terminal state;
 - an attempt is ``admitted`` (given a run slot) once, while it is queued; it holds the slot
-  while queued or running, so an end or a removal frees it (scheduler/admission.py);
+  while queued or running, so an end or a removal frees it (scheduler/admission.py); the
+  admission also records what the run requests (``requested_cpu_cores``,
+  ``requested_memory_gib``: what its usage record charges, ``store/usage.py``);
 - a task never moves backwards: queued -> running -> terminal; progress only rises (``$max``);
 - an attempt's end sets progress 100 whatever the outcome (NodeODM §4.4): completed, failed
   (also a run that did not start: it stands for NodeODM's failure to start the engine), and
@@ -65,6 +67,8 @@ def fresh_attempt(attempt: int) -> dict[str, Any]:
         "admitted": False,
         "size_class": None,
         "admitted_at_ms": None,
+        "requested_cpu_cores": None,
+        "requested_memory_gib": None,
     }
 
 
@@ -96,7 +100,9 @@ def plan(snap: Snapshot, ev: events.TaskEvent) -> Plan | None:
                 guard={"attempt": ev.attempt, "state": TaskState.QUEUED.value,
                        "admitted": {"$ne": True}},
                 update={"$set": {"admitted": True, "size_class": ev.size_class,
-                                 "admitted_at_ms": clock.to_ms(ev.occurred_at)}},
+                                 "admitted_at_ms": clock.to_ms(ev.occurred_at),
+                                 "requested_cpu_cores": ev.cpu_cores,
+                                 "requested_memory_gib": ev.memory_gib}},
             )
         case events.TaskOutput():
             end = ev.line_start + len(ev.lines)

@@ -42,7 +42,7 @@ from scaleodm.common.contracts.ids import TaskId
 from scaleodm.common.domain.status import ACTIVE_STATES, TaskState
 from scaleodm.common.logging import get_logger
 from scaleodm.common.settings import MongoSettings
-from scaleodm.common.store import deliveries, projection
+from scaleodm.common.store import deliveries, projection, usage
 
 log = get_logger(__name__)
 
@@ -80,8 +80,11 @@ class TaskStore:
         self.tasks = db["tasks"]
         self.events = db["events"]
         self.tombstones = db[TOMBSTONES]
+        # Run records: written here, after a terminal event applied (``_charge``).
+        self.usage = usage.UsageStore(db)
 
     async def ensure_indexes(self) -> None:
+        await self.usage.ensure_indexes()
         await self.events.create_index(
             [("task_id", ASCENDING), ("seq", ASCENDING)], unique=True, name="task_seq"
         )
@@ -200,6 +203,14 @@ class TaskStore:
         restarts racing with different options end with one set of options, the one of the
         command that will run.
         """
+        result = await self._apply(ev, command)
+        if result.recorded and ev.kind in events.TERMINAL_KINDS:
+            await self._charge(ev)
+        return result
+
+    async def _apply(
+        self, ev: events.TaskEvent, command: commands.Command | None
+    ) -> ApplyResult:
         snap = await self._snapshot(ev.task_id)
         if snap is None:
             return ApplyResult(Outcome.IGNORED)
@@ -218,15 +229,27 @@ class TaskStore:
         changed = await self._update(ev, step, seq)
         return ApplyResult(Outcome.APPLIED if first is None else Outcome.DUPLICATE, seq, changed)
 
+    async def _charge(self, ev: events.TaskEvent) -> None:
+        """Write the usage record of the attempt ``ev`` ended, from the task document as the end
+        left it (``store/usage.py``). Every recorded terminal event comes here, also a
+        duplicate: its writer may be the one completing a record a crashed writer left out.
+        Nothing when the document's attempt is another or has not ended (a restart since)."""
+        doc = await self.tasks.find_one({"_id": ev.task_id})
+        if doc is not None and doc.get("attempt") == ev.attempt:
+            await self.usage.record_run(doc)
+
     async def reapply(self, ev: events.TaskEvent) -> bool:
         """Apply a recorded event to its task again, never recording it: its recorder may have
         died between the two writes. An event no longer in the log (its task deleted since)
         changes nothing. True when the task document changed."""
         snap = await self._snapshot(ev.task_id)
         step = None if snap is None else projection.plan(snap, ev)
-        if step is None or not step.update or not await self.event_seen(ev.event_id):
+        if not await self.event_seen(ev.event_id):
             return False
-        return await self._update(ev, step, ev.seq)
+        changed = step is not None and bool(step.update) and await self._update(ev, step, ev.seq)
+        if snap is not None and ev.kind in events.TERMINAL_KINDS:
+            await self._charge(ev)
+        return changed
 
     async def _snapshot(self, task_id: str) -> projection.Snapshot | None:
         doc = await self.tasks.find_one(
