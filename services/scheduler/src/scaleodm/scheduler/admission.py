@@ -38,6 +38,7 @@ import collections
 import heapq
 import os
 import socket
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Protocol
 
@@ -141,6 +142,7 @@ class Admitter:
         self._wake = asyncio.Event()
         self._subs: list[Subscription] = []
         self._queue_ids: list[str] | None = None  # the queue as last saved
+        self._queue_saved_at = -float("inf")  # monotonic time the queue was last read
 
     async def subscribe(self, nc: NatsClient) -> None:
         """Wake-ups: core NATS subscriptions on the events after which a slot may be given."""
@@ -181,6 +183,10 @@ class Admitter:
         if not await self.leases.hold(LEASE, self.holder, LEASE_TTL_S):
             return []
         active = await self.store.active()
+        if self._full(active) and time.monotonic() - self._queue_saved_at < self.interval_s:
+            # No slot to give: the waiting tasks are read only to refresh their positions, at
+            # most once an interval (a backlog would otherwise be read on every wake-up).
+            return []
         waiting = await self.store.waiting(WINDOW)
         ordered = order(waiting, active.by_tenant)
         chosen = admit(ordered, active, self.capacity, self.tenant_limit)
@@ -198,10 +204,16 @@ class Admitter:
         if queue != self._queue_ids:
             await self.store.save_queue(queue)
             self._queue_ids = queue
+        self._queue_saved_at = time.monotonic()
         if admitted:
             log.info("tasks admitted", admitted=len(admitted), waiting=len(queue),
                      active=active.total + len(admitted))
         return admitted
+
+    def _full(self, active: Active) -> bool:
+        """No slot free: the global cap reached, or every class's slots."""
+        return active.total >= self.capacity.max_active or all(
+            active.by_class.get(c.name, 0) >= c.slots for c in self.capacity.classes)
 
     async def _admit(self, task: Waiting) -> bool:
         doc = await self.store.task(task.task_id)
