@@ -179,3 +179,18 @@ async def test_only_the_lease_holder_admits_and_two_admitters_never_exceed_capac
     assert len([d async for d in store.tasks.find({"admitted": True, "state": "queued"})]) == 2
     assert len({c.task_id for c in rec.commands}) == 4 == len(rec.commands)
     assert {c.task_id for c in rec.commands} <= set(ids)
+
+
+async def test_a_task_whose_end_is_recorded_but_not_applied_is_not_admitted(
+    store: TaskStore,
+) -> None:
+    """A writer died between recording a cancel (or a removal) and applying it: the document
+    still says queued. Admission must not start a run for it; the relay applies the event."""
+    rec = Recorder(store)
+    canceled, removed, waiting = [await create(store, at=1000 + n) for n in range(3)]
+    await store._record(events.new(events.TaskCanceled, canceled, 1))
+    await store._record(events.new(events.TaskRemoved, removed, 1))
+    room = CapacitySettings(max_active=3, classes=[SizeClass(name="any", slots=3)])
+    assert [t.task_id for t in await admitter(store, rec, capacity=room).run_pass()] == [waiting]
+    assert [c.task_id for c in rec.commands] == [waiting]
+    assert (await states(store, [canceled, removed]))[canceled] == ("queued", False)

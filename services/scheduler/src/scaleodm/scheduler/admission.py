@@ -219,6 +219,10 @@ class Admitter:
         doc = await self.store.task(task.task_id)
         if doc is None or doc["attempt"] != task.attempt:
             return False  # removed or restarted since it was read
+        if await self.store.ended_in_the_log(task.task_id, task.attempt):
+            log.info("task ended in the event log, not applied yet; not admitted",
+                     task_id=task.task_id, attempt=task.attempt)
+            return False
         with bind_task(task.task_id, attempt=task.attempt):
             requested = sizing.size(doc.get("images_count") or None,
                                     doc.get("options") or [], self.argo)

@@ -61,6 +61,7 @@ HOLDING: Doc = {"removed": False, "$or": [
 class AdmissionStore:
     def __init__(self, db: AsyncDatabase[Doc], capacity: CapacitySettings) -> None:
         self.tasks = db["tasks"]
+        self.events = db["events"]
         self.admission = db["admission"]
         self.capacity = capacity
 
@@ -100,6 +101,17 @@ class AdmissionStore:
     async def task(self, task_id: str) -> Doc | None:
         """The task document, unless it is removed or no longer waits."""
         return await self.tasks.find_one({"_id": task_id, **WAITING})
+
+    async def ended_in_the_log(self, task_id: str, attempt: int) -> bool:
+        """Whether the event log already ends the attempt (completed, failed, canceled) or
+        removes the task although the document does not say so yet: its writer died between
+        recording and applying the event, which the outbox relay applies soon. Such a task must
+        not be admitted meanwhile (a run for a canceled task, a wrong webhook)."""
+        found = await self.events.find_one({"task_id": task_id, "$or": [
+            {"attempt": attempt, "kind": {"$in": ["completed", "failed", "canceled"]}},
+            {"kind": "removed"},
+        ]}, {"_id": 1})
+        return found is not None
 
     async def save_queue(self, task_ids: list[str]) -> None:
         """The waiting tasks in admission order (position = index + 1)."""
