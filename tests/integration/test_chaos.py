@@ -33,7 +33,9 @@ from tests.harness.chaos import Chaos, ChaosConfig, ChaosHang, ChaosReport
 from tests.harness.httpfixture import HttpFixture
 from tests.harness.stack import Stack
 
-pytestmark = pytest.mark.integration
+# Alone: many processes on two cores; beside another worker's tests they starve (tasks of
+# 30 s instead of 7), and the run asserts how much work got done.
+pytestmark = [pytest.mark.integration, pytest.mark.serial]
 
 SEED = 20261122
 CLUSTER_SEED = 20261204

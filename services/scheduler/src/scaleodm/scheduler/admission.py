@@ -57,7 +57,9 @@ from scaleodm.scheduler import sizing
 log = get_logger(__name__)
 
 LEASE = "admission"
-LEASE_TTL_S = 15.0
+# The lease lasts this many intervals: the holder renews it on every pass (at least once an
+# interval), and a holder killed mid-way holds admission up for at most this long.
+LEASE_INTERVALS = 3
 # Waiting tasks one pass reads (in priority, then submission order): the queue positions of
 # tasks beyond it are not known, and they are admitted by later passes.
 WINDOW = 10_000
@@ -137,6 +139,7 @@ class Admitter:
         self.emitter = emitter
         self.capacity = capacity
         self.interval_s = interval_s
+        self.lease_ttl_s = LEASE_INTERVALS * interval_s
         self.tenant_limit = tenant_limit
         self.holder = f"{socket.gethostname()}:{os.getpid()}"
         self._wake = asyncio.Event()
@@ -180,7 +183,7 @@ class Admitter:
 
     async def run_pass(self) -> list[Waiting]:
         """One pass: admit what fits, save the order of what waits; the admitted tasks."""
-        if not await self.leases.hold(LEASE, self.holder, LEASE_TTL_S):
+        if not await self.leases.hold(LEASE, self.holder, self.lease_ttl_s):
             return []
         active = await self.store.active()
         if self._full(active) and time.monotonic() - self._queue_saved_at < self.interval_s:
@@ -194,7 +197,7 @@ class Admitter:
         for start in range(0, len(chosen), BATCH):
             # Another replica may have taken the lease if this one stalled: checked per batch,
             # so a stalled pass admits at most one batch the new holder also counted.
-            if start and not await self.leases.hold(LEASE, self.holder, LEASE_TTL_S):
+            if start and not await self.leases.hold(LEASE, self.holder, self.lease_ttl_s):
                 break
             batch = chosen[start:start + BATCH]
             done = await asyncio.gather(*(self._admit(task) for task in batch))
