@@ -124,9 +124,13 @@ async def test_actions_taken_while_nats_is_down_take_effect_when_it_is_back(
                 await _wait(lambda: _mongo(stack)["unpublished"] == 0, 30,
                             "every recorded event is published")
                 assert (await api.info(gw, to_cancel))["status"] == {"code": 50}
-                with MongoClient(stack.mongo_url) as client:
-                    db = client[stack.database]
-                    assert db["tasks"].find_one({"_id": to_remove}) is None
-                    assert db["events"].count_documents({"task_id": to_remove}) == 0
+
+                def removed_documents() -> bool:  # deleted last, after the S3 objects
+                    with MongoClient(stack.mongo_url) as client:
+                        db = client[stack.database]
+                        return (db["tasks"].find_one({"_id": to_remove}) is None
+                                and db["events"].count_documents({"task_id": to_remove}) == 0)
+
+                await _wait(removed_documents, 30, "the removed task's documents are deleted")
     finally:
         stack.stop()
