@@ -37,6 +37,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from scaleodm.common import tenants
+from tests.harness.monotonic import Clock
 from tests.harness.oidc import (
     AUDIENCE,
     EC_KEY,
@@ -77,19 +78,6 @@ def issuer_server() -> Iterator[Issuer]:
 def issuer(issuer_server: Issuer) -> Issuer:
     issuer_server.reset()
     return issuer_server
-
-
-class Clock:
-    """A monotonic clock that moves only when told to."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @pytest.fixture

@@ -25,6 +25,7 @@ from pydantic import SecretStr, ValidationError
 
 from scaleodm.common import tenants
 from scaleodm.scheduler import app as scheduler_app
+from tests.harness.monotonic import Clock
 
 ALICE = "alice-token-0123456789"
 ALICE_2 = "alice-second-token-xyz"
@@ -47,19 +48,6 @@ tenants:
   - name: carol-jwt-only
     denied_options: [dsm]
 """
-
-
-class Clock:
-    """A monotonic clock that moves only when told to."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 # Makes a tenants file of the given text and its directory (on the virtual clock).
