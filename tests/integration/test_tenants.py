@@ -22,7 +22,8 @@ token is the ``admin`` tenant. Covered:
   same tenant as by token, refusals, a refused bearer beside a good ``?token=``.
 - Limits: ``maxImages`` per tenant in ``/info``, refused by ``/task/new`` and failing a task after
   its commit; a denied option (``/task/new``, init, restart); a priority above the tenant's ceiling;
-  the monthly quota, with two concurrent submissions at its boundary and a commit beyond it; the
+  the monthly quota, with two concurrent submissions at its boundary and a commit beyond it, and
+  no zipurl for a tenant with a quota; the
   scheduler holding a tenant's runs to its ``max_active_runs`` while others run.
 - PyODM with a tenant token (one happy path), and isolation as PyODM sees it.
 - Hot reload (last, they rewrite the file): a tenant removed from the file is refused on the next
@@ -69,9 +70,10 @@ SOLO = "solo-token-0123456789a"
 DOOMED = "doomed-token-012345678"
 PAYER = "payer-token-0123456789"
 OTHER_PAYER = "other-payer-token-0123"
+ZIPPER = "zipper-token-0123456789"
 TOKENS = {"admin": NODE, "alice": ALICE, "bob": BOB, "ops": OPS, "limited": LIMITED,
           "metered": METERED, "solo": SOLO, "doomed": DOOMED, "payer": PAYER,
-          "other-payer": OTHER_PAYER}
+          "other-payer": OTHER_PAYER, "zipper": ZIPPER}
 
 TENANTS = f"""
 tenants:
@@ -99,6 +101,8 @@ tenants:
     tokens: [{PAYER}]
   - name: other-payer
     tokens: [{OTHER_PAYER}]
+  - name: zipper
+    tokens: [{ZIPPER}]
 """
 REFUSED = {"error": "Invalid authentication token: token does not match."}
 
@@ -652,6 +656,23 @@ async def test_the_monthly_quota_holds_at_its_boundary(t: Tenancy) -> None:
     with mongo(t.stack) as db:
         [usage] = list(db["usage"].find({"tenant": "metered"}))
     assert usage["images"] == 5  # refusals counted nothing
+
+
+async def test_a_zipurl_cannot_pass_a_quota_uncounted(t: Tenancy) -> None:
+    """A zip's images are known only in the run: a tenant with a quota may not send one (and
+    one without a quota may: zipper's becomes a task, whose run then fails to fetch it)."""
+    before = (await t["metered"].get("/task/list")).json()
+    answer = (await t["metered"].post("/task/new", files={
+        "zipurl": (None, "http://127.0.0.1:9/images.zip")})).json()
+    assert answer == {"error": "zipurl is not available to tenant metered: its monthly image "
+                               "quota counts uploaded images only; upload the images instead."}
+    answer = (await t["metered"].post("/task/new", data={"zipurl": "http://127.0.0.1:9/x.zip"},
+                                      files=images(1))).json()
+    assert answer["error"].startswith("zipurl is not available to tenant metered")
+    assert (await t["metered"].get("/task/list")).json() == before
+    other = (await t["zipper"].post("/task/new", files={
+        "zipurl": (None, "http://127.0.0.1:9/images.zip")})).json()
+    assert "uuid" in other, other
 
 
 async def test_the_scheduler_holds_a_tenant_to_its_active_runs(t: Tenancy) -> None:

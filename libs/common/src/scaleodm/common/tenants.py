@@ -144,6 +144,7 @@ __all__ = [
     "check_options",
     "check_priority",
     "check_quota",
+    "check_zipurl",
     "max_images",
     "parse_tenants",
     "quota_month",
@@ -816,3 +817,13 @@ def check_quota(tenant: Tenant, used: int, count: int) -> str | None:
     left = max(quota - used, 0)
     return (f"{count} images uploaded, but tenant {tenant.name} has {left} of its "
             f"{quota} monthly images left.")
+
+
+def check_zipurl(tenant: Tenant) -> str | None:
+    """The client's error for a ``zipurl`` from a tenant with a monthly image quota, else None:
+    the quota counts images when the task is submitted, and a zip's images are known only when
+    the run has fetched it, so a zipurl would pass the quota uncounted."""
+    if tenant.monthly_image_quota is None:
+        return None
+    return (f"zipurl is not available to tenant {tenant.name}: its monthly image quota counts "
+            "uploaded images only; upload the images instead.")

@@ -168,6 +168,9 @@ async def create_task(request: Request, res: ResourcesDep, caller: CallerDep
             options = await submission.accepted_options(res, fields, caller)
             sources = [str(inputs)] if count else []
             if zipurl:
+                refusal = tenants.check_zipurl(caller)
+                if refusal is not None:
+                    raise NodeOdmError(refusal)
                 sources.append(await submission.check_zipurl(
                     zipurl, settings.zipurl_schemes, submission.outbound_policy(res),
                     task_id=task_id, bucket=settings.s3.bucket, s3_allow=settings.s3.input_allow,
