@@ -326,6 +326,41 @@ def _default_algorithms() -> list[Algorithm]:
     return ["RS256", "ES256"]
 
 
+class SplitSettings(BaseModel):
+    """Split-merge on the cluster (``scaleodm.common.splitmerge``): a run whose options ask for
+    ``split`` gets ``--sm-cluster`` pointing at the gateway, with a token scoped to its task."""
+
+    token_key: SecretStr | None = Field(
+        None,
+        description="Key the parent-scoped tokens are signed with (HMAC-SHA256; give the "
+        "gateway and the scheduler the same, 32+ random bytes, e.g. `openssl rand -hex 32`). "
+        "Unset: no sm-cluster; a `split` task runs its submodels in its own run, as ODM alone.",
+    )
+    cluster_url: str | None = Field(
+        None,
+        description="The gateway's base URL as a run reaches it (the in-cluster Service on "
+        "Kubernetes, e.g. `http://scaleodm-gateway:3000`; loopback for local runs). Unset: no "
+        "sm-cluster.",
+    )
+    admit_wait_s: float = Field(
+        5.0, ge=0,
+        description="How long creating a child task (a parent-scoped token) waits for it to "
+        "leave QUEUED before answering: ODM reads a child still queued right after its creation "
+        "as a full node, removes it and sends it again later.",
+    )
+
+    @field_validator("token_key")
+    @classmethod
+    def _key_is_strong(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and v.get_secret_value() and len(v.get_secret_value()) < 32:
+            raise ValueError("must be at least 32 characters")
+        return v
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.token_key and self.token_key.get_secret_value() and self.cluster_url)
+
+
 class OidcSettings(BaseModel):
     """Bearer JWTs from an OpenID Connect issuer (``Authorization: Bearer``), verified by
     ``scaleodm.common.tenants``. Off unless ``issuer`` is set (then ``audience`` is needed too)."""
@@ -454,6 +489,7 @@ class GatewaySettings(BaseServiceSettings):
         "own `max_images` can only lower it.",
     )
     capacity: CapacitySettings = Field(default_factory=CapacitySettings)
+    split: SplitSettings = Field(default_factory=SplitSettings)
     max_request_bytes: int = Field(
         100 * 1024**3,
         description="Largest request body accepted (uploads stream to S3; this bounds abuse).",
@@ -625,6 +661,7 @@ class SchedulerSettings(BaseServiceSettings):
     local: LocalRunSettings = Field(default_factory=LocalRunSettings)
     argo: ArgoSettings = Field(default_factory=ArgoSettings)
     capacity: CapacitySettings = Field(default_factory=CapacitySettings)
+    split: SplitSettings = Field(default_factory=SplitSettings)
     admission_interval_s: float = Field(
         2.0, gt=0,
         description="Admission passes run when a task is queued or a run ends, and at least "

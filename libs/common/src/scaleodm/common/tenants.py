@@ -245,6 +245,22 @@ class Tenant(BaseModel):
         "`priority` for users. Lower priorities are always allowed.",
     )
 
+    # Runtime only, never from the file: the task a parent-scoped token (``splitmerge``) is
+    # scoped to. Such a caller is its parent's tenant, limited to the parent's children.
+    parent: str | None = Field(None, exclude=True)
+
+    @field_validator("parent")
+    @classmethod
+    def _not_from_a_file(cls, v: str | None) -> str | None:
+        if v is not None:
+            raise ValueError("not a tenant setting")
+        return v
+
+    def scoped_to(self, parent: str) -> Tenant:
+        """This tenant as a parent-scoped token of ``parent`` holds it: its limits, a user's
+        role, its parent's children only."""
+        return self.model_copy(update={"parent": parent, "role": "user", "tokens": ()})
+
     @field_validator("tokens")
     @classmethod
     def _tokens_are_strong(cls, v: tuple[SecretStr, ...]) -> tuple[SecretStr, ...]:
@@ -286,9 +302,13 @@ class Tenant(BaseModel):
             return self.max_priority
         return PRIORITIES.stop - 1 if self.role == "admin" else self.priority
 
-    def may_access(self, owner: str | None) -> bool:
+    def may_access(self, owner: str | None, parent: str | None = None) -> bool:
         """Whether the tenant may see and act on a task (or upload) of tenant ``owner``: its
-        own, or any as an admin. None: a task from before tenants, which is ``default``'s."""
+        own, or any as an admin. None: a task from before tenants, which is ``default``'s. A
+        parent-scoped caller (``parent`` set) only on the children of its parent (``parent``:
+        the task's own parent, None for a task without one)."""
+        if self.parent is not None:
+            return parent == self.parent and self.name == (owner or OPEN_TENANT)
         return self.role == "admin" or self.name == (owner or OPEN_TENANT)
 
 

@@ -46,6 +46,7 @@ class Runner:
         run = rd.run or {}
         self.spec = RunSpec.model_validate(run["spec"])
         self.engine = EngineKind(run["engine"])
+        self.sm_cluster: str | None = run.get(localruns.SM_CLUSTER)
         self.engine_proc: asyncio.subprocess.Process | None = None
         self.canceled = False
 
@@ -83,6 +84,8 @@ class Runner:
             log.info("inputs fetched", images=count)
             extra = fetching.control_file_args(images, self.project)
             self.rd.set_phase("processing", images=count)
+            if self.sm_cluster is not None:  # the run splits onto the cluster (splitmerge)
+                extra += ["--sm-cluster", self.sm_cluster]
             code = await self._run_engine([*odm_options.to_engine_args(self.spec.options), *extra])
             if code != 0:
                 self._fail(engine_exit_message(code), code)

@@ -67,15 +67,19 @@ class NewTask:
     output_prefix: str
     tenant: str  # the creator's: who may see and act on it (tenants.Tenant.may_access)
     priority: int = 0
+    parent: str | None = None  # the task whose run created it (splitmerge), if any
 
     def document(self) -> dict[str, Any]:
-        return {
+        doc: dict[str, Any] = {
             "_id": self.task_id, "name": self.name, "date_created_ms": self.date_created_ms,
             "options": self.options, "images_count": self.images_count, "webhook": self.webhook,
             "skip_post_processing": self.skip_post_processing, "outputs": self.outputs,
             "sources": self.sources, "output_prefix": self.output_prefix,
             "tenant": self.tenant, "priority": self.priority,
         }
+        if self.parent is not None:
+            doc["parent"] = self.parent
+        return doc
 
 
 # Told of each write once it is recorded: (task id, seq of its last event, if known).
@@ -163,6 +167,6 @@ class TaskActions:
     async def _task(self, task_id: str, by: tenants.Tenant) -> dict[str, Any]:
         """The task ``by`` may act on; another tenant's is as unknown as no task."""
         doc = await self.store.get_task(task_id)
-        if doc is None or not by.may_access(doc.get("tenant")):
+        if doc is None or not by.may_access(doc.get("tenant"), doc.get("parent")):
             raise UnknownTaskError(task_id)
         return doc

@@ -19,7 +19,8 @@ from typing import Annotated, Any
 from fastapi import Depends, Query, Request
 from faststream.nats import NatsBroker
 
-from scaleodm.common import failpoints, tenants
+from scaleodm.common import failpoints, splitmerge, tenants
+from scaleodm.common.domain.status import ACTIVE_STATES, TaskState
 from scaleodm.common.emitting import Emitter
 from scaleodm.common.settings import GatewaySettings
 from scaleodm.common.store.admission import AdmissionStore
@@ -160,16 +161,32 @@ async def get_caller(request: Request, res: ResourcesDep, token: TokenQuery = No
             except tenants.TenantError as exc:  # AuthenticationError, IdentityProviderError
                 # NodeODM: errors are HTTP 200 (nodeodm-api §1.1), even the provider's outage.
                 raise NodeOdmError(exc.message) from None
+    parent = splitmerge.parent_of(res.settings.split.token_key, token)
+    if parent is not None:
+        return await _scoped_caller(res, parent)
     caller = directory.lookup_token(token)
     if caller is None:
         raise NodeOdmError(TOKEN_REFUSED)
     return caller
 
 
+async def _scoped_caller(res: Resources, parent: str) -> tenants.Tenant:
+    """The caller of a parent-scoped token (``splitmerge``): the parent's tenant limited to its
+    children, while the parent is queued or running; NodeODM's token error once it has ended,
+    is removed, or its tenant is gone from the tenants file."""
+    doc = await res.get_task(parent)
+    if doc is None or TaskState(doc.get("state", TaskState.QUEUED)) not in ACTIVE_STATES:
+        raise NodeOdmError(TOKEN_REFUSED)
+    tenant = res.directory.tenant(str(doc.get("tenant") or tenants.OPEN_TENANT))
+    if tenant is None:
+        raise NodeOdmError(TOKEN_REFUSED)
+    return tenant.scoped_to(parent)
+
+
 def visible(doc: dict[str, Any] | None, caller: tenants.Tenant) -> dict[str, Any] | None:
     """A task document if ``caller`` may see it, else None: another tenant's task is, to every
     route, no task at all (routes read it as they would any task, then ask this)."""
-    if doc is None or not caller.may_access(doc.get("tenant")):
+    if doc is None or not caller.may_access(doc.get("tenant"), doc.get("parent")):
         return None
     return doc
 

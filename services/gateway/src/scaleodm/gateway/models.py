@@ -104,6 +104,12 @@ class TaskInfo(TypedDict):
         ge=1, description="ScaleODM: while the task waits for a run slot (status 10, not "
         "admitted yet), its place in the admission order (1 = next), as of the scheduler's "
         "last admission pass.")]]
+    parent: NotRequired[Annotated[str, Field(
+        description="ScaleODM: the task whose run created this one, a submodel of its split "
+        "(split-merge on the cluster).")]]
+    children: NotRequired[Annotated[list[str], Field(
+        description="ScaleODM: for a task with `split`, the tasks its run created (its "
+        "submodels sent to the cluster), oldest first.")]]
     output: NotRequired[Annotated[list[str], Field(description="Only with `with_output`.")]]
 
 

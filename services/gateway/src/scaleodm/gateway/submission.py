@@ -26,6 +26,7 @@ from urllib.parse import SplitResult, urlsplit
 from scaleodm.common import clock, netguard, tenants
 from scaleodm.common.domain import options as odm_options
 from scaleodm.common.domain import webhooks
+from scaleodm.common.domain.status import TaskState
 from scaleodm.common.domain.text import shown
 from scaleodm.common.logging import get_logger
 from scaleodm.common.store import s3 as s3mod
@@ -99,6 +100,7 @@ class TaskFields:
 
 # ScaleODM's ``priority`` field: waiting tasks of a higher priority are admitted first.
 PRIORITIES = tenants.PRIORITIES
+ADMIT_POLL_S = 0.05  # a read-model read: memory, kept current by the task's events
 
 
 async def accepted_options(res: Resources, fields: TaskFields, caller: tenants.Tenant
@@ -358,8 +360,13 @@ async def submit(
     once. Its images count on the caller's monthly quota; a quota passed refuses the request,
     or with ``late`` (a commit: the count was not known before, NodeODM §3.5) fails the task."""
     priority = fields.priority_for(caller)
+    if caller.parent is not None:
+        # A child (splitmerge): its parent's priority; its images are its parent's, counted on
+        # the quota when the parent was submitted.
+        parent = await res.get_task(caller.parent)
+        priority = int((parent or {}).get("priority") or 0)
     month = None
-    if failure is None and images_count:
+    if failure is None and images_count and caller.parent is None:
         month = tenants.quota_month(clock.now())
         refusal = await _take_quota(res, caller, month, images_count)
         if refusal is not None:
@@ -379,6 +386,7 @@ async def submit(
         output_prefix=str(s3mod.task_outputs(res.settings.s3.bucket, task_id)),
         tenant=caller.name,
         priority=priority,
+        parent=caller.parent,
     )
     try:
         await res.actions.create(new, failure=failure)
@@ -388,6 +396,20 @@ async def submit(
         if month is not None:
             await asyncio.shield(_give_back(res, caller, month, images_count))
         raise NodeOdmError(f"Invalid set-uuid: {task_id}") from exc
+    if caller.parent is not None and failure is None:
+        await _until_admitted(res, task_id)
+
+
+async def _until_admitted(res: Resources, task_id: str) -> None:
+    """Wait (at most ``split.admit_wait_s``) for a child to leave QUEUED: ODM reads a child
+    still queued right after creating it as a node without room, removes it and sends it again
+    later (docs/split-merge.md). A child with no slot free stays queued and is answered so."""
+    deadline = asyncio.get_running_loop().time() + res.settings.split.admit_wait_s
+    while asyncio.get_running_loop().time() < deadline:
+        doc = await res.get_task(task_id)
+        if doc is None or doc.get("state") != TaskState.QUEUED:
+            return
+        await asyncio.sleep(ADMIT_POLL_S)
 
 
 async def _take_quota(res: Resources, caller: tenants.Tenant, month: str, count: int

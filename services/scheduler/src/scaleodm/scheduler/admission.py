@@ -65,6 +65,8 @@ LEASE_INTERVALS = 3
 WINDOW = 10_000
 # Admissions written at once (each a few MongoDB round trips); the lease is renewed between.
 BATCH = 16
+# Children (splitmerge) one pass reads to end those their parents left behind.
+FAMILY_WINDOW = 1_000
 # The events after which a pass may admit something: a task queued, a slot freed.
 WAKE_KINDS = ("queued", "completed", "failed", "canceled", "removed")
 
@@ -74,6 +76,10 @@ class EventSink(Protocol):
 
     async def emit(self, ev: events.TaskEvent, *,
                    command: commands.Command | None = None) -> ApplyResult: ...
+
+    async def cancel(self, task_id: str, attempt: int) -> ApplyResult: ...
+
+    async def remove(self, task_id: str, attempt: int) -> ApplyResult: ...
 
 
 def order(waiting: Iterable[Waiting], active_by_tenant: Mapping[str, int]) -> list[Waiting]:
@@ -182,9 +188,11 @@ class Admitter:
                 log.debug("lease release failed", error=repr(exc))
 
     async def run_pass(self) -> list[Waiting]:
-        """One pass: admit what fits, save the order of what waits; the admitted tasks."""
+        """One pass: end the children their parents left behind, admit what fits, save the
+        order of what waits; the admitted tasks."""
         if not await self.leases.hold(LEASE, self.holder, self.lease_ttl_s):
             return []
+        await self.end_orphans()
         active = await self.store.active()
         if self._full(active) and time.monotonic() - self._queue_saved_at < self.interval_s:
             # No slot to give: the waiting tasks are read only to refresh their positions, at
@@ -212,6 +220,21 @@ class Admitter:
             log.info("tasks admitted", admitted=len(admitted), waiting=len(queue),
                      active=active.total + len(admitted))
         return admitted
+
+    async def end_orphans(self) -> int:
+        """Cancel the children (``splitmerge``) of a parent that has ended, remove those of a
+        parent removed: ODM ends its children itself when it can, this covers a run killed
+        before it could, a scheduler killed half-way, a child created while its parent was
+        being canceled. Done before admitting, so no slot goes to an orphan."""
+        orphans = await self.store.orphans(FAMILY_WINDOW)
+        for orphan in orphans:
+            with bind_task(orphan.task_id, attempt=orphan.attempt, parent=orphan.parent):
+                if orphan.action == "remove":
+                    await self.emitter.remove(orphan.task_id, orphan.attempt)
+                else:
+                    await self.emitter.cancel(orphan.task_id, orphan.attempt)
+                log.info("child ended with its parent", action=orphan.action)
+        return len(orphans)
 
     def _full(self, active: Active) -> bool:
         """No slot free: the global cap reached, or every class's slots."""

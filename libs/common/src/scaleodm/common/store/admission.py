@@ -12,13 +12,13 @@ the gateway reads for positions.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from pymongo import ASCENDING, DESCENDING
 from pymongo.asynchronous.database import AsyncDatabase
 
 from scaleodm.common import clock
-from scaleodm.common.domain.status import TaskState
+from scaleodm.common.domain.status import ACTIVE_STATES, TERMINAL_STATES, TaskState
 from scaleodm.common.settings import CapacitySettings
 from scaleodm.common.store.tasks import DEFAULT_TENANT
 
@@ -48,6 +48,18 @@ class Active:
     @property
     def total(self) -> int:
         return sum(self.by_class.values())
+
+
+@dataclass(frozen=True)
+class Orphan:
+    """A child (``splitmerge``) its parent left behind, and what ends it: ``cancel`` when the
+    parent has ended while the child is queued or running, ``remove`` when the parent was
+    removed (or is gone)."""
+
+    task_id: str
+    attempt: int
+    parent: str
+    action: Literal["cancel", "remove"]
 
 
 WAITING: Doc = {"state": TaskState.QUEUED.value, "removed": False, "admitted": {"$ne": True}}
@@ -112,6 +124,29 @@ class AdmissionStore:
             {"kind": "removed"},
         ]}, {"_id": 1})
         return found is not None
+
+    async def orphans(self, limit: int) -> list[Orphan]:
+        """Children whose parent no longer needs them (``Orphan``), at most ``limit``: every
+        child not removed is read with its parent's state (a parent's run removes its children
+        itself when it ends normally, so few are left to read)."""
+        children = await self.tasks.find(
+            {"parent": {"$exists": True}, "removed": False},
+            {"_id": 1, "attempt": 1, "parent": 1, "state": 1},
+        ).sort("created_at", ASCENDING).to_list(limit)
+        if not children:
+            return []
+        parents = {d["_id"]: d async for d in self.tasks.find(
+            {"_id": {"$in": sorted({c["parent"] for c in children})}},
+            {"_id": 1, "state": 1, "removed": 1})}
+        found: list[Orphan] = []
+        for child in children:
+            parent = parents.get(child["parent"])
+            if parent is None or parent.get("removed"):
+                found.append(Orphan(child["_id"], child["attempt"], child["parent"], "remove"))
+            elif (TaskState(parent["state"]) in TERMINAL_STATES
+                  and TaskState(child["state"]) in ACTIVE_STATES):
+                found.append(Orphan(child["_id"], child["attempt"], child["parent"], "cancel"))
+        return found
 
     async def save_queue(self, task_ids: list[str]) -> None:
         """The waiting tasks in admission order (position = index + 1)."""

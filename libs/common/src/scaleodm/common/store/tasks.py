@@ -102,6 +102,8 @@ class TaskStore:
         await self.tasks.create_index([("created_at", ASCENDING)], name="created")
         await self.tasks.create_index([("tenant", ASCENDING), ("created_at", ASCENDING)],
                                       name="tenant")
+        await self.tasks.create_index([("parent", ASCENDING), ("created_at", ASCENDING)],
+                                      name="parent")
 
     # -- tasks -------------------------------------------------------------------------------
 
@@ -162,12 +164,22 @@ class TaskStore:
             return None
         return doc
 
-    async def list_task_ids(self, tenant: str | None = None) -> list[str]:
-        """Ids of the tasks not removed, oldest first: every tenant's, or ``tenant``'s only."""
+    async def list_task_ids(self, tenant: str | None = None, parent: str | None = None
+                            ) -> list[str]:
+        """Ids of the tasks not removed, oldest first: every tenant's, or ``tenant``'s only;
+        with ``parent``, that task's children only (``splitmerge``)."""
         query: Doc = {"removed": False}
         if tenant is not None:
             query.update(owned_by(tenant))
+        if parent is not None:
+            query["parent"] = parent
         cursor = self.tasks.find(query, {"_id": 1}).sort("created_at", ASCENDING)
+        return [d["_id"] async for d in cursor]
+
+    async def children_of(self, task_id: str) -> list[str]:
+        """The children of ``task_id`` not removed (``splitmerge``), oldest first."""
+        cursor = self.tasks.find({"parent": task_id, "removed": False},
+                                 {"_id": 1}).sort("created_at", ASCENDING)
         return [d["_id"] async for d in cursor]
 
     async def count_active(self) -> int:

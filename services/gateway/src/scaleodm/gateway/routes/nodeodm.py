@@ -28,7 +28,7 @@ from urllib.parse import parse_qsl
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
-from scaleodm.common import clock, tenants
+from scaleodm.common import clock, splitmerge, tenants
 from scaleodm.common.contracts.ids import canonical_task_id
 from scaleodm.common.domain import options as odm_options
 from scaleodm.common.domain import taskinfo
@@ -93,7 +93,8 @@ async def read_options() -> JsonResponse:
 async def list_tasks(res: ResourcesDep, caller: CallerDep) -> JsonResponse:
     """The caller's tasks (an admin's: every task), in creation order (NodeODM §3.3)."""
     owner = None if caller.role == "admin" else caller.name
-    return JsonResponse([{"uuid": t} for t in await res.store.list_task_ids(owner)])
+    return JsonResponse([{"uuid": t} for t in await res.store.list_task_ids(owner,
+                                                                             caller.parent)])
 
 
 async def _find_task(res: Resources, uuid: str, caller: tenants.Tenant
@@ -128,6 +129,11 @@ async def read_task_info(
         position = (await res.queue_positions.get()).get(doc["_id"])
         if position is not None:
             info["queuePosition"] = position
+    if doc.get("parent"):
+        info["parent"] = doc["parent"]
+    if splitmerge.splits(doc.get("options") or ()):
+        # Only a splitting task can have children: other tasks' reads stay in memory.
+        info["children"] = await res.store.children_of(doc["_id"])
     if with_output is None and "output" in request.query_params:
         with_output = request.query_params["output"]  # §11 #18: the Swagger name, harmless
     if with_output is not None:

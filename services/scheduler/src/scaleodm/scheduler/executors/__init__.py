@@ -36,7 +36,7 @@ async def open(settings: SchedulerSettings) -> AsyncIterator[Executor]:
             runs = f"argo:{settings.argo.namespace}"
         case RunPlatform.LOCAL:
             engine = await engines.resolve_engine(settings)
-            executor = local.LocalExecutor(settings.local.runs_dir, engine)
+            executor = local.LocalExecutor(settings.local.runs_dir, engine, settings.split)
             try:
                 await executor.prepare()
             except BaseException:  # a stop during the start

@@ -30,11 +30,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from scaleodm.common import localruns
+from scaleodm.common import localruns, splitmerge
 from scaleodm.common.contracts.commands import RunSpec
 from scaleodm.common.contracts.ids import run_name
 from scaleodm.common.logging import get_logger
-from scaleodm.common.settings import EngineKind
+from scaleodm.common.settings import EngineKind, SplitSettings
 from scaleodm.run import forking, runner
 from scaleodm.scheduler.executors.base import StartOutcome
 
@@ -192,9 +192,11 @@ async def _stop_server(proc: asyncio.subprocess.Process) -> None:
 
 
 class LocalExecutor:
-    def __init__(self, runs_dir: Path, engine: EngineKind) -> None:
+    def __init__(self, runs_dir: Path, engine: EngineKind,
+                 split: SplitSettings | None = None) -> None:
         self.runs_dir = runs_dir
         self.engine = engine
+        self.split = split or SplitSettings()
         self.forker = RunnerForker()
         self._children: list[subprocess.Popen[bytes]] = []
         runs_dir.mkdir(parents=True, exist_ok=True)
@@ -228,11 +230,24 @@ class LocalExecutor:
                 return False
             log.warning("claimed run never started; starting it", run=rd.path.name)
         if rd.run is None:
-            localruns.write_json_atomic(
-                rd.file(localruns.RUN_FILE),
-                {"spec": spec.model_dump(mode="json"), "engine": self.engine.value},
-            )
+            run: dict[str, object] = {"spec": spec.model_dump(mode="json"),
+                                      "engine": self.engine.value}
+            url = self._sm_cluster(spec)
+            if url is not None:
+                run[localruns.SM_CLUSTER] = url
+            localruns.write_json_atomic(rd.file(localruns.RUN_FILE), run)
         return True
+
+    def _sm_cluster(self, spec: RunSpec) -> str | None:
+        """ODM's ``--sm-cluster`` for a run that splits (``splitmerge``): the gateway with a
+        token scoped to the task. It goes into ``run.json`` (the run's own directory), never
+        into a command or an event."""
+        split = self.split
+        if not (split.enabled and splitmerge.splits(spec.options)):
+            return None
+        assert split.token_key is not None and split.cluster_url is not None
+        return splitmerge.cluster_url(split.cluster_url,
+                                      splitmerge.scoped_token(split.token_key, spec.task_id))
 
     async def _launch(self, rd: localruns.RunDir) -> None:
         pid = await self.forker.fork(rd.path.resolve())

@@ -1,0 +1,231 @@
+"""Split-merge on the cluster, end to end: a task with ``split`` whose run's ODM (the test double,
+which speaks ODM's sm-cluster client protocol through PyODM) sends its submodels back to the
+gateway as child tasks, run by the same stack like any task.
+
+One stack for the module (tenants ``alice`` and ``bob``, an admin node token, capacity 6,
+``SCALEODM_SPLIT__*`` set so runs reach the gateway on loopback). Covered:
+
+- PyODM submits 40 images with ``split: 10``: the parent reaches 40 with the merged outputs in
+  ``all.zip``; its run created its children through the API (each with ``parent`` set, listed
+  in the parent's ``children`` while they exist, sized and run like any task), at least 2 of
+  them running at once; the run removed them when done, as ODM does.
+- The parent-scoped token: ``/info`` works; it creates children of its parent only, sees and
+  acts on those only (the parent itself and the tenant's other tasks answer as unknown); once
+  the parent has ended it is refused with NodeODM's token error; a forged or another parent's
+  token is refused.
+- Canceling a splitting parent mid-run leaves no child queued or running; removing a parent
+  removes the children still there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+import zipfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from pydantic import SecretStr
+from pyodm import Node
+from pyodm.types import TaskStatus
+
+from scaleodm.common import splitmerge
+from tests.harness import api, data, servers
+from tests.harness.stack import Stack
+
+pytestmark = pytest.mark.integration
+
+ADMIN = "node-admin-token-0123456"
+ALICE = "alice-token-0123456789"
+BOB = "bob-token-abcdefghijkl"
+KEY = "split-key-for-tests-only-0123456789abcdef"
+TENANTS = f"""
+tenants:
+  - name: alice
+    tokens: [{ALICE}]
+  - name: bob
+    tokens: [{BOB}]
+"""
+REFUSED = {"error": "Invalid authentication token: token does not match."}
+
+
+@pytest.fixture(scope="module")
+def split_stack(tmp_path_factory: pytest.TempPathFactory, mongo_url: str,
+                s3: servers.S3Endpoint) -> Iterator[Stack]:
+    tmp = tmp_path_factory.mktemp("split")
+    (tmp / "tenants.yaml").write_text(TENANTS)
+    port = servers.free_port()
+    with servers.nats_server(tmp / "nats") as nats:
+        stack = Stack(tmp=tmp, nats_url=nats.url, mongo_url=mongo_url, s3=s3,
+                      database=f"t_{uuid.uuid4().hex[:12]}", extra_env={
+                          "SCALEODM_TOKEN": ADMIN,
+                          "SCALEODM_TENANTS_FILE": str(tmp / "tenants.yaml"),
+                          "SCALEODM_SPLIT__TOKEN_KEY": KEY,
+                          "SCALEODM_SPLIT__CLUSTER_URL": f"http://127.0.0.1:{port}",
+                          "SCALEODM_TEST_ENGINE_SECONDS": "3",
+                          "SCALEODM_ADMISSION_INTERVAL_S": "0.5",
+                          "SCALEODM_CAPACITY__MAX_ACTIVE": "6",
+                          "SCALEODM_CAPACITY__CLASSES":
+                              '[{"name": "any", "max_images": null, "slots": 6}]',
+                          "ODM_TEST_ENGINE_RETRY_S": "0.5",
+                      })
+        try:
+            stack.spawn("gateway", port=port)
+            stack.spawn("scheduler")
+            stack.spawn("watcher")
+            for service in ("gateway", "scheduler", "watcher"):
+                stack.wait_ready(service)
+            yield stack
+        finally:
+            stack.stop()
+
+
+@pytest.fixture
+async def alice(split_stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=split_stack.gateway_url, params={"token": ALICE},
+                                 timeout=30) as c:
+        yield c
+
+
+def scoped(parent: str) -> str:
+    return splitmerge.scoped_token(SecretStr(KEY), parent)
+
+
+def images(directory: Path, n: int) -> list[str]:
+    directory.mkdir(parents=True, exist_ok=True)
+    return [str(data.write(directory / name, data.JPEG)) for name in data.image_names(n)]
+
+
+class Family:
+    """What polling a parent's info shows of its children: every child seen, and how many
+    were running at once (each child's own info, read with the tenant's token)."""
+
+    def __init__(self) -> None:
+        self.children: set[str] = set()
+        self.parents: dict[str, str] = {}
+        self.most_running = 0
+        self.statuses: dict[str, set[int]] = {}
+
+    async def poll(self, client: httpx.AsyncClient, parent: str) -> dict[str, Any]:
+        info = await api.info(client, parent)
+        self.children.update(info.get("children", []))
+        running = 0
+        for child in list(self.children):
+            child_info = await api.info(client, child)
+            if "status" not in child_info:
+                continue  # removed since
+            self.parents[child] = child_info.get("parent", "")
+            code = child_info["status"]["code"]
+            self.statuses.setdefault(child, set()).add(code)
+            running += code == 20
+        self.most_running = max(self.most_running, running)
+        return info
+
+
+async def test_a_split_task_runs_its_submodels_as_children(
+        split_stack: Stack, alice: httpx.AsyncClient, tmp_path: Path) -> None:
+    node = Node("127.0.0.1", httpx.URL(split_stack.gateway_url).port, token=ALICE)
+    task = await asyncio.to_thread(node.create_task, images(tmp_path / "in", 40),
+                                   {"split": 10, "dsm": True}, name="split 40/10")
+    family = Family()
+    deadline = time.monotonic() + 120
+    while True:
+        info = await family.poll(alice, task.uuid)
+        if info["status"]["code"] in (30, 40, 50) or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.1)
+    assert info["status"]["code"] == 40, (info, split_stack.log("scheduler")[-3000:])
+    # 40 images in submodels of 10: 4; ODM keeps one to process itself, sends the others.
+    assert len(family.children) >= 3, family.children
+    assert set(family.parents.values()) == {task.uuid}, family.parents
+    assert family.most_running >= 2, family.statuses
+    assert all(20 in s for s in family.statuses.values()), family.statuses
+    # Done: ODM removed its children (they answer as unknown), the parent lists none.
+    assert info.get("children") == []
+    for child in family.children:
+        assert "error" in await api.info(alice, child)
+    output = await asyncio.to_thread(task.output)
+    assert any("LRE:" in line for line in output), output[-20:]
+    archive = tmp_path / "all.zip"
+    resp = await alice.get(f"/task/{task.uuid}/download/all.zip")
+    archive.write_bytes(resp.content)
+    with zipfile.ZipFile(archive) as z:
+        names = set(z.namelist())
+    assert "odm_orthophoto/odm_orthophoto.tif" in names, sorted(names)
+    assert "odm_dem/dsm.tif" in names, sorted(names)
+
+
+async def test_the_parent_scoped_token(split_stack: Stack, alice: httpx.AsyncClient) -> None:
+    parent = (await api.create(alice, files=[(n, data.JPEG) for n in data.image_names(2)],
+                               options='[{"name": "split", "value": 10}]'))["uuid"]
+    other = (await api.create(alice, files=[(n, data.JPEG) for n in data.image_names(1)]))[
+        "uuid"]
+    async with httpx.AsyncClient(base_url=split_stack.gateway_url,
+                                 params={"token": scoped(parent)}, timeout=30) as sm:
+        assert "maxParallelTasks" in (await sm.get("/info")).json()
+        child = (await api.create(sm, files=[(n, data.JPEG) for n in data.image_names(2)],
+                                  name="submodel_0000"))["uuid"]
+        child_info = await api.info(sm, child)
+        assert child_info["parent"] == parent
+        assert (await sm.get("/task/list")).json() == [{"uuid": child}]
+        # The parent itself and the tenant's other tasks: as unknown uuids.
+        for task_id in (parent, other):
+            assert (await sm.get(f"/task/{task_id}/info")).json() == {
+                "error": f"{task_id} not found"}
+            unknown = str(uuid.uuid4())
+            expected = (await sm.post("/task/cancel", data={"uuid": unknown})).json()
+            assert (await sm.post("/task/cancel", data={"uuid": task_id})).json() == {
+                k: str(v).replace(unknown, task_id) if k == "error" else v
+                for k, v in expected.items()}
+        # The tenant sees the child as its own task, with its parent; another tenant does not.
+        assert (await api.info(alice, child))["parent"] == parent
+        parent_info = await api.info(alice, parent)
+        assert child in parent_info["children"]
+        async with httpx.AsyncClient(base_url=split_stack.gateway_url,
+                                     params={"token": BOB}, timeout=30) as bob:
+            assert "error" in (await bob.get(f"/task/{child}/info")).json()
+        # Forged, truncated or another parent's tokens.
+        for bad in (scoped(parent)[:-1] + ("0" if scoped(parent)[-1] != "0" else "1"),
+                    scoped(parent)[:-2], scoped(str(uuid.uuid4())), f"sm.{parent}.{'0' * 64}"):
+            assert (await sm.get("/info", params={"token": bad})).json() == REFUSED, bad
+        # The parent ends (canceled here): the token is refused, the child is ended with it.
+        assert (await alice.post("/task/cancel", data={"uuid": parent})).json() == {
+            "success": True}
+        assert (await sm.get("/info")).json() == REFUSED
+        assert (await sm.get("/task/list")).json() == REFUSED
+    ended = await api.poll_until(alice, child, api.status_is(50), timeout_s=20)
+    assert ended["status"]["code"] == 50
+
+
+async def test_canceling_a_splitting_parent_leaves_no_child_running(
+        split_stack: Stack, alice: httpx.AsyncClient, tmp_path: Path) -> None:
+    node = Node("127.0.0.1", httpx.URL(split_stack.gateway_url).port, token=ALICE)
+    task = await asyncio.to_thread(node.create_task, images(tmp_path / "in", 40), {"split": 10})
+    family = Family()
+    deadline = time.monotonic() + 60
+    while not any(20 in s for s in family.statuses.values()):
+        await family.poll(alice, task.uuid)
+        assert time.monotonic() < deadline, family.statuses
+        await asyncio.sleep(0.05)
+    await asyncio.to_thread(task.cancel)
+    deadline = time.monotonic() + 30
+    while True:
+        await family.poll(alice, task.uuid)
+        alive = []
+        for child in family.children:
+            info = await api.info(alice, child)
+            if "status" in info and info["status"]["code"] in (10, 20):
+                alive.append(child)
+        if not alive or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.2)
+    assert alive == [], alive
+    assert (await api.info(alice, task.uuid))["status"]["code"] == 50
+    # No runner of a child is left (the run directories of the ones not removed).
+    for child in family.children:
+        for rd in split_stack.runs_dir.glob(f"{child}*"):
+            assert (rd / "result.json").exists() or not (rd / "runner.pid").exists(), rd
