@@ -9,7 +9,9 @@ instead (then review the diff like code), as Hera's ``tests/test_examples.py`` d
 Presets: ``default`` (3 images), ``fast-orthophoto``, ``dsm-dtm``, ``large`` (5000 images, a
 node selector, priority 10), ``restart`` (attempt 2 with new options, post-processing skipped),
 ``zipurl`` (an http zip with unknown image count, priority -5; a name full of shell and Argo
-template syntax, a zipurl reaching for the S3 secret with Kubernetes' ``$(VAR)``). Each carries
+template syntax, a zipurl reaching for the S3 secret with Kubernetes' ``$(VAR)``), ``split``
+(``split: 10`` with split-merge on the cluster configured: ``--sm-cluster`` from the task's
+Secret). Each carries
 the size class its admission gives it with the default capacity settings.
 
 Also covered, per preset: the manifest parses as Hera's ``hera.workflows.models.Workflow`` (the
@@ -171,13 +173,29 @@ PRESETS: dict[str, tuple[RunSpec, ArgoSettings]] = {
         ArgoSettings(),
     ),
 }
+PRESETS["split"] = (
+    CreateTask(
+        task_id=TASK_ID,
+        attempt=1,
+        name="split 40/10",
+        options=_options({"name": "split", "value": 10}, {"name": "dsm", "value": True}),
+        sources=[INPUTS],
+        output_prefix=OUTPUTS,
+        images_count=40,
+        size_class="small",
+    ),
+    ArgoSettings(),
+)
+# Presets built with split-merge on the cluster configured (``build_workflow(sm_cluster=True)``).
+SM_CLUSTER = frozenset({"split", "default"})
 IDS = list(PRESETS)
 
 
 def build(preset: str) -> dict[str, Any]:
     spec, settings = PRESETS[preset]
     return workflows.build_workflow(
-        spec, settings, shard=argoruns.shard_of(spec.task_id, settings.shards), step_env=STEP_ENV
+        spec, settings, shard=argoruns.shard_of(spec.task_id, settings.shards), step_env=STEP_ENV,
+        sm_cluster=preset in SM_CLUSTER,
     )
 
 
@@ -200,7 +218,13 @@ def passed(text: str) -> str:
 
 
 def passed_argv(container: dict[str, Any]) -> list[str]:
-    return [passed(a) for a in [*container["command"], *container.get("args", [])]]
+    """The argv the process receives; ``$(SCALEODM_SM_CLUSTER)``, the one reference meant to
+    be expanded (a whole argv item of ours), as the URL it stands for."""
+    return [SM_URL if a == workflows.SM_CLUSTER_REFERENCE else passed(a)
+            for a in [*container["command"], *container.get("args", [])]]
+
+
+SM_URL = "<sm-cluster URL from the task's Secret>"
 
 
 @pytest.mark.parametrize("preset", IDS)
@@ -243,6 +267,7 @@ def test_no_shell_and_options_are_whole_argv_items(preset: str) -> None:
         "python3",
         "/code/run.py",
         *to_engine_args(spec.options),
+        *(["--sm-cluster", SM_URL] if preset == "split" else []),
         "--project-path",
         "/workspace",
         TASK_ID,
@@ -250,6 +275,22 @@ def test_no_shell_and_options_are_whole_argv_items(preset: str) -> None:
     for option in spec.options:
         if not isinstance(option["value"], bool):
             assert str(option["value"]) in main["args"]
+
+
+def test_a_split_task_reads_its_sm_cluster_url_from_its_secret() -> None:
+    """Only a task with ``split`` (and split-merge configured) gets ``--sm-cluster``, from an
+    env var of its own Secret: no token in the manifest. The default preset, built the same
+    way, gets none."""
+    main = containers(build("split"))["main"]
+    assert [v for v in main["env"] if v["name"] == workflows.SM_CLUSTER_ENV] == [
+        {"name": workflows.SM_CLUSTER_ENV, "valueFrom": {"secretKeyRef": {
+            "name": f"scaleodm-sm-{TASK_ID}", "key": "url"}}}]
+    assert main["args"].count(workflows.SM_CLUSTER_REFERENCE) == 1
+    assert "token=" not in dump(build("split")) and "sm." not in dump(build("split"))
+    assert "--sm-cluster" not in containers(build("default"))["main"]["args"]
+    spec, settings = PRESETS["split"]
+    plain = workflows.build_workflow(spec, settings, shard=0, step_env=STEP_ENV)
+    assert "--sm-cluster" not in containers(plain)["main"]["args"]
 
 
 @pytest.mark.parametrize("preset", IDS)

@@ -112,11 +112,13 @@ class ResourceType:
 WORKFLOWS = ResourceType("workflows", "argoproj.io", "v1alpha1", "Workflow")
 PODS = ResourceType("pods", "", "v1", "Pod")
 CONFIGMAPS = ResourceType("configmaps", "", "v1", "ConfigMap")
+SECRETS = ResourceType("secrets", "", "v1", "Secret")
 RESOURCES: dict[str, ResourceType] = {
-    WORKFLOWS.plural: WORKFLOWS, PODS.plural: PODS, CONFIGMAPS.plural: CONFIGMAPS
+    WORKFLOWS.plural: WORKFLOWS, PODS.plural: PODS, CONFIGMAPS.plural: CONFIGMAPS,
+    SECRETS.plural: SECRETS,
 }
 #: Resources clients may create, patch and delete over HTTP (pods are the controller's).
-WRITABLE = frozenset({WORKFLOWS, CONFIGMAPS})
+WRITABLE = frozenset({WORKFLOWS, CONFIGMAPS, SECRETS})
 
 
 # --------------------------------------------------------------------------------------- errors

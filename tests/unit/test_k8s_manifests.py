@@ -102,7 +102,9 @@ DURABLE_OF_PROGRAM = {
 # stack-notes §3: (apiGroup, resource, verb) per ServiceAccount; nobody else gets any.
 EXPECTED_RBAC: dict[str, set[tuple[str, str, str]]] = {
     "scaleodm-scheduler": {
-        ("argoproj.io", "workflows", v) for v in ("create", "get", "patch", "delete")
+        *(("argoproj.io", "workflows", v) for v in ("create", "get", "patch", "delete")),
+        # a splitting task's Secret (its --sm-cluster URL): written and deleted, never read
+        *(("", "secrets", v) for v in ("create", "delete")),
     },
     "scaleodm-watcher": {
         *(("argoproj.io", "workflows", v) for v in ("get", "list", "watch")),

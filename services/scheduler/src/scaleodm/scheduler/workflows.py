@@ -85,6 +85,7 @@ from typing import Any, Final
 from hera.workflows import models as m
 
 from scaleodm.common import argoruns
+from scaleodm.common import splitmerge
 from scaleodm.common.contracts.commands import RunSpec
 from scaleodm.common.contracts.ids import is_task_id, run_name
 from scaleodm.common.domain.options import to_engine_args
@@ -308,9 +309,34 @@ def _synchronization(spec: RunSpec, settings: ArgoSettings) -> m.Synchronization
 # The key of the global cap in the capacity ConfigMap (the others are the size classes' names).
 CAPACITY_ALL = "all"
 
+# Split-merge on the cluster (``splitmerge``): ODM's ``--sm-cluster`` URL holds a token, so it
+# lives in a Secret of its task (the executor creates it before the Workflow) and reaches ODM
+# through an env var Kubernetes expands in the args: the manifest never holds it.
+SM_CLUSTER_ENV: Final = "SCALEODM_SM_CLUSTER"
+SM_CLUSTER_KEY: Final = "url"
+SM_CLUSTER_REFERENCE: Final = f"$({SM_CLUSTER_ENV})"
+
+
+def sm_cluster_secret(task_id: str) -> str:
+    """The name of the Secret holding a splitting task's ``--sm-cluster`` URL."""
+    return f"scaleodm-sm-{task_id}"
+
+
+def _add_sm_cluster(manifest: dict[str, Any], task_id: str) -> None:
+    """ODM's ``--sm-cluster`` from the task's Secret, after the escaping: the one ``$(VAR)``
+    of the manifest Kubernetes is meant to expand (a name of ours, no user text)."""
+    (template,) = manifest["spec"]["templates"]
+    main = next(c for c in template["containerSet"]["containers"]
+                if c["name"] == argoruns.ENGINE_CONTAINER)
+    at = main["args"].index("--project-path")
+    main["args"][at:at] = ["--sm-cluster", SM_CLUSTER_REFERENCE]
+    main.setdefault("env", []).append({"name": SM_CLUSTER_ENV, "valueFrom": {"secretKeyRef": {
+        "name": sm_cluster_secret(task_id), "key": SM_CLUSTER_KEY}}})
+
 
 def build_workflow(
-    spec: RunSpec, settings: ArgoSettings, *, shard: int, step_env: Mapping[str, str]
+    spec: RunSpec, settings: ArgoSettings, *, shard: int, step_env: Mapping[str, str],
+    sm_cluster: bool = False,
 ) -> dict[str, Any]:
     """The Workflow manifest of ``spec``'s attempt, camelCase, ``None`` fields omitted.
 
@@ -320,6 +346,8 @@ def build_workflow(
     from the Secret ``settings.s3_secret``. ``ValueError`` for a task id that is not a uuid or
     for credentials in ``step_env``; ``ArgoTemplateError`` for an option value holding ``{{``.
     Every container string Kubernetes would expand is escaped (``$`` → ``$$``, module docstring).
+    ``sm_cluster``: split-merge on the cluster is configured; a task that splits then gets
+    ``--sm-cluster`` from its Secret (``sm_cluster_secret``).
     """
     if not is_task_id(spec.task_id):
         raise ValueError(f"not a task uuid: {spec.task_id!r}")
@@ -391,4 +419,6 @@ def build_workflow(
     manifest: dict[str, Any] = workflow.model_dump(mode="json", by_alias=True, exclude_none=True)
     # Last step, over every container: nothing the kubelet expands is left unescaped.
     escape_for_kubernetes(_containers(manifest))
+    if sm_cluster and splitmerge.splits(spec.options):
+        _add_sm_cluster(manifest, spec.task_id)
     return manifest

@@ -15,7 +15,7 @@ from typing import Any
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from scaleodm.common import argoruns
+from scaleodm.common import argoruns, splitmerge
 from scaleodm.common.contracts.commands import RunSpec
 from scaleodm.common.contracts.ids import run_name
 from scaleodm.common.logging import get_logger
@@ -56,12 +56,16 @@ class ArgoExecutor:
         self.settings = settings
         self.argo = settings.argo
         self.custom = client.CustomObjectsApi(api)
+        self.core = client.CoreV1Api(api)
 
     async def start(self, spec: RunSpec) -> StartOutcome:
+        split = self.settings.split
         manifest = workflows.build_workflow(
             spec, self.argo, shard=argoruns.shard_of(spec.task_id, self.argo.shards),
-            step_env=step_env(self.settings),
+            step_env=step_env(self.settings), sm_cluster=split.enabled,
         )
+        if split.enabled and splitmerge.splits(spec.options):
+            await self._sm_cluster_secret(spec.task_id)
         try:
             await self.custom.create_namespaced_custom_object(
                 argoruns.GROUP, argoruns.VERSION, self.argo.namespace, argoruns.PLURAL, manifest,
@@ -73,6 +77,28 @@ class ArgoExecutor:
             raise
         log.info("workflow created", workflow=manifest["metadata"]["name"])
         return StartOutcome.STARTED
+
+    async def _sm_cluster_secret(self, task_id: str) -> None:
+        """The task's ``--sm-cluster`` URL, token included, in a Secret of its own (the
+        Workflow reads it by name; ``remove`` deletes it). Its content is a function of the
+        task, so an existing one (a redelivery) is the same."""
+        split = self.settings.split
+        assert split.token_key is not None and split.cluster_url is not None
+        url = splitmerge.cluster_url(split.cluster_url,
+                                     splitmerge.scoped_token(split.token_key, task_id))
+        body = client.V1Secret(
+            api_version="v1", kind="Secret", type="Opaque",
+            metadata=client.V1ObjectMeta(
+                name=workflows.sm_cluster_secret(task_id), namespace=self.argo.namespace,
+                labels={argoruns.LABEL_TASK: task_id,
+                        argoruns.LABEL_MANAGED_BY: argoruns.MANAGED_BY}),
+            string_data={workflows.SM_CLUSTER_KEY: url})
+        try:
+            await self.core.create_namespaced_secret(
+                self.argo.namespace, body, _request_timeout=self.argo.request_timeout_s)
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
 
     async def cancel(self, task_id: str, attempt: int) -> bool:
         name = run_name(task_id, attempt)
@@ -102,6 +128,13 @@ class ArgoExecutor:
             except ApiException as exc:
                 if exc.status != 404:
                     raise
+        try:
+            await self.core.delete_namespaced_secret(
+                workflows.sm_cluster_secret(task_id), self.argo.namespace,
+                _request_timeout=self.argo.request_timeout_s)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
 
     async def close(self) -> None:
         await self.api.close()
