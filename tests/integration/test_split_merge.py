@@ -31,7 +31,6 @@ import httpx
 import pytest
 from pydantic import SecretStr
 from pyodm import Node
-from pyodm.types import TaskStatus
 
 from scaleodm.common import splitmerge
 from tests.harness import api, data, servers

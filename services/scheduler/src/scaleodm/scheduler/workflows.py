@@ -84,8 +84,7 @@ from typing import Any, Final
 
 from hera.workflows import models as m
 
-from scaleodm.common import argoruns
-from scaleodm.common import splitmerge
+from scaleodm.common import argoruns, splitmerge
 from scaleodm.common.contracts.commands import RunSpec
 from scaleodm.common.contracts.ids import is_task_id, run_name
 from scaleodm.common.domain.options import to_engine_args
