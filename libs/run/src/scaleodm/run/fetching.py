@@ -1,4 +1,5 @@
-"""Bringing a run's inputs into its project: ``images/`` flattened, plus GCP/geo text files.
+"""Bringing a run's inputs into its project: ``images/`` flattened, plus GCP/geo text files and
+the split-merge ``seed.zip``.
 
 Sources are http(s) URLs of zips, ``s3://`` zip objects, or ``s3://bucket/prefix/`` folders of
 images and/or zips. Archives are extracted flattened (no paths, so no traversal), non-images are
@@ -6,6 +7,17 @@ dropped except ``.txt`` control files (GCP, geo, image groups; a zip inside a zi
 never extracted), and name clashes get NodeODM's ``_`` suffix. http(s) downloads go through the
 outbound guard (``netguard``): every connection, redirects included, is checked on the address
 it connects to.
+
+One upload is not an input but a piece of project: ODM's split-merge client sends each submodel
+with a file named exactly ``seed.zip`` (``opendm/remote.py``, ``create_seed_payload``) holding
+OpenSfM state under project-relative paths, and NodeODM extracts it into the project root with
+its paths kept (``taskNew.js``, ``handleSeed``). ``extract_seed`` does the same for an object
+named ``seed.zip`` directly in the task's own upload prefix (a zipurl's archive, an operator's
+bucket or a zip inside a zip never holds a seed: NodeODM renames those). Keeping paths is what
+the flattening above exists to avoid, so every entry is checked before anything is written: no
+absolute path, drive letter, backslash, ``..`` or control character, no symbolic link, nothing
+that resolves outside the project, nothing in ``images/`` (a seed adds no image) or in the
+fetch's scratch folder; one bad entry refuses the whole seed, and the fetch with it.
 
 Hostile inputs are bounded by ``Limits`` (``SchedulerSettings``), each checked twice: up front on
 what the archive declares (entry count, member sizes), and again on the bytes actually written,
@@ -34,9 +46,11 @@ does ("No images found", ``stages.NO_IMAGES``).
 
 from __future__ import annotations
 
+import contextlib
 import posixpath
 import re
 import shutil
+import stat
 import struct
 import zipfile
 import zlib
@@ -73,6 +87,9 @@ _DAMAGED: Final = (
     "compression method"
 )
 _SHOWN_MAX: Final = 200
+SEED_NAME: Final = "seed.zip"  # exactly, case-sensitive: NodeODM's handleSeed compares so
+SCRATCH_DIR: Final = ".downloads"  # in the project: the fetch's downloads, removed at its end
+_DRIVE = re.compile(r"[A-Za-z]:")
 
 
 class InputError(Exception):
@@ -416,6 +433,144 @@ def extract_zip(
     return len(created)
 
 
+def _seed_refused(name: str, why: str) -> InputError:
+    return InputError(f"seed.zip refused: entry '{shown(name, _SHOWN_MAX)}' {why}")
+
+
+_OUTSIDE: Final = "would land outside the project"
+
+
+def _escapes(name: str) -> bool:
+    """A name that means a place outside any folder it is extracted into, on any system."""
+    return (
+        name.startswith("/")
+        or _DRIVE.match(name) is not None
+        or ".." in name.split("/")
+    )
+
+
+def _is_symlink(info: zipfile.ZipInfo) -> bool:
+    # Unix mode bits live in the high half of the external attributes; a zip made elsewhere
+    # leaves them 0, which is no link either.
+    return stat.S_ISLNK(info.external_attr >> 16)
+
+
+def _seed_target(root: Path, info: zipfile.ZipInfo) -> Path | None:
+    """Where entry ``info`` of a seed lands under ``root`` (resolved), or None for the root
+    itself; ``InputError`` naming the entry when it may not land anywhere."""
+    name = info.filename
+    if _is_symlink(info):
+        raise _seed_refused(name, "is a symbolic link")
+    if _CONTROL.search(name):
+        raise _seed_refused(name, "has a control character in its name")
+    if "\\" in name:
+        # Windows reads a backslash as a separator; whatever it means here, no ODM seed has one.
+        if _escapes(name.replace("\\", "/")):
+            raise _seed_refused(name, _OUTSIDE)
+        raise _seed_refused(name, "has a backslash in its name")
+    if _escapes(name):
+        raise _seed_refused(name, _OUTSIDE)
+    parts = [part for part in name.split("/") if part not in ("", ".")]
+    if not parts:
+        return None
+    # Case-insensitively: on a case-insensitive disk ``Images/`` is ``images/``.
+    if parts[0].lower() == "images":
+        raise _seed_refused(name, "is in images/ (a seed must not add images)")
+    if parts[0] == SCRATCH_DIR:
+        raise _seed_refused(name, "is in a folder the service reserves")
+    target = root.joinpath(*parts)
+    # A folder already in the project may be a link elsewhere: judge where bytes would go.
+    if not target.resolve().is_relative_to(root):
+        raise _seed_refused(name, _OUTSIDE)
+    return target
+
+
+def _seed_dirs(root: Path, folder: Path, name: str, written: list[Path]) -> None:
+    """Create ``folder`` (under ``root``) one level at a time, recording the levels made."""
+    current = root
+    for part in folder.relative_to(root).parts:
+        current = current / part
+        if current.is_dir():
+            continue
+        if current.exists() or current.is_symlink():
+            raise _seed_refused(name, "conflicts with a file of the same name")
+        current.mkdir()
+        written.append(current)
+
+
+def extract_seed(
+    archive: Path, project: Path, limits: Limits, budget: DiskBudget | None = None
+) -> list[Path]:
+    """Extract ODM's ``seed.zip`` into ``project`` with its paths kept, within ``limits``.
+
+    Every entry is checked (``_seed_target``) and the declared sizes are bounded before anything
+    is written; files are then written with the chunked, capped loop of ``extract_zip``. Returns
+    the files and folders it created, parents before children (the caller removes them if the
+    fetch fails later). On any refusal or error they are removed here and their bytes released
+    from ``budget`` (a budget of its own, ``limits.disk_bytes``, when none is given). An entry
+    naming an existing file overwrites it, as NodeODM's unzip does.
+    """
+    budget = budget or DiskBudget(limits.disk_bytes)
+    archive_size = archive.stat().st_size
+    _check_directory(archive, limits)
+    try:
+        zf = zipfile.ZipFile(archive)
+    except (*_ZIP_READ_ERRORS, OSError) as exc:
+        log.warning("seed is not a zip archive", error=repr(exc))
+        raise InputError("Could not extract seed.zip: not a valid zip archive") from exc
+    root = project.resolve()
+    written: list[Path] = []
+    charged = 0
+    try:
+        with zf:
+            members = zf.infolist()
+            if len(members) > limits.entries:
+                raise limits.too_many_entries(len(members))
+            plan = [(info, _seed_target(root, info)) for info in members]
+            _check_declared([i for i in members if not i.is_dir()], limits, budget, archive_size)
+            expanded = 0
+            for info, target in plan:
+                if target is None:
+                    continue
+                if info.is_dir():
+                    _seed_dirs(root, target, info.filename, written)
+                    continue
+                _seed_dirs(root, target.parent, info.filename, written)
+                if target.is_dir() or target.is_symlink():
+                    raise _seed_refused(info.filename, "conflicts with a folder of the same name")
+                cap = _member_cap(info, limits, archive_size)
+                with _open_member(zf, info) as src, target.open("wb") as out:
+                    written.append(target)
+                    size = 0
+                    while chunk := _read(src):
+                        size += len(chunk)
+                        expanded += len(chunk)
+                        if expanded > limits.expanded_bytes:
+                            raise limits.too_large_expanded()
+                        if size > cap:
+                            raise limits.too_high_ratio()
+                        budget.charge(len(chunk))
+                        charged += len(chunk)
+                        out.write(chunk)
+    except BaseException:
+        remove_written(written)
+        budget.release(charged)
+        raise
+    log.info("seed extracted", files=sum(1 for p in written if not p.is_dir()))
+    return written
+
+
+def remove_written(paths: list[Path]) -> None:
+    """Remove files and folders an extraction created, children first; a folder something else
+    has put a file in since stays."""
+    for path in reversed(paths):
+        if path.is_dir() and not path.is_symlink():
+            with contextlib.suppress(OSError):
+                path.rmdir()
+        else:
+            path.unlink(missing_ok=True)
+
+
 async def _download_http(
     url: str, path: Path, limits: Limits, budget: DiskBudget, timeout_s: float,
     outbound: netguard.OutboundPolicy,
@@ -472,17 +627,19 @@ async def fetch_inputs(
 ) -> int:
     """Fill ``images`` from every source; returns the number of images it holds.
 
-    ``task_id`` is the run's task (whose own uploads it may read from S3); ``outbound`` says
-    which non-public addresses http(s) sources may use (default: none). On failure everything
-    this call wrote into ``images`` is removed.
+    ``task_id`` is the run's task (whose own uploads it may read from S3; a ``seed.zip`` among
+    them is extracted into the project, ``images.parent``); ``outbound`` says which non-public
+    addresses http(s) sources may use (default: none). On failure everything this call wrote
+    into ``images`` and the project is removed.
     """
     outbound = outbound or netguard.OutboundPolicy()
     created = not images.exists()
     images.mkdir(parents=True, exist_ok=True)
     before = {p.name for p in images.iterdir()}
-    scratch = images.parent / ".downloads"
+    scratch = images.parent / SCRATCH_DIR
     scratch.mkdir(exist_ok=True)
     budget = DiskBudget(limits.disk_bytes)
+    seeded: list[Path] = []
     try:
         for n, source in enumerate(sources):
             if source.startswith(("http://", "https://")):
@@ -490,11 +647,14 @@ async def fetch_inputs(
                 await _download_http(source, archive, limits, budget, timeout_s, outbound)
                 _extract_and_drop(archive, images, limits, budget)
             elif source.startswith("s3://"):
-                await _fetch_s3(_parse_s3(source), images, scratch, s3, task_id, limits, budget)
+                await _fetch_s3(
+                    _parse_s3(source), images, scratch, s3, task_id, limits, budget, seeded
+                )
             else:
                 raise InputError("Unsupported input URL (expected http://, https:// or s3://)")
     except BaseException as exc:
         log.warning("inputs not fetched", error=repr(exc), disk_peak_bytes=budget.peak)
+        remove_written(seeded)
         if created:
             shutil.rmtree(images, ignore_errors=True)
         else:
@@ -512,6 +672,18 @@ def _extract_and_drop(archive: Path, images: Path, limits: Limits, budget: DiskB
     """Extract a downloaded archive, then delete it and give its bytes back to the budget."""
     try:
         extract_zip(archive, images, limits, budget)
+    finally:
+        size = archive.stat().st_size if archive.exists() else 0
+        archive.unlink(missing_ok=True)
+        budget.release(size)
+
+
+def _seed_and_drop(
+    archive: Path, project: Path, limits: Limits, budget: DiskBudget, seeded: list[Path]
+) -> None:
+    """``extract_seed`` into the project, then delete the archive as ``_extract_and_drop``."""
+    try:
+        seeded += extract_seed(archive, project, limits, budget)
     finally:
         size = archive.stat().st_size if archive.exists() else 0
         archive.unlink(missing_ok=True)
@@ -540,10 +712,19 @@ def _unreadable(url: S3Url) -> InputError:
     )
 
 
+def _is_seed(obj: S3Url, task_id: str, bucket: str) -> bool:
+    """ODM's ``seed.zip`` as uploaded to this task: straight under its own upload prefix, the
+    name exact (NodeODM looks for ``images/seed.zip``, nothing else)."""
+    own = s3mod.task_inputs(bucket, task_id)
+    return obj.bucket == own.bucket and obj.key == own.key + SEED_NAME
+
+
 async def _fetch_s3(
     url: S3Url, images: Path, scratch: Path, s3: S3, task_id: str, limits: Limits,
-    budget: DiskBudget,
+    budget: DiskBudget, seeded: list[Path],
 ) -> None:
+    """One ``s3://`` source into ``images``; a seed goes to the project, its paths in ``seeded``."""
+
     def allowed(target: S3Url) -> bool:
         return s3mod.input_allowed(
             target, task_id=task_id, bucket=s3.settings.bucket, allow=s3.settings.input_allow
@@ -575,7 +756,10 @@ async def _fetch_s3(
                 raise limits.too_large_download()
             archive = scratch / "s3.zip"
             await _download_s3(s3, obj, url, archive, budget, limits)
-            _extract_and_drop(archive, images, limits, budget)
+            if _is_seed(obj, task_id, s3.settings.bucket):
+                _seed_and_drop(archive, images.parent, limits, budget, seeded)
+            else:
+                _extract_and_drop(archive, images, limits, budget)
         elif _wanted(name):
             if size is not None:
                 budget.check(size)

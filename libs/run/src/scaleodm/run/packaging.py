@@ -7,6 +7,7 @@ logged.
 
 from __future__ import annotations
 
+import posixpath
 import zipfile
 from pathlib import Path
 
@@ -55,24 +56,46 @@ def write_task_output(console: Path, project: Path) -> None:
 
 
 def collect(project: Path, outputs: list[str] | None) -> list[Path]:
-    """Files to ship, in list order; directories recursively; missing entries skipped."""
+    """Files to ship, in list order; directories recursively; missing entries skipped.
+
+    As NodeODM (§7.2) each path is normalised first (``opensfm/../cameras.json`` is
+    ``cameras.json``); one that still leaves the project (``..``, absolute) or names the project
+    itself (the inputs with it) is skipped. Every file is judged where it really is, so a link
+    out of the project, requested or met inside a requested folder, ships nothing. Files keep
+    the name they were asked by (a link's target's name would move them in ``all.zip``), and a
+    file asked twice, itself and through its folder, as ODM's split-merge lists may do, ships
+    once.
+    """
+    root = project.resolve()
     files: list[Path] = []
+    seen: set[Path] = set()
+
+    def add(path: Path) -> None:
+        if path not in seen and path.is_file() and path.resolve().is_relative_to(root):
+            seen.add(path)
+            files.append(path)
+
     for rel in outputs or DEFAULT_OUTPUTS:
-        path = (project / rel).resolve()
-        if not path.is_relative_to(project.resolve()):
+        norm = posixpath.normpath(rel.replace("\\", "/"))
+        if norm in (".", "..") or norm.startswith(("../", "/")):
+            continue
+        path = root / norm
+        if not path.resolve().is_relative_to(root):
             continue
         if path.is_dir():
-            files.extend(sorted(p for p in path.rglob("*") if p.is_file()))
-        elif path.is_file():
-            files.append(path)
+            for found in sorted(path.rglob("*")):
+                add(found)
+        else:
+            add(path)
     return files
 
 
 def build_zip(project: Path, files: list[Path], dest: Path) -> None:
     """No top-level folder in the archive; deflate level 1 as NodeODM's zip fallback."""
+    root = project.resolve()
     with zipfile.ZipFile(dest, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
         for path in files:
-            zf.write(path, path.relative_to(project.resolve()).as_posix())
+            zf.write(path, path.relative_to(root).as_posix())
 
 
 class UploadError(Exception):
