@@ -28,6 +28,36 @@ name (default ``code``, as in ODM) unless it is the value of a known valued opti
     no orthophoto / no report outputs.
 ``--pc-ept`` / ``--3d-tiles``
     write ``entwine_pointcloud/`` / ``3d_tiles/``.
+``--skip-3dmodel``
+    no ``odm_meshing/odm_mesh.ply``; the textured model goes to ``odm_texturing_25d/``.
+``--orthophoto-cutline``
+    also write ``odm_orthophoto/cutline.gpkg`` (a real, tiny GeoPackage); in a *submodel run* (the
+    project directory is named ``submodel_*``, or ``opensfm/features/empty`` exists, as ODM
+    detects it) also ``odm_orthophoto/odm_orthophoto_cut.tif`` and ``..._feathered.tif``.
+``--dem-euclidean-map``
+    also write ``odm_dem/<dsm|dtm>.euclideand.tif`` next to each DEM (and, as ODM, the DSM when
+    only ``--dtm`` is asked).
+``--split <N> --sm-cluster <URL>``
+    split-merge with a remote node, see below. ``--split`` alone (ODM's local split-merge) is not
+    imitated: a warning, then a normal run.
+
+Split-merge (``--split N --sm-cluster URL``, more than ``N`` images, at least one with EXIF GPS —
+without GPS ODM refuses to split, and so does the double): the stages are ``dataset``, ``split``,
+``merge``, ``odm_postprocess``, as in ODM. ``split`` cuts the images (sorted by name) into
+``ceil(count / N)`` submodels under ``submodels/submodel_NNNN/`` (images linked, placeholder seed
+files in ``opensfm/``), then runs ODM's toolchain phase of ``LocalRemoteExecutor``: the local
+worker processes one submodel at a time in-process (its share of the split time, then the child's
+placeholder outputs); while it is busy, the remote worker sends the next submodel to the node with
+PyODM (``Node.from_url``, so ``?token=`` is honoured) exactly as ODM would — images + ``seed.zip``,
+the parent's options rewritten like ODM's ``get_submodel_args_dict``, ``skip_post_processing`` and
+ODM's toolchain ``outputs`` —, waits for it, downloads ``all.zip`` into the submodel directory and
+removes the remote task. A queued task ("task limit reached") is removed and re-queued; other
+errors are retried up to 5 times after ``retries x ODM_TEST_ENGINE_RETRY_S``; a failed remote task
+fails the run (exit 1, a Python traceback on stderr as ODM's). ``merge`` checks that every
+submodel has its outputs (exit 1 with an ``[ERROR]`` line if not) and writes the merged orthophoto,
+DEMs, point cloud, ``shots.geojson`` and ``cameras.json``. Only the toolchain phase is imitated:
+ODM's first phase (OpenSfM reconstruction of each submodel, on the node too) and the alignment are
+skipped. See :mod:`odm_test_engine.splitmerge`.
 
 Test-double controls (environment variables):
 
@@ -44,6 +74,12 @@ Test-double controls (environment variables):
 ``ODM_TEST_ENGINE_FAIL_STAGE``
     stage at which to fail (default ``opensfm``). If that stage is not executed
     (``--fast-orthophoto`` with ``openmvs``, or a stage after ``--end-with``) the run succeeds.
+``ODM_TEST_ENGINE_RETRY_S``
+    split-merge: the backoff unit before a remote submodel is retried (float >= 0, default
+    ``10``, ODM's ``retry_timeout``).
+``ODM_TEST_ENGINE_POLL_S``
+    split-merge: how often a remote task's status is polled (float > 0, default ``3``, PyODM's
+    ``wait_for_completion`` interval, which ODM keeps).
 ``ODM_TEST_ENGINE_PROGRESS_PORT``
     UDP port for the ``PGUP/<pid>/<project-name>/<percent>`` progress datagrams (default ``6367``,
     ODM's port; always sent to ``127.0.0.1``, best effort).
@@ -65,9 +101,12 @@ Invalid test-double settings are reported on stderr and the program exits with 2
 anything else.
 
 Exit codes: 0 success; 1 no images (``[ERROR]   Not enough supported images in ...``); the
-``ODM_TEST_ENGINE_FAIL`` code on injected failure; 2 usage/configuration error; 143 on SIGTERM and
-130 on SIGINT (the program stops at once and writes no further output files; no ``log.json`` is
-written in that case); 141 when stdout is closed by its reader (as if killed by SIGPIPE).
+``ODM_TEST_ENGINE_FAIL`` code on injected failure (a local split-merge submodel holding the marker
+image fails the run the same way); 1 for split-merge failures; 2 usage/configuration error; 143 on
+SIGTERM and 130 on SIGINT (the program stops at once and writes no further output files; no
+``log.json`` is written in that case — during split-merge it first removes the remote tasks it
+still knows, for at most 10 s, as ODM's cleanup callback does; ODM itself then exits with 1, the
+double keeps 143/130); 141 when stdout is closed by its reader (as if killed by SIGPIPE).
 """
 
 __version__ = "0.1.0"

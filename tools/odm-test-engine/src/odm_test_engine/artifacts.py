@@ -8,9 +8,10 @@ derived from the input image positions so that bounds and counts are consistent 
 * PNG, PDF 1.4 (one page), ASCII PLY (point cloud and mesh), OBJ + MTL, binary glTF (GLB);
 * LAS 1.2 point format 2 for ``*.laz`` files — **uncompressed** despite the name (LAZ compression is
   out of scope);
-* JSON documents: ``images.json``, ``cameras.json``, OpenSfM ``reconstruction.json``,
-  ``shots.geojson``, Entwine
-  ``ept.json`` and 3D Tiles ``tileset.json``.
+* JSON documents: ``images.json``, ``cameras.json``, OpenSfM ``reconstruction.json`` and
+  ``reference_lla.json``, ``shots.geojson``, Entwine ``ept.json`` and 3D Tiles ``tileset.json``;
+* an OpenSfM ``tracks.csv`` and a GeoPackage (``cutline.gpkg``: one polygon layer, built with the
+  standard library's ``sqlite3``) for split-merge.
 
 None of this is a processing result: the numbers are synthetic.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import sqlite3
 import struct
 import zlib
 from collections.abc import Sequence
@@ -659,3 +661,85 @@ def shots_geojson(scene: Scene) -> bytes:
             }
         )
     return to_json({"type": "FeatureCollection", "features": features})
+
+
+def reference_lla_json(scene: Scene) -> bytes:
+    """OpenSfM ``reference_lla.json``: the origin of the local coordinates (a split-merge seed)."""
+    return to_json({"latitude": scene.south, "longitude": scene.west, "altitude": scene.ground})
+
+
+def tracks_csv(scene: Scene) -> bytes:
+    """An OpenSfM ``tracks.csv`` (v2 header, one observation of one track per image)."""
+    lines = ["OPENSFM_TRACKS_VERSION_v2"]
+    for n, image in enumerate(scene.images):
+        lines.append(f"{image.filename}\t{n}\t{n}\t0.0\t0.0\t0.004\t96\t128\t64\t-1\t-1")
+    return ("\n".join(lines) + "\n").encode()
+
+
+def geopackage(scene: Scene, layer: str = "cutline") -> bytes:
+    """A GeoPackage 1.3 with one polygon layer holding the scene footprint (EPSG:4326).
+
+    Built in memory with :mod:`sqlite3` and returned with ``Connection.serialize`` so that the file
+    opens in GDAL/QGIS like ODM's ``cutline.gpkg`` does; the polygon itself means nothing.
+    """
+    ring = [
+        (scene.west, scene.south),
+        (scene.east, scene.south),
+        (scene.east, scene.north),
+        (scene.west, scene.north),
+        (scene.west, scene.south),
+    ]
+    wkb = struct.pack("<BIII", 1, 3, 1, len(ring)) + b"".join(struct.pack("<2d", *p) for p in ring)
+    # GeoPackage binary header: magic, version 0, flags (little-endian, xy envelope), srs id
+    header = b"GP\x00\x03" + struct.pack(
+        "<i4d", 4326, scene.west, scene.east, scene.south, scene.north
+    )
+    connection = sqlite3.connect(":memory:")
+    try:
+        connection.executescript(
+            f"""
+            PRAGMA application_id = 1196444487;
+            PRAGMA user_version = 10300;
+            CREATE TABLE gpkg_spatial_ref_sys (
+                srs_name TEXT NOT NULL, srs_id INTEGER PRIMARY KEY, organization TEXT NOT NULL,
+                organization_coordsys_id INTEGER NOT NULL, definition TEXT NOT NULL,
+                description TEXT);
+            CREATE TABLE gpkg_contents (
+                table_name TEXT NOT NULL PRIMARY KEY, data_type TEXT NOT NULL,
+                identifier TEXT UNIQUE, description TEXT DEFAULT '',
+                last_change DATETIME NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ','now')),
+                min_x DOUBLE, min_y DOUBLE, max_x DOUBLE, max_y DOUBLE, srs_id INTEGER);
+            CREATE TABLE gpkg_geometry_columns (
+                table_name TEXT NOT NULL, column_name TEXT NOT NULL,
+                geometry_type_name TEXT NOT NULL, srs_id INTEGER NOT NULL, z TINYINT NOT NULL,
+                m TINYINT NOT NULL, PRIMARY KEY (table_name, column_name));
+            CREATE TABLE "{layer}" (fid INTEGER PRIMARY KEY AUTOINCREMENT, geom POLYGON);
+            """
+        )
+        connection.executemany(
+            "INSERT INTO gpkg_spatial_ref_sys VALUES (?, ?, ?, ?, ?, ?)",
+            [
+                ("Undefined cartesian SRS", -1, "NONE", -1, "undefined", None),
+                ("Undefined geographic SRS", 0, "NONE", 0, "undefined", None),
+                ("WGS 84 geodetic", 4326, "EPSG", 4326, _WGS84_WKT, None),
+            ],
+        )
+        connection.execute(
+            "INSERT INTO gpkg_contents (table_name, data_type, identifier, description,"
+            " min_x, min_y, max_x, max_y, srs_id) VALUES (?, 'features', ?, ?, ?, ?, ?, ?, 4326)",
+            (layer, layer, GENERATOR, scene.west, scene.south, scene.east, scene.north),
+        )
+        connection.execute(
+            "INSERT INTO gpkg_geometry_columns VALUES (?, 'geom', 'POLYGON', 4326, 0, 0)", (layer,)
+        )
+        connection.execute(f'INSERT INTO "{layer}" (geom) VALUES (?)', (header + wkb,))
+        connection.commit()
+        return connection.serialize()
+    finally:
+        connection.close()
+
+
+_WGS84_WKT = (
+    'GEOGCS["WGS 84",DATUM["WGS_1984",SPHEROID["WGS 84",6378137,298.257223563]],'
+    'PRIMEM["Greenwich",0],UNIT["degree",0.0174532925199433],AUTHORITY["EPSG","4326"]]'
+)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import threading
 from datetime import datetime
 
 _COLOURS = {
@@ -23,18 +24,22 @@ _COLOURS = {
     "DEBUG": "\x1b[92m",
 }
 _RESET = "\x1b[0m"
+# split-merge logs from worker threads: one line at a time, never two interleaved
+_WRITE_LOCK = threading.Lock()
 
 
 def write_line(text: str) -> None:
     """Write one line to stdout and flush it (the only place where the program writes to stdout)."""
-    sys.stdout.write(text + "\n")
-    sys.stdout.flush()
+    with _WRITE_LOCK:
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
 
 
 def write_error(text: str) -> None:
-    """Write one diagnostic line to stderr (used for usage/configuration errors only)."""
-    sys.stderr.write(text + "\n")
-    sys.stderr.flush()
+    """Write one diagnostic line to stderr (usage/configuration errors, split-merge tracebacks)."""
+    with _WRITE_LOCK:
+        sys.stderr.write(text + "\n")
+        sys.stderr.flush()
 
 
 def odm_timestamp(moment: datetime | None = None) -> str:

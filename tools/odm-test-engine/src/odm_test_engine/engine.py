@@ -4,16 +4,18 @@
 Nothing here processes images. The engine prints ODM's startup block, plays back each stage plan
 from :mod:`odm_test_engine.stages` between ``Running <stage> stage`` / ``Finished <stage> stage``
 markers, sends the ``PGUP`` progress datagrams, writes the placeholder outputs and ``log.json``, and
-exits like ODM would.
+exits like ODM would. A split-merge run (:mod:`odm_test_engine.splitmerge`) replaces the split and
+merge plans with the remote executor and the merge of the submodels' outputs, and then, as ODM,
+jumps to the last stage.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -22,10 +24,18 @@ from datetime import datetime
 from pathlib import Path
 from types import FrameType
 
-from . import ODM_VERSION
+from . import ODM_VERSION, splitmerge
 from .artifacts import Scene, to_json
 from .cli import STAGES, Invocation
-from .console import Console, ProgressSender, odm_timestamp, opensfm_timestamp, write_line
+from .console import (
+    Console,
+    ProgressSender,
+    odm_timestamp,
+    opensfm_timestamp,
+    write_error,
+    write_line,
+)
+from .failures import InjectedFailure, failure_marker
 from .images import list_images, read_images
 from .stages import (
     STAGE_END_PROGRESS,
@@ -39,11 +49,15 @@ from .stages import (
     Write,
     executed_stages,
     plan,
+    split_size,
+    wants_split,
 )
 
 DEFAULT_SECONDS = 3.0
 DEFAULT_FAIL_STAGE = "opensfm"
 DEFAULT_PROGRESS_PORT = 6367
+DEFAULT_RETRY_S = 10.0  # ODM's Task(retry_timeout=10)
+DEFAULT_POLL_S = 3.0  # PyODM's wait_for_completion(interval=3), which ODM keeps
 
 _SIGNAL_EXIT = {signal.SIGTERM: 143, signal.SIGINT: 130}
 
@@ -60,30 +74,6 @@ class Interrupted(BaseException):
         self.signum = signum
 
 
-FAIL_MARKER = re.compile(r"^odm-test-engine-fail-(\d{1,3})\.", re.IGNORECASE)
-
-
-def failure_marker(paths: list[Path]) -> int | None:
-    """Per-run failure trigger: an input image named ``odm-test-engine-fail-<code>.<ext>``.
-
-    Lets one task of many fail (the environment variable fails every run of a process).
-    """
-    for path in paths:
-        match = FAIL_MARKER.match(path.name)
-        if match and 0 < int(match.group(1)) <= 255:
-            return int(match.group(1))
-    return None
-
-
-class InjectedFailure(Exception):
-    """The sub-process failure injected by ``ODM_TEST_ENGINE_FAIL`` (ODM: SubprocessException)."""
-
-    def __init__(self, code: int, stage: str) -> None:
-        super().__init__(f"Child returned {code}")
-        self.code = code
-        self.stage = stage
-
-
 @dataclass(frozen=True)
 class EngineConfig:
     """Test-double controls read from the environment (see the package docstring)."""
@@ -93,6 +83,8 @@ class EngineConfig:
     fail_stage: str = DEFAULT_FAIL_STAGE
     progress_port: int = DEFAULT_PROGRESS_PORT
     ansi: bool = True
+    retry_s: float = DEFAULT_RETRY_S
+    poll_s: float = DEFAULT_POLL_S
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> EngineConfig:
@@ -143,7 +135,29 @@ class EngineConfig:
                     f"ODM_TEST_ENGINE_PROGRESS_PORT must be 1-65535, got {raw_port!r}"
                 )
 
-        return cls(seconds, fail_code, fail_stage, port, ansi=not env.get("no_ansiesc"))
+        return cls(
+            seconds,
+            fail_code,
+            fail_stage,
+            port,
+            ansi=not env.get("no_ansiesc"),
+            retry_s=_seconds(env, "ODM_TEST_ENGINE_RETRY_S", DEFAULT_RETRY_S, allow_zero=True),
+            poll_s=_seconds(env, "ODM_TEST_ENGINE_POLL_S", DEFAULT_POLL_S, allow_zero=False),
+        )
+
+
+def _seconds(env: Mapping[str, str], name: str, default: float, *, allow_zero: bool) -> float:
+    """A finite duration in seconds from ``env[name]`` (>= 0, or > 0 unless ``allow_zero``)."""
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+    if not (0.0 <= value < float("inf")) or (value == 0.0 and not allow_zero):
+        raise ConfigError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {raw!r}")
+    return value
 
 
 def _failure_explanation(code: int) -> str:
@@ -199,6 +213,9 @@ class Engine:
         self.records: list[_StageRecord] = []
         self.progress = 0.0
         self.sender = ProgressSender(invocation.project_name, config.progress_port)
+        self.end_progress: dict[str, float | None] = dict(STAGE_END_PROGRESS)
+        self.executor: splitmerge.LocalRemoteExecutor | None = None
+        self.submodels: list[splitmerge.Submodel] = []
 
     # --------------------------------------------------------------------------------- entry point
 
@@ -208,7 +225,10 @@ class Engine:
         try:
             return self._run()
         except Interrupted as interrupted:
-            return _SIGNAL_EXIT.get(signal.Signals(interrupted.signum), 128 + interrupted.signum)
+            code = _SIGNAL_EXIT.get(signal.Signals(interrupted.signum), 128 + interrupted.signum)
+            if self.executor is not None and self.executor.started:
+                self._exit_gracefully(code)
+            return code
         except BrokenPipeError:
             # the reader of stdout went away: stop like a process killed by SIGPIPE would
             devnull = os.open(os.devnull, os.O_WRONLY)
@@ -228,8 +248,7 @@ class Engine:
         self._log("INFO", "==============")
 
         chain = executed_stages(self.invocation)
-        weights = {stage: STAGE_TIME_WEIGHT[stage] for stage in chain}
-        total_weight = sum(weights.values()) or 1.0
+        time_weight = STAGE_TIME_WEIGHT
 
         images_dir = self.project_dir / "images"
         self._begin_stage("dataset")
@@ -247,23 +266,148 @@ class Engine:
         context = Context(
             self.invocation, self.project_dir, Scene.from_images(images), self.started
         )
+        split_merge = bool(self.invocation.value("sm-cluster")) and wants_split(
+            self.invocation, context.scene
+        )
+        if split_merge:
+            chain = [s for s in chain if s in splitmerge.PARENT_STAGES]
+            if "merge" not in chain:
+                chain = [s for s in chain if s != "odm_postprocess"]
+            time_weight = splitmerge.TIME_WEIGHT
+            self.end_progress.update(splitmerge.END_PROGRESS)
+        weights = {stage: time_weight[stage] for stage in chain}
+        total_weight = sum(weights.values()) or 1.0
 
         try:
             for stage in chain:
                 if stage != "dataset":
                     self._begin_stage(stage)
                 duration = self.config.seconds * weights[stage] / total_weight
-                self._play(stage, plan(stage, context), duration)
+                if split_merge and stage == "split":
+                    self._split(context, duration)
+                elif split_merge and stage == "merge":
+                    self._play(stage, splitmerge.merge_plan(context, self.submodels), duration)
+                else:
+                    self._play(stage, plan(stage, context), duration)
                 self._finish_stage(stage)
         except InjectedFailure as failure:
             self._dump_failure(failure)
             return failure.code
+        except splitmerge.SplitMergeError as error:
+            # ODM: system.ExitException -> [ERROR] line, log.json error, exit 1
+            self._log("ERROR", str(error))
+            self._write_log_json(success=False, error={"code": 1, "message": str(error)})
+            return 1
+        except splitmerge.ToolchainFailed as failed:
+            # ODM lets the executor's error escape run.py: a Python traceback and exit 1
+            trace = [
+                "Traceback (most recent call last):",
+                '  File "odm_test_engine/splitmerge.py", in run',
+                "    raise error",
+                f"{failed.kind}: {failed}",
+            ]
+            for line in trace:
+                write_error(line)
+            self._write_log_json(
+                success=False,
+                error={"code": 1, "message": str(failed), "stackTrace": "\n".join(trace)},
+            )
+            return 1
 
         if self.invocation.end_with in chain:
             self._log("INFO", "No more stages to run")
         self._log("INFO", f"ODM app finished - {odm_timestamp()}")
         self._write_log_json(success=True)
         return 0
+
+    # ------------------------------------------------------------------------------- split-merge
+
+    def _split(self, context: Context, duration: float) -> None:
+        """ODM's split stage with a cluster node: lay out the submodels, run the toolchain phase.
+
+        The stage's time goes to the local worker, ``duration / submodels`` per local submodel;
+        remote submodels take as long as the node takes.
+        """
+        size = split_size(self.invocation) or 1
+        images = context.scene.images
+        concurrency = self.invocation.value("max-concurrency") or "4"
+        try:
+            reduced = max(1, int(concurrency) - 1)
+        except ValueError:
+            reduced = 1
+        self._log("INFO", f"Setting max-concurrency to {reduced} to better handle remote splits")
+        self._log(
+            "INFO",
+            f"Large dataset detected ({len(images)} photos) and split set at {size}. "
+            "Preparing split merge.",
+        )
+        opensfm = context.path("opensfm")
+        self._log("INFO", f'running "opensfm" create_submodels "{opensfm}"')
+        self.submodels = splitmerge.layout(self.project_dir, images, size)
+        for submodel in self.submodels:
+            with _signals_deferred():
+                splitmerge.link_images(submodel, self.project_dir / "images")
+            for step in splitmerge.seed_steps(submodel):
+                self._write(step)
+        self._log(
+            "INFO",
+            f"Dataset has been split into {len(self.submodels)} submodels. "
+            "Reconstructing each submodel...",
+        )
+        self._checkpoint("split", 25.0)
+        if self.config.fail_code is not None and self.config.fail_stage == "split":
+            raise InjectedFailure(self.config.fail_code, "split")
+
+        url = self.invocation.value("sm-cluster") or ""
+        self.executor = splitmerge.LocalRemoteExecutor(
+            splitmerge.ExecutorSettings(
+                url=url,
+                options=splitmerge.submodel_options(self.invocation),
+                local_seconds=duration / max(len(self.submodels), 1),
+                retry_s=self.config.retry_s,
+                poll_s=self.config.poll_s,
+                started=self.started,
+                log=self._log,
+                write=self._write_file,
+                on_finished=lambda done, total: self._checkpoint(
+                    "split", 25.0 + 75.0 * done / max(total, 1)
+                ),
+            )
+        )
+        self.executor.connect()
+        self.executor.run(self.submodels)
+        self._write(Write("opensfm/split_done.txt", b"Done!\n"))
+
+    def _checkpoint(self, stage: str, percent: float) -> None:
+        """A stage-internal PGUP datagram (``percent`` of the stage), never going backwards."""
+        end = self.end_progress[stage]
+        if end is None:
+            return
+        start = self.progress
+        self.sender.send(max(start, start + (end - start) * percent / 100.0))
+
+    def _exit_gracefully(self, code: int) -> None:
+        """SIGTERM during split-merge: remove the remote tasks (bounded), then exit at once.
+
+        Like ODM's ``exit_gracefully``, the process ends with ``os._exit``: the workers and
+        monitors are daemon threads that may be blocked in network calls.
+        """
+        executor = self.executor
+        assert executor is not None
+        for signum in _SIGNAL_EXIT:  # a second TERM must not cut the cleanup short
+            signal.signal(signum, signal.SIG_IGN)
+        try:
+            executor.exit_gracefully()
+        except BrokenPipeError:
+            pass
+        finally:
+            self.sender.close()
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except OSError:
+                    pass
+            os._exit(code)
 
     # -------------------------------------------------------------------------------------- stages
 
@@ -274,7 +418,7 @@ class Engine:
     def _finish_stage(self, stage: str) -> None:
         self._log("INFO", f"Finished {stage} stage")
         self.records[-1].end = datetime.now().astimezone().isoformat()
-        end = STAGE_END_PROGRESS[stage]
+        end = self.end_progress[stage]
         if end is not None:
             self.progress = max(self.progress, end)
         self.sender.send(self.progress)
@@ -285,7 +429,7 @@ class Engine:
         if self.config.fail_code is not None and stage == self.config.fail_stage:
             fail_after = visible // 2
         stage_start = self.progress
-        stage_end = STAGE_END_PROGRESS[stage] or stage_start
+        stage_end = self.end_progress[stage] or stage_start
         started = time.monotonic()
         shown = 0
         for step in steps:
@@ -329,11 +473,14 @@ class Engine:
             self.records[-1].messages.append({"message": message, "type": level.lower()})
 
     def _write(self, step: Write) -> None:
-        target = self.project_dir / step.path
+        self._write_file(self.project_dir / step.path, step.data)
+
+    def _write_file(self, target: Path, data: bytes) -> None:
+        """Write ``data`` atomically (temporary file + rename); also called by worker threads."""
         with _signals_deferred():
             target.parent.mkdir(parents=True, exist_ok=True)
-            temporary = target.with_name(f".{target.name}.tmp")
-            temporary.write_bytes(step.data)
+            temporary = target.with_name(f".{target.name}.{threading.get_ident()}.tmp")
+            temporary.write_bytes(data)
             os.replace(temporary, target)
 
     def _dump_failure(self, failure: InjectedFailure) -> None:

@@ -119,6 +119,19 @@ class Context:
     def path(self, relative: str) -> str:
         return str(self.project_dir / relative)
 
+    @property
+    def submodel_run(self) -> bool:
+        """Whether this run is a split-merge submodel, detected as ODM's ``is_submodel`` does.
+
+        Either the project lives in a ``submodel_*`` directory (ODM's local children) or a seed
+        touch file sits in ``opensfm/features/`` (remote children, whose NodeODM project is named
+        by a uuid).
+        """
+        return (
+            self.project_dir.name.startswith("submodel_")
+            or (self.project_dir / "opensfm" / "features" / "empty").is_file()
+        )
+
 
 _LAZ = "odm_georeferencing/odm_georeferenced_model.laz"
 
@@ -134,6 +147,29 @@ def executed_stages(invocation: Invocation) -> list[str]:
     if end_with in chain:
         chain = chain[: chain.index(end_with) + 1]
     return chain
+
+
+def split_size(invocation: Invocation) -> int | None:
+    """The ``--split`` submodel size, or ``None`` when absent or not a positive number."""
+    raw = invocation.value("split")
+    try:
+        size = int(float(raw)) if raw is not None else 0
+    except ValueError:
+        return None
+    return size if size > 0 else None
+
+
+def wants_split(invocation: Invocation, scene: Scene) -> bool:
+    """ODM's "large dataset" rule: more images than ``--split`` and at least one geotagged image.
+
+    (ODM also splits by an ``image_groups.txt``; the test double does not.)
+    """
+    size = split_size(invocation)
+    return (
+        size is not None
+        and len(scene.images) > size
+        and any(image.has_gps for image in scene.images)
+    )
 
 
 def plan(stage: str, ctx: Context) -> list[Step]:
@@ -165,8 +201,29 @@ def _dataset(ctx: Context) -> list[Step]:
     return steps
 
 
-def _split(_ctx: Context) -> list[Step]:
-    return [Log("INFO", "Normal dataset, will process all at once.")]
+def _split(ctx: Context) -> list[Step]:
+    """The split stage of a run that is *not* split (the engine plays remote split-merge itself)."""
+    normal = Log("INFO", "Normal dataset, will process all at once.")
+    size = split_size(ctx.invocation)
+    if size is None or len(ctx.scene.images) <= size:
+        return [normal]
+    if not any(image.has_gps for image in ctx.scene.images):
+        return [
+            Log(
+                "WARNING",
+                "Could not perform split-merge as GPS information in photos or "
+                "image_groups.txt is missing.",
+            ),
+            normal,
+        ]
+    return [
+        Log(
+            "WARNING",
+            "Local split-merge (--split without --sm-cluster) is not imitated by the test "
+            "double (odm-test-engine)",
+        ),
+        normal,
+    ]
 
 
 def _merge(_ctx: Context) -> list[Step]:
@@ -280,6 +337,13 @@ def _filterpoints(ctx: Context) -> list[Step]:
 def _meshing(ctx: Context) -> list[Step]:
     depth = ctx.invocation.value("mesh-octree-depth") or "11"
     size = ctx.invocation.value("mesh-size") or "200000"
+    mesh_25d: list[Step] = [
+        Log("INFO", f"Writing ODM 2.5D Mesh file in: {ctx.path('odm_meshing/odm_25dmesh.ply')}"),
+        Write("odm_meshing/odm_25dmesh.ply", artifacts.mesh_ply(ctx.scene)),
+        Log("INFO", "Completed mesh generation"),
+    ]
+    if ctx.invocation.flag("skip-3dmodel"):
+        return mesh_25d
     return [
         Log("INFO", f"Writing ODM Mesh file in: {ctx.path('odm_meshing/odm_mesh.ply')}"),
         _running(
@@ -287,29 +351,34 @@ def _meshing(ctx: Context) -> list[Step]:
         ),
         Raw(f"Decimating mesh to {size} faces"),
         Write("odm_meshing/odm_mesh.ply", artifacts.mesh_ply(ctx.scene)),
-        Log("INFO", f"Writing ODM 2.5D Mesh file in: {ctx.path('odm_meshing/odm_25dmesh.ply')}"),
-        Write("odm_meshing/odm_25dmesh.ply", artifacts.mesh_ply(ctx.scene)),
-        Log("INFO", "Completed mesh generation"),
+        *mesh_25d,
     ]
 
 
+def _textured_dir(ctx: Context) -> str:
+    """ODM textures only the 2.5D mesh, in ``odm_texturing_25d/``, with ``--skip-3dmodel``."""
+    return "odm_texturing_25d" if ctx.invocation.flag("skip-3dmodel") else "odm_texturing"
+
+
 def _texturing(ctx: Context) -> list[Step]:
-    obj = "odm_texturing/odm_textured_model_geo.obj"
+    folder = _textured_dir(ctx)
+    obj = f"{folder}/odm_textured_model_geo.obj"
+    mesh = "odm_25dmesh.ply" if folder == "odm_texturing_25d" else "odm_mesh.ply"
     return [
         Log("INFO", f"Writing MVS Textured file in: {ctx.path(obj)}"),
         _running(
             "texrecon",
             ctx.path("opensfm/undistorted/reconstruction.nvm"),
-            ctx.path("odm_meshing/odm_mesh.ply"),
+            ctx.path(f"odm_meshing/{mesh}"),
         ),
         Raw("Building adjacency graph... done."),
         Raw("Generating texture patches... done."),
         Raw("Building texture atlases... done."),
         Write(obj, artifacts.textured_obj(ctx.scene, "odm_textured_model_geo.mtl")),
-        Write("odm_texturing/odm_textured_model_geo.mtl", artifacts.textured_mtl()),
-        Write(f"odm_texturing/{artifacts.TEXTURE_NAME}", artifacts.png()),
+        Write(f"{folder}/odm_textured_model_geo.mtl", artifacts.textured_mtl()),
+        Write(f"{folder}/{artifacts.TEXTURE_NAME}", artifacts.png()),
         Log("INFO", "Generating glTF Binary"),
-        Write("odm_texturing/odm_textured_model_geo.glb", artifacts.glb(ctx.scene)),
+        Write(f"{folder}/odm_textured_model_geo.glb", artifacts.glb(ctx.scene)),
     ]
 
 
@@ -349,7 +418,13 @@ def _dem(ctx: Context) -> list[Step]:
             f"DEM input file {ctx.path(_LAZ)} found: True",
         ),
     ]
-    for product, wanted in (("dsm", want_dsm), ("dtm", want_dtm)):
+    euclidean = ctx.invocation.flag("dem-euclidean-map")
+    # as ODM: a DTM with euclidean maps needs the DSM too (split-merge merges DTMs with its map)
+    products = [
+        ("dsm", want_dsm or (want_dtm and euclidean)),
+        ("dtm", want_dtm),
+    ]
+    for product, wanted in products:
         if wanted:
             steps += [
                 Log("INFO", f"Generating {product} at {resolution} cm/px"),
@@ -360,6 +435,13 @@ def _dem(ctx: Context) -> list[Step]:
                 ),
                 Log("INFO", f"Wrote {ctx.path(f'odm_dem/{product}.tif')}"),
             ]
+            if euclidean:
+                # ODM: io.related_file_path(<dem>, postfix=".euclideand")
+                emap = f"odm_dem/{product}.euclideand.tif"
+                steps += [
+                    Log("INFO", f"Computing euclidean distance: {ctx.path(emap)}"),
+                    Write(emap, artifacts.dem_tiff(ctx.scene, surface=False)),
+                ]
     return steps
 
 
@@ -373,15 +455,47 @@ def _orthophoto(ctx: Context) -> list[Step]:
         _running(
             "odm_orthophoto",
             "-inputFiles",
-            ctx.path("odm_texturing/odm_textured_model_geo.obj"),
+            ctx.path(f"{_textured_dir(ctx)}/odm_textured_model_geo.obj"),
             "-output",
             ctx.path(tif),
         ),
         Raw("Rendering the ortho photo... done."),
         Write(tif, artifacts.orthophoto_tiff(ctx.scene)),
         Log("INFO", f"Created {ctx.path(tif)}"),
+        *_cutline(ctx),
         Write("odm_orthophoto/odm_orthophoto.png", artifacts.png(16, 16)),
         Log("INFO", f"Created {ctx.path('odm_orthophoto/odm_orthophoto.png')}"),
+        *_feathered(ctx),
+    ]
+
+
+def _cutline(ctx: Context) -> list[Step]:
+    """``--orthophoto-cutline``: the cutline, and in a submodel the cut orthophoto (ODM order)."""
+    if not ctx.invocation.flag("orthophoto-cutline"):
+        return []
+    cutline = "odm_orthophoto/cutline.gpkg"
+    steps: list[Step] = [
+        Log("INFO", "Computing cutline"),
+        Write(cutline, artifacts.geopackage(ctx.scene)),
+        Log("INFO", f"Wrote {ctx.path(cutline)}"),
+    ]
+    if not ctx.submodel_run:
+        return [*steps, Log("INFO", "Not a submodel run, skipping mask raster generation")]
+    cut = "odm_orthophoto/odm_orthophoto_cut.tif"
+    return [
+        *steps,
+        Log("INFO", f"Computing mask raster: {ctx.path(cut)}"),
+        Write(cut, artifacts.orthophoto_tiff(ctx.scene)),
+    ]
+
+
+def _feathered(ctx: Context) -> list[Step]:
+    if not (ctx.invocation.flag("orthophoto-cutline") and ctx.submodel_run):
+        return []
+    feathered = "odm_orthophoto/odm_orthophoto_feathered.tif"
+    return [
+        Log("INFO", f"Computing feather raster: {ctx.path(feathered)}"),
+        Write(feathered, artifacts.orthophoto_tiff(ctx.scene)),
     ]
 
 
