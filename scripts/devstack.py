@@ -97,6 +97,22 @@ def _capacity_env() -> dict[str, str]:
     }
 
 
+def _split_env(data: Path, engine: str, gateway_port: int) -> dict[str, str]:
+    """Split-merge on the cluster (docs/split-merge.md): a key kept in the data directory (made
+    once), and the gateway's loopback URL for runs of the test double (a docker ODM cannot reach
+    the host's loopback: give ``SCALEODM_SPLIT__CLUSTER_URL`` yourself there)."""
+    key_file = data / "split-token-key"
+    if not key_file.exists():
+        key_file.write_text(secrets.token_hex(32))
+        key_file.chmod(0o600)
+    env = {"SCALEODM_SPLIT__TOKEN_KEY": os.environ.get("SCALEODM_SPLIT__TOKEN_KEY",
+                                                       key_file.read_text().strip())}
+    url = os.environ.get("SCALEODM_SPLIT__CLUSTER_URL")
+    if url or engine == "test":
+        env["SCALEODM_SPLIT__CLUSTER_URL"] = url or f"http://127.0.0.1:{gateway_port}"
+    return env
+
+
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="devstack: %(message)s")
     data = Path(os.environ.get("SCALEODM_DEV_DATA", ROOT / ".data"))
@@ -123,6 +139,7 @@ def main() -> int:
             )
             s3 = stack.enter_context(s3_on_disk(data / "s3"))
             engine_s = os.environ.get("SCALEODM_TEST_ENGINE_SECONDS", "20")
+            gateway_port = int(os.environ.get("SCALEODM_GATEWAY_PORT", "3000"))
             services = Stack(tmp=data, nats_url=nats.url, mongo_url=mongo, s3=s3,
                              database="scaleodm", console=True, extra_env={
                                  **{k: v for k, v in os.environ.items()
@@ -134,9 +151,9 @@ def main() -> int:
                                  "SCALEODM_LOG_JSON": os.environ.get("SCALEODM_LOG_JSON", "true"),
                                  # The settings' capacity, not the tests' room for everything.
                                  **_capacity_env(),
+                                 **_split_env(data, engine, gateway_port),
                              })
             stack.callback(services.stop)
-            gateway_port = int(os.environ.get("SCALEODM_GATEWAY_PORT", "3000"))
             for name in ("scheduler", "watcher", "notifier"):
                 services.start(name)
             services.start("gateway", {"SCALEODM_GATEWAY_PORT": str(gateway_port)},
