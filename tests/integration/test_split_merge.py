@@ -8,7 +8,8 @@ One stack for the module (tenants ``alice`` and ``bob``, an admin node token, ca
 - PyODM submits 40 images with ``split: 10``: the parent reaches 40 with the merged outputs in
   ``all.zip``; its run created its children through the API (each with ``parent`` set, listed
   in the parent's ``children`` while they exist, sized and run like any task), at least 2 of
-  them running at once; the run removed them when done, as ODM does.
+  them running at once; the run removed them when done, as ODM does; the parent's SSE stream
+  told each child's life (queued, running, completed, removed) as ``child`` events.
 - The parent-scoped token: ``/info`` works; it creates children of its parent only, sees and
   acts on those only (the parent itself and the tenant's other tasks answer as unknown); once
   the parent has ended it is refused with NodeODM's token error; a forged or another parent's
@@ -33,7 +34,7 @@ from pydantic import SecretStr
 from pyodm import Node
 
 from scaleodm.common import splitmerge
-from tests.harness import api, data, servers
+from tests.harness import api, data, servers, sse
 from tests.harness.stack import Stack
 from tests.unit.test_odm_test_engine import _exif, _jpeg
 
@@ -134,6 +135,7 @@ async def test_a_split_task_runs_its_submodels_as_children(
     node = Node("127.0.0.1", httpx.URL(split_stack.gateway_url).port, token=ALICE)
     task = await asyncio.to_thread(node.create_task, images(tmp_path / "in", 40),
                                    {"split": 10, "dsm": True}, name="split 40/10")
+    stream = asyncio.create_task(sse.read(alice, f"/task/{task.uuid}/events", timeout_s=120))
     family = Family()
     deadline = time.monotonic() + 120
     while True:
@@ -152,6 +154,17 @@ async def test_a_split_task_runs_its_submodels_as_children(
     assert set(family.parents.values()) == {task.uuid}, family.parents
     assert family.most_running >= 2, family.statuses
     assert all(20 in s for s in family.statuses.values()), family.statuses
+    # The parent's own stream told each child's life, in order, as ``child`` events.
+    told: dict[str, list[tuple[str, int | None]]] = {}
+    for msg in (await stream).events:
+        if msg.event == "child":
+            body = msg.json()
+            assert body["task_id"] == task.uuid
+            told.setdefault(body["child"], []).append((body["child_kind"], body["status"]))
+    assert set(told) == family.children, (told, family.children)
+    for child, kinds in told.items():
+        assert kinds == [("queued", 10), ("running", 20), ("completed", 40), ("removed", None)], (
+            child, kinds)
     # Done: ODM removed its children (they answer as unknown), the parent lists none.
     assert info.get("children") == []
     for child in family.children:

@@ -150,6 +150,11 @@ EVENTS = [
         lambda: events.new(events.TaskRemoved, TASK, 1), events.TaskRemoved, f"{TASK}:1:removed",
         id="removed",
     ),
+    pytest.param(
+        lambda: events.new(events.TaskChildChanged, TASK, 2, key=f"{TASK}:1:running",
+                           child=TASK, child_kind="running", status=20),
+        events.TaskChildChanged, f"{TASK}:2:child:{TASK}:1:running", id="child",
+    ),
 ]
 
 

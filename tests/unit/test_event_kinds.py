@@ -76,6 +76,10 @@ KIND_TABLE: dict[str, Kind] = {
         lambda a: events.new(events.TaskCanceled, TID, a), True, NodeOdmStatus.CANCELED
     ),
     "removed": Kind(lambda a: events.new(events.TaskRemoved, TID, a), False, None),
+    # A child (splitmerge) changed status: on the parent's stream; the parent's status stays.
+    "child": Kind(lambda a: events.new(
+        events.TaskChildChanged, TID, a, key=f"{TID}:1:running", child=TID,
+        child_kind="running", status=20), False, None),
 }
 
 

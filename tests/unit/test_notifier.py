@@ -265,6 +265,8 @@ NON_TERMINAL: list[Callable[[], events.TaskEvent]] = [
     lambda: events.new(events.TaskProgressed, TID, 1, key="k", progress=99),
     lambda: events.new(events.TaskOutput, TID, 1, line_start=0, lines=["x"]),
     lambda: events.new(events.TaskRemoved, TID, 1),
+    lambda: events.new(events.TaskChildChanged, TID, 1, key="c", child=TID,
+                       child_kind="completed", status=40),
 ]
 
 

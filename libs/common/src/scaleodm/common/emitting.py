@@ -96,6 +96,8 @@ class Emitter:
         result = await self.store.apply_event(ev, command)
         if result.outcome is Outcome.APPLIED:
             self.send_soon(Outbound(ev.model_copy(update={"seq": result.seq}), command))
+        if result.told is not None:  # its parent's ``child`` event (splitmerge)
+            self.send_soon(Outbound(result.told))
         elif result.outcome is Outcome.IGNORED:
             log.debug("event ignored", event_id=ev.event_id, task_id=ev.task_id)
         return result

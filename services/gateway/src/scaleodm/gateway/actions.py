@@ -113,6 +113,8 @@ class TaskActions:
                 raise TaskExistsAlreadyError(new.task_id) from exc
             await self.points.hit("gateway.run.before_publish")
             self.emitter.send_soon(Outbound(queued.model_copy(update={"seq": created.seq})))
+            if created.told is not None:  # the parent's ``child`` event (splitmerge)
+                self.emitter.send_soon(Outbound(created.told))
             if failed is not None:
                 seq = await self.store.event_seq(failed.event_id)
                 self.emitter.send_soon(Outbound(failed.model_copy(update={"seq": seq})))

@@ -114,6 +114,19 @@ class TaskRemoved(_Event):
     kind: Literal["removed"] = "removed"
 
 
+# One of the task's children (splitmerge: a task its run created) changed status: on the
+# parent's stream, so its SSE clients follow the family. Recorded by the event log when the child's
+# own event is (``TaskStore.apply_event``); keyed by that event, so it is recorded once.
+class TaskChildChanged(_Event):
+    kind: Literal["child"] = "child"
+    needs_key: ClassVar[bool] = True  # the child's event id
+    child: TaskId
+    child_kind: str = Field(description="The child's event: queued, running, completed, "
+                            "failed, canceled or removed.")
+    status: int | None = Field(
+        None, description="The child's NodeODM status code after it (None: removed).")
+
+
 TaskEvent = (
     TaskQueued
     | TaskAdmitted
@@ -125,6 +138,7 @@ TaskEvent = (
     | TaskFailed
     | TaskCanceled
     | TaskRemoved
+    | TaskChildChanged
 )
 # The events that end an attempt (NodeODM status 40, 30, 50); webhooks fire on these.
 TerminalEvent = TaskCompleted | TaskFailed | TaskCanceled

@@ -42,6 +42,7 @@ class Snapshot:
     state: TaskState
     removed: bool = False
     admitted: bool = False  # the attempt holds a run slot (``admitted`` event)
+    parent: str | None = None  # the task whose run created it (splitmerge), if any
 
 
 @dataclass(frozen=True)
@@ -147,6 +148,11 @@ def plan(snap: Snapshot, ev: events.TaskEvent) -> Plan | None:
                 guard={"attempt": ev.attempt, "state": {"$ne": TaskState.CANCELED.value}},
                 update={"$set": values},
             )
+        case events.TaskChildChanged():
+            # Recorded on the parent's stream; the document only notes when (which moves its
+            # ``seq`` on, as every event applied does).
+            return Plan(guard={"attempt": ev.attempt},
+                        update={"$set": {"child_changed_at_ms": clock.to_ms(ev.occurred_at)}})
         case _:
             assert_never(ev)
 

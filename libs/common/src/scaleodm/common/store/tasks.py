@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import enum
 from dataclasses import dataclass
@@ -39,7 +40,7 @@ from pymongo.errors import DuplicateKeyError
 from scaleodm.common import clock
 from scaleodm.common.contracts import commands, events
 from scaleodm.common.contracts.ids import TaskId
-from scaleodm.common.domain.status import ACTIVE_STATES, TaskState
+from scaleodm.common.domain.status import ACTIVE_STATES, NodeOdmStatus, TaskState
 from scaleodm.common.logging import get_logger
 from scaleodm.common.settings import MongoSettings
 from scaleodm.common.store import deliveries, projection, usage
@@ -55,6 +56,14 @@ class TaskExistsError(Exception):
     """A task with this uuid already exists."""
 
 
+# The child events a parent's stream tells (splitmerge), with the child's status after each.
+CHILD_STATUS: dict[str, int | None] = {
+    "queued": NodeOdmStatus.QUEUED, "running": NodeOdmStatus.RUNNING,
+    "completed": NodeOdmStatus.COMPLETED, "failed": NodeOdmStatus.FAILED,
+    "canceled": NodeOdmStatus.CANCELED, "removed": None,
+}
+
+
 class Outcome(enum.Enum):
     APPLIED = "applied"  # recorded now
     DUPLICATE = "duplicate"  # recorded before (redelivery, or a second writer)
@@ -66,6 +75,9 @@ class ApplyResult:
     outcome: Outcome
     seq: int | None = None
     changed: bool = False
+    # The ``child`` event recorded on the task's parent because of this one (splitmerge), with
+    # its seq: its emitter publishes it too.
+    told: events.TaskChildChanged | None = None
 
     @property
     def recorded(self) -> bool:
@@ -152,7 +164,10 @@ class TaskStore:
             await self.tasks.delete_one({"_id": doc["_id"]})
             await self.events.delete_one({"_id": queued.event_id})
             raise TaskExistsError(doc["_id"])
-        return ApplyResult(Outcome.APPLIED, seq)
+        told = None
+        if doc.get("parent"):
+            told = await self._tell_parent(doc["parent"], failed or queued)
+        return ApplyResult(Outcome.APPLIED, seq, told=told)
 
     async def tombstoned(self, task_id: str) -> bool:
         """True when a task with this uuid was deleted and its tombstone is not forgotten yet."""
@@ -215,31 +230,55 @@ class TaskStore:
         restarts racing with different options end with one set of options, the one of the
         command that will run.
         """
-        result = await self._apply(ev, command)
+        result, parent = await self._apply(ev, command)
         if result.recorded and ev.kind in events.TERMINAL_KINDS:
             await self._charge(ev)
+        if result.recorded and parent is not None:
+            told = await self._tell_parent(parent, ev)
+            if told is not None:
+                result = dataclasses.replace(result, told=told)
         return result
+
+    async def _tell_parent(self, parent: str, ev: events.TaskEvent
+                           ) -> events.TaskChildChanged | None:
+        """Record on ``parent``'s stream that its child changed status with ``ev`` (a status
+        kind only); the recorded event with its seq, None when there is nothing to tell or the
+        parent ignores it (removed, gone). Keyed by ``ev``: recorded once however often ``ev``
+        is applied (a redelivery, ``reapply`` after a writer died between the two)."""
+        if ev.kind not in CHILD_STATUS:
+            return None
+        snap = await self._snapshot(parent)
+        if snap is None:
+            return None
+        told = events.new(events.TaskChildChanged, parent, snap.attempt, key=ev.event_id,
+                          child=ev.task_id, child_kind=ev.kind, status=CHILD_STATUS[ev.kind])
+        result, _ = await self._apply(told, None)
+        if not result.recorded or result.seq is None:
+            return None
+        return told.model_copy(update={"seq": result.seq})
 
     async def _apply(
         self, ev: events.TaskEvent, command: commands.Command | None
-    ) -> ApplyResult:
+    ) -> tuple[ApplyResult, str | None]:
+        """The result, and the task's parent (splitmerge) if it has one."""
         snap = await self._snapshot(ev.task_id)
         if snap is None:
-            return ApplyResult(Outcome.IGNORED)
+            return ApplyResult(Outcome.IGNORED), None
         step = projection.plan(snap, ev)
         if step is None:
             existing = await self.events.find_one({"_id": ev.event_id}, {"seq": 1})
             if existing is not None:  # a redelivery after the state moved on
-                return ApplyResult(Outcome.DUPLICATE, existing["seq"])
-            return ApplyResult(Outcome.IGNORED)
+                return ApplyResult(Outcome.DUPLICATE, existing["seq"]), snap.parent
+            return ApplyResult(Outcome.IGNORED), snap.parent
         seq, first = await self._record(ev, command)
         if first is not None:
             ev = events.EVENT_ADAPTER.validate_python({**first, "seq": seq})
             step = projection.plan(snap, ev)
             if step is None:
-                return ApplyResult(Outcome.DUPLICATE, seq)
+                return ApplyResult(Outcome.DUPLICATE, seq), snap.parent
         changed = await self._update(ev, step, seq)
-        return ApplyResult(Outcome.APPLIED if first is None else Outcome.DUPLICATE, seq, changed)
+        outcome = Outcome.APPLIED if first is None else Outcome.DUPLICATE
+        return ApplyResult(outcome, seq, changed), snap.parent
 
     async def _charge(self, ev: events.TaskEvent) -> None:
         """Write the usage record of the attempt ``ev`` ended, from the task document as the end
@@ -261,16 +300,20 @@ class TaskStore:
         changed = step is not None and bool(step.update) and await self._update(ev, step, ev.seq)
         if snap is not None and ev.kind in events.TERMINAL_KINDS:
             await self._charge(ev)
+        if snap is not None and snap.parent is not None:
+            await self._tell_parent(snap.parent, ev)  # recorded unpublished: the relay's
         return changed
 
     async def _snapshot(self, task_id: str) -> projection.Snapshot | None:
         doc = await self.tasks.find_one(
-            {"_id": task_id}, {"attempt": 1, "state": 1, "removed": 1, "admitted": 1})
+            {"_id": task_id},
+            {"attempt": 1, "state": 1, "removed": 1, "admitted": 1, "parent": 1})
         if doc is None:
             return None
         return projection.Snapshot(
             attempt=doc["attempt"], state=TaskState(doc["state"]),
             removed=doc.get("removed", False), admitted=bool(doc.get("admitted")),
+            parent=doc.get("parent"),
         )
 
     async def _update(self, ev: events.TaskEvent, step: projection.Plan, seq: int | None
