@@ -15,7 +15,11 @@ One stack for the module (tenants ``alice`` and ``bob``, an admin node token, ca
   the parent has ended it is refused with NodeODM's token error; a forged or another parent's
   token is refused.
 - Canceling a splitting parent mid-run leaves no child queued or running; removing a parent
-  removes the children still there.
+  removes its children and their stored files; a child created while its parent is being
+  canceled (a second gateway held between the token check and the creation by a failpoint)
+  is canceled too; ``split`` that is not an integer: NodeODM's option error.
+- Capacity for the parent and one child: the other children, queued past the admission wait,
+  are removed and sent again by ODM ("Re-queueing"), and the split task completes.
 """
 
 from __future__ import annotations
@@ -248,3 +252,116 @@ async def test_canceling_a_splitting_parent_leaves_no_child_running(
     for child in family.children:
         for rd in split_stack.runs_dir.glob(f"{child}*"):
             assert (rd / "result.json").exists() or not (rd / "runner.pid").exists(), rd
+
+
+async def test_removing_a_parent_removes_its_children_and_their_outputs(
+        split_stack: Stack, alice: httpx.AsyncClient) -> None:
+    parent = (await api.create(alice, files=[(n, data.JPEG) for n in data.image_names(2)],
+                               options='[{"name": "split", "value": 10}]'))["uuid"]
+    async with httpx.AsyncClient(base_url=split_stack.gateway_url,
+                                 params={"token": scoped(parent)}, timeout=30) as sm:
+        child = (await api.create(sm, files=[(n, data.JPEG) for n in data.image_names(2)]))[
+            "uuid"]
+    # The parent (2 images: nothing to split) may end first, which cancels the child.
+    await api.poll_until(alice, child, api.status_is(40, 50), timeout_s=30)
+    assert await s3_keys(split_stack, child)  # its inputs (and outputs, if it ran) are stored
+    assert (await alice.post("/task/remove", data={"uuid": parent})).json() == {"success": True}
+    deadline = time.monotonic() + 20
+    while "status" in await api.info(alice, child) or await s3_keys(split_stack, child):
+        assert time.monotonic() < deadline, "the child outlived its removed parent"
+        await asyncio.sleep(0.2)
+
+
+async def s3_keys(stack: Stack, task_id: str) -> list[str]:
+    def keys() -> list[str]:
+        import boto3
+        s3 = boto3.client("s3", endpoint_url=stack.s3.url, aws_access_key_id=stack.s3.access_key,
+                          aws_secret_access_key=stack.s3.secret_key, region_name=stack.s3.region)
+        listed = s3.list_objects_v2(Bucket=stack.bucket, Prefix=f"tasks/{task_id}/")
+        return [o["Key"] for o in listed.get("Contents", [])]
+    return await asyncio.to_thread(keys)
+
+
+async def test_a_child_created_while_its_parent_is_canceled_is_canceled_too(
+        split_stack: Stack, alice: httpx.AsyncClient) -> None:
+    """The token is checked, then (a second gateway, slowed by a failpoint) the child is created
+    after the parent was canceled on the first gateway: the family pass ends it."""
+    parent = (await api.create(alice, files=[(n, data.JPEG) for n in data.image_names(2)],
+                               options='[{"name": "split", "value": 10}]'))["uuid"]
+    split_stack.spawn("gateway-2", {"SCALEODM_FAILPOINTS": "gateway.child.before_create=sleep1500"})
+    try:
+        split_stack.wait_ready("gateway-2")
+        slow = f"http://127.0.0.1:{split_stack.ports['gateway-2']}"
+        async with httpx.AsyncClient(base_url=slow, params={"token": scoped(parent)},
+                                     timeout=30) as sm:
+            creating = asyncio.create_task(api.create(
+                sm, files=[(n, data.JPEG) for n in data.image_names(2)]))
+            await asyncio.sleep(0.5)  # the token was accepted; the creation is held
+            assert (await alice.post("/task/cancel", data={"uuid": parent})).json() == {
+                "success": True}
+            child = (await creating)["uuid"]
+        seen: list[dict[str, Any]] = []
+        ended = await api.poll_until(alice, child, api.status_is(30, 40, 50), timeout_s=20,
+                                     seen=seen)
+        assert ended["status"]["code"] == 50, seen
+        assert ended["parent"] == parent
+    finally:
+        split_stack.kill("gateway-2")
+
+
+async def test_split_must_be_an_integer(alice: httpx.AsyncClient) -> None:
+    answer = (await alice.post("/task/new", files=[
+        ("images", ("a.jpg", data.JPEG, "image/jpeg")),
+        ("options", (None, '[{"name": "split", "value": "many"}]'))])).json()
+    # NodeODM's own words for it (parseInt gives NaN), as for any integer option.
+    assert answer == {"error": '[{"name":"split","error":"Invalid value NaN (out of range)"}]'}
+
+
+@pytest.fixture
+def tight_stack(tmp_path: Path, mongo_url: str, s3: servers.S3Endpoint) -> Iterator[Stack]:
+    """Room for the parent and one child: the other children find the cluster full."""
+    port = servers.free_port()
+    with servers.nats_server(tmp_path / "nats") as nats:
+        stack = Stack(tmp=tmp_path, nats_url=nats.url, mongo_url=mongo_url, s3=s3,
+                      database=f"t_{uuid.uuid4().hex[:12]}", extra_env={
+                          "SCALEODM_SPLIT__TOKEN_KEY": KEY,
+                          "SCALEODM_SPLIT__CLUSTER_URL": f"http://127.0.0.1:{port}",
+                          "SCALEODM_SPLIT__ADMIT_WAIT_S": "1",
+                          "SCALEODM_TEST_ENGINE_SECONDS": "2",
+                          "SCALEODM_ADMISSION_INTERVAL_S": "0.5",
+                          "SCALEODM_CAPACITY__MAX_ACTIVE": "2",
+                          "SCALEODM_CAPACITY__CLASSES":
+                              '[{"name": "any", "max_images": null, "slots": 2}]',
+                          "ODM_TEST_ENGINE_RETRY_S": "0.5",
+                          "ODM_TEST_ENGINE_POLL_S": "0.5",
+                      })
+        try:
+            stack.spawn("gateway", port=port)
+            stack.spawn("scheduler")
+            stack.spawn("watcher")
+            for service in ("gateway", "scheduler", "watcher"):
+                stack.wait_ready(service)
+            yield stack
+        finally:
+            stack.stop()
+
+
+async def test_children_beyond_capacity_wait_and_are_sent_again(
+        tight_stack: Stack, tmp_path: Path) -> None:
+    """A child that finds no slot stays queued past the admission wait: ODM takes the full node
+    as such (it removes the child and sends it again later, without counting a retry), and the
+    split task still completes, never more runs at once than the capacity."""
+    node = Node("127.0.0.1", httpx.URL(tight_stack.gateway_url).port)
+    task = await asyncio.to_thread(node.create_task, images(tmp_path / "in", 20), {"split": 5})
+    async with httpx.AsyncClient(base_url=tight_stack.gateway_url, timeout=30) as c:
+        family = Family()
+        deadline = time.monotonic() + 150
+        while True:
+            info = await family.poll(c, task.uuid)
+            if info["status"]["code"] in (30, 40, 50) or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.1)
+        assert info["status"]["code"] == 40, info
+        output = (await api.info(c, task.uuid, with_output=0))["output"]
+    assert any("Re-queueing" in line for line in output), output
+    assert family.most_running <= 1, family.statuses  # the parent holds the other slot

@@ -388,6 +388,8 @@ async def submit(
         priority=priority,
         parent=caller.parent,
     )
+    if caller.parent is not None:
+        await res.points.hit("gateway.child.before_create")  # its parent may end meanwhile
     try:
         await res.actions.create(new, failure=failure)
     except actions.TaskExistsAlreadyError as exc:
