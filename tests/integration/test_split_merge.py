@@ -47,6 +47,7 @@ pytestmark = pytest.mark.integration
 ADMIN = "node-admin-token-0123456"
 ALICE = "alice-token-0123456789"
 BOB = "bob-token-abcdefghijkl"
+SMALL = "small-token-0123456789"
 KEY = "split-key-for-tests-only-0123456789abcdef"
 TENANTS = f"""
 tenants:
@@ -54,6 +55,9 @@ tenants:
     tokens: [{ALICE}]
   - name: bob
     tokens: [{BOB}]
+  - name: small
+    tokens: [{SMALL}]
+    max_images: 2
 """
 REFUSED = {"error": "Invalid authentication token: token does not match."}
 
@@ -365,3 +369,28 @@ async def test_children_beyond_capacity_wait_and_are_sent_again(
         output = (await api.info(c, task.uuid, with_output=0))["output"]
     assert any("Re-queueing" in line for line in output), output
     assert family.most_running <= 1, family.statuses  # the parent holds the other slot
+
+
+async def test_a_seed_zip_is_no_image(split_stack: Stack) -> None:
+    """``maxImages`` counts images: a submodel's ``seed.zip`` is not one (NodeODM extracts it
+    before counting), on ``/task/new`` and on a chunked commit."""
+    seed = data.zip_bytes({"opensfm/camera_models.json": b"{}"})
+    two = [("images", (n, data.JPEG, "image/jpeg")) for n in data.image_names(2)]
+    async with httpx.AsyncClient(base_url=split_stack.gateway_url, params={"token": SMALL},
+                                 timeout=30) as small:
+        answer = (await small.post("/task/new", files=[
+            *two, ("images", ("seed.zip", seed, "application/zip"))])).json()
+        assert "uuid" in answer, answer
+        assert (await api.info(small, answer["uuid"]))["imagesCount"] == 2
+        three = [("images", (n, data.JPEG, "image/jpeg")) for n in data.image_names(3)]
+        assert (await small.post("/task/new", files=three)).json() == {
+            "error": "3 images uploaded, but this node can only process up to 2."}
+        upload = (await small.post("/task/new/init", files={"name": (None, "chunked")})).json()
+        for name, body in [*[(n, data.JPEG) for n in data.image_names(2)], ("seed.zip", seed)]:
+            sent = await small.post(f"/task/new/upload/{upload['uuid']}",
+                                    files={"images": (name, body, "application/octet-stream")})
+            assert sent.json() == {"success": True}, sent.text
+        assert (await small.post(f"/task/new/commit/{upload['uuid']}")).json() == {
+            "uuid": upload["uuid"]}
+        committed = await api.poll_until(small, upload["uuid"], api.status_is(20, 30, 40))
+        assert committed["status"]["code"] != 30, committed

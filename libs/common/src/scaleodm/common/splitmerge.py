@@ -33,6 +33,7 @@ from pydantic import SecretStr
 
 __all__ = [
     "SCOPED_PREFIX",
+    "SEED_NAME",
     "cluster_url",
     "parent_of",
     "scoped_token",
@@ -40,6 +41,9 @@ __all__ = [
 ]
 
 SCOPED_PREFIX: Final = "sm."
+# The upload ODM's client seeds a submodel's project with (docs/split-merge.md): extracted into
+# the project root by the run's fetch step, never an image. Exactly, case-sensitive, as NodeODM.
+SEED_NAME: Final = "seed.zip"
 _CONTEXT: Final = b"scaleodm split-merge parent v1\x00"
 _SCOPED = re.compile(r"^sm\.([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})\."
                      r"([0-9a-f]{64})$")

@@ -62,7 +62,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from scaleodm.common import netguard
+from scaleodm.common import netguard, splitmerge
 from scaleodm.common.domain.text import shown
 from scaleodm.common.logging import get_logger
 from scaleodm.common.settings import SchedulerSettings
@@ -87,7 +87,7 @@ _DAMAGED: Final = (
     "compression method"
 )
 _SHOWN_MAX: Final = 200
-SEED_NAME: Final = "seed.zip"  # exactly, case-sensitive: NodeODM's handleSeed compares so
+SEED_NAME: Final = splitmerge.SEED_NAME
 SCRATCH_DIR: Final = ".downloads"  # in the project: the fetch's downloads, removed at its end
 _DRIVE = re.compile(r"[A-Za-z]:")
 

@@ -221,6 +221,12 @@ class UploadStore:
         )
         return [d["name"] async for d in cursor]
 
+    async def holds(self, upload_id: str, name: str) -> bool:
+        """Whether the upload stored a file named exactly ``name``."""
+        return await self.files.find_one(
+            {"upload_id": upload_id, "name": name, "stored": True, "orphan_at_ms": None},
+            {"_id": 1}) is not None
+
     async def commit(self, upload_id: str, tenant: str) -> Doc | None:
         """Close ``tenant``'s open upload ``upload_id`` for good; its session as committed (with
         the counts of every file recorded before), or None when it has no such open upload."""

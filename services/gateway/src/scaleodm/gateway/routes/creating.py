@@ -32,7 +32,7 @@ from typing import Any
 from fastapi import APIRouter, BackgroundTasks, Request
 from starlette.requests import ClientDisconnect
 
-from scaleodm.common import tenants
+from scaleodm.common import splitmerge, tenants
 from scaleodm.common.contracts.ids import canonical_task_id
 from scaleodm.common.domain.text import shown
 from scaleodm.common.logging import bind_task, get_logger
@@ -159,9 +159,11 @@ async def create_task(request: Request, res: ResourcesDep, caller: CallerDep
         try:
             zipurl = (form.text("zipurl") or "").strip()
             count = len(form.files)
+            # Images: a seed.zip is not one (splitmerge; NodeODM extracts it before counting).
+            images = count - sum(f.filename == splitmerge.SEED_NAME for f in form.files)
             if not count and not zipurl:
                 raise NodeOdmError("Need at least 1 file or a zip file url.")
-            refusal = submission.images_refusal(res, caller, count)
+            refusal = submission.images_refusal(res, caller, images)
             if refusal is not None:
                 raise NodeOdmError(refusal)
             fields = submission.TaskFields.from_text(form.text)
@@ -176,7 +178,7 @@ async def create_task(request: Request, res: ResourcesDep, caller: CallerDep
                     task_id=task_id, bucket=settings.s3.bucket, s3_allow=settings.s3.input_allow,
                 ))
             await submission.submit(res, task_id, fields, caller=caller, options=options,
-                                    sources=sources, images_count=count)
+                                    sources=sources, images_count=images)
         except NodeOdmError:
             await drop_inputs()
             raise
@@ -275,6 +277,8 @@ async def commit_task(uuid: str, res: ResourcesDep, caller: CallerDep,
         if count == 0:
             await _discard(res, task_id, inputs)
             raise NodeOdmError("Need at least 1 file.")
+        # Images: a seed.zip is not one (splitmerge; NodeODM extracts it before counting).
+        count -= await res.uploads.holds(task_id, splitmerge.SEED_NAME)
         await res.points.hit("gateway.commit.before_submit")
         # NodeODM §3.5: too many images after a commit fail the task (so does the quota).
         failure = submission.images_refusal(res, caller, count)
