@@ -11,6 +11,7 @@ the details and the invariants). Prints every kill and task, then a summary.
     uv run task chaos -- --services scheduler,watcher  # kill only these
     uv run task chaos -- --replicas 2 --nats-nodes 3   # 2 of each service, a NATS cluster (R3)
                                                        # whose nodes are killed too
+    uv run task chaos -- --split-every 5               # more split tasks (0: none)
 
 The seed fixes the plan (task mix, kill times, victims, downtimes), not the interleaving.
 ``--keep`` leaves the temp dir (service logs, run dirs) for a post-mortem.
@@ -71,6 +72,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--nats-kill-every", type=int, default=3,
                         help="with a cluster, kills 1, 1+N, 1+2N, ... hit a NATS node, every "
                         "other one a stream leader (default 3)")
+    parser.add_argument("--split-every", type=int, default=10,
+                        help="tasks 1, 1+N, 1+2N, ... are split tasks (12 geotagged images, "
+                        "split 4) whose runs create child tasks; 0 for none (default 10)")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, runs)")
     args = parser.parse_args(argv)
     args.services = tuple(s.strip() for s in args.services.split(",") if s.strip())
@@ -79,6 +83,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error(f"--services: choose among {', '.join(SERVICES)}")
     if min(args.replicas, args.nats_nodes, args.nats_kill_every) < 1:
         parser.error("--replicas, --nats-nodes and --nats-kill-every are at least 1")
+    if args.split_every < 0:
+        parser.error("--split-every is at least 0")
     return args
 
 
@@ -91,7 +97,7 @@ def main(argv: list[str]) -> int:
         kill_every_s=tuple(args.kill_every), down_s=tuple(args.down), settle_s=args.settle,
         engine_seconds=args.engine_seconds, services=args.services,
         crash_points=args.crash_points, replicas=args.replicas, nats_nodes=args.nats_nodes,
-        nats_kill_every=args.nats_kill_every,
+        nats_kill_every=args.nats_kill_every, split_every=args.split_every,
         log=say,
     )
     tmp = Path(tempfile.mkdtemp(prefix="scaleodm-chaos-"))

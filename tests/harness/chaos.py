@@ -15,9 +15,15 @@ Shared by ``scripts/chaos.py`` (``uv run task chaos``, minutes) and
   retried after a cut-off answers ``Invalid uuid (not found)`` once the upload became a task;
   ``/info`` tells which. An upload retried after a cut-off may store the file twice
   (``a_.jpg``), as NodeODM would;
+- split tasks (``split_every``: tasks 1, 1 + n, ...; the first goes out at once, so its run
+  overlaps the first kills): geotagged JPEGs with ``split``, ending 40 (or 50 when the mix cancels
+  them). The stack has ``SCALEODM_SPLIT__*`` set, the cluster URL on the first gateway's port,
+  chosen before start (the killer restarts a gateway on its port), so their runs (the ODM double)
+  send submodels back through the gateway as child tasks;
 - a killer, seeded, picks a service every few seconds, SIGKILLs its process group (each service
   is its own session, so the detached local runs of the scheduler are never hit), waits a little
-  and restarts it on the same port (waiting for ``/readyz``);
+  and restarts it on the same port (waiting for ``/readyz``); while a split run is in flight the
+  first kills hit every scheduler and watcher in turn, later ones most (``SPLIT_FOCUS``);
 - with ``replicas`` > 1 every service runs that many processes (``scheduler``, ``scheduler-2``,
   ...; the client spreads its requests over the gateways and moves on from one that does not
   answer, as a load balancer would) and the killer hits one process at a time (a failpoint
@@ -48,7 +54,13 @@ every submitted uuid exists and is terminal (30/40/50) — else *lost* or *stuck
 task's webhook was POSTed at least once (duplicates counted by ``webhook-id``: the same id twice
 is a repeated delivery, two ids for one task two deliveries); each task's events in MongoDB carry
 ``seq`` 1..n without gap or repeat and a terminal event of its attempt; the outbox is drained and
-JetStream's ``EVENTS`` stream holds every recorded event.
+JetStream's ``EVENTS`` stream holds every recorded event. Split tasks' children (not submitted, so
+never *lost* as submitted tasks are; found through MongoDB's ``tasks`` with ``parent`` and the
+parents' ``child`` events, which outlive a removed child's deleted documents): none left queued or
+running once their parents ended (the admission pass ends them), each told on its parent's stream
+(its end or removal too), a child told but without documents was removed (else it is lost), the
+events of those not removed are checked like a task's; a completed parent's ``all.zip`` holds the
+merged outputs.
 """
 
 from __future__ import annotations
@@ -56,6 +68,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import io
 import itertools
 import json
 import os
@@ -66,6 +79,7 @@ import threading
 import time
 import urllib.request
 import uuid
+import zipfile
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -80,13 +94,18 @@ from pymongo import MongoClient
 from scaleodm.common.store.admission import HOLDING
 from tests.harness import data
 from tests.harness.httpfixture import HttpFixture, Received
-from tests.harness.servers import BIN, NatsCluster, wait_http
+from tests.harness.servers import BIN, NatsCluster, free_port, wait_http
 from tests.harness.stack import SERVICES, Stack, service_of
+from tests.unit.test_odm_test_engine import _exif, _jpeg
 
 TERMINAL = (30, 40, 50)
 SECRET = "whsec_" + "Y2hhb3MtdGVzdC1zZWNyZXQtMDEyMzQ1Njc4OWFi"  # fixed: verify signatures
 FAIL_IMAGE = "odm-test-engine-fail-1.jpg"
 INTENDED = {"ok": 40, "fail": 30, "cancel": 50}
+# Split tasks (splitmerge): the parent's run sends submodels back to the gateway as children.
+SPLIT_KEY = "chaos-split-key-for-tests-only-0123456789abcdef"  # SCALEODM_SPLIT__TOKEN_KEY
+MERGED_OUTPUT = "odm_orthophoto/odm_orthophoto.tif"  # in a completed split parent's all.zip
+SPLIT_FOCUS = 0.6  # share of the kills aimed at a scheduler or watcher while a split run is on
 CHAOS_SLOTS = 4  # runs the scheduler may admit at once
 PROBE_STREAM = "CHAOS_PROBE"  # subject ``chaos_probe``: publish stalls around NATS kills
 RETRYABLE = (httpx.TransportError,)  # connect refused, reset, cut off mid-answer, timeouts
@@ -118,6 +137,13 @@ class ChaosConfig:
     replicas: int = 1  # processes per service
     nats_nodes: int = 1  # > 1: run_chaos gets the NatsCluster (streams R min(3, nodes))
     nats_kill_every: int = 3  # with a cluster: kills 1, 1 + n, 1 + 2n, ... hit a NATS node
+    # Tasks 1, 1 + n, 1 + 2n, ... are split tasks (0: none): ``split_images`` geotagged JPEGs
+    # with ``split`` = ``split_size``, never failing on purpose (ok or cancel); their runs create
+    # children through the gateway (the stack gets SCALEODM_SPLIT__*). The first is submitted at
+    # once, so its run overlaps the first kills.
+    split_every: int = 10
+    split_images: int = 12
+    split_size: int = 4
     # Deadlines (seconds) of the phases that wait on processes or the network; an overrun raises
     # ChaosHang. Generous: a loaded 2-core CI runner is several times slower than a laptop.
     start_s: float = 120.0  # bootstrap; all services answering /readyz
@@ -175,6 +201,20 @@ class TaskRecord:
     cancel_sent: bool = False
     final: int | None = None
     error: str | None = None  # a submission that did not end with a task
+    split: bool = False  # a split task (``split_every``): its run creates children
+
+
+@dataclass
+class Child:
+    """A task a split parent's run created (``splitmerge``), as MongoDB and the parent's
+    stream (its ``child`` events) tell it after the run: a removed child's documents are
+    deleted once its removal is done, then only the parent's stream remembers it."""
+
+    uuid: str
+    parent: str
+    told: list[str] = field(default_factory=list)  # child_kind of the parent's child events
+    state: str | None = None  # the task document's, None when it is gone (deleted)
+    removed: bool = False  # the document says removed (its deletion may still be under way)
 
 
 @dataclass
@@ -226,10 +266,34 @@ class ChaosReport:
     unpublished: int = 0
     stream_missing: int = 0
     stream_repeats: int = 0
+    children: list[Child] = field(default_factory=list)
+    children_active: int = 0  # not removed, queued or running after settling: must be 0
+    merged_checked: int = 0  # completed split parents whose all.zip held MERGED_OUTPUT
+    kills_in_split_runs: Counter[str] = field(default_factory=Counter)  # SIGKILLs, by service
+    crashes_in_split_runs: Counter[str] = field(default_factory=Counter)  # at failpoints
 
     @property
     def ok(self) -> bool:
         return not self.problems
+
+    def split_summary(self) -> str:
+        split = [t for t in self.tasks if t.split]
+        finals = Counter(t.final for t in split)
+        children = self.children
+        gone = sum(c.state is None for c in children)
+        removed = sum(c.removed for c in children)
+        ended = Counter(c.state for c in children if c.state is not None and not c.removed)
+        kills, crashes = self.kills_in_split_runs, self.crashes_in_split_runs
+        states = ", ".join(f"{k} {v}" for k, v in sorted(ended.items())) or "-"
+        return (f"{len(split)} ("
+                + "  ".join(f"{code}: {finals.get(code, 0)}" for code in TERMINAL)
+                + f"); children created {len(children)}: removed {gone + removed} ("
+                f"{removed} with data still being deleted), ended not removed "
+                f"{sum(ended.values())} ({states}), left active {self.children_active}; "
+                f"merged all.zip checked {self.merged_checked}; during split runs: kills "
+                + ("  ".join(f"{s} {kills[s]}" for s in SERVICES if kills[s]) or "none")
+                + ", failpoint crashes "
+                + ("  ".join(f"{s} {crashes[s]}" for s in SERVICES if crashes[s]) or "none"))
 
     def summary(self) -> str:
         by_status = Counter(t.final for t in self.tasks if t.accepted)
@@ -277,6 +341,8 @@ class ChaosReport:
             ("events", f"{self.events} in MongoDB; seq gaps {self.seq_gaps}, repeated seqs "
                        f"{self.seq_repeats}, unpublished {self.unpublished}"),
             ("JetStream EVENTS", f"missing {self.stream_missing}, repeated {self.stream_repeats}"),
+            *([("split tasks", self.split_summary())] if any(t.split for t in self.tasks)
+              else []),
             ("result", "PASS" if self.ok else f"FAIL ({len(self.problems)} problems)"),
         ]
         width = max(len(k) for k, _ in rows)
@@ -312,6 +378,23 @@ def stack_env(config: ChaosConfig) -> dict[str, str]:
     }
 
 
+def split_env(gateway_port: int) -> dict[str, str]:
+    """Split-merge on the stack: runs reach the (first) gateway on loopback; the killer
+    restarts a gateway on its port, so the URL stays right. ODM's retry unit: 0.5 s, not 10."""
+    return {
+        "SCALEODM_SPLIT__TOKEN_KEY": SPLIT_KEY,
+        "SCALEODM_SPLIT__CLUSTER_URL": f"http://127.0.0.1:{gateway_port}",
+        "ODM_TEST_ENGINE_RETRY_S": "0.5",
+    }
+
+
+def geotagged_images(n: int) -> dict[str, bytes]:
+    """JPEGs with GPS a few metres apart (ODM splits only a dataset with GPS)."""
+    return {name: _jpeg(64, 48, _exif("DJI", "FC6310", 46.8 + i * 1e-4,
+                                      7.1 + (i % 7) * 1e-4, 500.0))
+            for i, name in enumerate(data.image_names(n))}
+
+
 def signed(post: Received) -> bool:
     """A valid Standard Webhooks signature (``verify`` without its 5-minute freshness check: the
     long run looks at early deliveries minutes later)."""
@@ -335,6 +418,9 @@ class Chaos:
         self.config = config
         self.cluster = cluster
         self.gateway_turn = 0
+        self.planned = 0  # tasks planned so far (split_every counts them)
+        self.split_kills = 0  # kills aimed at a scheduler or watcher during a split run
+        self.gateway_port = 0  # the first gateway's, fixed before start (the split cluster URL)
         self.probe_acks: list[float] = []  # when probe publishes were acknowledged (run clock)
         # Two streams, so the task plan and the kill plan each follow from the seed alone.
         self.plan_rng = random.Random(config.seed)
@@ -486,30 +572,40 @@ class Chaos:
 
     def plan(self) -> TaskRecord:
         rng = self.plan_rng
+        cfg = self.config
+        split = cfg.split_every > 0 and self.planned % cfg.split_every == 0
+        self.planned += 1
         roll = rng.random()
-        kind = ("fail" if roll < self.config.fail_share else
-                "cancel" if roll < self.config.fail_share + self.config.cancel_share else "ok")
+        kind = ("fail" if roll < cfg.fail_share else
+                "cancel" if roll < cfg.fail_share + cfg.cancel_share else "ok")
+        if split and (kind == "fail" or self.planned == 1):
+            kind = "ok"  # no failure on purpose; the first split task runs to its end
         task_id = str(uuid.uuid4())
         hook = f"{self.prefix}/hooks/{task_id}"
-        task = TaskRecord(task_id, kind, rng.random() < self.config.chunked_share, hook,
-                          cancel_delay_s=rng.uniform(0.0, self.config.engine_seconds / 2))
+        task = TaskRecord(task_id, kind, rng.random() < cfg.chunked_share, hook,
+                          cancel_delay_s=rng.uniform(0.0, cfg.engine_seconds / 2), split=split)
         if rng.random() < self.config.hook_fail_share:
             task.hook_fails = 1
             self.http.fail_times(hook, task.hook_fails, 503)
         return task
 
     def images(self, task: TaskRecord) -> dict[str, bytes]:
+        if task.split:
+            return geotagged_images(self.config.split_images)
         files = dict.fromkeys(data.image_names(3), data.JPEG)
         if task.kind == "fail":
             files[FAIL_IMAGE] = data.JPEG
         return files
 
     async def submit(self, client: httpx.AsyncClient, task: TaskRecord) -> None:
-        fields = {"name": f"chaos {task.kind}", "webhook": self.http.url(task.hook)}
+        fields = {"name": f"chaos {'split ' if task.split else ''}{task.kind}",
+                  "webhook": self.http.url(task.hook)}
+        if task.split:
+            fields["options"] = json.dumps([{"name": "split", "value": self.config.split_size}])
         headers = {"set-uuid": task.uuid}
         task.submitted_at = time.monotonic()
         if not task.chunked:
-            name = "fail.zip" if task.kind == "fail" else "ok.zip"
+            name = "split.zip" if task.split else "fail.zip" if task.kind == "fail" else "ok.zip"
             parts = {**fields, "zipurl": self.http.url(f"{self.prefix}/{name}")}
             body = await self.create(client, "/task/new", task, headers=headers,
                                      files={k: (None, v) for k, v in parts.items()})
@@ -591,7 +687,7 @@ class Chaos:
                     task.error = f"submission: {exc!r}"
                 if task.accepted:
                     await self.follow(client, task)
-                self.log(f"task {task.uuid[:8]} {task.kind:6} "
+                self.log(f"task {task.uuid[:8]} {task.kind:6} {'split ' if task.split else ''}"
                          f"{'chunked' if task.chunked else 'zipurl '} -> {task.final}"
                          + (f" ({task.retries} retries)" if task.retries else "")
                          + (f" ERROR {task.error}" if task.error else ""))
@@ -615,7 +711,7 @@ class Chaos:
             if self.closed:
                 return
             for name in names:
-                self.stack.spawn(name)
+                self.stack.spawn(name, port=self.gateway_port if name == "gateway" else None)
         deadline = time.monotonic() + self.config.start_s
         for name in names:
             self.wait_ready(name, deadline)
@@ -690,7 +786,19 @@ class Chaos:
                 await self.kill_nats_node(self.cluster)
                 continue
             victims = [n for s in self.config.services for n in self.stack.instances(s)]
+            # While a split run is in flight, most kills hit what keeps its family together:
+            # the scheduler (admission, orphans, runs) and the watcher (the runs' ends).
+            family = [n for s in ("scheduler", "watcher") if s in self.config.services
+                      for n in self.stack.instances(s)]
+            in_split = any(t.split and t.submitted_at and not t.finished_at
+                           for t in self.report.tasks)
             service = self.kill_rng.choice(victims)
+            if in_split and family and (self.split_kills < len(family)
+                                        or self.kill_rng.random() < SPLIT_FOCUS):
+                # The first ones in turn (every scheduler and watcher once), then at random.
+                service = (family[self.split_kills] if self.split_kills < len(family)
+                           else self.kill_rng.choice(family))
+                self.split_kills += 1
             down = self.kill_rng.uniform(*self.config.down_s)
             async with self.stack_lock:
                 at = time.monotonic() - self.t0
@@ -811,6 +919,11 @@ class Chaos:
         data.write(self.http.root / self.prefix.lstrip("/") / "ok.zip", data.images_zip(3))
         data.write(self.http.root / self.prefix.lstrip("/") / "fail.zip",
                    data.images_zip(3, extra={f"flight/{FAIL_IMAGE}": data.JPEG}))
+        if cfg.split_every > 0:
+            data.write(self.http.root / self.prefix.lstrip("/") / "split.zip", data.zip_bytes(
+                {f"flight/{k}": v for k, v in geotagged_images(cfg.split_images).items()}))
+            self.gateway_port = free_port()
+            self.stack.extra_env.update(split_env(self.gateway_port))
         self.log(f"seed {cfg.seed}: {cfg.tasks} tasks over {cfg.duration_s:g}s, "
                  f"{cfg.workers} in flight, kills every {cfg.kill_every_s[0]:g}-"
                  f"{cfg.kill_every_s[1]:g}s among {', '.join(cfg.services)}")
@@ -910,9 +1023,13 @@ class Chaos:
                 silent = [t for t in self.report.tasks if t.final in TERMINAL
                           and t.uuid not in hooked]
                 unpublished = await asyncio.to_thread(self.unpublished_count)
+                # Every parent has ended (or soon will): the admission pass ends its children.
+                active = (await asyncio.to_thread(self.active_children)
+                          if self.config.split_every > 0 else [])
                 phase.detail = (f"{len(pending)} not terminal, {len(silent)} without webhook, "
-                                f"{unpublished} unpublished events")
-                if not pending and not silent and not unpublished:
+                                f"{unpublished} unpublished events, {len(active)} children "
+                                "queued or running")
+                if not pending and not silent and not unpublished and not active:
                     return
                 if time.monotonic() > self.settle_deadline:
                     self.log(f"settle deadline: {phase.detail}")
@@ -945,10 +1062,31 @@ class Chaos:
 
     def mongo_events(self) -> list[dict[str, Any]]:
         with self.mongo() as client:
-            cursor = client[self.stack.database]["events"].find(
+            coll = client[self.stack.database]["events"]
+            found = list(coll.find(
                 {}, {"_id": 1, "task_id": 1, "attempt": 1, "kind": 1, "seq": 1, "published": 1,
-                     "recorded_at": 1})
-            return list(cursor)
+                     "recorded_at": 1}))
+            # A parent's ``child`` events with their bodies (which child, what happened).
+            bodies = {d["_id"]: d.get("body") or {}
+                      for d in coll.find({"kind": "child"}, {"_id": 1, "body": 1})}
+            for ev in found:
+                if ev["_id"] in bodies:
+                    ev["body"] = bodies[ev["_id"]]
+            return found
+
+    def child_docs(self) -> list[dict[str, Any]]:
+        """The task documents of children (``parent`` set; a removed child's is deleted once
+        its removal is done)."""
+        with self.mongo() as client:
+            return list(client[self.stack.database]["tasks"].find(
+                {"parent": {"$exists": True}},
+                {"_id": 1, "parent": 1, "state": 1, "removed": 1, "attempt": 1}))
+
+    def active_children(self) -> list[str]:
+        with self.mongo() as client:
+            return [d["_id"] for d in client[self.stack.database]["tasks"].find(
+                {"parent": {"$exists": True}, "removed": False,
+                 "state": {"$in": ["queued", "running"]}}, {"_id": 1})]
 
     async def stream_event_ids(self) -> Counter[str]:
         """Every event id in JetStream's EVENTS stream (an ephemeral consumer reads it all).
@@ -1011,6 +1149,9 @@ class Chaos:
         phase.detail = "reading the events from MongoDB"
         events = await asyncio.to_thread(self.mongo_events)
         await self.check_tasks(events, phase)
+        if any(t.split for t in self.report.tasks):
+            phase.detail = "split families"
+            await self.check_families(events, await asyncio.to_thread(self.child_docs), phase)
         phase.detail = "run slots"
         self.check_slots(events, await asyncio.to_thread(self.held_slots))
         phase.detail = "webhooks"
@@ -1055,6 +1196,80 @@ class Chaos:
                     rep.notes.append(f"task {task.uuid} ({task.kind}, "
                                      f"{'chunked' if task.chunked else 'zipurl'}) ended "
                                      f"{task.final}: {why}"[:240])
+
+    async def check_families(self, events: list[dict[str, Any]], docs: list[dict[str, Any]],
+                             phase: Phase) -> None:
+        """Split tasks: every child (as MongoDB and its parent's ``child`` events know it) ended
+        with its parent, none left queued or running (the admission pass cancels the children
+        of an ended parent, removes those of a removed one); every child's task document was
+        told on its parent's stream, its end or removal too; a child told but without a
+        document was removed (its data deleted), else it is lost; a completed parent's all.zip
+        holds the merged outputs. Children are no submitted tasks: not counted as lost."""
+        rep, problems = self.report, self.report.problems
+        parents = {t.uuid: t for t in rep.tasks if t.split}
+        children: dict[str, Child] = {}
+        for ev in sorted(events, key=lambda e: (e["task_id"], e["seq"])):
+            if ev["kind"] != "child":
+                continue
+            body = ev.get("body") or {}
+            if "child" not in body:
+                problems.append(f"child event {ev['_id']} without its child: {body}")
+                continue
+            child = children.setdefault(body["child"], Child(body["child"], ev["task_id"]))
+            child.told.append(str(body.get("child_kind")))
+        for doc in docs:
+            child = children.setdefault(doc["_id"], Child(doc["_id"], doc["parent"]))
+            child.state, child.removed = doc.get("state"), bool(doc.get("removed"))
+            if doc["parent"] != child.parent:
+                problems.append(f"child {child.uuid}: parent {doc['parent']}, yet told on "
+                                f"{child.parent}'s stream")
+        rep.children = sorted(children.values(), key=lambda c: (c.parent, c.uuid))
+        for child in rep.children:
+            parent = parents.get(child.parent)
+            whose = (f"child {child.uuid} of {child.parent} "
+                     f"({'a split task' if parent else 'not a split task of this run'}, "
+                     f"final {parent.final if parent else '?'})")
+            if parent is None:
+                problems.append(f"{whose}: a child of a task that is no split task")
+            if child.state is None:
+                if "removed" not in child.told:
+                    problems.append(f"{whose} lost: no task document, and its parent's stream "
+                                    f"never told its removal (told: {child.told})")
+                continue
+            if not child.removed and child.state in ("queued", "running"):
+                rep.children_active += 1
+                problems.append(f"{whose} left {child.state} after settling (told: "
+                                f"{child.told})")
+            end = "removed" if child.removed else child.state
+            if end not in child.told:
+                problems.append(f"{whose}: {end}, but its parent's stream told {child.told}")
+            if parent is not None and parent.final == 40 and not child.removed:
+                rep.notes.append(f"{whose}: {child.state}, not removed by the completed run "
+                                 "(ODM's removal failed, e.g. the gateway was down)")
+        async with httpx.AsyncClient(timeout=30) as client:
+            for parent in parents.values():
+                if parent.final != 40:
+                    continue
+                phase.detail = f"all.zip of split parent {parent.uuid}"
+                resp = await self.request(client, "GET",
+                                          f"/task/{parent.uuid}/download/all.zip", patience_s=30)
+                try:
+                    with zipfile.ZipFile(io.BytesIO(resp.content)) as z:
+                        names = set(z.namelist())
+                except zipfile.BadZipFile:
+                    names = set()
+                if MERGED_OUTPUT in names:
+                    rep.merged_checked += 1
+                else:
+                    problems.append(f"split parent {parent.uuid} completed, but its all.zip "
+                                    f"holds no {MERGED_OUTPUT}: {sorted(names)[:10]} "
+                                    f"({resp.status_code}, {resp.content[:120]!r})")
+        for kills, during in ((rep.kills, rep.kills_in_split_runs),
+                              (rep.crashes, rep.crashes_in_split_runs)):
+            for kill in kills:
+                if any(t.submitted_at - self.t0 <= kill.at
+                       <= (t.finished_at or float("inf")) - self.t0 for t in parents.values()):
+                    during[service_of(kill.service)] += 1
 
     def check_slots(self, events: list[dict[str, Any]], held: list[str]) -> None:
         """Every task ended, so no slot may be held any more (a leaked slot is held forever);
@@ -1137,7 +1352,9 @@ class Chaos:
     async def check_events(self, events: list[dict[str, Any]]) -> None:
         """seq 1..n per task, a terminal event, all published, all on JetStream."""
         rep, problems = self.report, self.report.problems
-        ours = {t.uuid for t in rep.tasks}
+        # A removed child's events are being deleted with it: only those still there count.
+        family = {c.uuid: c for c in rep.children if c.state is not None and not c.removed}
+        ours = {t.uuid for t in rep.tasks} | set(family)
         mine = [ev for ev in events if ev["task_id"] in ours]
         rep.events = len(mine)
         seqs: dict[str, list[int]] = defaultdict(list)
@@ -1160,6 +1377,18 @@ class Chaos:
             if task.final in TERMINAL and 1 not in terminal.get(task.uuid, set()):
                 problems.append(f"task {task.uuid}: terminal ({task.final}) without a terminal "
                                 "event in the log")
+        for child in family.values():
+            got = sorted(seqs.get(child.uuid, []))
+            repeats = len(got) - len(set(got))
+            gaps = len(set(range(1, max(got, default=0) + 1)) - set(got))
+            rep.seq_repeats += repeats
+            rep.seq_gaps += gaps
+            if repeats or gaps or not got:
+                problems.append(f"child {child.uuid}: event seqs {got} (gaps {gaps}, repeats "
+                                f"{repeats})")
+            if child.state in ("completed", "failed", "canceled") and not terminal[child.uuid]:
+                problems.append(f"child {child.uuid}: {child.state} without a terminal event in "
+                                "the log")
         rep.unpublished = sum(1 for ev in mine if not ev["published"])
         if rep.unpublished:
             problems.append(f"{rep.unpublished} events never published (outbox not drained)")

@@ -7,6 +7,12 @@ every terminal task's webhook delivered (repeats counted by ``webhook-id``), eve
 ``seq`` 1..n without gap, the outbox drained and every event on JetStream. The long version is
 ``uv run task chaos``.
 
+Split tasks are in the mix (every 6th task, the first at once: 12 geotagged images with
+``split: 4``, whose runs send submodels back to the gateway as children): a scheduler, watcher or
+gateway killed during a split run loses no child and leaves no orphan: every child ends with its
+parent (none left queued or running), its parent's stream told it, a completed parent's
+``all.zip`` holds the merged outputs. The cluster test has one split task (the default every 10th).
+
 The second test runs the same with two processes of every service on a 3-node NATS cluster
 (streams R3), and the killer SIGKILLs NATS nodes too, one at a time, often a stream or durable
 leader, restarting each on its ports and store. Left out: two nodes down at once (R3 loses its
@@ -68,12 +74,18 @@ async def test_chaos_no_task_lost_or_stuck_every_webhook_sent_no_seq_gap(
     lines: list[str] = []
     report = await chaos_run(request, Chaos(stack, http_fixture, ChaosConfig(
         seed=SEED, duration_s=25, tasks=12, workers=3, kill_every_s=(2.0, 4.0),
-        down_s=(0.0, 1.0), settle_s=40, deadline_s=RUN_DEADLINE_S, log=lines.append,
+        down_s=(0.0, 1.0), settle_s=40, split_every=6, deadline_s=RUN_DEADLINE_S,
+        log=lines.append,
     )), lines)
     summary = report.summary()
     sys.stdout.write(summary + "\n")  # shown with -s, and with the failure below
     assert report.ok, summary + "\n" + "\n".join(lines)
     assert len(report.tasks) >= 6, summary
+    # The split tasks ran (the first is submitted at once) and created children on the way,
+    # and a scheduler or watcher was SIGKILLed during a split run.
+    assert sum(t.split for t in report.tasks) >= 1 and report.children, summary
+    assert report.kills_in_split_runs["scheduler"] + report.kills_in_split_runs["watcher"], (
+        summary)
     # The faults really happened (how many fit in 25 s depends on the machine's speed).
     assert len(report.kills) >= 2 and len(report.kills) + len(report.crashes) >= 3, summary
 
