@@ -152,6 +152,7 @@ class Admitter:
         self._subs: list[Subscription] = []
         self._queue_ids: list[str] | None = None  # the queue as last saved
         self._queue_saved_at = -float("inf")  # monotonic time the queue was last read
+        self._stage = "idle"  # where the current pass is (logged when one fails or hangs)
 
     async def subscribe(self, nc: NatsClient) -> None:
         """Wake-ups: core NATS subscriptions on the events after which a slot may be given."""
@@ -173,9 +174,16 @@ class Admitter:
                     pass
                 self._wake.clear()
                 try:
-                    await self.run_pass()
+                    # A pass never outlives its lease: one stuck on a call that never answers
+                    # is abandoned (and said where), and the next one starts afresh.
+                    async with asyncio.timeout(self.lease_ttl_s):
+                        await self.run_pass()
+                except TimeoutError:
+                    log.warning("admission pass timed out; retried", stage=self._stage,
+                                timeout_s=self.lease_ttl_s)
                 except Exception as exc:
-                    log.warning("admission pass failed; retried", error=repr(exc))
+                    log.warning("admission pass failed; retried", error=repr(exc),
+                                stage=self._stage)
         finally:
             for sub in self._subs:
                 try:
@@ -190,14 +198,18 @@ class Admitter:
     async def run_pass(self) -> list[Waiting]:
         """One pass: end the children their parents left behind, admit what fits, save the
         order of what waits; the admitted tasks."""
+        self._stage = "lease"
         if not await self.leases.hold(LEASE, self.holder, self.lease_ttl_s):
             return []
+        self._stage = "orphans"
         await self.end_orphans()
+        self._stage = "active"
         active = await self.store.active()
         if self._full(active) and time.monotonic() - self._queue_saved_at < self.interval_s:
             # No slot to give: the waiting tasks are read only to refresh their positions, at
             # most once an interval (a backlog would otherwise be read on every wake-up).
             return []
+        self._stage = "waiting"
         waiting = await self.store.waiting(WINDOW)
         ordered = order(waiting, active.by_tenant)
         chosen = admit(ordered, active, self.capacity, self.tenant_limit)
@@ -208,10 +220,12 @@ class Admitter:
             if start and not await self.leases.hold(LEASE, self.holder, self.lease_ttl_s):
                 break
             batch = chosen[start:start + BATCH]
+            self._stage = "admitting"
             done = await asyncio.gather(*(self._admit(task) for task in batch))
             admitted += [task for task, ok in zip(batch, done, strict=True) if ok]
         taken = {t.task_id for t in admitted}
         queue = [t.task_id for t in ordered if t.task_id not in taken]
+        self._stage = "queue"
         if queue != self._queue_ids:
             await self.store.save_queue(queue)
             self._queue_ids = queue
