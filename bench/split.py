@@ -1,7 +1,9 @@
 """Split-merge: one task of ``--split-images`` geotagged images with ``split`` versus without.
 
 The full stack (gateway, scheduler with the local executor and the ODM test double of
-``--split-engine-seconds``, watcher) runs on the bench servers with ``--split-slots`` run slots
+``--split-engine-seconds`` plus ``--split-seconds-per-image`` per image — ODM's time grows with
+the dataset, and without that part a split could only look slower —, watcher) runs on the bench
+servers with ``--split-slots`` run slots
 and ``SCALEODM_SPLIT__*`` set so that a run's ODM (the test double speaks ODM's sm-cluster client
 protocol through PyODM) sends its submodels back to the gateway as child tasks, run by the same
 stack. PyODM creates the task (open node, ``Node.create_task``); the bench then polls the
@@ -45,7 +47,8 @@ DATABASE = "bench_split"
 KEY = "split-key-for-bench-only-0123456789abcdef"
 SERVICES = ("gateway", "scheduler", "watcher")
 
-QUICK: dict[str, Any] = {"split_rounds": 1, "split_engine_seconds": 2.0}
+QUICK: dict[str, Any] = {"split_rounds": 1, "split_engine_seconds": 2.0,
+                         "split_seconds_per_image": 0.1}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -59,6 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--split-slots", type=int, default=6, help="run slots (default 6)")
     group.add_argument("--split-engine-seconds", type=float, default=5.0,
                        help="run length of the ODM test double (default 5)")
+    group.add_argument("--split-seconds-per-image", type=float, default=0.5,
+                       help="the test double's time per image on top of the fixed part, as "
+                       "ODM's grows with the dataset (default 0.5: 40 images, 20 s)")
     group.add_argument("--split-interval", type=float, default=0.1,
                        help="seconds between two polls of the parent and its children "
                        "(default 0.1)")
@@ -146,6 +152,7 @@ async def measure(env: BenchEnv, args: argparse.Namespace) -> list[Figure]:
         "SCALEODM_CAPACITY__CLASSES": json.dumps(
             [{"name": "any", "max_images": None, "slots": slots}]),
         "ODM_TEST_ENGINE_RETRY_S": "0.5",
+        "ODM_TEST_ENGINE_SECONDS_PER_IMAGE": str(float(args.split_seconds_per_image)),
     })
     paths = images(env.tmp / NAME / "images", int(args.split_images))
     rounds: list[Round] = []
@@ -176,6 +183,7 @@ async def measure(env: BenchEnv, args: argparse.Namespace) -> list[Figure]:
                 if c.done_s is not None and c.gone_s is not None]
     detail: dict[str, Any] = {
         "slots": slots, "engine_seconds": engine_s, "images": args.split_images,
+        "seconds_per_image": float(args.split_seconds_per_image),
         "split": args.split_size, "rounds": [asdict(r) for r in rounds],
         "measured": "create_task returned -> first poll seeing 40",
     }

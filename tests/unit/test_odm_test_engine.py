@@ -465,6 +465,17 @@ def test_seconds_paces_the_run(project_path: Path, udp_listener: socket.socket) 
     assert 0.24 <= elapsed < 3.0
 
 
+def test_seconds_per_image_adds_to_the_run(project_path: Path,
+                                           udp_listener: socket.socket) -> None:
+    """Five images at 0.1 s each: at least 0.5 s on top of the fixed part (here none)."""
+    started = time.monotonic()
+    result = run_engine(project_path, udp_listener, ODM_TEST_ENGINE_SECONDS="0",
+                        ODM_TEST_ENGINE_SECONDS_PER_IMAGE="0.1")
+    elapsed = time.monotonic() - started
+    assert result.code == 0
+    assert 0.49 <= elapsed < 4.0
+
+
 @pytest.mark.parametrize(
     ("signum", "expected"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["TERM", "INT"]
 )

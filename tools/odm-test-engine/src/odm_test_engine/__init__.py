@@ -80,6 +80,11 @@ Test-double controls (environment variables):
 ``ODM_TEST_ENGINE_POLL_S``
     split-merge: how often a remote task's status is polled (float > 0, default ``3``, PyODM's
     ``wait_for_completion`` interval, which ODM keeps).
+``ODM_TEST_ENGINE_SECONDS_PER_IMAGE``
+    seconds added to a run per input image (float >= 0, default ``0``): ODM's time grows with the
+    dataset, and a benchmark of split-merge needs runs that do too. A split run's images are
+    counted in its submodels (a local one takes its share of ``ODM_TEST_ENGINE_SECONDS`` plus its
+    images' time; a remote one is a run of its own).
 ``ODM_TEST_ENGINE_PROGRESS_PORT``
     UDP port for the ``PGUP/<pid>/<project-name>/<percent>`` progress datagrams (default ``6367``,
     ODM's port; always sent to ``127.0.0.1``, best effort).

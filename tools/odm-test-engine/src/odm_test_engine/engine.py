@@ -85,6 +85,7 @@ class EngineConfig:
     ansi: bool = True
     retry_s: float = DEFAULT_RETRY_S
     poll_s: float = DEFAULT_POLL_S
+    per_image_s: float = 0.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> EngineConfig:
@@ -143,6 +144,8 @@ class EngineConfig:
             ansi=not env.get("no_ansiesc"),
             retry_s=_seconds(env, "ODM_TEST_ENGINE_RETRY_S", DEFAULT_RETRY_S, allow_zero=True),
             poll_s=_seconds(env, "ODM_TEST_ENGINE_POLL_S", DEFAULT_POLL_S, allow_zero=False),
+            per_image_s=_seconds(env, "ODM_TEST_ENGINE_SECONDS_PER_IMAGE", 0.0,
+                                 allow_zero=True),
         )
 
 
@@ -277,12 +280,16 @@ class Engine:
             self.end_progress.update(splitmerge.END_PROGRESS)
         weights = {stage: time_weight[stage] for stage in chain}
         total_weight = sum(weights.values()) or 1.0
+        # ODM's time grows with the dataset: a fixed part, plus a part per image when asked
+        # (a split run's images are processed in its submodels: their share is theirs).
+        seconds = self.config.seconds + (
+            0.0 if split_merge else self.config.per_image_s * len(images))
 
         try:
             for stage in chain:
                 if stage != "dataset":
                     self._begin_stage(stage)
-                duration = self.config.seconds * weights[stage] / total_weight
+                duration = seconds * weights[stage] / total_weight
                 if split_merge and stage == "split":
                     self._split(context, duration)
                 elif split_merge and stage == "merge":
@@ -364,6 +371,7 @@ class Engine:
                 url=url,
                 options=splitmerge.submodel_options(self.invocation),
                 local_seconds=duration / max(len(self.submodels), 1),
+                per_image_s=self.config.per_image_s,
                 retry_s=self.config.retry_s,
                 poll_s=self.config.poll_s,
                 started=self.started,

@@ -317,13 +317,14 @@ class ExecutorSettings:
 
     url: str
     options: dict[str, str | bool]
-    local_seconds: float  # how long one local submodel takes
+    local_seconds: float  # how long one local submodel takes, its images aside
     retry_s: float  # ODM's Task(retry_timeout=10): backoff unit
     poll_s: float  # PyODM's wait_for_completion(interval=3)
     started: datetime
     log: Callable[[str, str], None]
     write: Callable[[Path, bytes], None]
     on_finished: Callable[[int, int], None] = field(default=lambda _done, _total: None)
+    per_image_s: float = 0.0  # and per image of it (ODM_TEST_ENGINE_SECONDS_PER_IMAGE)
 
 
 class LocalRemoteExecutor:
@@ -493,7 +494,7 @@ class LocalRemoteExecutor:
         shown = " ".join(f'"{a}"' if "/" in a else a for a in ["python3", "/code/run.py", *argv])
         self._log("INFO", f"running {shown}")
         marked = failure_marker([submodel.root / "images" / i.filename for i in submodel.images])
-        time.sleep(self.settings.local_seconds)
+        time.sleep(self.settings.local_seconds + self.settings.per_image_s * len(submodel.images))
         if marked is not None:
             raise InjectedFailure(marked, "split")
         child = parse(argv)
