@@ -615,7 +615,7 @@ async def test_rendered_nats_refuses_anonymous_clients(tmp_path: Path) -> None:
         local = settings.model_copy(
             update={"nats": settings.nats.model_copy(update={"url": url})}
         )
-        broker = runtime.make_broker(local)
+        broker = runtime.make_broker(local, "gateway")
         await asyncio.wait_for(broker.connect(), timeout=10)
         await broker.stop()
         # The bootstrap Job (streams and durables) logs in with the same settings.

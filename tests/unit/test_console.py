@@ -22,6 +22,7 @@ from __future__ import annotations
 import pytest
 
 from scaleodm.common.contracts import events
+from scaleodm.common.store.tasks import ApplyResult, Outcome
 from scaleodm.watcher import console
 from scaleodm.watcher.console import TRUNCATED, ConsoleReporter, LineSplitter
 
@@ -34,8 +35,9 @@ class FakeEmitter:
     def __init__(self) -> None:
         self.emitted: list[events.TaskEvent] = []
 
-    async def emit(self, ev: events.TaskEvent) -> None:
+    async def emit(self, ev: events.TaskEvent) -> ApplyResult:
         self.emitted.append(ev)
+        return ApplyResult(Outcome.APPLIED, len(self.emitted), changed=True)
 
     def outputs(self) -> list[events.TaskOutput]:
         return [e for e in self.emitted if isinstance(e, events.TaskOutput)]

@@ -39,10 +39,13 @@ import nats.js.errors
 import uvicorn
 from faststream.asgi import AsgiFastStream, AsgiResponse, get
 from faststream.nats import NatsBroker, NatsUserPassword
+from faststream.nats.prometheus.provider import settings_provider_factory as nats_metrics_settings
+from faststream.prometheus import PrometheusMiddleware
 from nats.aio.client import Client as NatsClient
 from nats.js.client import JetStreamContext
+from prometheus_client import REGISTRY
 
-from scaleodm.common import clock
+from scaleodm.common import clock, metrics
 from scaleodm.common.contracts import streams
 from scaleodm.common.logging import get_logger
 from scaleodm.common.settings import BaseServiceSettings, NatsSettings
@@ -239,7 +242,7 @@ class ServiceBroker(NatsBroker):
     """
 
     def __init__(self, nats_settings: NatsSettings, *, graceful_timeout: float,
-                 logger: Any) -> None:
+                 logger: Any, middlewares: Sequence[Any] = ()) -> None:
         self._nats_settings = nats_settings
         self._graceful_timeout_s = graceful_timeout
         self._stopping = False
@@ -251,6 +254,7 @@ class ServiceBroker(NatsBroker):
             disconnected_cb=self._on_disconnected,
             reconnected_cb=self._on_reconnected,
             closed_cb=self._on_closed,
+            middlewares=tuple(middlewares),
             **connection_options(nats_settings),
         )
 
@@ -294,11 +298,50 @@ class ServiceBroker(NatsBroker):
             log.error("NATS connection closed for good: liveness fails from now on")
 
 
-def make_broker(settings: BaseServiceSettings) -> ServiceBroker:
-    """The NATS broker of a service (every service, the gateway included)."""
+def make_broker(settings: BaseServiceSettings, service: str) -> ServiceBroker:
+    """The NATS broker of a service (every service, the gateway included), with FastStream's
+    Prometheus middleware (``metrics``)."""
     _fix_pull_fetch()
     return ServiceBroker(settings.nats, graceful_timeout=GRACEFUL_TIMEOUT_S,
-                         logger=get_logger("scaleodm.bus"))
+                         logger=get_logger("scaleodm.bus"),
+                         middlewares=[_prometheus_middleware(service)])
+
+
+class _SubjectTemplates:
+    """FastStream's NATS metrics settings with subjects as label templates: one task's
+    ``events.task.<id>.<kind>`` would otherwise make a series per task."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self.messaging_system = inner.messaging_system
+
+    def get_consume_attrs_from_message(self, msg: Any) -> Any:
+        attrs = dict(self._inner.get_consume_attrs_from_message(msg))
+        attrs["destination_name"] = metrics.subject_template(str(attrs["destination_name"]))
+        return attrs
+
+    def get_publish_destination_name_from_cmd(self, cmd: Any) -> str:
+        return metrics.subject_template(self._inner.get_publish_destination_name_from_cmd(cmd))
+
+
+def _templated_settings(msg: Any) -> _SubjectTemplates | None:
+    inner = nats_metrics_settings(msg)
+    return None if inner is None else _SubjectTemplates(inner)
+
+
+_middleware: PrometheusMiddleware[Any, Any] | None = None
+
+
+def _prometheus_middleware(service: str) -> PrometheusMiddleware[Any, Any]:
+    """One per process: its metrics register once in the process's registry. A service is one
+    process, so ``app_name`` is its name (in tests building several brokers in one process, the
+    first one's)."""
+    global _middleware
+    if _middleware is None:
+        _middleware = PrometheusMiddleware(
+            settings_provider_factory=_templated_settings, registry=REGISTRY,
+            app_name=service, metrics_prefix="faststream")
+    return _middleware
 
 
 READY_CHECK_TIMEOUT_S = 2.0
@@ -418,6 +461,7 @@ def make_app(
         asgi_routes=[
             ("/healthz", _liveness(broker)),
             ("/readyz", _readiness([nats_check(broker), *ready_checks])),
+            ("/metrics", _metrics()),
         ],
         logger=get_logger("scaleodm.app"),
         lifespan=_bounded_lifespan(lifespan) if lifespan is not None else None,
@@ -430,6 +474,17 @@ def make_app(
 
 
 SHUTDOWN_STEP_TIMEOUT_S = 5.0
+
+
+def _metrics() -> Any:
+    """``/metrics`` of a bus service: the process's registry (``metrics``), text format."""
+
+    @get(include_in_schema=False)
+    async def scrape(scope: Any) -> AsgiResponse:  # noqa: ARG001
+        return AsgiResponse(metrics.exposition(), 200,
+                            headers={"content-type": metrics.CONTENT_TYPE_LATEST})
+
+    return scrape
 
 
 def _liveness(broker: NatsBroker) -> Any:

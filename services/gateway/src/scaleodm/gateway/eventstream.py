@@ -75,6 +75,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from pydantic import ValidationError
 from sse_starlette import ServerSentEvent
 
+from scaleodm.common import metrics
 from scaleodm.common.contracts import events, streams
 from scaleodm.common.domain.status import TERMINAL_STATES, NodeOdmStatus, TaskState
 from scaleodm.common.logging import get_logger
@@ -251,6 +252,7 @@ class StreamSlots:
                 f"Too many event streams: at most {self.max_per_client} per client"
             )
         self.open += 1
+        metrics.SSE_CLIENTS.inc()
         self._per_client[client] += 1
         released = False
 
@@ -260,6 +262,7 @@ class StreamSlots:
                 return
             released = True
             self.open -= 1
+            metrics.SSE_CLIENTS.dec()
             self._per_client[client] -= 1
             if self._per_client[client] <= 0:
                 del self._per_client[client]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 import sys
@@ -15,18 +16,19 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.routing import APIRoute
 from faststream.nats import NatsBroker
 
-from scaleodm.common import failpoints, runtime
+from scaleodm.common import failpoints, metrics, runtime
 from scaleodm.common.contracts import streams
 from scaleodm.common.emitting import Emitter
 from scaleodm.common.logging import configure_logging, get_logger
 from scaleodm.common.settings import Environment, GatewaySettings, get_gateway_settings
 from scaleodm.common.store import uploads
 from scaleodm.common.store.s3 import S3
-from scaleodm.common.store.tasks import open_store
+from scaleodm.common.store.tasks import TaskStore, open_store
 from scaleodm.common.store.uploads import UploadStore
 from scaleodm.gateway import deps, errors, openapi, responses, serving
 from scaleodm.gateway.deps import Resources
 from scaleodm.gateway.eventstream import EventHub
+from scaleodm.gateway.httpmetrics import HttpMetrics
 from scaleodm.gateway.readmodel import ReadModel
 from scaleodm.gateway.routes import auth, creating, events, health, nodeodm, usage, webhooks
 
@@ -55,7 +57,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             s3 = await stack.enter_async_context(S3.open(settings.s3))
             # The services' NATS client: reconnects for as long as NATS is away, start and stop
             # bounded (runtime.ServiceBroker).
-            broker = runtime.make_broker(settings)
+            broker = runtime.make_broker(settings, "gateway")
             conn = await broker.connect()
             stack.push_async_callback(_stop_broker, broker)
             await streams.ensure_streams(
@@ -80,6 +82,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
                 settings, mongo, s3, broker, emitter, upload_store,
                 points, event_hub=hub, read_model=read_model, tenant_directory=directory,
             )
+            runtime.start_loop(stack, _count_tasks(mongo.store), "task-counts")
             log.info("gateway ready", port=settings.gateway_port)
             yield
             log.info("gateway stopping")
@@ -100,6 +103,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.add_middleware(
         CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"]
     )
+    app.add_middleware(HttpMetrics)  # outermost: every answer counts, CORS preflights too
     errors.install(app)
     # The polled routes first: a request is matched against the routes in order, and no two
     # routers share a method and path, so the order changes nothing else.
@@ -124,6 +128,26 @@ def _openapi(app: FastAPI) -> Callable[[], dict[str, Any]]:
         return app.openapi_schema
 
     return build
+
+
+TASK_COUNTS_EVERY_S = 15.0
+
+
+async def _count_tasks(store: TaskStore) -> None:
+    """``scaleodm_tasks{status}`` refreshed in the background, so a scrape never waits on
+    MongoDB: a failed refresh keeps the last values and sets ``scaleodm_tasks_stale``."""
+    while True:
+        try:
+            async with asyncio.timeout(TASK_COUNTS_EVERY_S):
+                counts = await store.count_by_state()
+        except Exception as exc:  # MongoDB away or slow: the values stay, marked stale
+            metrics.TASKS_STALE.set(1)
+            log.debug("task counts not refreshed", error=repr(exc))
+        else:
+            for state, count in counts.items():
+                metrics.TASKS.labels(state).set(count)
+            metrics.TASKS_STALE.set(0)
+        await asyncio.sleep(TASK_COUNTS_EVERY_S)
 
 
 async def _stop_broker(broker: NatsBroker) -> None:

@@ -17,6 +17,7 @@ import unicodedata
 from dataclasses import dataclass, field
 from typing import Any
 
+from scaleodm.common import metrics
 from scaleodm.common.domain.text import shown
 from scaleodm.common.store.s3 import S3, S3Url
 from scaleodm.common.store.uploads import NamesExhaustedError, UploadStore
@@ -121,6 +122,7 @@ class _S3Sink:
         return await self._record(await size)
 
     async def _record(self, size: int) -> Any:
+        metrics.UPLOAD_BYTES.inc(size)
         await self.registry.stored(self.name, size)
         self._recorded = size
         return self.name

@@ -82,7 +82,7 @@ async def open_resources(
 
 
 def create_app(settings: NotifierSettings) -> AsgiFastStream:
-    broker = runtime.make_broker(settings)
+    broker = runtime.make_broker(settings, "notifier")
     lifecycle = runtime.Lifecycle(lambda: open_resources(settings, broker))
 
     @broker.subscriber(

@@ -50,7 +50,7 @@ from typing import Any, NamedTuple, Protocol
 import httpx
 import standardwebhooks
 
-from scaleodm.common import clock, netguard
+from scaleodm.common import clock, metrics, netguard
 from scaleodm.common.contracts import events
 from scaleodm.common.domain import taskinfo, webhooks
 from scaleodm.common.domain.status import TERMINAL_STATES, TaskState
@@ -131,6 +131,11 @@ MAX_ERROR_CHARS = 500
 def delivery_id(task_id: str, attempt: int, url: str) -> str:
     digest = hashlib.sha256(url.encode("utf-8", "surrogatepass")).hexdigest()[:16]
     return f"{task_id}:{attempt}:{digest}"
+
+
+# An attempt's record status as the metric's outcome: delivered, failed (tried again later), or
+# gave_up (the delivery is dead).
+WEBHOOK_OUTCOMES = {"delivered": "delivered", "pending": "failed", "dead": "gave_up"}
 
 
 def recorded_url(url: str) -> str:
@@ -233,6 +238,9 @@ class Notifier:
         )
         log.info("webhook attempt", delivery=did, status=status, status_code=outcome.status_code,
                  latency_ms=latency, error=error, attempt_no=tries)
+        metrics.WEBHOOK_DELIVERIES.labels(WEBHOOK_OUTCOMES[status]).inc()
+        if status != "pending":
+            metrics.WEBHOOK_ATTEMPTS.observe(tries)
         return next_at if status == "pending" else None
 
     def _after_failure(

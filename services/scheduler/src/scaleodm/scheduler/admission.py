@@ -45,7 +45,7 @@ from typing import Protocol
 from nats.aio.client import Client as NatsClient
 from nats.aio.subscription import Subscription
 
-from scaleodm.common import clock
+from scaleodm.common import clock, metrics
 from scaleodm.common.contracts import commands, events
 from scaleodm.common.logging import bind_task, get_logger
 from scaleodm.common.settings import ArgoSettings, CapacitySettings
@@ -273,6 +273,7 @@ class Admitter:
             command = run_command({**doc, "size_class": task.size_class})
             result = await self.emitter.emit(ev, command=command)
             if result.changed:
+                metrics.RUNS_ADMITTED.labels(task.size_class).inc()
                 log.info("task admitted", size_class=task.size_class, tenant=task.tenant,
                          priority=task.priority, waited_ms=wait_ms)
             return result.changed

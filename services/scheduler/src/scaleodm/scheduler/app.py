@@ -96,7 +96,7 @@ async def open_resources(
 
 
 def create_app(settings: SchedulerSettings) -> AsgiFastStream:
-    broker = runtime.make_broker(settings)
+    broker = runtime.make_broker(settings, "scheduler")
     lifecycle = runtime.Lifecycle(lambda: open_resources(settings, broker))
 
     @broker.subscriber(

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol, assert_never
 
-from scaleodm.common import clock, failpoints
+from scaleodm.common import clock, failpoints, metrics
 from scaleodm.common.contracts import commands, events
 from scaleodm.common.domain.status import ACTIVE_STATES, TaskState
 from scaleodm.common.logging import bind_task, get_logger
@@ -101,6 +101,7 @@ class CommandHandler:
                 if delivered < self.max_deliver:
                     raise
                 if isinstance(cmd, commands.CreateTask | commands.RestartTask):
+                    metrics.COMMANDS_GIVEN_UP.labels(cmd.verb).inc()
                     log.error("giving up on command", error=repr(exc))
                     # The reason stays in the log: the exception's text may hold internal
                     # names and addresses (Kubernetes API, paths), never shown to clients.
@@ -110,6 +111,7 @@ class CommandHandler:
                     return
                 # JetStream delivers it no more: the run may go on (cancel) or the task's data
                 # stay (remove) until an operator acts or retention resumes it.
+                metrics.COMMANDS_GIVEN_UP.labels(cmd.verb).inc()
                 log.error("giving up on command: its last delivery failed", task_id=cmd.task_id,
                           attempt=cmd.attempt, verb=cmd.verb, error=repr(exc))
                 raise

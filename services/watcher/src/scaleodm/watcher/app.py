@@ -67,7 +67,7 @@ async def open_resources(settings: WatcherSettings, broker: NatsBroker) -> Async
 
 
 def create_app(settings: WatcherSettings) -> AsgiFastStream:
-    broker = runtime.make_broker(settings)
+    broker = runtime.make_broker(settings, "watcher")
     lifecycle = runtime.Lifecycle(lambda: open_resources(settings, broker))
 
     async def ready_mongo() -> None:

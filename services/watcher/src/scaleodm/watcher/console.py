@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import json
 
+from scaleodm.common import metrics
 from scaleodm.common.contracts import events
 from scaleodm.common.domain.progress import ProgressTracker, clean_line
 from scaleodm.common.emitting import Emitter
+from scaleodm.common.store.tasks import Outcome
 
 # An event of 200 full lines would pass NATS's 1 MiB; a quarter of it leaves room for the
 # event's other fields, headers and a server configured lower (NodeODM keeps lines whole).
@@ -155,9 +157,11 @@ class ConsoleReporter:
             await self._progress(value, key)
 
     async def _flush(self, start: int, lines: list[str], marks: list[tuple[int, float]]) -> None:
-        await self.emitter.emit(events.new(
+        result = await self.emitter.emit(events.new(
             events.TaskOutput, self.task_id, self.attempt, line_start=start, lines=list(lines)
         ))
+        if result.outcome is Outcome.APPLIED:  # recorded now: lines count once
+            metrics.CONSOLE_LINES.inc(len(lines))
         for index, value in marks:
             await self._progress(value, index)
 

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import datetime as dt
 
-from scaleodm.common import clock
+from scaleodm.common import clock, metrics
 from scaleodm.common.emitting import Emitter, Relayed
 from scaleodm.common.logging import get_logger
 from scaleodm.common.store import is_unavailable
@@ -69,6 +69,11 @@ async def relay_once(store: TaskStore, emitter: Emitter, *, min_age_s: float,
     (sent, more may be waiting: the batch was full and moved)."""
     cutoff = clock.now() - dt.timedelta(seconds=min_age_s)
     pending = await store.unpublished_events(cutoff, limit=batch)
+    # What the relay sees (at most a batch; only events older than ``min_age_s``, the others
+    # being their emitters' still).
+    metrics.OUTBOX_BACKLOG.set(len(pending))
+    metrics.OUTBOX_OLDEST.set(
+        (clock.now() - pending[0]["recorded_at"]).total_seconds() if pending else 0)
     sent = moved = 0
     for doc in pending:
         try:

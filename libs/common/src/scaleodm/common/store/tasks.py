@@ -37,7 +37,7 @@ from pymongo import ASCENDING, DESCENDING, AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
-from scaleodm.common import clock
+from scaleodm.common import clock, metrics
 from scaleodm.common.contracts import commands, events
 from scaleodm.common.contracts.ids import TaskId
 from scaleodm.common.domain.status import ACTIVE_STATES, NodeOdmStatus, TaskState
@@ -196,6 +196,11 @@ class TaskStore:
         cursor = self.tasks.find({"parent": task_id, "removed": False},
                                  {"_id": 1}).sort("created_at", ASCENDING)
         return [d["_id"] async for d in cursor]
+
+    async def count_by_state(self) -> dict[str, int]:
+        """Tasks not removed, by state (one count per state, on the ``state`` index)."""
+        return {state.value: await self.tasks.count_documents(
+                    {"removed": False, "state": state.value}) for state in TaskState}
 
     async def count_active(self) -> int:
         return await self.tasks.count_documents(
@@ -357,6 +362,7 @@ class TaskStore:
                         **extra,
                     }
                 )
+                metrics.EVENTS_RECORDED.labels(ev.kind).inc()
                 return seq, None
             except DuplicateKeyError:
                 existing = await self.events.find_one({"_id": ev.event_id}, {"seq": 1, "body": 1})
@@ -371,6 +377,7 @@ class TaskStore:
     async def set_aside(self, event_id: str, reason: str) -> None:
         """Take an event that can never be published out of the outbox (kept in the log, with
         the reason)."""
+        metrics.EVENTS_SET_ASIDE.inc()
         await self.events.update_one(
             {"_id": event_id}, {"$set": {"published": True, "set_aside": reason}})
 
@@ -516,6 +523,7 @@ async def open_store(settings: MongoSettings, appname: str) -> MongoHandle:
         timeoutMS=settings.timeout_ms,
         connectTimeoutMS=settings.connect_timeout_ms,
         appname=appname,
+        event_listeners=[metrics.mongo_listener()],
         **credentials,
     )
     store = TaskStore(client[settings.database])

@@ -50,7 +50,7 @@ from pymongo import ASCENDING
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
-from scaleodm.common import clock
+from scaleodm.common import clock, metrics
 from scaleodm.common.domain.status import TERMINAL_STATES, TaskState
 
 Doc = dict[str, Any]
@@ -108,6 +108,16 @@ def run_record(task: Doc) -> Doc | None:
     }
 
 
+def _queued_at_ms(task: Doc) -> int | None:
+    """When the attempt was queued, by the server's clock: the task's creation for the first
+    (``dateCreated`` may be the client's), the restart's ``date_created_ms`` for later ones."""
+    if int(task.get("attempt") or 1) > 1:
+        value = task.get("date_created_ms")
+        return int(value) if value is not None else None
+    created = task.get("created_at")
+    return clock.to_ms(created) if created is not None else None
+
+
 class UsageStore:
     def __init__(self, db: AsyncDatabase[Doc]) -> None:
         self.usage = db[COLLECTION]
@@ -125,6 +135,7 @@ class UsageStore:
             return False
         with contextlib.suppress(DuplicateKeyError):
             await self.runs.insert_one(record)
+            metrics.run_ended(record, task.get("size_class"), _queued_at_ms(task))
             return True
         return False
 

@@ -32,7 +32,7 @@ from typing import Any
 from fastapi import APIRouter, BackgroundTasks, Request
 from starlette.requests import ClientDisconnect
 
-from scaleodm.common import splitmerge, tenants
+from scaleodm.common import metrics, splitmerge, tenants
 from scaleodm.common.contracts.ids import canonical_task_id
 from scaleodm.common.domain.text import shown
 from scaleodm.common.logging import bind_task, get_logger
@@ -100,6 +100,7 @@ async def _parse(
     body = bodies.BodyReader(request.stream(), res.settings.body_idle_timeout_s,
                              max_bytes=limit)
     account.on_preempt = body.interrupt
+    metrics.UPLOADS_ACTIVE.inc()
     try:
         with account.bound():
             return await multipart.stream_form(
@@ -123,6 +124,8 @@ async def _parse(
     except BaseException as exc:  # S3 down, cancelled: drop what was stored, then re-raise
         await asyncio.shield(cleanup(exc))
         raise
+    finally:
+        metrics.UPLOADS_ACTIVE.dec()
 
 
 @router.post("/task/new", operation_id="nodeodm-create_task", response_model=None,

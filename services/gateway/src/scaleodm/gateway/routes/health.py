@@ -1,4 +1,4 @@
-"""Liveness and readiness probes (not part of the NodeODM API, no token).
+"""Liveness and readiness probes, and ``/metrics`` (not part of the NodeODM API, no token).
 
 ``/healthz`` (``runtime.liveness``) fails only when the NATS connection is closed for good:
 a dependency that is away (NATS reconnecting, MongoDB or S3 down) is not cured by a restart.
@@ -13,8 +13,9 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter
+from fastapi.responses import Response
 
-from scaleodm.common import runtime
+from scaleodm.common import metrics, runtime
 from scaleodm.gateway.deps import ResourcesDep
 from scaleodm.gateway.responses import JsonResponse
 
@@ -35,3 +36,10 @@ async def read_readiness(res: ResourcesDep) -> Any:
         [("mongo", res.mongo.ping), runtime.nats_check(res.broker), ("s3", res.s3.ping)]
     )
     return JsonResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
+
+
+@router.get("/metrics")
+async def read_metrics() -> Response:
+    """Prometheus' text format (``scaleodm.common.metrics``): no task ids, no tenants in it,
+    nothing that waits on a dependency (the task counts are refreshed in the background)."""
+    return Response(metrics.exposition(), media_type=metrics.CONTENT_TYPE_LATEST)
