@@ -1,5 +1,5 @@
-"""``/metrics`` of every service, after real work: two tasks (one completed with a webhook, one
-canceled while queued... or running), an unknown route, an SSE stream.
+"""``/metrics`` of every service, after real work: tasks completed (with webhooks), canceled and
+failed, and an unknown route.
 
 Scraped directly (Prometheus' text format, parsed by ``prometheus_client``): the gateway on its
 HTTP port, the bus services on their health ports. Checked against what happened:
@@ -12,13 +12,19 @@ HTTP port, the bus services on their health ports. Checked against what happened
 - console lines, events recorded by kind (``completed`` once however many writers saw it);
 - webhook deliveries by outcome, MongoDB command latencies;
 - ``scaleodm_tasks{status}`` from the store (refreshed in the background);
-- no label value of any service holds a task id, and subjects are templates.
+- no label value of any service holds a task id, and subjects are templates;
+- and a real Prometheus (Debian's package; skipped with the reason where it is absent, installed
+  by ``.ci/run``) scraping the four services: runs by outcome, histograms, webhook outcomes
+  through its HTTP API, and the alert rules loaded, healthy and quiet.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import math
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,7 +33,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.harness import api, data, servers
+from tests.harness import api, data, prometheus, servers
 from tests.harness.httpfixture import HttpFixture
 from tests.harness.stack import Stack, running_stack
 
@@ -149,3 +155,60 @@ async def test_every_service_counts_what_happened(metrics_stack: Stack,
         for task_id in (done, canceled):
             assert task_id not in text, (service, task_id)
         assert "events.task.*." in text or service == "scheduler", service
+
+
+async def test_a_real_prometheus_scrapes_the_stack(metrics_stack: Stack, http_fixture: HttpFixture,
+                                                   tmp_path: Path) -> None:
+    """Debian's ``prometheus`` scrapes the four services (and loads the alert rules): after
+    three more tasks — completed, failed on purpose, and one whose webhook answers 503 once —
+    its HTTP API answers with the runs, their histograms and the webhook outcomes as they
+    happened, and every rule evaluates without error (none of them firing)."""
+    reason = prometheus.prometheus_available()
+    if reason is not None:
+        pytest.skip(reason)
+    stack = metrics_stack
+    targets = {s: f"127.0.0.1:{stack.ports[s]}" for s in SERVICES}
+    rules = Path(__file__).resolve().parents[2] / "deploy" / "monitoring" / "alerts.yaml"
+    with prometheus.prometheus_server(tmp_path / "prom", targets, rule_files=[rules]) as prom:
+        prom.wait_for("up", lambda r: len(r) == 4 and all(s.value == 1 for s in r))
+        def now(expr: str) -> float:  # an empty result (no such series yet) is 0
+            value = prom.value(expr)
+            return 0.0 if math.isnan(value) else value
+
+        base_completed = now('sum(scaleodm_runs_ended_total{outcome="completed"})')
+        base_failed = now('sum(scaleodm_runs_ended_total{outcome="failed"})')
+        base_delivered = now('sum(scaleodm_webhook_deliveries_total{outcome="delivered"})')
+        hook = f"/prom-hook/{uuid.uuid4()}"
+        http_fixture.fail_times(hook, 1, 503)
+        async with httpx.AsyncClient(base_url=stack.gateway_url, timeout=30) as c:
+            ok = (await api.create(c, files=[(n, data.JPEG) for n in data.image_names(2)],
+                                   webhook=http_fixture.url(hook)))["uuid"]
+            failing = (await api.create(c, files=[
+                ("odm-test-engine-fail-1.jpg", data.JPEG)]))["uuid"]
+            for task_id, code in ((ok, 40), (failing, 30)):
+                await api.poll_until(c, task_id, api.status_is(code))
+        prom.wait_for('sum(scaleodm_runs_ended_total{outcome="completed"})',
+                      lambda r: bool(r) and r[0].value == base_completed + 1)
+        prom.wait_for('sum(scaleodm_runs_ended_total{outcome="failed"})',
+                      lambda r: bool(r) and r[0].value == base_failed + 1)
+        # The webhook: one failed attempt (503), then delivered, in two POSTs.
+        prom.wait_for('sum(scaleodm_webhook_deliveries_total{outcome="delivered"})',
+                      lambda r: bool(r) and r[0].value == base_delivered + 1)
+        assert prom.value('sum(scaleodm_webhook_deliveries_total{outcome="failed"})') >= 1
+        assert prom.value("sum(scaleodm_webhook_delivery_attempts_bucket{le=\"2.0\"})") >= 1
+        # Histograms: every completed run has a duration, within the buckets' range.
+        count = prom.value('sum(scaleodm_run_duration_seconds_count{outcome="completed"})')
+        assert count == base_completed + 1
+        p50 = prom.value('histogram_quantile(0.5, sum by (le) '
+                         '(scaleodm_run_duration_seconds_bucket{outcome="completed"}))')
+        assert 0 < p50 <= 15, p50
+        # HTTP by route template; FastStream's consumers labelled by service.
+        assert prom.value('sum(scaleodm_http_requests_total{route="/task/new"})') >= 2
+        consumers = prom.query("sum by (app_name) (faststream_received_messages_total)")
+        assert {s.labels["app_name"] for s in consumers} >= {"scheduler", "notifier"}
+        # The alert rules: loaded, evaluated, healthy, and quiet on a healthy stack.
+        with urllib.request.urlopen(f"{prom.url}/api/v1/rules", timeout=5) as resp:  # noqa: S310
+            groups = json.load(resp)["data"]["groups"]
+        evaluated = [r for g in groups for r in g["rules"]]
+        assert evaluated and all(r["health"] == "ok" for r in evaluated), evaluated
+        assert not [r["name"] for r in evaluated if r.get("state") == "firing"]
