@@ -3,6 +3,8 @@
 Runs the four services on a stack of its own (own nats-server, own nx-27017 MongoDB wire server
 process, own moto S3 process) with small deadlines, so that it can stop NATS and freeze MongoDB
 and S3 (SIGSTOP: the sockets stay open and nothing answers, the worst case for timeouts).
+Every service's ``/metrics`` answers at once while MongoDB is frozen, the gateway's task counts
+kept and marked stale (``scaleodm_tasks_stale``), fresh again after SIGCONT.
 
 Covers: NATS away for longer than nats-py's old reconnect budget (60 attempts) — every service
 keeps trying, answers ``/readyz`` 503 quickly and ``/healthz`` 200 (reconnecting is not dead),
@@ -104,6 +106,7 @@ def outages(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Outages]:
                 "SCALEODM_MONGO__TIMEOUT_MS": str(int(MONGO_TIMEOUT_S * 1000)),
                 "SCALEODM_MONGO__SERVER_SELECTION_TIMEOUT_MS": str(int(MONGO_TIMEOUT_S * 1000)),
                 "SCALEODM_MONGO__CONNECT_TIMEOUT_MS": "1000",
+                "SCALEODM_TASK_COUNTS_INTERVAL_S": "0.5",
                 "SCALEODM_S3__REQUEST_TIMEOUT_S": str(S3_DEADLINE_S),
                 "SCALEODM_S3__CONNECT_TIMEOUT_S": "1",
                 "SCALEODM_S3__READ_TIMEOUT_S": "2",
@@ -215,12 +218,35 @@ async def test_nats_outage_longer_than_the_old_budget(
     outages.record(nats_outage_s=outage_s, nats_ready_after_restart_s=recovered_s)
 
 
+def _metric(text: str, series: str) -> float:
+    """The value of one series (``name{labels}`` as exposed) in an exposition, NaN if absent."""
+    for line in text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return float("nan")
+
+
+async def _wait_metric(stack: Stack, series: str, value: float, timeout_s: float = 10,
+                       *, at_least: bool = False) -> str:
+    """The gateway's exposition once ``series`` has ``value`` (or more, ``at_least``)."""
+    deadline = time.monotonic() + timeout_s
+    async with httpx.AsyncClient(timeout=5) as c:
+        while True:
+            text = (await c.get(f"http://127.0.0.1:{stack.ports['gateway']}/metrics")).text
+            got = _metric(text, series)
+            if got == value or (at_least and got >= value):
+                return text
+            assert time.monotonic() < deadline, f"{series} never {value}"
+            await asyncio.sleep(0.2)
+
+
 async def test_frozen_mongodb_answers_storage_unavailable(
     outages: Outages, gw: httpx.AsyncClient
 ) -> None:
     stack = outages.stack
     task_id = await _completed_task(outages, gw)
     bound_s = MONGO_TIMEOUT_S + 2
+    await _wait_metric(stack, 'scaleodm_tasks{status="completed"}', 1.0, at_least=True)
     with _frozen(outages.mongo_pid):
         # A task this gateway holds in its read model is answered from memory (NATS is up:
         # it is current); one it must read from MongoDB gets the error, within the deadline.
@@ -239,7 +265,15 @@ async def test_frozen_mongodb_answers_storage_unavailable(
             assert answer.json() == STORAGE_UNAVAILABLE and action_s < bound_s, (
                 action, action_s, answer.text)
         await _assert_unready(stack, SERVICES, "mongo")
+        # /metrics answers at once with what it has; the task counts are marked stale.
+        for service in SERVICES:
+            scrape_s, scraped = await _timed(httpx.AsyncClient(timeout=5).get(
+                f"http://127.0.0.1:{stack.ports[service]}/metrics"))
+            assert scraped.status_code == 200 and scrape_s < 1.0, (service, scrape_s)
+        stale = await _wait_metric(stack, "scaleodm_tasks_stale", 1.0)
+        assert _metric(stale, 'scaleodm_tasks{status="completed"}') >= 1  # the last values
     recovered_s = await _wait_ready(stack)
+    await _wait_metric(stack, "scaleodm_tasks_stale", 0.0)
     assert (await api.info(gw, task_id))["status"]["code"] == 40, "the refused cancel left nothing"
     await _accepted_task(gw)
     outages.record(mongo_frozen_info_s=info_s, mongo_frozen_task_new_s=new_s,

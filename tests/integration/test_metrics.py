@@ -114,6 +114,8 @@ async def test_every_service_counts_what_happened(metrics_stack: Stack,
     assert total(gateway, "scaleodm_upload_bytes_total") >= 4 * len(data.JPEG)
     assert total(gateway, "scaleodm_uploads_active") == 0
     assert total(gateway, "faststream_published_messages_total", app_name="gateway") >= 1
+    assert total(gateway, "scaleodm_s3_request_duration_seconds_count",
+                 operation="PutObject") >= 1
 
     # The scheduler admitted the completed task's run (the canceled one may not have been).
     _, scheduler = scrape(stack, "scheduler")

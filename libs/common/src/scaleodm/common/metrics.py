@@ -21,15 +21,16 @@ closed sets (size classes are the operator's).
   ``store/usage.py``).
 - ``scaleodm_console_lines_total``, ``scaleodm_webhook_*``, ``scaleodm_events_set_aside_total``,
   ``scaleodm_commands_given_up_total``, ``scaleodm_outbox_*``, ``scaleodm_sse_clients``,
-  ``scaleodm_upload*``, ``scaleodm_mongo_command_*``, ``scaleodm_tasks{status}`` and
-  ``scaleodm_tasks_stale``.
+  ``scaleodm_upload*``, ``scaleodm_mongo_command_*``, ``scaleodm_s3_request_*``,
+  ``scaleodm_kubernetes_request_*``, ``scaleodm_tasks{status}`` and ``scaleodm_tasks_stale``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Final
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
@@ -88,6 +89,18 @@ MONGO_DURATION = Histogram("scaleodm_mongo_command_duration_seconds",
                            "MongoDB command round trips.", ["command"], buckets=FAST_BUCKETS)
 MONGO_ERRORS = Counter("scaleodm_mongo_command_errors", "MongoDB commands that failed.",
                        ["command"])
+S3_DURATION = Histogram("scaleodm_s3_request_duration_seconds",
+                        "S3 requests, by operation (a multipart part included).",
+                        ["operation"], buckets=FAST_BUCKETS)
+S3_ERRORS = Counter("scaleodm_s3_request_errors",
+                    "S3 requests that failed (S3 away, refused; not a missing key).",
+                    ["operation"])
+K8S_DURATION = Histogram("scaleodm_kubernetes_request_duration_seconds",
+                         "Kubernetes API requests of the Argo executor, by verb and resource.",
+                         ["verb", "resource"], buckets=FAST_BUCKETS)
+K8S_ERRORS = Counter("scaleodm_kubernetes_request_errors",
+                     "Kubernetes API requests that failed (a 404 or 409 answer is no failure).",
+                     ["verb", "resource"])
 TASKS = Gauge("scaleodm_tasks", "Tasks by status, as the store last answered (not removed).",
               ["status"])
 TASKS_STALE = Gauge("scaleodm_tasks_stale",
@@ -104,6 +117,8 @@ METRIC_NAMES: Final = (
     "scaleodm_outbox_oldest_seconds", "scaleodm_sse_clients", "scaleodm_upload_bytes_total",
     "scaleodm_uploads_active", "scaleodm_mongo_command_duration_seconds",
     "scaleodm_mongo_command_errors_total", "scaleodm_tasks", "scaleodm_tasks_stale",
+    "scaleodm_s3_request_duration_seconds", "scaleodm_s3_request_errors_total",
+    "scaleodm_kubernetes_request_duration_seconds", "scaleodm_kubernetes_request_errors_total",
     "faststream_received_messages_total", "faststream_received_messages_size_bytes",
     "faststream_received_messages_in_process", "faststream_received_processed_messages_total",
     "faststream_received_processed_messages_duration_seconds",
@@ -161,3 +176,18 @@ def run_ended(record: dict[str, Any], size_class: str | None, queued_at_ms: int 
         if queued_at_ms is not None:
             QUEUE_WAIT.labels(label).observe(
                 max(0, int(record["started_at_ms"]) - int(queued_at_ms)) / 1000)
+
+
+@contextlib.contextmanager
+def kubernetes_call(verb: str, resource: str) -> Iterator[None]:
+    """Time one Kubernetes API request; count it failed unless it answered 404 or 409 (the
+    executor's idempotent creates and deletes expect those)."""
+    started = time.perf_counter()
+    try:
+        yield
+    except BaseException as exc:
+        if getattr(exc, "status", None) not in (404, 409):
+            K8S_ERRORS.labels(verb, resource).inc()
+        raise
+    finally:
+        K8S_DURATION.labels(verb, resource).observe(time.perf_counter() - started)

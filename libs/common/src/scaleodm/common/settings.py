@@ -490,6 +490,11 @@ class GatewaySettings(BaseServiceSettings):
     )
     capacity: CapacitySettings = Field(default_factory=CapacitySettings)
     split: SplitSettings = Field(default_factory=SplitSettings)
+    task_counts_interval_s: float = Field(
+        15.0, gt=0,
+        description="How often `/metrics`' task counts (`scaleodm_tasks`) are read from MongoDB, "
+        "in the background (a scrape never waits on it; a failed read marks them stale).",
+    )
     max_request_bytes: int = Field(
         100 * 1024**3,
         description="Largest request body accepted (uploads stream to S3; this bounds abuse).",

@@ -82,7 +82,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
                 settings, mongo, s3, broker, emitter, upload_store,
                 points, event_hub=hub, read_model=read_model, tenant_directory=directory,
             )
-            runtime.start_loop(stack, _count_tasks(mongo.store), "task-counts")
+            runtime.start_loop(stack, _count_tasks(mongo.store, settings.task_counts_interval_s),
+                               "task-counts")
             log.info("gateway ready", port=settings.gateway_port)
             yield
             log.info("gateway stopping")
@@ -130,15 +131,12 @@ def _openapi(app: FastAPI) -> Callable[[], dict[str, Any]]:
     return build
 
 
-TASK_COUNTS_EVERY_S = 15.0
-
-
-async def _count_tasks(store: TaskStore) -> None:
+async def _count_tasks(store: TaskStore, every_s: float) -> None:
     """``scaleodm_tasks{status}`` refreshed in the background, so a scrape never waits on
-    MongoDB: a failed refresh keeps the last values and sets ``scaleodm_tasks_stale``."""
+    MongoDB: a failed or slow refresh keeps the last values and sets ``scaleodm_tasks_stale``."""
     while True:
         try:
-            async with asyncio.timeout(TASK_COUNTS_EVERY_S):
+            async with asyncio.timeout(every_s):
                 counts = await store.count_by_state()
         except Exception as exc:  # MongoDB away or slow: the values stay, marked stale
             metrics.TASKS_STALE.set(1)
@@ -147,7 +145,7 @@ async def _count_tasks(store: TaskStore) -> None:
             for state, count in counts.items():
                 metrics.TASKS.labels(state).set(count)
             metrics.TASKS_STALE.set(0)
-        await asyncio.sleep(TASK_COUNTS_EVERY_S)
+        await asyncio.sleep(every_s)
 
 
 async def _stop_broker(broker: NatsBroker) -> None:

@@ -58,6 +58,7 @@ import contextlib
 import contextvars
 import math
 import re
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +70,7 @@ from botocore.config import Config
 from botocore.exceptions import ClientError, HTTPClientError
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
+from scaleodm.common import metrics
 from scaleodm.common.logging import get_logger
 from scaleodm.common.settings import S3Settings
 from scaleodm.common.store.availability import StorageUnavailable
@@ -91,9 +93,13 @@ def _status(exc: ClientError) -> int:
 async def _request(aw: Awaitable[T], deadline_s: float | None, what: str) -> T:
     """Await one S3 request within ``deadline_s`` (None: none); S3 being away (no answer in
     time, no connection, a 5xx) becomes ``StorageUnavailable``, other errors pass unchanged."""
+    started = time.perf_counter()
+    failed = True
     try:
         async with asyncio.timeout(deadline_s):
-            return await aw
+            result = await aw
+        failed = False
+        return result
     except TimeoutError:
         raise StorageUnavailable(f"S3 {what}: no answer within {deadline_s:g} s") from None
     except (HTTPClientError, BotoConnectionError) as exc:
@@ -101,7 +107,12 @@ async def _request(aw: Awaitable[T], deadline_s: float | None, what: str) -> T:
     except ClientError as exc:
         if _status(exc) >= 500:
             raise StorageUnavailable(f"S3 {what}: {exc}") from exc
+        failed = _status(exc) not in (404, 412)  # a missing key or a failed precondition: answers
         raise
+    finally:
+        metrics.S3_DURATION.labels(what).observe(time.perf_counter() - started)
+        if failed:
+            metrics.S3_ERRORS.labels(what).inc()
 
 
 class BuffersBusyError(Exception):

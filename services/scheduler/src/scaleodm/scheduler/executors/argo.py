@@ -15,7 +15,7 @@ from typing import Any
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from scaleodm.common import argoruns, splitmerge
+from scaleodm.common import argoruns, metrics, splitmerge
 from scaleodm.common.contracts.commands import RunSpec
 from scaleodm.common.contracts.ids import run_name
 from scaleodm.common.logging import get_logger
@@ -67,10 +67,11 @@ class ArgoExecutor:
         if split.enabled and splitmerge.splits(spec.options):
             await self._sm_cluster_secret(spec.task_id)
         try:
-            await self.custom.create_namespaced_custom_object(
-                argoruns.GROUP, argoruns.VERSION, self.argo.namespace, argoruns.PLURAL, manifest,
-                _request_timeout=self.argo.request_timeout_s,
-            )
+            with metrics.kubernetes_call("create", "workflows"):
+                await self.custom.create_namespaced_custom_object(
+                    argoruns.GROUP, argoruns.VERSION, self.argo.namespace, argoruns.PLURAL,
+                    manifest, _request_timeout=self.argo.request_timeout_s,
+                )
         except ApiException as exc:
             if exc.status == 409:  # the deterministic name exists: a redelivery
                 return StartOutcome.EXISTS
@@ -94,8 +95,9 @@ class ArgoExecutor:
                         argoruns.LABEL_MANAGED_BY: argoruns.MANAGED_BY}),
             string_data={workflows.SM_CLUSTER_KEY: url})
         try:
-            await self.core.create_namespaced_secret(
-                self.argo.namespace, body, _request_timeout=self.argo.request_timeout_s)
+            with metrics.kubernetes_call("create", "secrets"):
+                await self.core.create_namespaced_secret(
+                    self.argo.namespace, body, _request_timeout=self.argo.request_timeout_s)
         except ApiException as exc:
             if exc.status != 409:
                 raise
@@ -104,11 +106,13 @@ class ArgoExecutor:
         name = run_name(task_id, attempt)
         body: dict[str, Any] = {"spec": {"shutdown": "Terminate"}}
         try:
-            await self.custom.patch_namespaced_custom_object(
-                argoruns.GROUP, argoruns.VERSION, self.argo.namespace, argoruns.PLURAL, name, body,
-                _content_type=MERGE_PATCH,  # type: ignore[call-arg]  # accepted via **kwargs
-                _request_timeout=self.argo.request_timeout_s,
-            )
+            with metrics.kubernetes_call("patch", "workflows"):
+                await self.custom.patch_namespaced_custom_object(
+                    argoruns.GROUP, argoruns.VERSION, self.argo.namespace, argoruns.PLURAL, name,
+                    body,
+                    _content_type=MERGE_PATCH,  # type: ignore[call-arg]  # accepted via **kwargs
+                    _request_timeout=self.argo.request_timeout_s,
+                )
         except ApiException as exc:
             if exc.status == 404:
                 return False
@@ -119,19 +123,21 @@ class ArgoExecutor:
     async def remove(self, task_id: str, attempt: int) -> None:
         for n in range(1, attempt + 1):
             try:
-                await self.custom.delete_namespaced_custom_object(
-                    argoruns.GROUP, argoruns.VERSION, self.argo.namespace, argoruns.PLURAL,
-                    run_name(task_id, n),
-                    propagation_policy="Background",
-                    _request_timeout=self.argo.request_timeout_s,
-                )
+                with metrics.kubernetes_call("delete", "workflows"):
+                    await self.custom.delete_namespaced_custom_object(
+                        argoruns.GROUP, argoruns.VERSION, self.argo.namespace, argoruns.PLURAL,
+                        run_name(task_id, n),
+                        propagation_policy="Background",
+                        _request_timeout=self.argo.request_timeout_s,
+                    )
             except ApiException as exc:
                 if exc.status != 404:
                     raise
         try:
-            await self.core.delete_namespaced_secret(
-                workflows.sm_cluster_secret(task_id), self.argo.namespace,
-                _request_timeout=self.argo.request_timeout_s)
+            with metrics.kubernetes_call("delete", "secrets"):
+                await self.core.delete_namespaced_secret(
+                    workflows.sm_cluster_secret(task_id), self.argo.namespace,
+                    _request_timeout=self.argo.request_timeout_s)
         except ApiException as exc:
             if exc.status != 404:
                 raise

@@ -28,7 +28,7 @@ from typing import Any
 from kubernetes_asyncio import client, watch
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from scaleodm.common import argoruns
+from scaleodm.common import argoruns, metrics
 from scaleodm.common.contracts import events
 from scaleodm.common.domain.progress import PACKAGING_PROGRESS
 from scaleodm.common.domain.status import engine_exit_message
@@ -110,11 +110,12 @@ class ArgoRunSource:
                     await task
 
     async def _list(self) -> None:
-        listing = await self.custom.list_namespaced_custom_object(
-            argoruns.GROUP, argoruns.VERSION, self.argo.namespace, argoruns.PLURAL,
-            label_selector=self.selector,
-            _request_timeout=self.argo.request_timeout_s,
-        )
+        with metrics.kubernetes_call("list", "workflows"):
+            listing = await self.custom.list_namespaced_custom_object(
+                argoruns.GROUP, argoruns.VERSION, self.argo.namespace, argoruns.PLURAL,
+                label_selector=self.selector,
+                _request_timeout=self.argo.request_timeout_s,
+            )
         for wf in listing.get("items", []):
             await self.handle(wf)
         self.resource_version = listing["metadata"]["resourceVersion"]
@@ -255,18 +256,20 @@ class ArgoRunSource:
         return True
 
     async def _pod(self, pod: dict[str, Any]) -> dict[str, Any]:
-        fresh = await self.core.read_namespaced_pod(
-            pod["metadata"]["name"], self.argo.namespace,
-            _request_timeout=self.argo.request_timeout_s,
-        )
+        with metrics.kubernetes_call("get", "pods"):
+            fresh = await self.core.read_namespaced_pod(
+                pod["metadata"]["name"], self.argo.namespace,
+                _request_timeout=self.argo.request_timeout_s,
+            )
         result: dict[str, Any] = self.api.sanitize_for_serialization(fresh)
         return result
 
     async def _pods(self, workflow: str) -> list[dict[str, Any]]:
-        listing = await self.core.list_namespaced_pod(
-            self.argo.namespace, label_selector=f"{argoruns.LABEL_WORKFLOW}={workflow}",
-            _request_timeout=self.argo.request_timeout_s,
-        )
+        with metrics.kubernetes_call("list", "pods"):
+            listing = await self.core.list_namespaced_pod(
+                self.argo.namespace, label_selector=f"{argoruns.LABEL_WORKFLOW}={workflow}",
+                _request_timeout=self.argo.request_timeout_s,
+            )
         pods = [self.api.sanitize_for_serialization(p) for p in listing.items]
         return sorted(pods, key=lambda p: p["metadata"].get("creationTimestamp") or "")
 
