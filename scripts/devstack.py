@@ -148,7 +148,6 @@ def main() -> int:
                                  "SCALEODM_OUTBOUND_ALLOW": os.environ.get(
                                      "SCALEODM_OUTBOUND_ALLOW", '["127.0.0.0/8"]'),
                                  "SCALEODM_TEST_ENGINE_SECONDS": engine_s,
-                                 "SCALEODM_LOG_JSON": os.environ.get("SCALEODM_LOG_JSON", "true"),
                                  # The settings' capacity, not the tests' room for everything.
                                  **_capacity_env(),
                                  **_split_env(data, engine, gateway_port),

@@ -115,8 +115,12 @@ def redact_secrets(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> dic
             for key, value in event_dict.items()}
 
 
-def configure_logging(service: str, level: str = "INFO", json_lines: bool = True) -> None:
-    """Configure structlog and the standard library for one service process."""
+def configure_logging(service: str, level: str = "INFO", json_lines: bool | None = True
+                      ) -> None:
+    """Configure structlog and the standard library for one service process; ``json_lines``
+    None: JSON unless stdout is a terminal."""
+    if json_lines is None:
+        json_lines = not sys.stdout.isatty()
     global _configured
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,

@@ -432,7 +432,9 @@ class BaseServiceSettings(BaseSettings):
         description="`production` refuses development credentials; `development` warns.",
     )
     log_level: str = Field("INFO", description="Log level (DEBUG, INFO, WARNING, ERROR).")
-    log_json: bool = Field(True, description="JSON log lines (false: human-readable console).")
+    log_json: bool | None = Field(
+        None, description="JSON log lines (false: human-readable console); unset: JSON unless "
+        "stdout is a terminal (`task up` in a terminal reads as text, a pod's log is JSON).")
     health_host: str = Field("0.0.0.0", description="Bind address of health/readiness endpoints.")
     health_port: int = Field(8080, description="Port of /healthz and /readyz (non-gateway).")
     failpoints: str = Field(
