@@ -304,7 +304,8 @@ def make_broker(settings: BaseServiceSettings, service: str) -> ServiceBroker:
     _fix_pull_fetch()
     return ServiceBroker(settings.nats, graceful_timeout=GRACEFUL_TIMEOUT_S,
                          logger=get_logger("scaleodm.bus"),
-                         middlewares=[_prometheus_middleware(service)])
+                         middlewares=[_prometheus_middleware(service)]
+                         if settings.metrics_enabled else [])
 
 
 class _SubjectTemplates:

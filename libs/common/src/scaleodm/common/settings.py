@@ -435,6 +435,10 @@ class BaseServiceSettings(BaseSettings):
     log_json: bool | None = Field(
         None, description="JSON log lines (false: human-readable console); unset: JSON unless "
         "stdout is a terminal (`task up` in a terminal reads as text, a pod's log is JSON).")
+    metrics_enabled: bool = Field(
+        True, description="Per-request and per-message metrics (the gateway's HTTP metrics, "
+        "FastStream's consumer/publisher metrics); `/metrics` and the other counts stay. Off: "
+        "for comparing their cost (bench.observability).")
     health_host: str = Field("0.0.0.0", description="Bind address of health/readiness endpoints.")
     health_port: int = Field(8080, description="Port of /healthz and /readyz (non-gateway).")
     failpoints: str = Field(

@@ -104,7 +104,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.add_middleware(
         CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"]
     )
-    app.add_middleware(HttpMetrics)  # outermost: every answer counts, CORS preflights too
+    if settings.metrics_enabled:
+        app.add_middleware(HttpMetrics)  # outermost: every answer counts, CORS preflights too
     errors.install(app)
     # The polled routes first: a request is matched against the routes in order, and no two
     # routers share a method and path, so the order changes nothing else.
