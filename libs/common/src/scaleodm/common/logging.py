@@ -28,6 +28,8 @@ from typing import Any
 
 import structlog
 
+from scaleodm.common import tracing
+
 _configured = False
 
 
@@ -118,9 +120,9 @@ def redact_secrets(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> dic
 def configure_logging(service: str, level: str = "INFO", json_lines: bool | None = True
                       ) -> None:
     """Configure structlog and the standard library for one service process; ``json_lines``
-    None: JSON unless stdout is a terminal."""
+    None: JSON unless the log's stream (stderr) is a terminal."""
     if json_lines is None:
-        json_lines = not sys.stdout.isatty()
+        json_lines = not sys.stderr.isatty()
     global _configured
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
@@ -128,6 +130,7 @@ def configure_logging(service: str, level: str = "INFO", json_lines: bool | None
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         _flatten_extra,
+        tracing.add_trace_ids,
     ]
     renderer: Any = (
         structlog.processors.JSONRenderer()

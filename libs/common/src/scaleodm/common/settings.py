@@ -435,6 +435,11 @@ class BaseServiceSettings(BaseSettings):
     log_json: bool | None = Field(
         None, description="JSON log lines (false: human-readable console); unset: JSON unless "
         "stdout is a terminal (`task up` in a terminal reads as text, a pod's log is JSON).")
+    traces_file: Path | None = Field(
+        None, description="Also write this process's trace spans to this file, as JSON lines "
+        "(tests, local debugging); traces are otherwise configured by the standard `OTEL_*` "
+        "variables (`OTEL_TRACES_EXPORTER=otlp`, `OTEL_EXPORTER_OTLP_ENDPOINT`) and off by "
+        "default.")
     metrics_enabled: bool = Field(
         True, description="Per-request and per-message metrics (the gateway's HTTP metrics, "
         "FastStream's consumer/publisher metrics); `/metrics` and the other counts stay. Off: "

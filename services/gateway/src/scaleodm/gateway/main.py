@@ -16,7 +16,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.routing import APIRoute
 from faststream.nats import NatsBroker
 
-from scaleodm.common import failpoints, metrics, runtime
+from scaleodm.common import failpoints, metrics, runtime, tracing
 from scaleodm.common.contracts import streams
 from scaleodm.common.emitting import Emitter
 from scaleodm.common.logging import configure_logging, get_logger
@@ -97,9 +97,10 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         redirect_slashes=False,  # Express does not redirect; unknown paths answer 404
         # Every JSON answer: application/json; charset=utf-8, by orjson (responses.py).
         default_response_class=responses.JsonResponse,
-        # No traces, metrics or logs are exported: FastAPI's native OpenTelemetry would only
-        # look up the global providers on every request to find that out.
-        telemetry={"tracing": False, "metrics": False, "logs": False},
+        # FastAPI's native OpenTelemetry: server spans when traces are on (tracing.py); off,
+        # it would only look up the global providers on every request to find that out.
+        # Metrics are ours (httpmetrics.py), logs structlog's.
+        telemetry={"tracing": tracing.enabled(), "metrics": False, "logs": False},
     )
     app.add_middleware(
         CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"]
@@ -180,6 +181,7 @@ def prewarm(app: FastAPI) -> None:
 def main() -> None:
     settings = get_gateway_settings()
     configure_logging("gateway", settings.log_level, settings.log_json)
+    tracing.configure("gateway", settings.traces_file)
     app = create_app(settings)
     prewarm(app)
     # uvicorn.run, with the connection deadlines of serving.py (header, keep-alive, closing).
