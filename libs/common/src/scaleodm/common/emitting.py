@@ -27,13 +27,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import enum
 from dataclasses import dataclass
 
 from faststream.nats import NatsBroker
 from pydantic import ValidationError
 
-from scaleodm.common import clock, failpoints
+from scaleodm.common import clock, failpoints, tracing
 from scaleodm.common.contracts import bus, commands, events
 from scaleodm.common.contracts.ids import TaskId
 from scaleodm.common.logging import get_logger
@@ -70,6 +71,7 @@ class Outbound:
 
     event: events.TaskEvent
     command: commands.Command | None = None
+    traceparent: str | None = None  # the span current when it was queued (tracing.py)
 
 
 def outbound(doc: Doc) -> Outbound:
@@ -118,6 +120,10 @@ class Emitter:
     def send_soon(self, out: Outbound) -> None:
         """Queue a recorded event for the publisher; when the queue is full it is left to the
         relay (it is recorded unpublished)."""
+        if out.traceparent is None:
+            traceparent = tracing.current_traceparent()
+            if traceparent is not None:
+                out = dataclasses.replace(out, traceparent=traceparent)
         if self._worker is None or self._worker.done():
             self._worker = asyncio.create_task(self._publish_queued(), name="event-publisher")
         try:
@@ -152,10 +158,12 @@ class Emitter:
         ev = out.event
         await self.points.hit("emitter.before_publish")
         try:
-            await bus.publish_event(self.broker, ev, timeout_s=self.publish_timeout_s)
+            await bus.publish_event(self.broker, ev, timeout_s=self.publish_timeout_s,
+                                    traceparent=out.traceparent)
             if out.command is not None:
                 ack = await bus.publish_command(self.broker, out.command,
-                                                timeout_s=self.publish_timeout_s)
+                                                timeout_s=self.publish_timeout_s,
+                                                traceparent=out.traceparent)
                 if ack is not None and ack.duplicate:
                     log.info("command already on the bus", verb=out.command.verb,
                              task_id=ev.task_id, attempt=out.command.attempt)

@@ -45,6 +45,8 @@ RUNNER_LOG = "runner.log"
 # The key of ``run.json`` holding ODM's ``--sm-cluster`` URL (with its token) for a run that
 # splits (``splitmerge``); absent otherwise.
 SM_CLUSTER = "sm_cluster"
+# The key of ``run.json`` holding the trace the run belongs to (tracing.py), when traces are on.
+TRACEPARENT = "traceparent"
 # What ``discard_work`` keeps: the watcher's inputs (a few KiB, the console aside) and the log.
 KEPT_FILES = frozenset({RUN_FILE, LOCK_FILE, RUNNER_PID, ENGINE_PID, STATUS_FILE, CONSOLE_FILE,
                         RESULT_FILE, CANCEL_FILE, RUNNER_LOG})

@@ -15,20 +15,26 @@ SDK logs that at most once per batch). The service name is ``scaleodm-<service>`
 Log lines carry ``trace_id`` and ``span_id`` while a span is current (``add_trace_ids``, a
 structlog processor), so a trace and the log lines of its operations can be joined.
 
-What propagates the context between the services (NATS headers, the task's document for the
-admission pass, the run's annotation and environment, the webhook's ``traceparent``) is not built
-yet: today each service's spans are their own traces.
+**One task, one trace.** The context travels as a W3C ``traceparent``: the gateway keeps its
+request's in the task's document (creation, restart); the emitter puts the one current when an
+event is queued into the NATS headers of the event and of the command it carries; the admission
+pass continues the task document's; the scheduler continues a command's, and puts it in the run
+(``run.json``; on Kubernetes the Workflow's annotation ``scaleodm.io/traceparent``); the watcher
+continues the run's while it follows it; the notifier continues a terminal event's, and sends
+it with the webhook (``traceparent`` header). With traces off all of this is a ``None``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
-from collections.abc import MutableMapping, Sequence
+from collections.abc import Iterator, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
@@ -38,8 +44,13 @@ from opentelemetry.sdk.trace.export import (
     SpanExporter,
     SpanExportResult,
 )
+from opentelemetry.trace import SpanKind
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-__all__ = ["add_trace_ids", "configure", "enabled"]
+__all__ = ["add_trace_ids", "configure", "continued", "current_traceparent", "enabled", "span"]
+
+TRACEPARENT: Final = "traceparent"
+_PROPAGATOR: Final = TraceContextTextMapPropagator()
 
 MAX_QUEUE: Final = 2048  # spans waiting for the exporter; beyond, dropped (never blocking)
 
@@ -127,3 +138,42 @@ def add_trace_ids(_logger: Any, _method: str, event_dict: MutableMapping[str, An
         event_dict.setdefault("trace_id", f"{ctx.trace_id:032x}")
         event_dict.setdefault("span_id", f"{ctx.span_id:016x}")
     return event_dict
+
+
+def current_traceparent() -> str | None:
+    """The current span's W3C ``traceparent``, None without one (or with traces off)."""
+    if _provider is None:
+        return None
+    carrier: dict[str, str] = {}
+    _PROPAGATOR.inject(carrier)
+    return carrier.get(TRACEPARENT)
+
+
+@contextlib.contextmanager
+def span(name: str, traceparent: str | None = None, *, consumer: bool = False,
+         **attributes: str | int) -> Iterator[None]:
+    """A span named ``name``, child of ``traceparent`` when given (else of the current span);
+    nothing with traces off. ``consumer``: the span handles a message."""
+    if _provider is None:
+        yield
+        return
+    context = _PROPAGATOR.extract({TRACEPARENT: traceparent}) if traceparent else None
+    tracer = trace.get_tracer("scaleodm")
+    with tracer.start_as_current_span(
+            name, context=context, kind=SpanKind.CONSUMER if consumer else SpanKind.INTERNAL,
+            attributes=attributes or None):
+        yield
+
+
+@contextlib.contextmanager
+def continued(traceparent: str | None) -> Iterator[None]:
+    """Make ``traceparent`` the current context, without a span of its own (a loop that works
+    for a run in many small steps: its events join the run's trace, no span per step)."""
+    if _provider is None or not traceparent:
+        yield
+        return
+    token = otel_context.attach(_PROPAGATOR.extract({TRACEPARENT: traceparent}))
+    try:
+        yield
+    finally:
+        otel_context.detach(token)

@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from scaleodm.common import clock, failpoints, tenants
+from scaleodm.common import clock, failpoints, tenants, tracing
 from scaleodm.common.contracts import events
 from scaleodm.common.domain import options as odm_options
 from scaleodm.common.domain.status import TERMINAL_STATES, TaskState
@@ -79,6 +79,9 @@ class NewTask:
         }
         if self.parent is not None:
             doc["parent"] = self.parent
+        traceparent = tracing.current_traceparent()  # the creating request's (tracing.py)
+        if traceparent is not None:
+            doc["traceparent"] = traceparent
         return doc
 
 
@@ -144,6 +147,9 @@ class TaskActions:
             if result.outcome is not Outcome.APPLIED:
                 # Another request recorded this attempt first: its options apply.
                 raise NotRestartableError(task_id)
+            traceparent = tracing.current_traceparent()
+            if traceparent is not None:  # the new attempt's admission continues this request
+                await self.store.set_traceparent(task_id, attempt, traceparent)
             await self.points.hit("gateway.run.before_publish")
             self.emitter.send_soon(Outbound(queued.model_copy(update={"seq": result.seq})))
             log.info("task restarted")

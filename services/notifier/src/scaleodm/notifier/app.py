@@ -24,7 +24,7 @@ from faststream.asgi import AsgiFastStream
 from faststream.exceptions import NackMessage
 from faststream.nats import NatsBroker, NatsMessage, PullSub
 
-from scaleodm.common import clock, netguard, runtime
+from scaleodm.common import clock, netguard, runtime, tracing
 from scaleodm.common.contracts import events, streams
 from scaleodm.common.logging import get_logger
 from scaleodm.common.settings import NotifierSettings
@@ -98,7 +98,9 @@ def create_app(settings: NotifierSettings) -> AsgiFastStream:
         if ev.kind not in events.TERMINAL_KINDS:
             return
         try:
-            await lifecycle.current.notifier.on_terminal(ev)
+            with tracing.span("notifier.deliver", (msg.headers or {}).get("traceparent"),
+                              consumer=True, kind=ev.kind):
+                await lifecycle.current.notifier.on_terminal(ev)
         except RetryLaterError as exc:
             raise NackMessage(delay=exc.delay_s) from None
         except Exception as exc:  # MongoDB or S3 away: retry later, never in a hot loop

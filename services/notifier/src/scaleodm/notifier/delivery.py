@@ -50,7 +50,7 @@ from typing import Any, NamedTuple, Protocol
 import httpx
 import standardwebhooks
 
-from scaleodm.common import clock, metrics, netguard
+from scaleodm.common import clock, metrics, netguard, tracing
 from scaleodm.common.contracts import events
 from scaleodm.common.domain import taskinfo, webhooks
 from scaleodm.common.domain.status import TERMINAL_STATES, TaskState
@@ -287,6 +287,9 @@ class Notifier:
             headers["webhook-id"] = did
             headers["webhook-timestamp"] = str(int(at.timestamp()))
             headers["webhook-signature"] = self.signer.sign(did, at, body.decode())
+        traceparent = tracing.current_traceparent()
+        if traceparent is not None:  # the receiver may join the task's trace (W3C)
+            headers["traceparent"] = traceparent
         return headers
 
     async def _post(self, url: str, body: bytes, headers: dict[str, str]) -> int:

@@ -45,7 +45,7 @@ from typing import Protocol
 from nats.aio.client import Client as NatsClient
 from nats.aio.subscription import Subscription
 
-from scaleodm.common import clock, metrics
+from scaleodm.common import clock, metrics, tracing
 from scaleodm.common.contracts import commands, events
 from scaleodm.common.logging import bind_task, get_logger
 from scaleodm.common.settings import ArgoSettings, CapacitySettings
@@ -263,7 +263,8 @@ class Admitter:
             log.info("task ended in the event log, not applied yet; not admitted",
                      task_id=task.task_id, attempt=task.attempt)
             return False
-        with bind_task(task.task_id, attempt=task.attempt):
+        with bind_task(task.task_id, attempt=task.attempt), tracing.span(
+                "admission.admit", doc.get("traceparent"), size_class=task.size_class):
             requested = sizing.size(doc.get("images_count") or None,
                                     doc.get("options") or [], self.argo)
             ev = events.new(events.TaskAdmitted, task.task_id, task.attempt,

@@ -22,7 +22,7 @@ from faststream.asgi import AsgiFastStream
 from faststream.exceptions import NackMessage
 from faststream.nats import NatsBroker, NatsMessage, PullSub
 
-from scaleodm.common import failpoints, runtime, tenants
+from scaleodm.common import failpoints, runtime, tenants, tracing
 from scaleodm.common.contracts import commands, streams
 from scaleodm.common.emitting import Emitter
 from scaleodm.common.logging import get_logger
@@ -110,7 +110,9 @@ def create_app(settings: SchedulerSettings) -> AsgiFastStream:
     async def on_command(cmd: commands.AnyCommand, msg: NatsMessage) -> None:
         delivered = msg.raw_message.metadata.num_delivered or 1
         try:
-            await lifecycle.current.handler.handle(cmd, delivered)
+            with tracing.span(f"scheduler.{cmd.verb}", (msg.headers or {}).get("traceparent"),
+                              consumer=True):
+                await lifecycle.current.handler.handle(cmd, delivered)
         except Exception as exc:
             log.warning("command failed; will retry", error=repr(exc), task_id=cmd.task_id,
                         delivered=delivered)

@@ -51,28 +51,35 @@ async def publish_command(
     cmd: commands.Command,
     *,
     timeout_s: float,
+    traceparent: str | None = None,
 ) -> PubAck | None:
     return await _publish(broker, cmd.model_dump(mode="json"), streams.command_subject(cmd.verb),
-                          streams.TASKS_STREAM, commands.idempotency_key(cmd), timeout_s)
+                          streams.TASKS_STREAM, commands.idempotency_key(cmd), timeout_s,
+                          traceparent)
 
 
 async def publish_event(
-    broker: NatsBroker, event: events.TaskEvent, *, timeout_s: float
+    broker: NatsBroker, event: events.TaskEvent, *, timeout_s: float,
+    traceparent: str | None = None,
 ) -> PubAck | None:
     return await _publish(broker, event.model_dump(mode="json"),
                           streams.event_subject(event.task_id, event.kind), streams.EVENTS_STREAM,
-                          event.event_id, timeout_s)
+                          event.event_id, timeout_s, traceparent)
 
 
 async def _publish(broker: NatsBroker, body: dict[str, Any], subject: str, stream: str,
-                   msg_id: str, timeout_s: float) -> PubAck | None:
+                   msg_id: str, timeout_s: float, traceparent: str | None = None
+                   ) -> PubAck | None:
     """One publish, within ``timeout_s`` in all: "no responders" (a stream electing its leader
     after a server died, 4-7 s on loopback: docs/operations.md) is tried again until then."""
     deadline = time.monotonic() + timeout_s
+    headers = {"Nats-Msg-Id": msg_id}
+    if traceparent is not None:  # the trace it belongs to (tracing.py)
+        headers["traceparent"] = traceparent
     while True:
         try:
             ack: PubAck | None = await broker.publish(
-                body, subject, stream=stream, headers={"Nats-Msg-Id": msg_id},
+                body, subject, stream=stream, headers=headers,
                 timeout=max(deadline - time.monotonic(), 0.05),
             )
             return ack

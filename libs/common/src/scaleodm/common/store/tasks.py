@@ -191,6 +191,11 @@ class TaskStore:
         cursor = self.tasks.find(query, {"_id": 1}).sort("created_at", ASCENDING)
         return [d["_id"] async for d in cursor]
 
+    async def set_traceparent(self, task_id: str, attempt: int, traceparent: str) -> None:
+        """The trace an attempt's admission continues (tracing.py): its restart's request."""
+        await self.tasks.update_one({"_id": task_id, "attempt": attempt},
+                                    {"$set": {"traceparent": traceparent}})
+
     async def children_of(self, task_id: str) -> list[str]:
         """The children of ``task_id`` not removed (``splitmerge``), oldest first."""
         cursor = self.tasks.find({"parent": task_id, "removed": False},

@@ -30,7 +30,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from scaleodm.common import localruns, splitmerge
+from scaleodm.common import localruns, splitmerge, tracing
 from scaleodm.common.contracts.commands import RunSpec
 from scaleodm.common.contracts.ids import run_name
 from scaleodm.common.logging import get_logger
@@ -235,6 +235,9 @@ class LocalExecutor:
             url = self._sm_cluster(spec)
             if url is not None:
                 run[localruns.SM_CLUSTER] = url
+            traceparent = tracing.current_traceparent()
+            if traceparent is not None:  # the watcher continues it while it follows the run
+                run[localruns.TRACEPARENT] = traceparent
             localruns.write_json_atomic(rd.file(localruns.RUN_FILE), run)
         return True
 

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from scaleodm.common import localruns
+from scaleodm.common import localruns, tracing
 from scaleodm.common.contracts import events
 from scaleodm.common.domain.progress import PACKAGING_PROGRESS, UPLOADING_PROGRESS
 from scaleodm.common.domain.status import TaskState
@@ -42,6 +42,7 @@ class Follower:
     lines: LineSplitter = field(default_factory=LineSplitter)  # the console file's
     inputs_sent: bool = False
     backlog: bool = False  # console left unread by the last step
+    traceparent: str | None = None  # the run's trace (tracing.py), its events join it
 
 
 class LocalRunSource:
@@ -85,7 +86,8 @@ class LocalRunSource:
 
         async def step(name: str, follower: Follower) -> None:
             async with limit:
-                with bind_task(follower.task_id, attempt=follower.attempt, run=name):
+                with bind_task(follower.task_id, attempt=follower.attempt, run=name), \
+                        tracing.continued(follower.traceparent):
                     try:
                         over = await self._step(follower)
                     except Exception:
@@ -115,7 +117,8 @@ class LocalRunSource:
             progress=float(doc.get("progress", 0.0)), batch_lines=self.batch_lines,
         )
         return Follower(rd=rd, task_id=task_id, attempt=attempt, console=console,
-                        running_sent=state is not TaskState.QUEUED)
+                        running_sent=state is not TaskState.QUEUED,
+                        traceparent=run.get(localruns.TRACEPARENT))
 
     @staticmethod
     def _age(rd: localruns.RunDir) -> float:
