@@ -471,3 +471,16 @@ def test_shard_of(task_id: str, shards: int, expected: int | None) -> None:
 def test_shard_of_refuses_zero_shards() -> None:
     with pytest.raises(ValueError, match="shards"):
         argoruns.shard_of(TASK_ID, 0)
+
+
+def test_the_run_carries_its_trace() -> None:
+    """With a trace (the scheduler's span), the Workflow says which (the watcher continues it)
+    and ODM's container has it as ``TRACEPARENT``; without one, neither (the golden files)."""
+    spec, settings = PRESETS["default"]
+    tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    manifest = workflows.build_workflow(spec, settings, shard=0, step_env=STEP_ENV,
+                                        traceparent=tp)
+    assert manifest["metadata"]["annotations"] == {argoruns.TRACE_ANNOTATION: tp}
+    main = containers(manifest)["main"]
+    assert {"name": "TRACEPARENT", "value": tp} in main["env"]
+    assert "annotations" not in build("default")["metadata"]

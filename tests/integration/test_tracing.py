@@ -7,8 +7,8 @@ And one task, one trace: from ``POST /task/new`` through the admission pass, the
 handling of the run command, the watcher's events of the run, to the notifier's delivery, whose
 webhook request carries the trace in its ``traceparent`` header.
 
-Not yet: the Argo path (the Workflow's annotation), cancel and restart requests' own traces
-through to the run.
+The Argo path's carrier (the Workflow's annotation and ODM's ``TRACEPARENT``) is checked in
+``tests/golden/test_workflows.py``. Not yet: a cancel request's own trace through to the run.
 """
 
 from __future__ import annotations

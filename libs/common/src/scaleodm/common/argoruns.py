@@ -33,6 +33,7 @@ __all__ = [
     "LABEL_MANAGED_BY",
     "LABEL_SHARD",
     "LABEL_TASK",
+    "TRACE_ANNOTATION",
     "LABEL_WORKFLOW",
     "MANAGED_BY",
     "PLURAL",
@@ -50,6 +51,9 @@ API_VERSION: Final = f"{GROUP}/{VERSION}"
 LABEL_MANAGED_BY: Final = "app.kubernetes.io/managed-by"
 MANAGED_BY: Final = "scaleodm"
 LABEL_TASK: Final = "scaleodm.io/task"
+# The trace a Workflow's run belongs to (tracing.py): set by the scheduler, continued by the
+# watcher while it follows the Workflow.
+TRACE_ANNOTATION: Final = "scaleodm.io/traceparent"
 LABEL_ATTEMPT: Final = "scaleodm.io/attempt"
 LABEL_SHARD: Final = "scaleodm.io/shard"
 # Set by Argo (not by us) on every pod of a Workflow: the Workflow's name.

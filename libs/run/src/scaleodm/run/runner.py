@@ -47,6 +47,7 @@ class Runner:
         self.spec = RunSpec.model_validate(run["spec"])
         self.engine = EngineKind(run["engine"])
         self.sm_cluster: str | None = run.get(localruns.SM_CLUSTER)
+        self.traceparent: str | None = run.get(localruns.TRACEPARENT)
         self.engine_proc: asyncio.subprocess.Process | None = None
         self.canceled = False
 
@@ -109,6 +110,8 @@ class Runner:
             container_name=self.rd.path.name,
         )
         env = {**engine_environment(os.environ), "ODM_NONINTERACTIVE": "1"}
+        if self.traceparent is not None:  # the run's trace, for an engine that reads it
+            env["TRACEPARENT"] = self.traceparent
         if self.engine is EngineKind.TEST:
             env["ODM_TEST_ENGINE_SECONDS"] = str(self.settings.test_engine_seconds)
         console = self.rd.file(localruns.CONSOLE_FILE).open("ab")

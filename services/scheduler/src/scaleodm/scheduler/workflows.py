@@ -335,7 +335,7 @@ def _add_sm_cluster(manifest: dict[str, Any], task_id: str) -> None:
 
 def build_workflow(
     spec: RunSpec, settings: ArgoSettings, *, shard: int, step_env: Mapping[str, str],
-    sm_cluster: bool = False,
+    sm_cluster: bool = False, traceparent: str | None = None,
 ) -> dict[str, Any]:
     """The Workflow manifest of ``spec``'s attempt, camelCase, ``None`` fields omitted.
 
@@ -346,7 +346,9 @@ def build_workflow(
     for credentials in ``step_env``; ``ArgoTemplateError`` for an option value holding ``{{``.
     Every container string Kubernetes would expand is escaped (``$`` → ``$$``, module docstring).
     ``sm_cluster``: split-merge on the cluster is configured; a task that splits then gets
-    ``--sm-cluster`` from its Secret (``sm_cluster_secret``).
+    ``--sm-cluster`` from its Secret (``sm_cluster_secret``). ``traceparent``: the trace the run
+    belongs to (tracing.py), as the annotation ``argoruns.TRACE_ANNOTATION`` and ODM's
+    ``TRACEPARENT``.
     """
     if not is_task_id(spec.task_id):
         raise ValueError(f"not a task uuid: {spec.task_id!r}")
@@ -391,6 +393,7 @@ def build_workflow(
             name=run_name(spec.task_id, spec.attempt),
             namespace=settings.namespace,
             labels=own_labels,
+            annotations={argoruns.TRACE_ANNOTATION: traceparent} if traceparent else None,
         ),
         spec=m.WorkflowSpec(
             entrypoint=TEMPLATE,
@@ -417,6 +420,11 @@ def build_workflow(
     )
     manifest: dict[str, Any] = workflow.model_dump(mode="json", by_alias=True, exclude_none=True)
     # Last step, over every container: nothing the kubelet expands is left unescaped.
+    if traceparent:
+        (template,) = manifest["spec"]["templates"]
+        for container in template["containerSet"]["containers"]:
+            if container["name"] == argoruns.ENGINE_CONTAINER:
+                container["env"].append({"name": "TRACEPARENT", "value": traceparent})
     escape_for_kubernetes(_containers(manifest))
     if sm_cluster and splitmerge.splits(spec.options):
         _add_sm_cluster(manifest, spec.task_id)

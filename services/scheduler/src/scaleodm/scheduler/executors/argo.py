@@ -15,7 +15,7 @@ from typing import Any
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from scaleodm.common import argoruns, metrics, splitmerge
+from scaleodm.common import argoruns, metrics, splitmerge, tracing
 from scaleodm.common.contracts.commands import RunSpec
 from scaleodm.common.contracts.ids import run_name
 from scaleodm.common.logging import get_logger
@@ -63,6 +63,7 @@ class ArgoExecutor:
         manifest = workflows.build_workflow(
             spec, self.argo, shard=argoruns.shard_of(spec.task_id, self.argo.shards),
             step_env=step_env(self.settings), sm_cluster=split.enabled,
+            traceparent=tracing.current_traceparent(),
         )
         if split.enabled and splitmerge.splits(spec.options):
             await self._sm_cluster_secret(spec.task_id)

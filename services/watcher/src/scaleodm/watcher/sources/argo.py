@@ -28,7 +28,7 @@ from typing import Any
 from kubernetes_asyncio import client, watch
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from scaleodm.common import argoruns, metrics
+from scaleodm.common import argoruns, metrics, tracing
 from scaleodm.common.contracts import events
 from scaleodm.common.domain.progress import PACKAGING_PROGRESS
 from scaleodm.common.domain.status import engine_exit_message
@@ -146,8 +146,10 @@ class ArgoRunSource:
             return
         if not task_id:
             return
-        with bind_task(task_id, attempt=attempt, workflow=meta.get("name")):
-            try:
+        annotations = meta.get("annotations") or {}
+        with bind_task(task_id, attempt=attempt, workflow=meta.get("name")), \
+                tracing.continued(annotations.get(argoruns.TRACE_ANNOTATION)):
+            try:  # its events (and its log followers, started here) join the run's trace
                 await self._handle(wf, task_id, attempt)
             except Exception:
                 log.exception("workflow event not handled")
