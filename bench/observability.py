@@ -1,15 +1,16 @@
-"""What metrics cost: ``GET /task/{uuid}/info`` with the per-request metrics on and off.
+"""What metrics and traces cost: ``GET /task/{uuid}/info`` with them on and off.
 
 ``info_poll``'s stored tasks (``seed_tasks``) and its pollers (``poll``: aiohttp, one connection
-each, every answer checked) against two gateway processes on the same database, one with
-``SCALEODM_METRICS_ENABLED`` on (the default: the HTTP middleware counting every request by
-route, FastStream's consumer/publisher middleware) and one with it off; ``--obs-rounds`` rounds
-at ``--obs-level`` pollers, the order alternating, and medians of the rounds:
+each, every answer checked) against three gateway processes on the same database: ``on`` (the
+default: the HTTP middleware counting every request by route, FastStream's consumer/publisher
+middleware), ``off`` (``SCALEODM_METRICS_ENABLED=false``), and ``traced`` (metrics on, and
+traces: a server span per request, exported in batches to a JSON-lines file,
+``SCALEODM_TRACES_FILE``); ``--obs-rounds`` rounds at ``--obs-level`` pollers, the order
+rotating, and medians of the rounds:
 
-- ``task_info_metrics_on_per_s`` / ``task_info_metrics_off_per_s`` and their ratio
-  ``metrics_on_vs_off`` (1.0: no cost), with each side's p99.
-
-Tracing is not built yet; when it is, its cost belongs here too.
+- ``task_info_metrics_on_per_s``, ``task_info_metrics_off_per_s``,
+  ``task_info_traced_per_s`` with each one's p99, and the ratios ``metrics_on_vs_off`` and
+  ``traced_vs_off`` (1.0: no cost).
 
     uv run python -m bench.observability [--quick] [--obs-rounds 3] [--obs-seconds 5]
 """
@@ -55,19 +56,23 @@ async def measure(env: BenchEnv, args: argparse.Namespace) -> list[Figure]:
     finally:
         await mongo.close()
     active = sum(1 for s in tasks.values() if s.code in (10, 20))
-    stacks = {"on": env.stack(DATABASE), "off": env.stack(
-        DATABASE, {"SCALEODM_METRICS_ENABLED": "false"})}
-    # Two stacks on one database and one tmp dir: distinct tmp dirs for their logs.
-    stacks["off"].tmp = stacks["off"].tmp.parent / f"{DATABASE}-off"
-    stacks["off"].tmp.mkdir(parents=True, exist_ok=True)
-    rates: dict[str, list[float]] = {"on": [], "off": []}
-    p99s: dict[str, list[float]] = {"on": [], "off": []}
-    errors: dict[str, int] = {"on": 0, "off": 0}
+    spans = env.tmp / f"{DATABASE}-spans.jsonl"
+    stacks = {"on": env.stack(DATABASE),
+              "off": env.stack(DATABASE, {"SCALEODM_METRICS_ENABLED": "false"}),
+              "traced": env.stack(DATABASE, {"SCALEODM_TRACES_FILE": str(spans)})}
+    # Stacks on one database and one tmp dir: distinct tmp dirs for their logs.
+    for side in ("off", "traced"):
+        stacks[side].tmp = stacks[side].tmp.parent / f"{DATABASE}-{side}"
+        stacks[side].tmp.mkdir(parents=True, exist_ok=True)
+    rates: dict[str, list[float]] = {side: [] for side in stacks}
+    p99s: dict[str, list[float]] = {side: [] for side in stacks}
+    errors: dict[str, int] = dict.fromkeys(stacks, 0)
     try:
         for stack in stacks.values():
             stack.start("gateway")
         for n in range(int(args.obs_rounds)):
-            order = ("on", "off") if n % 2 == 0 else ("off", "on")
+            sides = list(stacks)
+            order = sides[n % 3:] + sides[:n % 3]
             for side in order:
                 stack = stacks[side]
                 cpu = CpuWindow({"gateway": stack.procs["gateway"].pid, "client": None})
@@ -80,16 +85,20 @@ async def measure(env: BenchEnv, args: argparse.Namespace) -> list[Figure]:
         for stack in stacks.values():
             stack.stop()
     on, off = statistics.median(rates["on"]), statistics.median(rates["off"])
+    traced = statistics.median(rates["traced"])
     detail = {"pollers": level, "seconds": seconds, "rounds": int(args.obs_rounds),
               "tasks": len(tasks), "rates": rates, "p99_ms": p99s, "errors": errors,
-              "what": "GET /task/{uuid}/info of a random stored task, two gateway processes "
-              "on one database, alternating"}
+              "what": "GET /task/{uuid}/info of a random stored task, three gateway processes "
+              "on one database, the order rotating"}
     return [
         Figure(NAME, f"task_info_metrics_on_per_s@{level}", on, "req/s", None,
                {**detail, "p99_ms_median": statistics.median(p99s["on"])}),
         Figure(NAME, f"task_info_metrics_off_per_s@{level}", off, "req/s", None,
                {**detail, "p99_ms_median": statistics.median(p99s["off"])}),
+        Figure(NAME, f"task_info_traced_per_s@{level}", traced, "req/s", None,
+               {**detail, "p99_ms_median": statistics.median(p99s["traced"])}),
         Figure(NAME, "metrics_on_vs_off", on / off if off else 0.0, "×", None, detail),
+        Figure(NAME, "traced_vs_off", traced / off if off else 0.0, "×", None, detail),
     ]
 
 

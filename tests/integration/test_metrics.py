@@ -120,6 +120,10 @@ async def test_every_service_counts_what_happened(metrics_stack: Stack,
     # The scheduler admitted the completed task's run (the canceled one may not have been).
     _, scheduler = scrape(stack, "scheduler")
     assert total(scheduler, "scaleodm_runs_admitted_total") >= 1
+    # The durable consumers' backlog (what KEDA scales on): read, and drained by now.
+    await wait_for(lambda: ("scaleodm_jetstream_pending", (("consumer", "scheduler"),)) in (
+        scrape(stack, "scheduler")[1]))
+    assert total(scrape(stack, "scheduler")[1], "scaleodm_jetstream_pending") == 0
     assert total(scheduler, "faststream_received_messages_total", app_name="scheduler") >= 1
 
     # Runs ended, once each, in whichever service wrote their usage record.

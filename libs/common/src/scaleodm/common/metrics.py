@@ -22,7 +22,9 @@ closed sets (size classes are the operator's).
 - ``scaleodm_console_lines_total``, ``scaleodm_webhook_*``, ``scaleodm_events_set_aside_total``,
   ``scaleodm_commands_given_up_total``, ``scaleodm_outbox_*``, ``scaleodm_sse_clients``,
   ``scaleodm_upload*``, ``scaleodm_mongo_command_*``, ``scaleodm_s3_request_*``,
-  ``scaleodm_kubernetes_request_*``, ``scaleodm_tasks{status}`` and ``scaleodm_tasks_stale``.
+  ``scaleodm_kubernetes_request_*``, ``scaleodm_jetstream_*`` (the service's durable consumer's
+  backlog, read every ``CONSUMER_LAG_EVERY_S``), ``scaleodm_tasks{status}`` and
+  ``scaleodm_tasks_stale``.
 """
 
 from __future__ import annotations
@@ -101,6 +103,12 @@ K8S_DURATION = Histogram("scaleodm_kubernetes_request_duration_seconds",
 K8S_ERRORS = Counter("scaleodm_kubernetes_request_errors",
                      "Kubernetes API requests that failed (a 404 or 409 answer is no failure).",
                      ["verb", "resource"])
+JS_PENDING = Gauge("scaleodm_jetstream_pending",
+                   "Messages of a durable consumer not delivered yet (what KEDA scales on).",
+                   ["consumer"])
+JS_ACK_PENDING = Gauge("scaleodm_jetstream_ack_pending",
+                       "Messages of a durable consumer delivered and not acknowledged yet.",
+                       ["consumer"])
 TASKS = Gauge("scaleodm_tasks", "Tasks by status, as the store last answered (not removed).",
               ["status"])
 TASKS_STALE = Gauge("scaleodm_tasks_stale",
@@ -119,6 +127,7 @@ METRIC_NAMES: Final = (
     "scaleodm_mongo_command_errors_total", "scaleodm_tasks", "scaleodm_tasks_stale",
     "scaleodm_s3_request_duration_seconds", "scaleodm_s3_request_errors_total",
     "scaleodm_kubernetes_request_duration_seconds", "scaleodm_kubernetes_request_errors_total",
+    "scaleodm_jetstream_pending", "scaleodm_jetstream_ack_pending",
     "faststream_received_messages_total", "faststream_received_messages_size_bytes",
     "faststream_received_messages_in_process", "faststream_received_processed_messages_total",
     "faststream_received_processed_messages_duration_seconds",

@@ -444,6 +444,25 @@ async def open_bus(broker: NatsBroker, settings: BaseServiceSettings, *,
     return conn
 
 
+CONSUMER_LAG_EVERY_S = 5.0
+
+
+async def consumer_lag(conn: NatsClient, stream: str, durable: str) -> None:
+    """``scaleodm_jetstream_pending`` and ``…_ack_pending`` of this service's durable consumer,
+    read every ``CONSUMER_LAG_EVERY_S`` (bounded; a failed read keeps the last values)."""
+    js = conn.jetstream()
+    while True:
+        try:
+            async with asyncio.timeout(CONSUMER_LAG_EVERY_S):
+                info = await js.consumer_info(stream, durable)
+        except Exception as exc:  # NATS away: the gauges keep their last values
+            log.debug("consumer lag not read", consumer=durable, error=repr(exc))
+        else:
+            metrics.JS_PENDING.labels(durable).set(info.num_pending or 0)
+            metrics.JS_ACK_PENDING.labels(durable).set(info.num_ack_pending or 0)
+        await asyncio.sleep(CONSUMER_LAG_EVERY_S)
+
+
 def make_app(
     broker: NatsBroker,
     *,

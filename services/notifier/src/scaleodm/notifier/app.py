@@ -51,9 +51,11 @@ async def open_resources(
 ) -> AsyncIterator[Resources]:
     """Streams and the ``notifier`` durable declared, then MongoDB, S3 and the HTTP client;
     closed in reverse order."""
-    await runtime.open_bus(broker, settings, durable=streams.NOTIFIER_DURABLE,
-                           notifier_ack_wait_s=settings.webhook_ack_wait_s)
+    conn = await runtime.open_bus(broker, settings, durable=streams.NOTIFIER_DURABLE,
+                                  notifier_ack_wait_s=settings.webhook_ack_wait_s)
     async with contextlib.AsyncExitStack() as stack:
+        runtime.start_loop(stack, runtime.consumer_lag(
+            conn, streams.EVENTS_STREAM, streams.NOTIFIER_DURABLE), "consumer-lag")
         mongo = await open_store(settings.mongo, "notifier")
         stack.push_async_callback(mongo.close)
         deliveries = DeliveryStore(mongo.store.db)

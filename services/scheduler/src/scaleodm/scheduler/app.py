@@ -88,6 +88,8 @@ async def open_resources(
         await admitter.subscribe(conn)
         admitter.wake()  # a first pass at once: tasks may have waited while none ran
         runtime.start_loop(stack, admitter.run(), "admission")
+        runtime.start_loop(stack, runtime.consumer_lag(
+            conn, streams.TASKS_STREAM, streams.SCHEDULER_DURABLE), "consumer-lag")
         log.info("scheduler ready", executor=settings.executor.value,
                  tenants_file=str(settings.tenants_file) if settings.tenants_file else None,
                  max_active=settings.capacity.max_active,
