@@ -7,7 +7,7 @@ import contextlib
 import socket
 import sys
 import uuid as uuidlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, MutableMapping
 from typing import Any
 
 import uvicorn
@@ -100,7 +100,11 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         # FastAPI's native OpenTelemetry: server spans when traces are on (tracing.py); off,
         # it would only look up the global providers on every request to find that out.
         # Metrics are ours (httpmetrics.py), logs structlog's.
-        telemetry={"tracing": tracing.enabled(), "metrics": False, "logs": False},
+        # One server span per request: no spans of FastAPI's own steps (dependencies,
+        # serialization: each request's cost doubled with them), none for the probes.
+        telemetry={"tracing": tracing.enabled(), "metrics": False, "logs": False,
+                   "operation_spans": False, "auto_configure": False,
+                   "exclude": _untraced},
     )
     app.add_middleware(
         CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"]
@@ -119,6 +123,14 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.include_router(usage.router)
     app.openapi = _openapi(app)  # type: ignore[method-assign]
     return app
+
+
+UNTRACED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
+def _untraced(scope: MutableMapping[str, Any]) -> bool:
+    """Requests without a span: the probes and the scrapes."""
+    return scope.get("path") in UNTRACED_PATHS
 
 
 def _openapi(app: FastAPI) -> Callable[[], dict[str, Any]]:
