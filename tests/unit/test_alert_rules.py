@@ -52,6 +52,7 @@ KNOWN_LABELS = frozenset({
     "job", "instance", "le", "severity",
     # scaleodm_*
     "status", "kind", "size_class", "outcome", "verb", "method", "route", "command",
+    "operation", "resource", "consumer",
     # faststream_*
     "app_name", "broker", "handler", "destination", "exception_type",
 })
