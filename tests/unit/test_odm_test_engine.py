@@ -333,6 +333,35 @@ def test_lenient_options_and_interpreted_flags(
     assert not (project / "opensfm/undistorted/openmvs").exists()
 
 
+def test_rasters_are_real_georeferenced_geotiffs(
+    project_path: Path, udp_listener: socket.socket
+) -> None:
+    """The orthophoto, DSM and DTM open in rasterio (GDAL) as GeoTIFFs in WGS84 over the
+    images' footprint, with plausible content: an RGBA orthophoto transparent outside the mapped
+    area, DEMs with nodata there and, inside, a DSM never below the DTM and higher somewhere
+    (what stands on the ground), a terrain that is not flat."""
+    rasterio = pytest.importorskip("rasterio")
+    result = run_engine(project_path, udp_listener, "--dsm", "--dtm")
+    assert result.code == 0, result.stderr
+    project = project_path / PROJECT
+    with rasterio.open(project / "odm_orthophoto/odm_orthophoto.tif") as ortho:
+        assert ortho.crs.to_epsg() == 4326 and ortho.count == 4 and ortho.width >= 64
+        west, south, east, north = ortho.bounds
+        assert west < 7.25 < east and south < 46.5 < north  # the geotagged image is inside
+        rgba = ortho.read()
+    assert rgba[3, 0, 0] == 0 and rgba[3, ortho.height // 2, ortho.width // 2] == 255
+    assert len({tuple(rgba[:3, r, c]) for r in range(0, 64, 8) for c in range(0, 64, 8)}) > 5
+    with rasterio.open(project / "odm_dem/dsm.tif") as dsm_file, \
+            rasterio.open(project / "odm_dem/dtm.tif") as dtm_file:
+        assert dsm_file.crs.to_epsg() == 4326 and dsm_file.nodata == -9999
+        assert dsm_file.bounds == dtm_file.bounds
+        dsm, dtm = dsm_file.read(1), dtm_file.read(1)
+    valid = dsm != -9999
+    assert not valid[0, 0] and valid.sum() > 0.8 * valid.size
+    assert (dsm[valid] >= dtm[valid]).all() and (dsm[valid] > dtm[valid]).any()
+    assert dtm[valid].max() - dtm[valid].min() > 3  # hills and a valley, not a plane
+
+
 def test_end_with_stops_after_that_stage(project_path: Path, udp_listener: socket.socket) -> None:
     result = run_engine(project_path, udp_listener, "--end-with", "odm_dem", "--dsm")
     assert result.code == 0, result.stderr

@@ -4,7 +4,9 @@ This program does **no photogrammetry at all**. It imitates the observable behav
 ``run.py`` (the console markers, the UDP progress datagrams, the exit codes and the output directory
 layout) so that ScaleODM's services, workflows and tests can be exercised without the multi-gigabyte
 ODM image. It plays the same role as NodeODM's ``--test`` mode. Every file it writes is a small,
-syntactically valid *placeholder*; never deploy it as a substitute for ODM in production.
+syntactically valid *placeholder* — the orthophoto and the DEMs are real georeferenced
+GeoTIFFs (WGS84, 128 x 128) of a synthetic landscape, so that rasters can be read, tiled and
+mapped; never deploy it as a substitute for ODM in production.
 
 Command line (mimics ODM's ``run.py``)::
 

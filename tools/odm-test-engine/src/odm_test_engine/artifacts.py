@@ -175,12 +175,67 @@ def _geo_tags(
     ]
 
 
-def orthophoto_tiff(scene: Scene, size: int = 8) -> bytes:
-    """An RGBA 8-bit GeoTIFF covering the scene footprint."""
+RASTER_SIZE = 128  # pixels a side: small, but enough for map tiles to show something
+
+
+def _terrain(col: int, row: int, size: int) -> float:
+    """Height above ``scene.ground`` (m) of a synthetic landscape at pixel (col, row): a gentle
+    slope, two hills and a valley, smooth enough to shade and colour-map."""
+    x, y = col / size, row / size
+    hills = (6.0 * math.exp(-((x - 0.3) ** 2 + (y - 0.35) ** 2) / 0.02)
+             + 4.0 * math.exp(-((x - 0.72) ** 2 + (y - 0.65) ** 2) / 0.03))
+    valley = -2.5 * math.exp(-((x - y) ** 2) / 0.01)
+    return 3.0 * x + 1.5 * (1 - y) + hills + valley
+
+
+def _objects(scene: Scene, col: int, row: int, size: int) -> float:
+    """What stands on the ground at (col, row): a few blocks ("buildings") and, under each
+    camera position, a small mound ("tree"); 0 elsewhere."""
+    x, y = col / size, row / size
+    height = 0.0
+    for bx, by, h in ((0.15, 0.7, 6.0), (0.55, 0.2, 9.0), (0.8, 0.85, 4.0)):
+        if abs(x - bx) < 0.06 and abs(y - by) < 0.05:
+            height = max(height, h)
+    for image in scene.images:
+        cx = (image.longitude - scene.west) / (scene.east - scene.west)
+        cy = (scene.north - image.latitude) / (scene.north - scene.south)
+        d2 = (x - cx) ** 2 + (y - cy) ** 2
+        if d2 < 0.0004:
+            height = max(height, 2.5 * (1 - d2 / 0.0004))
+    return height
+
+
+def _inside(col: int, row: int, size: int) -> bool:
+    """The mapped area: the footprint with rounded corners (ODM's rasters have a nodata
+    collar outside the reconstruction)."""
+    x, y = (col + 0.5) / size - 0.5, (row + 0.5) / size - 0.5
+    r = 0.42
+    return max(abs(x), abs(y)) < 0.5 and (abs(x) < r or abs(y) < r or (
+        (abs(x) - r) ** 2 + (abs(y) - r) ** 2 < (0.5 - r) ** 2))
+
+
+def orthophoto_tiff(scene: Scene, size: int = RASTER_SIZE) -> bytes:
+    """An RGBA 8-bit GeoTIFF covering the scene footprint: the synthetic landscape in shaded
+    greens and browns, roofs grey, each camera's position a light spot; transparent outside
+    the mapped area."""
     pixels = bytearray()
     for row in range(size):
         for col in range(size):
-            pixels += bytes((80 + 10 * col, 110 + 8 * row, 70, 255))
+            if not _inside(col, row, size):
+                pixels += b"\x00\x00\x00\x00"
+                continue
+            h = _terrain(col, row, size)
+            east = _terrain(min(col + 1, size - 1), row, size) - h
+            north = _terrain(col, max(row - 1, 0), size) - h
+            shade = max(0.35, min(1.0, 0.75 + 0.6 * (north - east)))
+            obj = _objects(scene, col, row, size)
+            if obj >= 4.0:  # a roof
+                rgb = (150, 150, 155)
+            elif obj > 0.0:  # a camera's spot
+                rgb = (210, 200, 150)
+            else:
+                rgb = (int(70 + 6 * h), int(120 + 4 * h), 60)
+            pixels += bytes(min(255, int(c * shade)) for c in rgb) + b"\xff"
     tags: list[tuple[int, int, Sequence[float] | bytes]] = [
         (258, 3, [8, 8, 8, 8]),
         (262, 3, [2]),
@@ -192,17 +247,18 @@ def orthophoto_tiff(scene: Scene, size: int = 8) -> bytes:
     return _tiff(size, size, bytes(pixels), tags)
 
 
-def dem_tiff(scene: Scene, *, surface: bool, size: int = 8) -> bytes:
-    """A float32 single-band GeoTIFF (DSM if ``surface`` else DTM); nodata -9999."""
+def dem_tiff(scene: Scene, *, surface: bool, size: int = RASTER_SIZE) -> bytes:
+    """A float32 single-band GeoTIFF of the synthetic landscape: the DSM (``surface``) with
+    what stands on the ground, the DTM without; nodata -9999 outside the mapped area."""
     values = []
     for row in range(size):
         for col in range(size):
-            height = (
-                scene.ground
-                + 0.4 * col
-                + 0.2 * row
-                + (3.0 if surface and (row + col) % 5 == 0 else 0.0)
-            )
+            if not _inside(col, row, size):
+                values.append(_NODATA)
+                continue
+            height = scene.ground + _terrain(col, row, size)
+            if surface:
+                height += _objects(scene, col, row, size)
             values.append(height)
     pixels = struct.pack(f"<{len(values)}f", *values)
     tags: list[tuple[int, int, Sequence[float] | bytes]] = [
