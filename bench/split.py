@@ -40,11 +40,11 @@ from pyodm import Node  # type: ignore[import-untyped]
 
 from bench.common import BenchEnv, Figure, median, standalone
 from tests.harness import data, servers
+from tests.harness.stack import split_env
 from tests.unit.test_odm_test_engine import _exif, _jpeg
 
 NAME = "split"
 DATABASE = "bench_split"
-KEY = "split-key-for-bench-only-0123456789abcdef"
 SERVICES = ("gateway", "scheduler", "watcher")
 
 QUICK: dict[str, Any] = {"split_rounds": 1, "split_engine_seconds": 2.0,
@@ -145,8 +145,7 @@ async def measure(env: BenchEnv, args: argparse.Namespace) -> list[Figure]:
     port = servers.free_port()
     stack = env.stack(DATABASE, {
         "SCALEODM_ENGINE": "test", "SCALEODM_TEST_ENGINE_SECONDS": str(engine_s),
-        "SCALEODM_SPLIT__TOKEN_KEY": KEY,
-        "SCALEODM_SPLIT__CLUSTER_URL": f"http://127.0.0.1:{port}",
+        **split_env(port),
         "SCALEODM_ADMISSION_INTERVAL_S": "0.5",
         "SCALEODM_CAPACITY__MAX_ACTIVE": str(slots),
         "SCALEODM_CAPACITY__CLASSES": json.dumps(

@@ -95,7 +95,7 @@ from scaleodm.common.store.admission import HOLDING
 from tests.harness import data
 from tests.harness.httpfixture import HttpFixture, Received
 from tests.harness.servers import BIN, NatsCluster, free_port, wait_http
-from tests.harness.stack import SERVICES, Stack, service_of
+from tests.harness.stack import SERVICES, Stack, service_of, split_env
 from tests.unit.test_odm_test_engine import _exif, _jpeg
 
 TERMINAL = (30, 40, 50)
@@ -103,7 +103,6 @@ SECRET = "whsec_" + "Y2hhb3MtdGVzdC1zZWNyZXQtMDEyMzQ1Njc4OWFi"  # fixed: verify 
 FAIL_IMAGE = "odm-test-engine-fail-1.jpg"
 INTENDED = {"ok": 40, "fail": 30, "cancel": 50}
 # Split tasks (splitmerge): the parent's run sends submodels back to the gateway as children.
-SPLIT_KEY = "chaos-split-key-for-tests-only-0123456789abcdef"  # SCALEODM_SPLIT__TOKEN_KEY
 MERGED_OUTPUT = "odm_orthophoto/odm_orthophoto.tif"  # in a completed split parent's all.zip
 SPLIT_FOCUS = 0.6  # share of the kills aimed at a scheduler or watcher while a split run is on
 CHAOS_SLOTS = 4  # runs the scheduler may admit at once
@@ -378,14 +377,10 @@ def stack_env(config: ChaosConfig) -> dict[str, str]:
     }
 
 
-def split_env(gateway_port: int) -> dict[str, str]:
+def chaos_split_env(gateway_port: int) -> dict[str, str]:
     """Split-merge on the stack: runs reach the (first) gateway on loopback; the killer
     restarts a gateway on its port, so the URL stays right. ODM's retry unit: 0.5 s, not 10."""
-    return {
-        "SCALEODM_SPLIT__TOKEN_KEY": SPLIT_KEY,
-        "SCALEODM_SPLIT__CLUSTER_URL": f"http://127.0.0.1:{gateway_port}",
-        "ODM_TEST_ENGINE_RETRY_S": "0.5",
-    }
+    return {**split_env(gateway_port), "ODM_TEST_ENGINE_RETRY_S": "0.5"}
 
 
 def geotagged_images(n: int) -> dict[str, bytes]:
@@ -923,7 +918,7 @@ class Chaos:
             data.write(self.http.root / self.prefix.lstrip("/") / "split.zip", data.zip_bytes(
                 {f"flight/{k}": v for k, v in geotagged_images(cfg.split_images).items()}))
             self.gateway_port = free_port()
-            self.stack.extra_env.update(split_env(self.gateway_port))
+            self.stack.extra_env.update(chaos_split_env(self.gateway_port))
         self.log(f"seed {cfg.seed}: {cfg.tasks} tasks over {cfg.duration_s:g}s, "
                  f"{cfg.workers} in flight, kills every {cfg.kill_every_s[0]:g}-"
                  f"{cfg.kill_every_s[1]:g}s among {', '.join(cfg.services)}")

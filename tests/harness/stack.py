@@ -16,6 +16,14 @@ from tests.harness.servers import S3Endpoint, free_port, stop_process, wait_http
 
 SERVICES = ("gateway", "scheduler", "watcher", "notifier")
 S3_INPUT_PREFIX = "drone-uploads/"  # where tests put images for s3:// zipurls
+SPLIT_KEY = "split-key-for-tests-only-0123456789abcdef"  # SCALEODM_SPLIT__TOKEN_KEY
+
+
+def split_env(gateway_port: int) -> dict[str, str]:
+    """``SCALEODM_SPLIT__*`` for a stack whose gateway will listen on ``gateway_port`` (start it
+    there: ``ports``), so that its runs' ODM sends submodels back to it (docs/split-merge.md)."""
+    return {"SCALEODM_SPLIT__TOKEN_KEY": SPLIT_KEY,
+            "SCALEODM_SPLIT__CLUSTER_URL": f"http://127.0.0.1:{gateway_port}"}
 
 
 @dataclass
@@ -78,12 +86,13 @@ class Stack:
         self.spawn(service, extra, port)
         self.wait_ready(service)
 
-    def start_all(self, *services: str, extra: dict[str, dict[str, str]] | None = None) -> None:
+    def start_all(self, *services: str, extra: dict[str, dict[str, str]] | None = None,
+                  ports: dict[str, int] | None = None) -> None:
         """Start several services (each ``replicas`` times) at once (their imports overlap),
-        then wait for each."""
+        then wait for each; ``ports``: the port of an instance chosen beforehand."""
         names = [name for service in services for name in self.instances(service)]
         for name in names:
-            self.spawn(name, (extra or {}).get(service_of(name)))
+            self.spawn(name, (extra or {}).get(service_of(name)), (ports or {}).get(name))
         for name in names:
             self.wait_ready(name)
 
@@ -123,6 +132,17 @@ class Stack:
         proc.kill()
         proc.wait()
 
+    def s3_keys(self, prefix: str) -> list[str]:
+        """The keys under ``prefix`` in the stack's bucket (the first 1,000)."""
+        import boto3  # only the tests that look at S3 pay for it
+
+        client = boto3.client("s3", endpoint_url=self.s3.url,
+                              aws_access_key_id=self.s3.access_key,
+                              aws_secret_access_key=self.s3.secret_key,
+                              region_name=self.s3.region)
+        listed = client.list_objects_v2(Bucket=self.bucket, Prefix=prefix)
+        return [o["Key"] for o in listed.get("Contents", [])]
+
     def log(self, service: str) -> str:
         path = self.tmp / f"{service}.log"
         return path.read_text(errors="replace") if path.exists() else ""
@@ -153,9 +173,10 @@ def kill_runners(runs_dir: Path) -> None:
 
 @contextlib.contextmanager
 def running_stack(stack: Stack, services: tuple[str, ...] = SERVICES,
-                  extra: dict[str, dict[str, str]] | None = None) -> Iterator[Stack]:
+                  extra: dict[str, dict[str, str]] | None = None,
+                  ports: dict[str, int] | None = None) -> Iterator[Stack]:
     try:
-        stack.start_all(*services, extra=extra)
+        stack.start_all(*services, extra=extra, ports=ports)
         yield stack
     finally:
         stack.stop()

@@ -48,15 +48,6 @@ async def _timed(coro: Any) -> tuple[httpx.Response, float]:
     return resp, time.monotonic() - start
 
 
-def _s3_keys(stack: Stack, task_id: str) -> list[str]:
-    import boto3
-
-    s3 = boto3.client("s3", endpoint_url=stack.s3.url, aws_access_key_id=stack.s3.access_key,
-                      aws_secret_access_key=stack.s3.secret_key, region_name=stack.s3.region)
-    listed = s3.list_objects_v2(Bucket=stack.bucket, Prefix=f"tasks/{task_id}/")
-    return [o["Key"] for o in listed.get("Contents", [])]
-
-
 def _mongo(stack: Stack) -> dict[str, int]:
     with MongoClient(stack.mongo_url) as client:
         db = client[stack.database]
@@ -119,7 +110,7 @@ async def test_actions_taken_while_nats_is_down_take_effect_when_it_is_back(
                 await _wait(lambda: not cancel_dir.runner_alive(), 30, "the run stopped")
                 await _wait(lambda: not (stack.runs_dir / f"odm-{to_remove}-1").exists(), 60,
                             "the removed task's run directory is deleted")
-                await _wait(lambda: _s3_keys(stack, to_remove) == [], 30,
+                await _wait(lambda: stack.s3_keys(f"tasks/{to_remove}/") == [], 30,
                             "the removed task's S3 objects are deleted")
                 await _wait(lambda: _mongo(stack)["unpublished"] == 0, 30,
                             "every recorded event is published")

@@ -308,21 +308,11 @@ async def test_frozen_s3_answers_storage_unavailable(
         assert removed.json() == {"success": True} and remove_s < 1.0, (remove_s, removed.text)
         await asyncio.sleep(S3_DEADLINE_S + 1)  # the scheduler's deletion fails meanwhile
     deadline = time.monotonic() + 60
-    while _s3_keys(outages, f"tasks/{doomed}/"):
+    while outages.stack.s3_keys(f"tasks/{doomed}/"):
         assert time.monotonic() < deadline, "the removal never deleted the task's S3 objects"
         await asyncio.sleep(0.5)
     outages.record(s3_frozen_upload_s=upload_s, s3_frozen_download_s=download_s,
                    s3_ready_after_sigcont_s=recovered_s)
-
-
-def _s3_keys(outages: Outages, prefix: str) -> list[str]:
-    import boto3
-
-    stack = outages.stack
-    client = boto3.client("s3", endpoint_url=stack.s3.url, aws_access_key_id=stack.s3.access_key,
-                          aws_secret_access_key=stack.s3.secret_key, region_name=stack.s3.region)
-    listed = client.list_objects_v2(Bucket=stack.bucket, Prefix=prefix)
-    return [o["Key"] for o in listed.get("Contents", [])]
 
 
 async def test_stop_while_mongodb_is_frozen(outages: Outages, gw: httpx.AsyncClient) -> None:

@@ -104,13 +104,6 @@ def silent_zipurl() -> Iterator[str]:
         conn.close()
 
 
-def _keys(stack: Stack, prefix: str) -> list[str]:
-    s3 = boto3.client("s3", endpoint_url=stack.s3.url, aws_access_key_id=stack.s3.access_key,
-                      aws_secret_access_key=stack.s3.secret_key, region_name=stack.s3.region)
-    listed = s3.list_objects_v2(Bucket=stack.bucket, Prefix=prefix)
-    return [o["Key"] for o in listed.get("Contents", [])]
-
-
 async def _wait(check: Callable[[], Any], what: str, timeout_s: float = 20.0) -> None:
     """Until ``check()`` (a value or an awaitable of one) is true."""
     deadline = time.monotonic() + timeout_s
@@ -132,7 +125,7 @@ async def _footprint(stack: Stack, db: Any, task_id: str) -> dict[str, Any]:
     return {
         "task": await db["tasks"].count_documents({"_id": task_id}),
         "events": await db["events"].count_documents({"task_id": task_id}),
-        "objects": _keys(stack, f"tasks/{task_id}/"),
+        "objects": stack.s3_keys(f"tasks/{task_id}/"),
         "run_dir": (stack.runs_dir / run_name(task_id, 1)).exists(),
     }
 
@@ -158,7 +151,7 @@ async def test_expired_tasks_are_removed_and_nothing_else(
     await _wait(lambda: not (run_dir / localruns.WORK_DIR).exists(), "work dir emptied")
     assert {p.name for p in run_dir.iterdir()} <= localruns.KEPT_FILES
     assert (run_dir / localruns.CONSOLE_FILE).exists()
-    assert f"tasks/{completed}/outputs/all.zip" in _keys(retention_stack, f"tasks/{completed}/")
+    assert f"tasks/{completed}/outputs/all.zip" in retention_stack.s3_keys(f"tasks/{completed}/")
 
     kept = {t: await _footprint(retention_stack, db, t) for t in (running, fresh)}
     assert all(k["task"] and k["events"] and k["run_dir"] for k in kept.values())
@@ -209,22 +202,22 @@ async def test_abandoned_uploads_are_deleted_active_ones_kept(
     abandoned, active = await _init(gw), await _init(gw)
     for upload_id in (abandoned, active):
         assert await _upload(gw, upload_id, *data.image_names(2)) == {"success": True}
-    assert len(_keys(retention_stack, f"tasks/{abandoned}/inputs/")) == 2
+    assert len(retention_stack.s3_keys(f"tasks/{abandoned}/inputs/")) == 2
     await db["upload_sessions"].update_one({"_id": abandoned},
                                            {"$set": {"active_at_ms": _ago_ms(AGED_MS)}})
 
     async def reaped() -> bool:
-        return (not _keys(retention_stack, f"tasks/{abandoned}/")
+        return (not retention_stack.s3_keys(f"tasks/{abandoned}/")
                 and await db["upload_sessions"].count_documents({"_id": abandoned}) == 0
                 and await db["upload_names"].count_documents({"upload_id": abandoned}) == 0)
 
     await _wait(reaped, "abandoned upload deleted")
     assert await _upload(gw, abandoned, "late.jpg") == {"error": "Invalid uuid (not found)"}
-    assert not _keys(retention_stack, f"tasks/{abandoned}/")
+    assert not retention_stack.s3_keys(f"tasks/{abandoned}/")
     assert (await gw.post(f"/task/new/commit/{abandoned}")).json() == {
         "error": "Invalid uuid (not found)"}
 
-    assert len(_keys(retention_stack, f"tasks/{active}/inputs/")) == 2
+    assert len(retention_stack.s3_keys(f"tasks/{active}/inputs/")) == 2
     assert (await gw.post(f"/task/new/commit/{active}")).json() == {"uuid": active}
     await api.poll_until(gw, active, api.status_is(40), timeout_s=30)
 
@@ -254,12 +247,12 @@ async def test_a_file_arriving_after_its_task_was_removed_is_deleted(
     assert record is not None and record["orphan_at_ms"] is not None
 
     await asyncio.sleep(0.6)  # several sweeps: a fresh orphan is left alone
-    assert _keys(retention_stack, f"tasks/{task_id}/") == [key]
+    assert retention_stack.s3_keys(f"tasks/{task_id}/") == [key]
     await db["upload_names"].update_one({"_id": record["_id"]},
                                         {"$set": {"orphan_at_ms": _ago_ms(AGED_MS)}})
 
     async def deleted() -> bool:
-        return (not _keys(retention_stack, f"tasks/{task_id}/")
+        return (not retention_stack.s3_keys(f"tasks/{task_id}/")
                 and await db["upload_names"].count_documents({"upload_id": task_id}) == 0)
 
     await _wait(deleted, "late file deleted")

@@ -39,7 +39,7 @@ from pyodm import Node
 
 from scaleodm.common import splitmerge
 from tests.harness import api, data, servers, sse
-from tests.harness.stack import Stack
+from tests.harness.stack import SPLIT_KEY, Stack, running_stack, split_env
 from tests.unit.test_odm_test_engine import _exif, _jpeg
 
 pytestmark = pytest.mark.integration
@@ -48,7 +48,7 @@ ADMIN = "node-admin-token-0123456"
 ALICE = "alice-token-0123456789"
 BOB = "bob-token-abcdefghijkl"
 SMALL = "small-token-0123456789"
-KEY = "split-key-for-tests-only-0123456789abcdef"
+SPLIT_SERVICES = ("gateway", "scheduler", "watcher")
 TENANTS = f"""
 tenants:
   - name: alice
@@ -71,10 +71,9 @@ def split_stack(tmp_path_factory: pytest.TempPathFactory, mongo_url: str,
     with servers.nats_server(tmp / "nats") as nats:
         stack = Stack(tmp=tmp, nats_url=nats.url, mongo_url=mongo_url, s3=s3,
                       database=f"t_{uuid.uuid4().hex[:12]}", extra_env={
+                          **split_env(port),
                           "SCALEODM_TOKEN": ADMIN,
                           "SCALEODM_TENANTS_FILE": str(tmp / "tenants.yaml"),
-                          "SCALEODM_SPLIT__TOKEN_KEY": KEY,
-                          "SCALEODM_SPLIT__CLUSTER_URL": f"http://127.0.0.1:{port}",
                           "SCALEODM_TEST_ENGINE_SECONDS": "3",
                           "SCALEODM_ADMISSION_INTERVAL_S": "0.5",
                           "SCALEODM_CAPACITY__MAX_ACTIVE": "6",
@@ -82,15 +81,8 @@ def split_stack(tmp_path_factory: pytest.TempPathFactory, mongo_url: str,
                               '[{"name": "any", "max_images": null, "slots": 6}]',
                           "ODM_TEST_ENGINE_RETRY_S": "0.5",
                       })
-        try:
-            stack.spawn("gateway", port=port)
-            stack.spawn("scheduler")
-            stack.spawn("watcher")
-            for service in ("gateway", "scheduler", "watcher"):
-                stack.wait_ready(service)
-            yield stack
-        finally:
-            stack.stop()
+        with running_stack(stack, SPLIT_SERVICES, ports={"gateway": port}) as running:
+            yield running
 
 
 @pytest.fixture
@@ -101,7 +93,7 @@ async def alice(split_stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
 
 
 def scoped(parent: str) -> str:
-    return splitmerge.scoped_token(SecretStr(KEY), parent)
+    return splitmerge.scoped_token(SecretStr(SPLIT_KEY), parent)
 
 
 def images(directory: Path, n: int) -> list[str]:
@@ -268,22 +260,12 @@ async def test_removing_a_parent_removes_its_children_and_their_outputs(
             "uuid"]
     # The parent (2 images: nothing to split) may end first, which cancels the child.
     await api.poll_until(alice, child, api.status_is(40, 50), timeout_s=30)
-    assert await s3_keys(split_stack, child)  # its inputs (and outputs, if it ran) are stored
+    assert split_stack.s3_keys(f"tasks/{child}/")  # its inputs (and outputs, if it ran) are stored
     assert (await alice.post("/task/remove", data={"uuid": parent})).json() == {"success": True}
     deadline = time.monotonic() + 20
-    while "status" in await api.info(alice, child) or await s3_keys(split_stack, child):
+    while "status" in await api.info(alice, child) or split_stack.s3_keys(f"tasks/{child}/"):
         assert time.monotonic() < deadline, "the child outlived its removed parent"
         await asyncio.sleep(0.2)
-
-
-async def s3_keys(stack: Stack, task_id: str) -> list[str]:
-    def keys() -> list[str]:
-        import boto3
-        s3 = boto3.client("s3", endpoint_url=stack.s3.url, aws_access_key_id=stack.s3.access_key,
-                          aws_secret_access_key=stack.s3.secret_key, region_name=stack.s3.region)
-        listed = s3.list_objects_v2(Bucket=stack.bucket, Prefix=f"tasks/{task_id}/")
-        return [o["Key"] for o in listed.get("Contents", [])]
-    return await asyncio.to_thread(keys)
 
 
 async def test_a_child_created_while_its_parent_is_canceled_is_canceled_too(
@@ -328,8 +310,7 @@ def tight_stack(tmp_path: Path, mongo_url: str, s3: servers.S3Endpoint) -> Itera
     with servers.nats_server(tmp_path / "nats") as nats:
         stack = Stack(tmp=tmp_path, nats_url=nats.url, mongo_url=mongo_url, s3=s3,
                       database=f"t_{uuid.uuid4().hex[:12]}", extra_env={
-                          "SCALEODM_SPLIT__TOKEN_KEY": KEY,
-                          "SCALEODM_SPLIT__CLUSTER_URL": f"http://127.0.0.1:{port}",
+                          **split_env(port),
                           "SCALEODM_SPLIT__ADMIT_WAIT_S": "1",
                           "SCALEODM_TEST_ENGINE_SECONDS": "2",
                           "SCALEODM_ADMISSION_INTERVAL_S": "0.5",
@@ -339,15 +320,8 @@ def tight_stack(tmp_path: Path, mongo_url: str, s3: servers.S3Endpoint) -> Itera
                           "ODM_TEST_ENGINE_RETRY_S": "0.5",
                           "ODM_TEST_ENGINE_POLL_S": "0.5",
                       })
-        try:
-            stack.spawn("gateway", port=port)
-            stack.spawn("scheduler")
-            stack.spawn("watcher")
-            for service in ("gateway", "scheduler", "watcher"):
-                stack.wait_ready(service)
-            yield stack
-        finally:
-            stack.stop()
+        with running_stack(stack, SPLIT_SERVICES, ports={"gateway": port}) as running:
+            yield running
 
 
 async def test_children_beyond_capacity_wait_and_are_sent_again(

@@ -383,6 +383,37 @@ def _member_cap(info: zipfile.ZipInfo, limits: Limits, archive_size: int) -> int
     return max(RATIO_ALLOWANCE_BYTES, int(compressed * limits.member_ratio))
 
 
+@dataclass
+class _Writing:
+    """One archive's members being written (``extract_zip``, ``extract_seed``): the running
+    totals its limits are checked on, chunk by chunk, whatever the archive declares."""
+
+    limits: Limits
+    budget: DiskBudget
+    archive_size: int
+    expanded: int = 0  # bytes written from the archive (``limits.expanded_bytes``)
+    charged: int = 0  # bytes charged to ``budget`` (released by the caller on failure)
+
+    def member(self, zf: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path,
+               written: list[Path]) -> None:
+        """Write ``info`` to ``target`` (added to ``written`` once opened: a file cut short
+        is the caller's to remove)."""
+        cap = _member_cap(info, self.limits, self.archive_size)
+        with _open_member(zf, info) as src, target.open("wb") as out:
+            written.append(target)
+            size = 0
+            while chunk := _read(src):
+                size += len(chunk)
+                self.expanded += len(chunk)
+                if self.expanded > self.limits.expanded_bytes:
+                    raise self.limits.too_large_expanded()
+                if size > cap:
+                    raise self.limits.too_high_ratio()
+                self.budget.charge(len(chunk))
+                self.charged += len(chunk)
+                out.write(chunk)
+
+
 def extract_zip(
     archive: Path, dest: Path, limits: Limits, budget: DiskBudget | None = None
 ) -> int:
@@ -400,7 +431,7 @@ def extract_zip(
         log.warning("not a zip archive", error=repr(exc))
         raise InputError(_NOT_A_ZIP) from exc
     created: list[Path] = []
-    charged = 0
+    writing = _Writing(limits, budget, archive_size)
     try:
         with zf:
             members = zf.infolist()
@@ -408,27 +439,12 @@ def extract_zip(
                 raise limits.too_many_entries(len(members))
             wanted = [i for i in members if not i.is_dir() and _wanted(i.filename)]
             _check_declared(wanted, limits, budget, archive_size)
-            expanded = 0
             for info in wanted:
-                cap = _member_cap(info, limits, archive_size)
-                target = _target(dest, info.filename)
-                with _open_member(zf, info) as src, target.open("wb") as out:
-                    created.append(target)
-                    size = 0
-                    while chunk := _read(src):
-                        size += len(chunk)
-                        expanded += len(chunk)
-                        if expanded > limits.expanded_bytes:
-                            raise limits.too_large_expanded()
-                        if size > cap:
-                            raise limits.too_high_ratio()
-                        budget.charge(len(chunk))
-                        charged += len(chunk)
-                        out.write(chunk)
+                writing.member(zf, info, _target(dest, info.filename), created)
     except BaseException:
         for path in created:
             path.unlink(missing_ok=True)
-        budget.release(charged)
+        budget.release(writing.charged)
         raise
     return len(created)
 
@@ -504,9 +520,9 @@ def extract_seed(
     """Extract ODM's ``seed.zip`` into ``project`` with its paths kept, within ``limits``.
 
     Every entry is checked (``_seed_target``) and the declared sizes are bounded before anything
-    is written; files are then written with the chunked, capped loop of ``extract_zip``. Returns
-    the files and folders it created, parents before children (the caller removes them if the
-    fetch fails later). On any refusal or error they are removed here and their bytes released
+    is written; files are then written as ``extract_zip`` writes them (``_Writing``). Returns the
+    files and folders it created, parents before children (the caller removes them if the fetch
+    fails later). On any refusal or error they are removed here and their bytes released
     from ``budget`` (a budget of its own, ``limits.disk_bytes``, when none is given). An entry
     naming an existing file overwrites it, as NodeODM's unzip does.
     """
@@ -520,7 +536,7 @@ def extract_seed(
         raise InputError("Could not extract seed.zip: not a valid zip archive") from exc
     root = project.resolve()
     written: list[Path] = []
-    charged = 0
+    writing = _Writing(limits, budget, archive_size)
     try:
         with zf:
             members = zf.infolist()
@@ -528,7 +544,6 @@ def extract_seed(
                 raise limits.too_many_entries(len(members))
             plan = [(info, _seed_target(root, info)) for info in members]
             _check_declared([i for i in members if not i.is_dir()], limits, budget, archive_size)
-            expanded = 0
             for info, target in plan:
                 if target is None:
                     continue
@@ -538,23 +553,10 @@ def extract_seed(
                 _seed_dirs(root, target.parent, info.filename, written)
                 if target.is_dir() or target.is_symlink():
                     raise _seed_refused(info.filename, "conflicts with a folder of the same name")
-                cap = _member_cap(info, limits, archive_size)
-                with _open_member(zf, info) as src, target.open("wb") as out:
-                    written.append(target)
-                    size = 0
-                    while chunk := _read(src):
-                        size += len(chunk)
-                        expanded += len(chunk)
-                        if expanded > limits.expanded_bytes:
-                            raise limits.too_large_expanded()
-                        if size > cap:
-                            raise limits.too_high_ratio()
-                        budget.charge(len(chunk))
-                        charged += len(chunk)
-                        out.write(chunk)
+                writing.member(zf, info, target, written)
     except BaseException:
         remove_written(written)
-        budget.release(charged)
+        budget.release(writing.charged)
         raise
     log.info("seed extracted", files=sum(1 for p in written if not p.is_dir()))
     return written
