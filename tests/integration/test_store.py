@@ -628,6 +628,10 @@ async def test_a_lease_has_one_holder_until_it_expires_or_is_released(store: Tas
         assert not await leases.hold("relay", "watcher-1", ttl_s=10), "held by watcher-0"
         manual.advance(5)
         assert await leases.hold("relay", "watcher-0", ttl_s=10), "renewed by its holder"
+        # A renewal keeps a date (nx-27017 turned a $set date into a string, which no later
+        # $lt matched: a dead holder's lease was never taken over).
+        renewed = await store.db["leases"].find_one({"_id": "relay"})
+        assert isinstance(renewed["until"], dt.datetime), renewed
         manual.advance(9)
         assert not await leases.hold("relay", "watcher-1", ttl_s=10), "renewed: not expired"
         manual.advance(2)

@@ -4,8 +4,10 @@ runs, so others can tell a dead holder of something from a live one).
 
 A lease is one document: ``_id`` (its name), ``holder``, ``until``. ``hold`` takes it when it is
 free or expired, or renews it for its holder; a holder that dies loses it when ``until`` passes.
-Only a conditional update and an insert (its unique ``_id`` settles a race between two
-takers), standard MongoDB.
+Only a conditional replacement and an insert (its unique ``_id`` settles a race between two
+takers), standard MongoDB. A replacement rather than ``$set``: nx-27017, the tests' lenient wire
+server, stores a date set by ``$set`` as a string, on which ``$lt`` never matches again, so a
+dead holder's lease was never taken over there (admission stalled in a chaos run).
 """
 
 from __future__ import annotations
@@ -30,9 +32,9 @@ class Leases:
         """Take or renew lease ``name`` for ``ttl_s`` from now; False while another holds it."""
         now = clock.now()
         until = now + dt.timedelta(seconds=ttl_s)
-        taken = await self.leases.update_one(
+        taken = await self.leases.replace_one(
             {"_id": name, "$or": [{"holder": holder}, {"until": {"$lt": now}}]},
-            {"$set": {"holder": holder, "until": until}},
+            {"holder": holder, "until": until},
         )
         if taken.matched_count:
             return True
