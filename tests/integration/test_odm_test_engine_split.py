@@ -42,6 +42,8 @@ import pytest
 
 from tests.unit.test_odm_test_engine import ENGINE_SRC, _exif, _jpeg
 
+pytestmark = pytest.mark.integration
+
 PROJECT = "task-1"
 TOKEN = "s3cret"
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
