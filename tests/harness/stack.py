@@ -10,6 +10,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from scaleodm.common import localruns
 from tests.harness.servers import S3Endpoint, free_port, stop_process, wait_http
@@ -132,16 +133,23 @@ class Stack:
         proc.kill()
         proc.wait()
 
-    def s3_keys(self, prefix: str) -> list[str]:
-        """The keys under ``prefix`` in the stack's bucket (the first 1,000)."""
+    def _s3_client(self) -> Any:
         import boto3  # only the tests that look at S3 pay for it
 
-        client = boto3.client("s3", endpoint_url=self.s3.url,
-                              aws_access_key_id=self.s3.access_key,
-                              aws_secret_access_key=self.s3.secret_key,
-                              region_name=self.s3.region)
-        listed = client.list_objects_v2(Bucket=self.bucket, Prefix=prefix)
+        return boto3.client("s3", endpoint_url=self.s3.url,
+                            aws_access_key_id=self.s3.access_key,
+                            aws_secret_access_key=self.s3.secret_key,
+                            region_name=self.s3.region)
+
+    def s3_keys(self, prefix: str) -> list[str]:
+        """The keys under ``prefix`` in the stack's bucket (the first 1,000)."""
+        listed = self._s3_client().list_objects_v2(Bucket=self.bucket, Prefix=prefix)
         return [o["Key"] for o in listed.get("Contents", [])]
+
+    def s3_get(self, key: str) -> bytes:
+        """One object of the stack's bucket, whole (small test objects only)."""
+        body: bytes = self._s3_client().get_object(Bucket=self.bucket, Key=key)["Body"].read()
+        return body
 
     def log(self, service: str) -> str:
         path = self.tmp / f"{service}.log"

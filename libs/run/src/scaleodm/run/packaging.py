@@ -7,10 +7,13 @@ logged.
 
 from __future__ import annotations
 
+import asyncio
 import posixpath
 import zipfile
 from pathlib import Path
 
+from scaleodm.common import stac
+from scaleodm.common.contracts.commands import RunSpec
 from scaleodm.common.domain.progress import clean_line
 from scaleodm.common.logging import get_logger
 from scaleodm.common.store.s3 import S3, S3Url
@@ -43,6 +46,7 @@ DEFAULT_OUTPUTS = (
     "task_output.txt",
     "log.json",
     "odm_report",
+    stac.ITEM_FILE,
 )
 
 
@@ -53,6 +57,16 @@ def write_task_output(console: Path, project: Path) -> None:
         with console.open("r", errors="replace") as fh:
             lines = [clean_line(raw) for raw in fh]
     (project / "task_output.txt").write_text("\n".join(lines))
+
+
+async def post_process(project: Path, spec: RunSpec) -> None:
+    """COGs and the STAC Item (``results``) unless the task skips post-processing; in a worker
+    thread (GDAL work), imported only here so that a run's other steps don't load GDAL."""
+    if spec.skip_post_processing:
+        return
+    from scaleodm.run import results  # noqa: PLC0415 - GDAL only where it is used
+
+    await asyncio.to_thread(results.make_results, project, task_id=spec.task_id, title=spec.name)
 
 
 def collect(project: Path, outputs: list[str] | None) -> list[Path]:

@@ -93,6 +93,7 @@ class Runner:
                 return
             self.rd.set_phase("packaging")
             packaging.write_task_output(self.rd.file(localruns.CONSOLE_FILE), self.project)
+            await packaging.post_process(self.project, self.spec)
             files = packaging.collect(self.project, self.spec.outputs)
             archive = self.rd.file("all.zip")
             packaging.build_zip(self.project, files, archive)

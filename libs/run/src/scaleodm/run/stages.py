@@ -169,6 +169,7 @@ async def run_upload(
         raise StageError("Nothing to upload: the run left no project directory")
     if console is not None and console.is_file():
         packaging.write_task_output(console, project)
+    await packaging.post_process(project, spec)
     files = packaging.collect(project, spec.outputs)
     archive = workspace / ARCHIVE_FILE  # outside the project: never collected into itself
     packaging.build_zip(project, files, archive)

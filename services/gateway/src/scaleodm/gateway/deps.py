@@ -33,6 +33,7 @@ from scaleodm.gateway.cached import CachedValue
 from scaleodm.gateway.errors import NodeOdmError
 from scaleodm.gateway.eventstream import EventHub
 from scaleodm.gateway.readmodel import ReadModel
+from scaleodm.gateway.stacitems import ItemCache
 
 # Task owners remembered per process (a task's tenant never changes): the all-tasks event stream
 # asks for the owner of every event it passes on.
@@ -70,12 +71,15 @@ class Resources:
     # Images per tenant and month (monthly_image_quota).
     usage: UsageStore = field(init=False)
     _owners: collections.OrderedDict[str, str] = field(init=False)
+    # Stored STAC Items of completed attempts (stacitems.py).
+    stac_items: ItemCache = field(init=False)
 
     def __post_init__(self, tenant_directory: tenants.TenantDirectory | None) -> None:
         self.directory = (tenant_directory if tenant_directory is not None
                           else open_directory(self.settings))
         self.usage = UsageStore(self.store.db)
         self._owners = collections.OrderedDict()
+        self.stac_items = ItemCache()
         self.queue_count = CachedValue(self.store.count_active, self.settings.info_cache_s)
         admission = AdmissionStore(self.store.db, self.settings.capacity)
         self.queue_positions = CachedValue(admission.queue_positions, self.settings.info_cache_s)

@@ -120,6 +120,21 @@ async def all_zip(s3: S3, output_prefix: S3Url) -> Download | None:
     return Download(_headers(stream.size), stream.body())
 
 
+async def single_file(s3: S3, output_prefix: S3Url, rel: str, name: str) -> Download | None:
+    """One output file (``rel`` under the prefix) as ``name``, streamed; None if absent."""
+    prefix = _as_prefix(output_prefix)
+    url = S3Url(prefix.bucket, prefix.key + rel)
+    size = await s3.size(url)
+    if size is None:
+        return None
+    headers = {
+        "Content-Type": "image/tiff" if name.endswith(".tif") else "application/octet-stream",
+        "Content-Disposition": f"attachment; filename={name}",
+        "Content-Length": str(size),
+    }
+    return Download(headers, s3.iter_object(url, CHUNK_SIZE))
+
+
 class _ObjectChunks:
     """One S3 object as a *synchronous* iterator of chunks, for zipstream-ng.
 

@@ -50,8 +50,10 @@ DOWNLOAD_RESPONSES: Responses = {
         "model": models.ErrorResponse,
         "description": "`all.zip` with `Content-Disposition: attachment; filename=all.zip` and "
         "its `Content-Length`, no `Accept-Ranges`; or a NodeODM error (`<uuid> not found`, "
-        "`Invalid asset`, `Asset not ready`) as HTTP 200 JSON (nodeodm-api §3.8).",
-        "content": {"application/zip": {"schema": {"type": "string", "format": "binary"}}},
+        "`Invalid asset`, `Asset not ready`) as HTTP 200 JSON (nodeodm-api §3.8). Also "
+        "`orthophoto.tif`, `dsm.tif`, `dtm.tif` (Cloud-Optimized GeoTIFFs) alone.",
+        "content": {"application/zip": {"schema": {"type": "string", "format": "binary"}},
+                    "image/tiff": {"schema": {"type": "string", "format": "binary"}}},
     },
     **NOT_FOUND_HTML,
 }

@@ -191,6 +191,20 @@ class TaskStore:
         cursor = self.tasks.find(query, {"_id": 1}).sort("created_at", ASCENDING)
         return [d["_id"] async for d in cursor]
 
+    async def completed_tasks(self, tenant: str | None = None, parent: str | None = None
+                              ) -> list[Doc]:
+        """The completed tasks not removed, newest first (every tenant's, or ``tenant``'s; with
+        ``parent``, its children): what a STAC search looks at (id, name, attempt, outputs)."""
+        query: Doc = {"removed": False, "state": TaskState.COMPLETED.value}
+        if tenant is not None:
+            query.update(owned_by(tenant))
+        if parent is not None:
+            query["parent"] = parent
+        fields = {"_id": 1, "name": 1, "attempt": 1, "output_prefix": 1, "date_created_ms": 1,
+                  "state": 1}
+        cursor = self.tasks.find(query, fields).sort("created_at", DESCENDING)
+        return [d async for d in cursor]
+
     async def set_traceparent(self, task_id: str, attempt: int, traceparent: str) -> None:
         """The trace an attempt's admission continues (tracing.py): its restart's request."""
         await self.tasks.update_one({"_id": task_id, "attempt": attempt},

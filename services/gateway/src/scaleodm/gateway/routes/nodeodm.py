@@ -28,7 +28,7 @@ from urllib.parse import parse_qsl
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
-from scaleodm.common import clock, splitmerge, tenants
+from scaleodm.common import clock, splitmerge, stac, tenants
 from scaleodm.common.contracts.ids import canonical_task_id
 from scaleodm.common.domain import options as odm_options
 from scaleodm.common.domain import taskinfo
@@ -285,13 +285,19 @@ async def restart_task(request: Request, res: ResourcesDep, caller: CallerDep
             response_model=None, responses=openapi.DOWNLOAD_RESPONSES)
 async def download_asset(uuid: str, asset: str, res: ResourcesDep, caller: CallerDep
                          ) -> Response:
-    """``all.zip`` of a completed task, streamed from S3 (NodeODM §3.8)."""
+    """``all.zip`` of a completed task, streamed from S3 (NodeODM §3.8); also, a departure
+    NodeODM's clients never meet, the orthophoto, DSM and DTM alone (``orthophoto.tif``,
+    ``dsm.tif``, ``dtm.tif``: the STAC Item's asset links)."""
     doc = await _task_or_error(res, uuid, caller)
-    if asset != "all.zip":
+    if asset != "all.zip" and asset not in stac.DOWNLOADS:
         raise NodeOdmError("Invalid asset")
     if doc["state"] != TaskState.COMPLETED.value:
         raise NodeOdmError("Asset not ready")  # §11 #12: only completed tasks are served
-    found = await downloads.all_zip(res.s3, s3mod.parse_s3_url(doc["output_prefix"]))
+    prefix = s3mod.parse_s3_url(doc["output_prefix"])
+    if asset == "all.zip":
+        found = await downloads.all_zip(res.s3, prefix)
+    else:
+        found = await downloads.single_file(res.s3, prefix, stac.DOWNLOADS[asset], asset)
     if found is None:
         raise NodeOdmError("Asset not ready")
     return downloads.streaming_response(found)
