@@ -277,6 +277,7 @@ CASES: dict[tuple[str, str], Case] = {
     ("GET", "/task/{uuid}/download/{asset}"): Case("task", path={"asset": "all.zip"}),
     ("GET", "/task/{uuid}/webhooks"): Case("task"),
     ("GET", "/task/{uuid}/events"): Case("task"),
+    ("GET", "/task/{uuid}/stac"): Case("task"),
     ("POST", "/task/cancel"): Case("action"),
     ("POST", "/task/remove"): Case("action"),
     ("POST", "/task/restart"): Case("restart"),
@@ -295,6 +296,7 @@ NO_TASK_ID: dict[tuple[str, str], str] = {
     ("POST", "/auth/login"): "no token (nodeodm-api §1.3)",
     ("POST", "/auth/register"): "no token (nodeodm-api §1.3)",
     ("GET", "/usage"): "test_usage_per_tenant",
+    ("GET", "/stac/search"): "test_stac_search_per_tenant (tests/integration/test_stac.py)",
 }
 # Parameters that look like ids and are none: an event cursor, an asset name.
 NOT_TASK_IDS = {("header", "Last-Event-ID"), ("path", "asset")}

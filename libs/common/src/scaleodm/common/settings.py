@@ -361,6 +361,29 @@ class SplitSettings(BaseModel):
         return bool(self.token_key and self.token_key.get_secret_value() and self.cluster_url)
 
 
+class TilesSettings(BaseModel):
+    """Map tiles of a completed task's rasters (``/task/{uuid}/tiles/...``), rendered by the
+    gateway from the objects in S3 (range reads through GDAL, never whole files)."""
+
+    cache_bytes: int = Field(
+        64 * 1024 * 1024, ge=0,
+        description="Bytes of rendered PNG tiles each gateway process keeps in memory (least "
+        "recently used dropped first; only completed tasks' tiles, which never change); 0: no "
+        "cache.",
+    )
+    worker_threads: int = Field(
+        4, ge=1, le=64,
+        description="Tiles rendered at once per gateway process (GDAL reads and PNG encoding run "
+        "in worker threads, never on the event loop); further requests wait, within the S3 "
+        "request deadline.",
+    )
+    max_zoom_over_native: int = Field(
+        2, ge=0, le=8,
+        description="Zoom levels served beyond a raster's native resolution (upsampled); deeper "
+        "tiles answer 404.",
+    )
+
+
 class OidcSettings(BaseModel):
     """Bearer JWTs from an OpenID Connect issuer (``Authorization: Bearer``), verified by
     ``scaleodm.common.tenants``. Off unless ``issuer`` is set (then ``audience`` is needed too)."""
@@ -501,6 +524,7 @@ class GatewaySettings(BaseServiceSettings):
     )
     capacity: CapacitySettings = Field(default_factory=CapacitySettings)
     split: SplitSettings = Field(default_factory=SplitSettings)
+    tiles: TilesSettings = Field(default_factory=TilesSettings)
     task_counts_interval_s: float = Field(
         15.0, gt=0,
         description="How often `/metrics`' task counts (`scaleodm_tasks`) are read from MongoDB, "

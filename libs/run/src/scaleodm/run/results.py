@@ -44,6 +44,10 @@ log = get_logger(__name__)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".tif", ".tiff")
 MAX_IMAGES_READ = 5000  # EXIF is read from at most this many images (headers only)
 EXIF_TIME = "%Y:%m:%d %H:%M:%S"
+# GDAL's block cache defaults to 5 % of the machine's memory, not of the container's: an Argo
+# upload container (1 GiB limit) on a large node would be killed. The intermediate file of
+# cog_translate goes beside the raster (the workspace volume), not to /tmp (ephemeral storage).
+GDAL_CONFIG = {"GDAL_CACHEMAX": "256"}  # MB
 
 
 def make_results(project: Path, *, task_id: str, title: str) -> list[Path]:
@@ -89,7 +93,7 @@ def _translate(path: Path) -> None:
     try:
         cog_translate(
             str(path), str(tmp), profile, quiet=True, in_memory=False,
-            overview_resampling="nearest" if floating else "average",
+            overview_resampling="nearest" if floating else "average", config=GDAL_CONFIG,
         )
         os.replace(tmp, path)
     finally:

@@ -30,7 +30,18 @@ from scaleodm.gateway.deps import Resources
 from scaleodm.gateway.eventstream import EventHub
 from scaleodm.gateway.httpmetrics import HttpMetrics
 from scaleodm.gateway.readmodel import ReadModel
-from scaleodm.gateway.routes import auth, creating, events, health, nodeodm, usage, webhooks
+from scaleodm.gateway.routes import (
+    auth,
+    console,
+    creating,
+    events,
+    health,
+    nodeodm,
+    stac,
+    tiles,
+    usage,
+    webhooks,
+)
 
 log = get_logger(__name__)
 STARTUP_FAILURE = 3  # uvicorn's exit code when the server did not start
@@ -121,6 +132,9 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.include_router(webhooks.router)
     app.include_router(events.router)
     app.include_router(usage.router)
+    app.include_router(stac.router)
+    app.include_router(tiles.router)
+    app.include_router(console.router)  # the web console at /, outside the API's schema
     app.openapi = _openapi(app)  # type: ignore[method-assign]
     return app
 
