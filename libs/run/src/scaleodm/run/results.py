@@ -47,7 +47,7 @@ EXIF_TIME = "%Y:%m:%d %H:%M:%S"
 # GDAL's block cache defaults to 5 % of the machine's memory, not of the container's: an Argo
 # upload container (1 GiB limit) on a large node would be killed. The intermediate file of
 # cog_translate goes beside the raster (the workspace volume), not to /tmp (ephemeral storage).
-GDAL_CONFIG = {"GDAL_CACHEMAX": "256"}  # MB
+GDAL_CONFIG = {"GDAL_CACHEMAX": 256 * 1024 * 1024}  # bytes (rasterio sets it as a number)
 
 
 def make_results(project: Path, *, task_id: str, title: str) -> list[Path]:
