@@ -28,6 +28,7 @@ import pytest
 from scaleodm.run.fetching import InputError, Limits, control_file_args, extract_zip
 from scaleodm.run.packaging import (
     DEFAULT_OUTPUTS,
+    NODEODM_OUTPUTS,
     build_zip,
     collect,
     write_task_output,
@@ -285,10 +286,11 @@ def test_collect_default_list(project: Path, outputs: list[str] | None) -> None:
     assert _rel(project, collect(project, outputs)) == PRESENT  # PRESENT is in the default order
 
 
-def test_default_list_is_nodeodms() -> None:
-    assert DEFAULT_OUTPUTS[0] == "odm_orthophoto/odm_orthophoto.tif"
-    assert DEFAULT_OUTPUTS[-1] == "odm_report"
-    assert len(DEFAULT_OUTPUTS) == len(set(DEFAULT_OUTPUTS)) == 25
+def test_default_list_is_nodeodms_and_the_stac_item() -> None:
+    assert NODEODM_OUTPUTS[0] == "odm_orthophoto/odm_orthophoto.tif"
+    assert NODEODM_OUTPUTS[-1] == "odm_report"
+    assert len(NODEODM_OUTPUTS) == len(set(NODEODM_OUTPUTS)) == 25
+    assert DEFAULT_OUTPUTS == (*NODEODM_OUTPUTS, "stac.json")
 
 
 @pytest.mark.parametrize(

@@ -20,7 +20,8 @@ from scaleodm.common.store.s3 import S3, S3Url
 
 log = get_logger(__name__)
 
-DEFAULT_OUTPUTS = (
+# What NodeODM ships when the task names no ``outputs`` (§7.1), in its order.
+NODEODM_OUTPUTS = (
     "odm_orthophoto/odm_orthophoto.tif",
     "odm_orthophoto/odm_orthophoto.tfw",
     "odm_orthophoto/odm_orthophoto.png",
@@ -46,8 +47,9 @@ DEFAULT_OUTPUTS = (
     "task_output.txt",
     "log.json",
     "odm_report",
-    stac.ITEM_FILE,
 )
+# ... and the task's STAC Item (``results``), when the run made one.
+DEFAULT_OUTPUTS = (*NODEODM_OUTPUTS, stac.ITEM_FILE)
 
 
 def write_task_output(console: Path, project: Path) -> None:
