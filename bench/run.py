@@ -24,7 +24,7 @@ from typing import Any
 from bench.common import Figure, bench_env, parse_args, report, write_json
 
 MODULES = ("baselines", "info_poll", "upload", "pipeline", "scheduler_creates", "task_to_done",
-           "admission", "split", "observability")
+           "admission", "split", "observability", "tiles")
 
 
 def _load(name: str) -> ModuleType | None:

@@ -278,6 +278,9 @@ CASES: dict[tuple[str, str], Case] = {
     ("GET", "/task/{uuid}/webhooks"): Case("task"),
     ("GET", "/task/{uuid}/events"): Case("task"),
     ("GET", "/task/{uuid}/stac"): Case("task"),
+    ("GET", "/task/{uuid}/tilejson.json"): Case("task"),
+    ("GET", "/task/{uuid}/tiles/{z}/{x}/{y}.png"): Case("task", path={"z": "0", "x": "0",
+                                                                      "y": "0"}),
     ("POST", "/task/cancel"): Case("action"),
     ("POST", "/task/remove"): Case("action"),
     ("POST", "/task/restart"): Case("restart"),
@@ -298,8 +301,9 @@ NO_TASK_ID: dict[tuple[str, str], str] = {
     ("GET", "/usage"): "test_usage_per_tenant",
     ("GET", "/stac/search"): "test_stac_search_per_tenant (tests/integration/test_stac.py)",
 }
-# Parameters that look like ids and are none: an event cursor, an asset name.
-NOT_TASK_IDS = {("header", "Last-Event-ID"), ("path", "asset")}
+# Parameters that look like ids and are none: an event cursor, an asset name, tile coordinates.
+NOT_TASK_IDS = {("header", "Last-Event-ID"), ("path", "asset"), ("path", "z"), ("path", "x"),
+                ("path", "y")}
 ID_LIKE = re.compile(r"(?i)uuid|(^|[-_])id$|_id\b|task")
 METHODS = ("get", "post", "put", "patch", "delete")
 

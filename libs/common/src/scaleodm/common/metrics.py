@@ -87,6 +87,11 @@ OUTBOX_OLDEST = Gauge("scaleodm_outbox_oldest_seconds",
 SSE_CLIENTS = Gauge("scaleodm_sse_clients", "Event streams open on this gateway.")
 UPLOAD_BYTES = Counter("scaleodm_upload_bytes", "Bytes of uploaded files stored.")
 UPLOADS_ACTIVE = Gauge("scaleodm_uploads_active", "Upload requests in progress.")
+TILES = Counter("scaleodm_tiles", "Map tiles answered: from the memory cache, rendered from S3, "
+                "or blank (outside the raster).", ["layer", "source"])
+TILE_RENDER_DURATION = Histogram("scaleodm_tile_render_seconds",
+                                 "Time to render one map tile from S3 (thread wait included).",
+                                 ["layer"], buckets=FAST_BUCKETS)
 MONGO_DURATION = Histogram("scaleodm_mongo_command_duration_seconds",
                            "MongoDB command round trips.", ["command"], buckets=FAST_BUCKETS)
 MONGO_ERRORS = Counter("scaleodm_mongo_command_errors", "MongoDB commands that failed.",
@@ -123,7 +128,8 @@ METRIC_NAMES: Final = (
     "scaleodm_webhook_delivery_attempts", "scaleodm_events_set_aside_total",
     "scaleodm_commands_given_up_total", "scaleodm_outbox_backlog",
     "scaleodm_outbox_oldest_seconds", "scaleodm_sse_clients", "scaleodm_upload_bytes_total",
-    "scaleodm_uploads_active", "scaleodm_mongo_command_duration_seconds",
+    "scaleodm_uploads_active", "scaleodm_tiles_total", "scaleodm_tile_render_seconds",
+    "scaleodm_mongo_command_duration_seconds",
     "scaleodm_mongo_command_errors_total", "scaleodm_tasks", "scaleodm_tasks_stale",
     "scaleodm_s3_request_duration_seconds", "scaleodm_s3_request_errors_total",
     "scaleodm_kubernetes_request_duration_seconds", "scaleodm_kubernetes_request_errors_total",
