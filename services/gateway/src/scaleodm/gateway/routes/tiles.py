@@ -9,9 +9,9 @@ beyond ``maxzoom`` answer HTTP 404 ``{"error": ...}`` (Leaflet and MapLibre show
 on); a raster S3 cannot serve now answers 503. A tile of the grid outside the raster is HTTP 200
 with a fully transparent PNG. Nothing here answers 500.
 
-Caching: a completed task's rasters do not change (a restart makes a new attempt, served under
-the same URLs once completed again), so tiles are ``private`` (the URL may carry a token) and
-cacheable for a day; errors are ``no-store``.
+Caching: a completed attempt's rasters do not change, so tiles are ``private`` (the URL may
+carry a token) and cacheable for a day; the TileJSON's URLs name the attempt (a restarted task's
+tiles are other URLs); errors are ``no-store``.
 """
 
 from __future__ import annotations
@@ -156,7 +156,9 @@ async def read_tilejson(uuid: str, request: Request, res: ResourcesDep, caller: 
     if isinstance(found, Response):
         return found
     doc, _, info = found
-    query = {"layer": layer.value}
+    # ``attempt`` is not read by the tile route: it makes each attempt's tiles other URLs, so a
+    # browser's day-long cache never shows a restarted task's old tiles.
+    query = {"layer": layer.value, "attempt": str(doc["attempt"])}
     token = request.query_params.get("token")
     if token is not None:
         query["token"] = token  # a map client repeats the URL as it is: it must authenticate
