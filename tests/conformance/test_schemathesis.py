@@ -228,6 +228,19 @@ def test_success_answers_match_the_schema(stack: Stack, http_fixture: HttpFixtur
     assert check("/task/{uuid}/events", path_parameters={"uuid": done},
                  query={"since": "1000"}).status_code == 204
     check("/events", query={"since": "1"})  # the stream's start, cut after STREAM_EVENTS
+    for task_id in (done, failed, canceled):  # results (docs/results.md)
+        check("/task/{uuid}/stac", path_parameters={"uuid": task_id})
+    check("/stac/search", query={"bbox": "-180,-90,180,90", "datetime": "2000-01-01T00:00:00Z/..",
+                                 "limit": "5"})
+    raster = check("/task/{uuid}/download/{asset}",
+                   path_parameters={"uuid": done, "asset": "orthophoto.tif"})
+    assert raster.headers["content-type"] == ["image/tiff"]
+    tilejson = check("/task/{uuid}/tilejson.json", path_parameters={"uuid": done},
+                     query={"layer": "orthophoto"})
+    z, x, y = tilejson.json()["maxzoom"], 0, 0
+    tile = check("/task/{uuid}/tiles/{z}/{x}/{y}.png",
+                 path_parameters={"uuid": done, "z": str(z), "x": str(x), "y": str(y)})
+    assert tile.headers["content-type"] == ["image/png"]
 
     check("/task/restart", "POST", body={"uuid": done, "options": [{"name": "dsm", "value": True}]},
           media_type="application/json")
