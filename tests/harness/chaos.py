@@ -93,10 +93,10 @@ from pymongo import MongoClient
 
 from scaleodm.common.store.admission import HOLDING
 from tests.harness import data
+from tests.harness.data import exif_block, jpeg
 from tests.harness.httpfixture import HttpFixture, Received
 from tests.harness.servers import BIN, NatsCluster, free_port, wait_http
 from tests.harness.stack import SERVICES, Stack, service_of, split_env
-from tests.unit.test_odm_test_engine import _exif, _jpeg
 
 TERMINAL = (30, 40, 50)
 SECRET = "whsec_" + "Y2hhb3MtdGVzdC1zZWNyZXQtMDEyMzQ1Njc4OWFi"  # fixed: verify signatures
@@ -385,7 +385,7 @@ def chaos_split_env(gateway_port: int) -> dict[str, str]:
 
 def geotagged_images(n: int) -> dict[str, bytes]:
     """JPEGs with GPS a few metres apart (ODM splits only a dataset with GPS)."""
-    return {name: _jpeg(64, 48, _exif("DJI", "FC6310", 46.8 + i * 1e-4,
+    return {name: jpeg(64, 48, exif_block("DJI", "FC6310", 46.8 + i * 1e-4,
                                       7.1 + (i % 7) * 1e-4, 500.0))
             for i, name in enumerate(data.image_names(n))}
 

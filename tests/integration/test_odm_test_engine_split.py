@@ -40,7 +40,8 @@ from urllib.parse import parse_qs, urlparse
 
 import pytest
 
-from tests.unit.test_odm_test_engine import ENGINE_SRC, _exif, _jpeg
+from tests.harness.data import exif_block, jpeg
+from tests.unit.test_odm_test_engine import ENGINE_SRC
 
 pytestmark = pytest.mark.integration
 
@@ -261,8 +262,8 @@ def project_path(tmp_path: Path) -> Path:
     images = tmp_path / PROJECT / "images"
     images.mkdir(parents=True)
     for n in range(9):
-        exif = _exif("DJI", "FC6310", 46.5 + n * 0.0002, 7.25 + n * 0.0003, 612.5)
-        (images / f"DJI_{n:04d}.JPG").write_bytes(_jpeg(640, 480, exif))
+        exif = exif_block("DJI", "FC6310", 46.5 + n * 0.0002, 7.25 + n * 0.0003, 612.5)
+        (images / f"DJI_{n:04d}.JPG").write_bytes(jpeg(640, 480, exif))
     return tmp_path
 
 

@@ -39,8 +39,8 @@ from pyodm import Node
 
 from scaleodm.common import splitmerge
 from tests.harness import api, data, servers, sse
+from tests.harness.data import exif_block, jpeg
 from tests.harness.stack import SPLIT_KEY, Stack, running_stack, split_env
-from tests.unit.test_odm_test_engine import _exif, _jpeg
 
 pytestmark = pytest.mark.integration
 
@@ -99,7 +99,7 @@ def scoped(parent: str) -> str:
 def images(directory: Path, n: int) -> list[str]:
     """Geotagged JPEGs (ODM splits only a dataset with GPS), a few metres apart."""
     directory.mkdir(parents=True, exist_ok=True)
-    return [str(data.write(directory / name, _jpeg(64, 48, _exif(
+    return [str(data.write(directory / name, jpeg(64, 48, exif_block(
         "DJI", "FC6310", 46.8 + i * 1e-4, 7.1 + (i % 7) * 1e-4, 500.0))))
         for i, name in enumerate(data.image_names(n))]
 

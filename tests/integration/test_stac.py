@@ -31,9 +31,9 @@ from rasterio.io import MemoryFile
 from rio_cogeo.cogeo import cog_validate
 
 from tests.harness import api, servers
+from tests.harness.data import exif_block, jpeg
 from tests.harness.stac import validate
 from tests.harness.stack import Stack, running_stack
-from tests.unit.test_odm_test_engine import _exif, _jpeg
 
 pytestmark = pytest.mark.integration
 
@@ -48,13 +48,13 @@ tenants:
     tokens: [{BOB}]
 """
 BERLIN = (52.52, 13.40)
-TOKYO = (35.68, 139.69)  # _exif writes north/east coordinates only
+TOKYO = (35.68, 139.69)  # exif_block writes north/east coordinates only
 DEMS = '[{"name": "dsm", "value": true}, {"name": "dtm", "value": true}]'
 
 
 def images(lat: float, lon: float, n: int = 5) -> list[tuple[str, Any]]:
     """``n`` geotagged images ~10 m apart around (lat, lon)."""
-    return [("images", (f"img_{i}.jpg", _jpeg(64, 48, _exif("DJI", "FC6310", lat + i * 1e-4,
+    return [("images", (f"img_{i}.jpg", jpeg(64, 48, exif_block("DJI", "FC6310", lat + i * 1e-4,
                                                               lon + i * 1e-4, 120.0)),
                         "image/jpeg")) for i in range(n)]
 
