@@ -56,7 +56,7 @@ class Raster:
     wkt2: str | None  # otherwise the CRS as WKT2
 
 
-def _polygon(bbox: Bbox) -> dict[str, Any]:
+def polygon(bbox: Bbox) -> dict[str, Any]:
     west, south, east, north = bbox
     ring = [[west, south], [east, south], [east, north], [west, north], [west, south]]
     return {"type": "Polygon", "coordinates": [ring]}
@@ -80,7 +80,7 @@ def build_item(
     bbox = list(footprint.bbox) if footprint is not None else None
     item = pystac.Item(
         id=task_id,
-        geometry=_polygon(footprint.bbox) if footprint is not None else None,
+        geometry=polygon(footprint.bbox) if footprint is not None else None,
         bbox=bbox,
         datetime=start if end is None or end == start else None,
         start_datetime=start if end is not None and end != start else None,

@@ -63,7 +63,12 @@ def write_task_output(console: Path, project: Path) -> None:
 
 async def post_process(project: Path, spec: RunSpec) -> None:
     """COGs and the STAC Item (``results``) unless the task skips post-processing; in a worker
-    thread (GDAL work), imported only here so that a run's other steps don't load GDAL."""
+    thread (GDAL work), imported only here so that a run's other steps don't load GDAL.
+
+    A ``stac.json`` already in the project is removed first, skipped or not: it is not this
+    run's (a user's ``seed.zip`` puts files anywhere in the project), and would be shipped and
+    served as the task's Item."""
+    (project / stac.ITEM_FILE).unlink(missing_ok=True)
     if spec.skip_post_processing:
         return
     from scaleodm.run import results  # noqa: PLC0415 - GDAL only where it is used

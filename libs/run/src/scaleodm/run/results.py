@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import os
 import warnings
 from pathlib import Path
@@ -48,6 +49,13 @@ EXIF_TIME = "%Y:%m:%d %H:%M:%S"
 # upload container (1 GiB limit) on a large node would be killed. The intermediate file of
 # cog_translate goes beside the raster (the workspace volume), not to /tmp (ephemeral storage).
 GDAL_CONFIG = {"GDAL_CACHEMAX": 256 * 1024 * 1024}  # bytes (rasterio sets it as a number)
+# The only GDAL drivers that open anything here. The images are the user's, and so may be the
+# rasters (a ``seed.zip`` puts files anywhere in the project but images/, and ODM options can
+# keep ODM from overwriting them): left to probe every driver, GDAL follows a VRT's sources
+# (local files, /vsis3/ with the run's credentials, /vsicurl/), fetches a WMS/WMTS
+# description's URLs (a request from the run past the outbound guard), and so on.
+RASTER_DRIVER = "GTiff"
+IMAGE_DRIVERS = {".jpg": "JPEG", ".jpeg": "JPEG", ".tif": "GTiff", ".tiff": "GTiff"}
 
 
 def make_results(project: Path, *, task_id: str, title: str) -> list[Path]:
@@ -55,8 +63,8 @@ def make_results(project: Path, *, task_id: str, title: str) -> list[Path]:
     rasters = []
     for key, (rel, _, _) in stac.RASTERS.items():
         path = project / rel
-        if not path.is_file():
-            continue
+        if path.is_symlink() or not path.is_file():
+            continue  # a link is never followed (nor shipped: packaging.collect)
         try:
             rasters.append(_as_cog(key, path))
         except Exception as exc:  # noqa: BLE001 - one bad raster must not cost the run
@@ -68,13 +76,16 @@ def make_results(project: Path, *, task_id: str, title: str) -> list[Path]:
         task_id, title=title, start=start, end=end, rasters=rasters, archive=True
     )
     target = project / stac.ITEM_FILE
-    target.write_text(json.dumps(item, indent=1))
+    target.unlink(missing_ok=True)  # whatever was there (a link) is replaced, never written to
+    target.write_text(json.dumps(item, indent=1, allow_nan=False))
     log.info("results made", rasters=[r.key for r in rasters],
              cogs=sum(r.cog for r in rasters))
     return [target]
 
 
 def _as_cog(key: str, path: Path) -> stac.Raster:
+    with rasterio.open(path, driver=RASTER_DRIVER):
+        pass  # a GeoTIFF, or an error: only then do rio-cogeo's own opens see the file
     valid, _, _ = cog_validate(str(path), quiet=True)
     if not valid:
         _translate(path)
@@ -85,26 +96,29 @@ def _as_cog(key: str, path: Path) -> stac.Raster:
 
 
 def _translate(path: Path) -> None:
-    with rasterio.open(path) as src:
-        floating = src.dtypes[0].startswith("float")
-    profile = dict(cog_profiles["deflate"])
-    profile.update(predictor=3 if floating else 2)
     tmp = path.with_name(f".{path.name}.cog")
     try:
-        cog_translate(
-            str(path), str(tmp), profile, quiet=True, in_memory=False,
-            overview_resampling="nearest" if floating else "average", config=GDAL_CONFIG,
-        )
+        with rasterio.open(path, driver=RASTER_DRIVER) as src:
+            floating = src.dtypes[0].startswith("float")
+            profile = dict(cog_profiles["deflate"])
+            profile.update(predictor=3 if floating else 2)
+            tmp.unlink(missing_ok=True)
+            cog_translate(
+                src, str(tmp), profile, quiet=True, in_memory=False,
+                overview_resampling="nearest" if floating else "average", config=GDAL_CONFIG,
+            )
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
 
 def _describe(key: str, path: Path, *, cog: bool) -> stac.Raster:
-    with rasterio.open(path) as src:
+    with rasterio.open(path, driver=RASTER_DRIVER) as src:
         crs: CRS = src.crs
         native = tuple(src.bounds)
         west, south, east, north = transform_bounds(crs, "EPSG:4326", *native, densify_pts=21)
+        if not all(math.isfinite(v) for v in (*native, west, south, east, north)):
+            raise ValueError("raster bounds are not finite")
         epsg = crs.to_epsg()
         return stac.Raster(
             key=key, cog=cog, bbox=(west, south, east, north), shape=(src.height, src.width),
@@ -134,7 +148,7 @@ def _exif_time(path: Path) -> dt.datetime | None:
     try:
         with warnings.catch_warnings(), rasterio.Env(GDAL_PAM_ENABLED="NO"):
             warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
-            with rasterio.open(path) as src:
+            with rasterio.open(path, driver=IMAGE_DRIVERS[path.suffix.lower()]) as src:
                 tags = src.tags()
     except Exception:  # noqa: BLE001 - not an image GDAL reads: no time from it
         return None

@@ -9,8 +9,12 @@ its document (``stac.build_item``: its name, its creation time, ``all.zip`` once
 Either way the asset hrefs become this gateway's download URLs (``stac.with_hrefs``): no href
 points into the bucket, and a stored Item naming any other file loses that asset.
 
-A stored Item larger than ``MAX_ITEM_BYTES``, or not a JSON object, is logged and replaced by
-the bare one: the file is the run's, but nothing read from storage is trusted to be small.
+A stored Item larger than ``MAX_ITEM_BYTES``, or not an Item of the shape the run writes, is
+logged and replaced by the bare one. The file is the run's, but the run's project may hold what
+the user sent (a ``seed.zip`` extracts anywhere but images/; with ``skipPostProcessing`` the run
+writes no Item and ships the one it finds): so the stored Item is rebuilt from the fields the
+run writes, each of the type it writes (``_sanitized``: finite numbers, bounded strings, parsable
+times), and anything else is dropped, links included. The cache is bounded in bytes too.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import collections
 import datetime as dt
 import json
+import math
 from typing import Any
 
 from scaleodm.common import stac
@@ -29,48 +34,127 @@ from scaleodm.common.store.s3 import S3
 log = get_logger(__name__)
 
 ITEM_CACHE_ENTRIES = 2000  # a few KiB each
-MAX_ITEM_BYTES = 1024 * 1024
+ITEM_CACHE_BYTES = 32 * 1024 * 1024  # of the stored files the cached Items were read from
+MAX_ITEM_BYTES = 64 * 1024  # the run's Items are a few KiB (a WKT2 CRS is the largest part)
+MAX_TEXT = 16 * 1024  # longest string kept from a stored Item
+_PROPERTIES = ("datetime", "start_datetime", "end_datetime", "title")
+_ASSET_TEXT = ("href", "title", "type", "proj:code", "proj:wkt2")
+_ASSET_NUMBERS = {"proj:shape": (2,), "proj:transform": (6, 9), "proj:bbox": (4,)}
 Item = dict[str, Any]
 
 
 class ItemCache:
     """Stored Items by (task, attempt), least recently used first out; None = has none."""
 
-    def __init__(self, entries: int = ITEM_CACHE_ENTRIES) -> None:
+    def __init__(self, entries: int = ITEM_CACHE_ENTRIES, max_bytes: int = ITEM_CACHE_BYTES
+                 ) -> None:
         self._entries = entries
-        self._items: collections.OrderedDict[tuple[str, int], Item | None] = (
+        self._max_bytes = max_bytes
+        self.bytes = 0
+        self._items: collections.OrderedDict[tuple[str, int], tuple[Item | None, int]] = (
             collections.OrderedDict())
 
     async def stored(self, s3: S3, doc: dict[str, Any]) -> Item | None:
         key = (str(doc["_id"]), int(doc["attempt"]))
         if key in self._items:
             self._items.move_to_end(key)
-            return self._items[key]
-        item = await _read(s3, doc)
-        self._items[key] = item
-        while len(self._items) > self._entries:
-            self._items.popitem(last=False)
+            return self._items[key][0]
+        item, size = await _read(s3, doc)
+        old = self._items.pop(key, None)  # read meanwhile by a concurrent search
+        if old is not None:
+            self.bytes -= old[1]
+        self._items[key] = (item, size)
+        self.bytes += size
+        while len(self._items) > self._entries or self.bytes > self._max_bytes:
+            _, (_, dropped) = self._items.popitem(last=False)
+            self.bytes -= dropped
         return item
 
 
-async def _read(s3: S3, doc: dict[str, Any]) -> Item | None:
+async def _read(s3: S3, doc: dict[str, Any]) -> tuple[Item | None, int]:
+    """The stored Item, sanitized (None: none, or not usable), and the bytes it was read from."""
     prefix = s3mod.parse_s3_url(doc["output_prefix"])
     base = prefix.key if prefix.key.endswith("/") else prefix.key + "/"
     url = s3mod.S3Url(prefix.bucket, base + stac.ITEM_FILE)
     size = await s3.size(url)
     if size is None:
-        return None
+        return None, 0
     if size > MAX_ITEM_BYTES:
         log.warning("stored STAC Item ignored: too large", task_id=doc["_id"], bytes=size)
-        return None
-    data = b"".join([chunk async for chunk in s3.iter_object(url)])
+        return None, 0
+    data = bytearray()
+    async for chunk in s3.iter_object(url):
+        data += chunk
+        if len(data) > MAX_ITEM_BYTES:  # the object changed since its size was read
+            log.warning("stored STAC Item ignored: too large", task_id=doc["_id"])
+            return None, 0
     try:
-        item = json.loads(data)
-    except ValueError:
+        item = _sanitized(json.loads(data))
+    # RecursionError: nested too deep; OverflowError: an integer beyond any float.
+    except (ValueError, TypeError, AttributeError, RecursionError, OverflowError):
         item = None
-    if not isinstance(item, dict) or item.get("type") != "Feature":
+    if item is None:
         log.warning("stored STAC Item ignored: not an Item", task_id=doc["_id"])
+        return None, 0
+    return item, len(data)
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str) or len(value) > MAX_TEXT:
+        raise TypeError("not a string of the Item")
+    return value
+
+
+def _numbers(value: Any, lengths: tuple[int, ...]) -> list[float]:
+    if not isinstance(value, list) or len(value) not in lengths or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            for v in value):
+        raise TypeError("not the numbers of the Item")
+    return list(value)
+
+
+def _sanitized(raw: Any) -> Item | None:
+    """The Item as the run writes it (``stac.build_item``), rebuilt from ``raw`` field by field;
+    None when a field the run writes is of another shape. Unknown fields, links and assets
+    other than the served downloads are dropped; the geometry is the bbox's polygon."""
+    if not isinstance(raw, dict) or raw.get("type") != "Feature":
         return None
+    props = raw.get("properties")
+    if not isinstance(props, dict):
+        return None
+    properties = {k: _text(props[k]) for k in _PROPERTIES if props.get(k) is not None}
+    if "datetime" not in properties and not (
+            "start_datetime" in properties and "end_datetime" in properties):
+        return None
+    item: Item = {"type": "Feature", "stac_version": _text(raw.get("stac_version")),
+                  "stac_extensions": [_text(e) for e in raw.get("stac_extensions") or []],
+                  "id": "", "properties": {"datetime": None, **properties}}
+    stac.time_span(item)  # ValueError: a time that does not parse
+    bbox = raw.get("bbox")
+    if bbox is None:
+        item.update(geometry=None)
+    else:
+        item.update(bbox=_numbers(bbox, (4,)), geometry=stac.polygon(tuple(bbox)))
+    item["links"] = []
+    assets = raw.get("assets") or {}
+    if not isinstance(assets, dict):
+        return None
+    kept = {}
+    for key in (*stac.RASTERS, "archive"):
+        asset = assets.get(key)
+        if not isinstance(asset, dict):
+            continue
+        clean: dict[str, Any] = {k: _text(asset[k]) for k in _ASSET_TEXT
+                                 if asset.get(k) is not None}
+        roles = asset.get("roles") or []
+        if not isinstance(roles, list):
+            return None
+        clean["roles"] = [_text(r) for r in roles]
+        for name, lengths in _ASSET_NUMBERS.items():
+            if asset.get(name) is not None:
+                clean[name] = _numbers(asset[name], lengths)
+        kept[key] = clean
+    item["assets"] = kept
     return item
 
 

@@ -18,8 +18,12 @@ raster's CRS (the ODM test double writes EPSG:4326, ODM writes UTM). Design:
   ``SCALEODM_TILES__WORKER_THREADS``; concurrent requests for the same tile or the same raster's
   metadata share one piece of work (single flight).
 - **Bounded in time.** A render (its wait for a thread included) has the S3 request deadline
-  (``request_timeout_s``); GDAL's own HTTP timeout and retries come from the same settings, so an
-  abandoned thread ends too. A frozen S3 answers ``RasterUnavailable`` (HTTP 503), never a hang.
+  (``request_timeout_s``); GDAL's own HTTP timeout and retries come from the same settings. A
+  frozen S3 answers ``RasterUnavailable`` (HTTP 503), never a hang; the thread of a render past
+  its deadline keeps its limiter token until it ends, so slow renders never pile up threads.
+- **Bounded in work.** Rasters are opened by the GTiff driver only (no VRT, WMS, ... following
+  references); blocks over ``MAX_BLOCK_PIXELS`` are refused; zooms where a tile would read over
+  ``MAX_TILE_READ_SIDE`` pixels a side of the coarsest overview are not served (``floor_zoom``).
 - **Caches.** Per raster (task, attempt, layer): bounds in WGS84, zoom range, band layout and,
   for DEMs, the value range used to colour-map (the dataset's own statistics if it has them,
   else min/max read once from a small overview). Per tile: the PNG bytes, in a byte-bounded LRU
@@ -42,12 +46,13 @@ import enum
 import functools
 import math
 import struct
+import threading
 import time
 import urllib.parse
 import zlib
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
-from typing import Any, Generic, NamedTuple, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar, cast
 
 import anyio
 import anyio.to_thread
@@ -76,6 +81,9 @@ COLORMAP = "viridis"
 TMS_MAXZOOM: int = WEB_MERCATOR_TMS.maxzoom
 METADATA_ENTRIES = 4096  # rasters whose metadata a process remembers
 STATS_MAX_SIZE = 256  # longest side of the overview read once for a DEM's min/max
+RASTER_DRIVER = "GTiff"  # the only GDAL driver that opens a raster object (a COG is a GTiff)
+MAX_BLOCK_PIXELS = 4096 * 4096  # a larger block (tile or strip) is refused: unreadable
+MAX_TILE_READ_SIDE = 4096  # pixels a side one tile may read from the raster or an overview
 
 
 
@@ -125,6 +133,9 @@ class RasterInfo:
     maxzoom: int  # native_zoom + max_zoom_over_native, within the grid
     indexes: tuple[int, ...]  # bands rendered: RGB, or one (grey, or a DEM's values)
     value_range: tuple[float, float] | None  # DEMs: what the colour map spans
+    # Below this zoom a tile would read too much of the raster (no overviews coarse enough):
+    # no tile (404).
+    floor_zoom: int = 0
 
 
 class TileKey(NamedTuple):
@@ -301,6 +312,32 @@ def _gdal_error(exc: Exception, path: str) -> Exception:
     return RasterUnavailable(text)
 
 
+def _open(path: str) -> Any:
+    """The raster at ``path``, read by GDAL's GTiff driver alone. The object is the run's, and
+    the run's project may hold what the user sent (a ``seed.zip``): left to probe every driver,
+    GDAL would follow a VRT's sources (other objects of the bucket with the gateway's
+    credentials, local files), a WMS/WMTS description's URLs, and so on."""
+    return rasterio.open(path, driver=RASTER_DRIVER)
+
+
+def _check_blocks(dataset: Any) -> None:
+    """Refuse a raster whose blocks are too large to decode for one tile (GDAL reads whole
+    blocks: one strip of a huge untiled image would be decoded, in memory, for every tile)."""
+    rows, cols = dataset.block_shapes[0]
+    if rows * cols > MAX_BLOCK_PIXELS:
+        raise ValueError(f"unsupported block size {cols}x{rows}")
+
+
+def _cheapest_zoom(dataset: Any, native: int) -> int:
+    """The lowest zoom whose tiles read at most ``MAX_TILE_READ_SIDE`` pixels a side from the
+    raster's coarsest overview (or the raster itself, without overviews): below it, a tile of
+    a huge raster without overviews would decode the whole raster."""
+    factors = dataset.overviews(1) or [1]
+    coarsest = max(1, max(factors))
+    steps = int(math.floor(math.log2(coarsest))) + int(math.log2(MAX_TILE_READ_SIDE / TILE_SIZE))
+    return max(0, native - steps)
+
+
 def _value_range(src: Any) -> tuple[float, float]:
     """Min/max of band 1: the dataset's statistics when it carries them, else read from an
     overview of at most ``STATS_MAX_SIZE`` pixels a side (nodata left out)."""
@@ -328,12 +365,15 @@ def _indexes(src: Any, layer: TileLayer) -> tuple[int, ...]:
 def read_info(path: str, layer: TileLayer, max_zoom_over_native: int) -> RasterInfo:
     """Open the raster at ``path`` (in a GDAL environment already entered) and describe it."""
     try:
-        with Reader(path) as src:
+        with _open(path) as dataset, Reader(path, dataset=dataset) as src:
             west, south, east, north = src.get_geographic_bounds(WGS84_CRS)
             native = int(src.maxzoom)
+            _check_blocks(dataset)
+            floor = min(_cheapest_zoom(dataset, native), native)
             return RasterInfo(
                 bounds=(float(west), float(south), float(east), float(north)),
-                minzoom=min(int(src.minzoom), native),
+                minzoom=min(max(int(src.minzoom), floor), native),
+                floor_zoom=floor,
                 native_zoom=native,
                 maxzoom=min(native + max_zoom_over_native, TMS_MAXZOOM),
                 indexes=_indexes(src, layer),
@@ -347,7 +387,7 @@ def render_tile(path: str, info: RasterInfo, z: int, x: int, y: int) -> bytes | 
     """The PNG of tile (z, x, y) of the raster at ``path`` (in a GDAL environment already
     entered); None when the tile lies outside the raster."""
     try:
-        with Reader(path) as src:
+        with _open(path) as dataset, Reader(path, dataset=dataset) as src:
             try:
                 image = src.tile(x, y, z, tilesize=TILE_SIZE, indexes=info.indexes)
             except TileOutsideBounds:
@@ -378,6 +418,7 @@ class TileService:
         self._infos: BoundedLRU[tuple[str, int, TileLayer], RasterInfo | RasterAbsent] = (
             BoundedLRU(METADATA_ENTRIES, lambda _: 1))
         self._inflight: dict[Hashable, asyncio.Task[Any]] = {}
+        self._running: set[asyncio.Future[Any]] = set()  # GDAL work, its caller gone or not
 
     def _in_gdal_env(self, work: Callable[..., V], *args: Any) -> V:
         with rasterio.Env(session=self._session, **self._options):
@@ -385,15 +426,40 @@ class TileService:
 
     async def _in_thread(self, work: Callable[..., V], *args: Any) -> V:
         """``work(*args)`` in a worker thread with the GDAL environment, within the deadline
-        (the wait for a thread included). A thread past the deadline is abandoned; GDAL's own
-        HTTP timeout ends it."""
+        (the wait for a thread included). The caller is answered at the deadline, but a thread
+        already running keeps its place in the limiter until it ends (GDAL's own HTTP timeout
+        ends a stalled read): threads are never abandoned, so at most ``worker_threads`` GDAL
+        threads run whatever the requests do. Work still waiting for a thread is dropped."""
+        # Cancelling ``run_sync`` would release the token at once, the thread still running:
+        # only work that has not started is cancelled (``dropped``, under the lock).
+        lock = threading.Lock()
+        state = {"started": False, "dropped": False}
+
+        def run() -> V | None:
+            with lock:
+                if state["dropped"]:
+                    return None
+                state["started"] = True
+            return self._in_gdal_env(work, *args)
+
+        job = asyncio.ensure_future(anyio.to_thread.run_sync(run, limiter=self._limiter))
+        self._running.add(job)
+        job.add_done_callback(self._job_done)
         try:
             async with asyncio.timeout(self.deadline_s):
-                return await anyio.to_thread.run_sync(
-                    functools.partial(self._in_gdal_env, work, *args),
-                    limiter=self._limiter, abandon_on_cancel=True)
+                # None from ``run`` only when dropped, and then nobody awaits it any more.
+                return cast(V, await asyncio.shield(job))
         except TimeoutError:
+            with lock:
+                state["dropped"] = not state["started"]
+            if state["dropped"]:
+                job.cancel()  # still waiting for a thread: it never runs
             raise RasterUnavailable(f"no answer from S3 within {self.deadline_s:g} s") from None
+
+    def _job_done(self, job: asyncio.Future[Any]) -> None:
+        self._running.discard(job)
+        if not job.cancelled():
+            job.exception()  # retrieved: the caller may have left at the deadline
 
     async def _once(self, key: Hashable, work: Callable[[], Awaitable[V]]) -> V:
         """``work()``, shared by every concurrent caller with the same ``key``; a caller that

@@ -127,7 +127,7 @@ def _meets_time(item: dict[str, Any], start: dt.datetime | None, end: dt.datetim
                 ) -> bool:
     try:
         first, last = stac.time_span(item)
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, AttributeError):
         return False
     return (end is None or first <= end) and (start is None or last >= start)
 
@@ -148,7 +148,9 @@ async def search_items(
     try:
         box = parse_bbox(bbox) if bbox is not None else None
         start, end = parse_datetime(datetime) if datetime is not None else (None, None)
-        count = int(limit) if limit is not None and limit.strip().isdigit() else (
+        # ASCII digits only: str.isdigit() also holds for "²", which int() refuses.
+        digits = limit.strip() if limit is not None else ""
+        count = int(digits) if digits.isascii() and digits.isdigit() and len(digits) <= 4 else (
             10 if limit is None else -1)
         if not 1 <= count <= MAX_LIMIT:
             raise BadParameter(f"limit must be an integer from 1 to {MAX_LIMIT}")

@@ -132,7 +132,7 @@ async def read_tile(uuid: str, z: int, x: int, y: int, res: ResourcesDep, caller
     if isinstance(found, Response):
         return found
     doc, url, info = found
-    if not tiles.tile_in_grid(z, x, y) or z > info.maxzoom:
+    if not tiles.tile_in_grid(z, x, y) or z > info.maxzoom or z < info.floor_zoom:
         return _map_error(404, f"No tile {z}/{x}/{y} (zoom {info.minzoom}-{info.maxzoom})")
     key = tiles.TileKey(doc["_id"], int(doc.get("attempt", 1)), layer, z, x, y)
     try:
