@@ -36,13 +36,11 @@ Chromium.
 from __future__ import annotations
 
 import base64
-import io
 import json
 import math
 import re
 import socket
 import time
-import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -52,6 +50,7 @@ import pytest
 from playwright.sync_api import Response, Route
 
 from tests.browser.conftest import TOKEN, Watched, geotagged_jpeg, write_images
+from tests.harness.data import png_pixels
 from tests.harness.stack import Stack
 
 pytestmark = pytest.mark.integration
@@ -132,21 +131,10 @@ def drop_file(w: Watched, name: str, data: bytes) -> None:
 
 
 def rgb_pixels(png: bytes) -> list[tuple[int, int, int]]:
-    """The RGB pixels of a PNG: Pillow when installed, else GDAL's PNG driver (rasterio)."""
-    try:
-        from PIL import Image  # type: ignore[import-not-found,unused-ignore]
-    except ImportError:
-        import rasterio
-        from rasterio.errors import NotGeoreferencedWarning
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            with rasterio.MemoryFile(png) as mem, mem.open() as ds:
-                bands = ds.read()
-        red, green, blue = (bands[i].ravel().tolist() for i in range(3))
-        return list(zip(red, green, blue, strict=True))
-    with Image.open(io.BytesIO(png)) as img:
-        return list(img.convert("RGB").getdata())
+    """The RGB pixels of a PNG screenshot."""
+    bands = png_pixels(png)
+    red, green, blue = (bands[i].ravel().tolist() for i in range(3))
+    return list(zip(red, green, blue, strict=True))
 
 
 def raw_get(stack: Stack, raw_path: str) -> tuple[int, bytes]:

@@ -6,6 +6,7 @@ import io
 import struct
 import zipfile
 from pathlib import Path
+from typing import Any
 
 # A tiny JPEG-shaped payload (SOI ... EOI); the ODM test double only needs image files.
 JPEG = (
@@ -84,3 +85,18 @@ def exif_block(make: str, model: str, lat: float, lon: float, alt: float) -> byt
     gps += struct.pack(">HHII", 4, 5, 3, offsets[3])
     gps += struct.pack(">HHII", 6, 5, 1, offsets[4]) + struct.pack(">I", 0)
     return b"MM\x00*" + struct.pack(">I", ifd0_at) + ifd0 + gps + b"".join(blobs)
+
+
+def png_pixels(png: bytes) -> Any:
+    """A PNG's bands as a (bands, rows, columns) array, decoded by rasterio's PNG driver (no
+    Pillow here); fails unless the bytes are a PNG."""
+    import warnings  # noqa: PLC0415 - rasterio only for the tests that decode images
+
+    from rasterio.errors import NotGeoreferencedWarning  # noqa: PLC0415
+    from rasterio.io import MemoryFile  # noqa: PLC0415
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        with MemoryFile(png) as memfile, memfile.open() as image:
+            assert image.driver == "PNG"
+            return image.read()

@@ -22,7 +22,6 @@ import logging
 import re
 import threading
 import uuid
-import warnings
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -30,10 +29,8 @@ from typing import Any
 import boto3
 import httpx
 import morecantile
-import numpy
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from rasterio.errors import NotGeoreferencedWarning
 from rasterio.io import MemoryFile
 from rasterio.warp import transform_bounds
 from rio_tiler.colormap import cmap
@@ -117,14 +114,6 @@ async def done(stack: Stack, s3_requests: S3Requests) -> str:  # noqa: ARG001
                                    '{"name": "dtm", "value": true}]')
 
 
-def _decode(png: bytes) -> numpy.ndarray[Any, Any]:
-    """The PNG's bands (rasterio's PNG driver; no Pillow here)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        with MemoryFile(png) as memfile, memfile.open() as image:
-            assert image.driver == "PNG"
-            pixels: numpy.ndarray[Any, Any] = image.read()
-            return pixels
 
 
 def _wgs84_bounds(tif: bytes) -> tuple[float, float, float, float]:
@@ -187,7 +176,7 @@ async def test_orthophoto_tile_is_coloured_inside_and_transparent_outside(
     assert resp.status_code == 200
     assert resp.headers["content-type"] == "image/png"
     assert resp.headers["cache-control"] == "private, max-age=86400"
-    pixels = _decode(resp.content)
+    pixels = data.png_pixels(resp.content)
     assert pixels.shape == (4, 256, 256)
     alpha = pixels[3]
     opaque = pixels[:3, alpha == 255]
@@ -200,7 +189,7 @@ async def test_dsm_tile_is_colour_mapped(client: httpx.AsyncClient, done: str) -
     tj = await _tilejson(client, done, "dsm")
     resp = await _tile(client, done, _centre_tile(tj["bounds"], tj["maxzoom"] - 2), "dsm")
     assert resp.status_code == 200, resp.text
-    pixels = _decode(resp.content)
+    pixels = data.png_pixels(resp.content)
     colours = {tuple(int(v) for v in c) for c in pixels[:3, pixels[3] == 255].T}
     viridis = {tuple(rgba[:3]) for rgba in cmap.get("viridis").values()}  # type: ignore[union-attr]
     assert len(colours) >= 8, colours
@@ -217,7 +206,7 @@ async def test_a_tile_outside_the_raster_is_transparent(
     resp = await _tile(client, done, far)
     assert resp.status_code == 200
     assert resp.headers["content-type"] == "image/png"
-    pixels = _decode(resp.content)
+    pixels = data.png_pixels(resp.content)
     assert pixels.shape == (4, 256, 256) and not pixels[3].any()
 
 

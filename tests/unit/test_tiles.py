@@ -9,7 +9,6 @@ Left out: ``/vsis3/`` reads, the routes, the caches' single flight and deadlines
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -17,24 +16,16 @@ import morecantile
 import numpy
 import pytest
 import rasterio
-from rasterio.errors import NotGeoreferencedWarning
-from rasterio.io import MemoryFile
 from rasterio.transform import from_origin
 from rio_tiler.colormap import cmap
 
 from scaleodm.common.settings import GatewaySettings, S3Settings
 from scaleodm.gateway import tiles
+from tests.harness import data
 
 TMS = morecantile.tms.get("WebMercatorQuad")
 
 
-def _pixels(png: bytes) -> numpy.ndarray[Any, Any]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        with MemoryFile(png) as memfile, memfile.open() as image:
-            assert image.driver == "PNG"
-            pixels: numpy.ndarray[Any, Any] = image.read()
-            return pixels
 
 
 @pytest.mark.parametrize(("z", "x", "y", "inside"), [
@@ -107,7 +98,7 @@ def test_raster_url() -> None:
 
 
 def test_the_blank_tile_is_a_transparent_png() -> None:
-    pixels = _pixels(tiles.BLANK_TILE)
+    pixels = data.png_pixels(tiles.BLANK_TILE)
     assert pixels.shape == (4, 256, 256)
     assert not pixels.any()
 
@@ -172,7 +163,7 @@ def test_a_utm_orthophoto_renders_with_its_alpha(utm_orthophoto: Path) -> None:
         tile = TMS.tile((west + east) / 2, (south + north) / 2, info.native_zoom - 1)
         png = tiles.render_tile(str(utm_orthophoto), info, tile.z, tile.x, tile.y)
         assert png is not None
-        pixels = _pixels(png)
+        pixels = data.png_pixels(png)
         assert pixels.shape == (4, 256, 256)
         assert (pixels[3] == 255).any() and (pixels[3] == 0).any()
         assert tiles.render_tile(str(utm_orthophoto), info, tile.z, tile.x + 40, tile.y) is None
@@ -188,7 +179,7 @@ def test_a_dsm_renders_colour_mapped_from_its_range(wgs84_dsm: Path) -> None:
         tile = TMS.tile((west + east) / 2, (south + north) / 2, info.native_zoom)
         png = tiles.render_tile(str(wgs84_dsm), info, tile.z, tile.x, tile.y)
     assert png is not None
-    pixels = _pixels(png)
+    pixels = data.png_pixels(png)
     colours = {tuple(int(v) for v in c) for c in pixels[:3, pixels[3] == 255].T}
     viridis = {tuple(rgba[:3]) for rgba in cmap.get("viridis").values()}  # type: ignore[union-attr]
     assert len(colours) > 20 and colours <= viridis
