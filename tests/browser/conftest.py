@@ -103,13 +103,13 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def playwright_driver(chromium: str) -> Iterator[Playwright]:  # noqa: ARG001
     with sync_playwright() as p:
         yield p
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser(playwright_driver: Playwright, chromium: str) -> Iterator[Browser]:
     browser = playwright_driver.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
     yield browser

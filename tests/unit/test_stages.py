@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import stat
 import subprocess
@@ -290,9 +291,13 @@ def test_fetch_then_upload(tmp_path: Path, s3: servers.S3Endpoint, bucket: tuple
         "task_output.txt": b"[INFO]    Running dataset stage\n[INFO]    ODM app finished",
     }
     archive = outputs.pop("all.zip")
+    # The results step's Item: the stand-in orthophoto is no raster, so none is described.
+    item = json.loads(outputs.pop("stac.json"))
+    assert item["id"] == spec.task_id and item["geometry"] is None
+    assert set(item["assets"]) == {"archive"}
     assert outputs == expected
     with zipfile.ZipFile(io.BytesIO(archive)) as zf:
-        assert {n: zf.read(n) for n in zf.namelist()} == expected
+        assert {n: zf.read(n) for n in zf.namelist() if n != "stac.json"} == expected
 
 
 @pytest.mark.integration

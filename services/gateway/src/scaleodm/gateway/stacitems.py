@@ -34,6 +34,11 @@ from scaleodm.common.store.s3 import S3
 log = get_logger(__name__)
 
 ITEM_CACHE_ENTRIES = 2000  # a few KiB each
+# What a search filters on (bbox and time, ~0.5 KiB each), kept for many more attempts than the
+# Items: a search reads the Items of its answer's page only, and an attempt's footprint from S3
+# once per process (until this many other attempts have been searched since).
+FOOTPRINT_ENTRIES = 100_000
+_FOOTPRINT_PROPERTIES = ("datetime", "start_datetime", "end_datetime")
 ITEM_CACHE_BYTES = 32 * 1024 * 1024  # of the stored files the cached Items were read from
 MAX_ITEM_BYTES = 64 * 1024  # the run's Items are a few KiB (a WKT2 CRS is the largest part)
 MAX_TEXT = 16 * 1024  # longest string kept from a stored Item
@@ -44,15 +49,40 @@ Item = dict[str, Any]
 
 
 class ItemCache:
-    """Stored Items by (task, attempt), least recently used first out; None = has none."""
+    """Stored Items by (task, attempt), least recently used first out; None = has none. And
+    their footprints, for searches (``footprint``)."""
 
-    def __init__(self, entries: int = ITEM_CACHE_ENTRIES, max_bytes: int = ITEM_CACHE_BYTES
-                 ) -> None:
+    def __init__(self, entries: int = ITEM_CACHE_ENTRIES, max_bytes: int = ITEM_CACHE_BYTES,
+                 footprint_entries: int = FOOTPRINT_ENTRIES) -> None:
         self._entries = entries
         self._max_bytes = max_bytes
         self.bytes = 0
         self._items: collections.OrderedDict[tuple[str, int], tuple[Item | None, int]] = (
             collections.OrderedDict())
+        self._footprint_entries = footprint_entries
+        self._footprints: collections.OrderedDict[tuple[str, int], Item] = (
+            collections.OrderedDict())
+
+    async def footprint(self, s3: S3, doc: dict[str, Any]) -> Item:
+        """The part of task ``doc``'s Item a search filters on: ``bbox`` (when it has one) and
+        the time ``properties`` — what ``stac.intersects`` and ``stac.time_span`` read."""
+        key = (str(doc["_id"]), int(doc["attempt"]))
+        found = self._footprints.get(key)
+        if found is not None:
+            self._footprints.move_to_end(key)
+            return found
+        stored = None
+        if doc.get("state") == TaskState.COMPLETED.value:
+            stored = await self.stored(s3, doc)
+        item = stored if stored is not None else bare_item(doc)
+        found = {"properties": {k: item["properties"][k] for k in _FOOTPRINT_PROPERTIES
+                                if k in item["properties"]}}
+        if item.get("bbox") is not None:
+            found["bbox"] = item["bbox"]
+        self._footprints[key] = found
+        while len(self._footprints) > self._footprint_entries:
+            self._footprints.popitem(last=False)
+        return found
 
     async def stored(self, s3: S3, doc: dict[str, Any]) -> Item | None:
         key = (str(doc["_id"]), int(doc["attempt"]))

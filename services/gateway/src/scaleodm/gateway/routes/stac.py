@@ -10,8 +10,10 @@ caller's completed tasks (an admin's: everyone's), newest first, whose Item meet
 (``west,south,east,north`` in WGS84; west > east crosses the antimeridian) and ``datetime`` (an
 RFC 3339 instant or interval, ``..`` for an open end). A task without geometry meets no
 ``bbox``. Bad parameters answer the STAC API's way, HTTP 400 ``{"code", "description"}``.
-The Items come from ``stacitems``' cache: the first search after a start reads each completed
-task's ``stac.json`` from S3 once (a few at a time).
+Filtering reads each completed attempt's footprint (bbox, time) from ``stacitems``' cache: the
+first search after a start reads each completed task's ``stac.json`` from S3 once (a few at a
+time); later searches read from S3 only the Items of their page no longer cached. The tasks
+themselves are one MongoDB query (ids, names, attempts; newest first) per search.
 """
 
 from __future__ import annotations
@@ -162,19 +164,21 @@ async def search_items(
     gate = asyncio.Semaphore(READS_AT_ONCE)
     base = str(request.base_url)
 
-    async def item_of(doc: dict[str, Any]) -> dict[str, Any]:
+    async def footprint_of(doc: dict[str, Any]) -> dict[str, Any]:
         async with gate:
-            return await stacitems.task_item(res.stac_items, res.s3, doc, base)
+            return await res.stac_items.footprint(res.s3, doc)
 
-    items = await asyncio.gather(*(item_of(doc) for doc in docs))
-    matched = [item for item in items
-               if (box is None or _meets_bbox(item, box))
-               and (datetime is None or _meets_time(item, start, end))]
+    footprints = await asyncio.gather(*(footprint_of(doc) for doc in docs))
+    matched = [doc for doc, footprint in zip(docs, footprints, strict=True)
+               if (box is None or _meets_bbox(footprint, box))
+               and (datetime is None or _meets_time(footprint, start, end))]
+    page = await asyncio.gather(*(stacitems.task_item(res.stac_items, res.s3, doc, base)
+                                  for doc in matched[:count]))
     return _geojson({
         "type": "FeatureCollection",
-        "features": matched[:count],
+        "features": page,
         "numberMatched": len(matched),
-        "numberReturned": min(count, len(matched)),
+        "numberReturned": len(page),
         "links": [{"rel": "self", "href": str(request.url.remove_query_params("token")),
                    "type": GEOJSON}],
     })
