@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import httpx
+import morecantile
 import pytest
 from pymongo import MongoClient
 from pyodm import Node
@@ -279,8 +280,7 @@ CASES: dict[tuple[str, str], Case] = {
     ("GET", "/task/{uuid}/events"): Case("task"),
     ("GET", "/task/{uuid}/stac"): Case("task"),
     ("GET", "/task/{uuid}/tilejson.json"): Case("task"),
-    ("GET", "/task/{uuid}/tiles/{z}/{x}/{y}.png"): Case("task", path={"z": "0", "x": "0",
-                                                                      "y": "0"}),
+    ("GET", "/task/{uuid}/tiles/{z}/{x}/{y}.png"): Case("task"),  # z/x/y: tile_in_view
     ("POST", "/task/cancel"): Case("action"),
     ("POST", "/task/remove"): Case("action"),
     ("POST", "/task/restart"): Case("restart"),
@@ -369,6 +369,18 @@ class Answer:
         return self.status, self.ctype.split(";")[0], text
 
 
+async def tile_in_view(client: httpx.AsyncClient, task_id: str) -> dict[str, int]:
+    """z/x/y of a tile showing the task's orthophoto, as a map client finds it (TileJSON: the
+    center at the highest zoom); 0/0/0 when the caller may not see the task (the tile route
+    then answers as for an unknown uuid, before it looks at z/x/y)."""
+    tilejson = (await client.get(f"/task/{task_id}/tilejson.json")).json()
+    if "tiles" not in tilejson:
+        return {"z": 0, "x": 0, "y": 0}
+    lon, lat, _ = tilejson["center"]
+    tile = morecantile.tms.get("WebMercatorQuad").tile(lon, lat, tilejson["maxzoom"])
+    return {"z": tile.z, "x": tile.x, "y": tile.y}
+
+
 async def call(client: httpx.AsyncClient, key: tuple[str, str], op: dict[str, Any], case: Case,
                task_id: str) -> Answer:
     """The route ``key`` with ``task_id`` wherever the OpenAPI document says it takes one."""
@@ -386,6 +398,8 @@ async def call(client: httpx.AsyncClient, key: tuple[str, str], op: dict[str, An
             raise AssertionError(f"{key}: a task id in {where} {name}: teach call() about it")
     for name, value in case.path.items():
         path = path.replace(f"{{{name}}}", value)
+    if "{z}" in path:
+        path = path.format(**await tile_in_view(client, task_id))
     kwargs: dict[str, Any] = {}
     if case.images:
         kwargs["files"] = images(case.images) + [(k, (None, v)) for k, v in fields.items()]
