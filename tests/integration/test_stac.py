@@ -7,16 +7,19 @@ the STAC schemas (tests/harness/stac.py) and every raster with rio-cogeo's valid
 
 Covered: a completed task's Item (bbox around its images, assets linking the gateway's
 downloads, ``proj:`` fields) and its rasters downloaded alone (valid COGs, the same bytes as in
-``all.zip``); a task run with skipPostProcessing and a canceled one (valid Items without
-raster assets); search by ``bbox`` (incl. across the antimeridian: no match), ``datetime``
-(instant, intervals, open ends), ``limit`` and ``numberMatched``; bad parameters (HTTP 400 with
-the STAC API's ``code``/``description``, never a 5xx); a tenant's search sees its own tasks
-only, an admin's everyone's; single downloads refused for unknown names and unfinished tasks.
+``all.zip``), answering ``Range`` requests (GDAL reads a window through ``/vsicurl/``, as QGIS
+would; ``all.zip`` never advertises ranges); a task run with skipPostProcessing and a canceled
+one (valid Items without raster assets); search by ``bbox`` (incl. across the antimeridian: no
+match), ``datetime`` (instant, intervals, open ends), ``limit`` and ``numberMatched``; bad
+parameters (HTTP 400 with the STAC API's ``code``/``description``, never a 5xx); a tenant's
+search sees its own tasks only, an admin's everyone's; single downloads refused for unknown
+names and unfinished tasks.
 Another tenant's ``/task/{uuid}/stac`` is covered with every task route in test_tenants.py.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import io
 import uuid
@@ -27,6 +30,7 @@ from typing import Any
 
 import httpx
 import pytest
+import rasterio
 from rasterio.io import MemoryFile
 from rio_cogeo.cogeo import cog_validate
 
@@ -261,3 +265,46 @@ def test_cogs_in_s3_are_valid(stack: Stack, tasks: dict[str, str], tmp_path: Pat
         target.write_bytes(stack.s3_get(key))
         valid, errors, _ = cog_validate(str(target), quiet=True)
         assert valid, (key, errors)
+
+
+async def test_rasters_answer_ranges_as_gis_software_reads_them(
+    clients: dict[str, httpx.AsyncClient], tasks: dict[str, str], stack: Stack
+) -> None:
+    alice = clients["alice"]
+    path = f"/task/{tasks['berlin']}/download/orthophoto.tif"
+    whole_resp = await alice.get(path)
+    whole = whole_resp.content
+    size = len(whole)
+    assert whole_resp.headers["accept-ranges"] == "bytes"
+
+    for asked, first, last in (("bytes=10-109", 10, 109), ("bytes=-50", size - 50, size - 1),
+                               (f"bytes={size - 7}-", size - 7, size - 1),
+                               (f"bytes=0-{size * 2}", 0, size - 1)):
+        part = await alice.get(path, headers={"Range": asked})
+        assert part.status_code == 206, (asked, part.text[:200])
+        assert part.content == whole[first:last + 1], asked
+        assert part.headers["content-range"] == f"bytes {first}-{last}/{size}", asked
+        assert part.headers["content-length"] == str(last - first + 1)
+    past = await alice.get(path, headers={"Range": f"bytes={size}-"})
+    assert past.status_code == 416 and past.headers["content-range"] == f"bytes */{size}"
+    for ignored in ("bytes=0-1,5-6", "items=0-1", "bytes=9-2", "bytes=x-"):
+        full = await alice.get(path, headers={"Range": ignored})
+        assert full.status_code == 200 and full.content == whole, ignored
+    stale = await alice.get(path, headers={"Range": "bytes=0-9", "If-Range": '"etag"'})
+    assert stale.status_code == 200 and stale.content == whole
+    zipped = await alice.get(f"/task/{tasks['berlin']}/download/all.zip",
+                             headers={"Range": "bytes=0-9"})
+    assert zipped.status_code == 200 and "accept-ranges" not in zipped.headers  # PyODM §3.8
+
+    # GDAL reads the COG through the gateway by ranges, as QGIS does (/vsicurl/, no HEAD).
+    url = f"/vsicurl/{stack.gateway_url}{path}?token={ALICE}"
+
+    def read_remote() -> Any:
+        with rasterio.Env(CPL_VSIL_CURL_USE_HEAD="NO", GDAL_DISABLE_READDIR_ON_OPEN="EMPTY_DIR"), \
+                rasterio.open(url) as src:
+            return src.read(window=((32, 96), (32, 96))), src.bounds
+
+    remote, bounds = await asyncio.to_thread(read_remote)
+    with MemoryFile(whole) as mem, mem.open() as src:
+        assert (remote == src.read(window=((32, 96), (32, 96)))).all()
+        assert bounds == src.bounds

@@ -68,10 +68,11 @@ ARCHIVE_NAME = "all.zip"
 
 @dataclass(frozen=True)
 class Download:
-    """What to send: response headers and the body as an async byte stream."""
+    """What to send: status, response headers and the body as an async byte stream."""
 
     headers: dict[str, str]
     body: AsyncIterator[bytes]
+    status: int = 200
 
 
 def _headers(length: int) -> dict[str, str]:
@@ -120,8 +121,16 @@ async def all_zip(s3: S3, output_prefix: S3Url) -> Download | None:
     return Download(_headers(stream.size), stream.body())
 
 
-async def single_file(s3: S3, output_prefix: S3Url, rel: str, name: str) -> Download | None:
-    """One output file (``rel`` under the prefix) as ``name``, streamed; None if absent."""
+async def single_file(s3: S3, output_prefix: S3Url, rel: str, name: str,
+                      range_header: str | None = None) -> Download | None:
+    """One output file (``rel`` under the prefix) as ``name``, streamed; None if absent.
+
+    Unlike ``all.zip`` it answers ``Range`` (RFC 9110 §14): a COG is read by ranges (GDAL's
+    ``/vsicurl/``, QGIS). One range of ``bytes`` — ``a-b``, ``a-``, ``-n`` — is served as 206
+    with ``Content-Range``; a range past the end is ``Unsatisfiable`` (416, the caller answers
+    it); anything else (several ranges, another unit, bad syntax, ``If-Range``, which would
+    need validators this does not keep) gets the whole file, as RFC 9110 allows.
+    """
     prefix = _as_prefix(output_prefix)
     url = S3Url(prefix.bucket, prefix.key + rel)
     size = await s3.size(url)
@@ -130,9 +139,53 @@ async def single_file(s3: S3, output_prefix: S3Url, rel: str, name: str) -> Down
     headers = {
         "Content-Type": "image/tiff" if name.endswith(".tif") else "application/octet-stream",
         "Content-Disposition": f"attachment; filename={name}",
-        "Content-Length": str(size),
+        "Accept-Ranges": "bytes",
     }
-    return Download(headers, s3.iter_object(url, CHUNK_SIZE))
+    wanted = parse_range(range_header, size) if range_header is not None else None
+    if wanted is None:
+        return Download({**headers, "Content-Length": str(size)},
+                        s3.iter_object(url, CHUNK_SIZE))
+    first, last = wanted
+    headers.update({"Content-Length": str(last - first + 1),
+                    "Content-Range": f"bytes {first}-{last}/{size}"})
+    return Download(headers, s3.iter_object(url, CHUNK_SIZE, (first, last)), status=206)
+
+
+class Unsatisfiable(Exception):
+    """A ``Range`` that starts past the end of the file (416, ``Content-Range: bytes */size``)."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(f"range not satisfiable (size {size})")
+        self.size = size
+
+
+MAX_RANGE_HEADER = 200  # one range is short; a longer header is many ranges (ignored)
+
+
+def parse_range(header: str, size: int) -> tuple[int, int] | None:
+    """The one byte range ``header`` asks for, clamped to ``size``: (first, last) inclusive;
+    None to send the whole file; ``Unsatisfiable`` when it starts past the end."""
+    if len(header) > MAX_RANGE_HEADER:
+        return None
+    unit, _, spec = header.partition("=")
+    if unit.strip().lower() != "bytes" or "," in spec:
+        return None
+    start, dash, end = spec.partition("-")
+    start, end = start.strip(), end.strip()
+    if not dash or not all(p == "" or (p.isascii() and p.isdigit()) for p in (start, end)):
+        return None
+    if start == "":  # a suffix: the last n bytes
+        if end == "":
+            return None
+        if int(end) == 0 or size == 0:
+            raise Unsatisfiable(size)
+        return max(0, size - int(end)), size - 1
+    first = int(start)
+    if end != "" and int(end) < first:
+        return None  # invalid, so ignored
+    if first >= size:
+        raise Unsatisfiable(size)
+    return first, size - 1 if end == "" else min(int(end), size - 1)
 
 
 class _ObjectChunks:
@@ -213,9 +266,15 @@ def _step(generator: Iterator[bytes]) -> bytes | None:
 
 
 def streaming_response(download: Download) -> StreamingResponse:
-    """A ``StreamingResponse`` for a ``Download``; never advertises ``Accept-Ranges``."""
+    """A ``StreamingResponse`` for ``all.zip``; never advertises ``Accept-Ranges``."""
     headers = {k: v for k, v in download.headers.items() if k.lower() != "accept-ranges"}
     response = StreamingResponse(download.body, headers=headers)
     if "accept-ranges" in response.headers:
         del response.headers["accept-ranges"]
     return response
+
+
+def file_response(download: Download) -> StreamingResponse:
+    """A ``StreamingResponse`` for one file (``single_file``): its status, ranges advertised."""
+    return StreamingResponse(download.body, status_code=download.status,
+                             headers=download.headers)

@@ -51,10 +51,18 @@ DOWNLOAD_RESPONSES: Responses = {
         "description": "`all.zip` with `Content-Disposition: attachment; filename=all.zip` and "
         "its `Content-Length`, no `Accept-Ranges`; or a NodeODM error (`<uuid> not found`, "
         "`Invalid asset`, `Asset not ready`) as HTTP 200 JSON (nodeodm-api §3.8). Also "
-        "`orthophoto.tif`, `dsm.tif`, `dtm.tif` (Cloud-Optimized GeoTIFFs) alone.",
+        "`orthophoto.tif`, `dsm.tif`, `dtm.tif` (Cloud-Optimized GeoTIFFs) alone, with "
+        "`Accept-Ranges: bytes`.",
         "content": {"application/zip": {"schema": {"type": "string", "format": "binary"}},
                     "image/tiff": {"schema": {"type": "string", "format": "binary"}}},
     },
+    206: {
+        "description": "One byte range of `orthophoto.tif`, `dsm.tif` or `dtm.tif` "
+        "(`Range: bytes=...`, one range), with `Content-Range`.",
+        "content": {"image/tiff": {"schema": {"type": "string", "format": "binary"}}},
+    },
+    416: {"description": "A `Range` starting past the end of the file "
+          "(`Content-Range: bytes */<size>`)."},
     **NOT_FOUND_HTML,
 }
 

@@ -461,9 +461,12 @@ class S3:
                 found.append((obj["Key"], int(obj["Size"])))
         return found
 
-    async def iter_object(self, url: S3Url, chunk_size: int = 1024 * 1024) -> AsyncIterator[bytes]:
-        """The object's bytes in chunks; its start and each chunk bounded by the deadline."""
-        obj = await self._call(self.client.get_object(Bucket=url.bucket, Key=url.key),
+    async def iter_object(self, url: S3Url, chunk_size: int = 1024 * 1024,
+                          byte_range: tuple[int, int] | None = None) -> AsyncIterator[bytes]:
+        """The object's bytes in chunks (bytes ``first..last`` inclusive with ``byte_range``);
+        its start and each chunk bounded by the deadline."""
+        extra = {} if byte_range is None else {"Range": "bytes={}-{}".format(*byte_range)}
+        obj = await self._call(self.client.get_object(Bucket=url.bucket, Key=url.key, **extra),
                                "GetObject")
         body = obj["Body"]
         try:

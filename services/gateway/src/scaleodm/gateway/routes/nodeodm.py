@@ -283,11 +283,12 @@ async def restart_task(request: Request, res: ResourcesDep, caller: CallerDep
 # {asset:path}: an encoded "../x" arrives decoded; it must be refused as an asset, not 404.
 @router.get("/task/{uuid}/download/{asset:path}", operation_id="nodeodm-download_asset",
             response_model=None, responses=openapi.DOWNLOAD_RESPONSES)
-async def download_asset(uuid: str, asset: str, res: ResourcesDep, caller: CallerDep
-                         ) -> Response:
+async def download_asset(uuid: str, asset: str, request: Request, res: ResourcesDep,
+                         caller: CallerDep) -> Response:
     """``all.zip`` of a completed task, streamed from S3 (NodeODM §3.8); also, a departure
     NodeODM's clients never meet, the orthophoto, DSM and DTM alone (``orthophoto.tif``,
-    ``dsm.tif``, ``dtm.tif``: the STAC Item's asset links)."""
+    ``dsm.tif``, ``dtm.tif``: the STAC Item's asset links), which answer ``Range`` requests
+    (``downloads.single_file``) so that GIS software reads the COGs remotely."""
     doc = await _task_or_error(res, uuid, caller)
     if asset != "all.zip" and asset not in stac.DOWNLOADS:
         raise NodeOdmError("Invalid asset")
@@ -296,8 +297,22 @@ async def download_asset(uuid: str, asset: str, res: ResourcesDep, caller: Calle
     prefix = s3mod.parse_s3_url(doc["output_prefix"])
     if asset == "all.zip":
         found = await downloads.all_zip(res.s3, prefix)
-    else:
-        found = await downloads.single_file(res.s3, prefix, stac.DOWNLOADS[asset], asset)
+        if found is None:
+            raise NodeOdmError("Asset not ready")
+        return downloads.streaming_response(found)
+    try:
+        found = await downloads.single_file(res.s3, prefix, stac.DOWNLOADS[asset], asset,
+                                            _range_of(request))
+    except downloads.Unsatisfiable as exc:
+        return Response(status_code=416, headers={"Content-Range": f"bytes */{exc.size}",
+                                                  "Accept-Ranges": "bytes"})
     if found is None:
         raise NodeOdmError("Asset not ready")
-    return downloads.streaming_response(found)
+    return downloads.file_response(found)
+
+
+def _range_of(request: Request) -> str | None:
+    """The ``Range`` to honour: none when ``If-Range`` is sent (no validators kept here)."""
+    if "if-range" in request.headers:
+        return None
+    return request.headers.get("range")
