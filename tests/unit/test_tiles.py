@@ -9,6 +9,10 @@ Left out: ``/vsis3/`` reads, the routes, the caches' single flight and deadlines
 
 from __future__ import annotations
 
+import asyncio
+import threading
+import time
+import types
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +24,7 @@ from rasterio.transform import from_origin
 from rio_tiler.colormap import cmap
 
 from scaleodm.common.settings import GatewaySettings, S3Settings
+from scaleodm.common.store.s3 import S3Url
 from scaleodm.gateway import tiles
 from tests.harness import data
 
@@ -192,3 +197,40 @@ def test_an_unreadable_object_is_unreadable(tmp_path: Path) -> None:
     with rasterio.Env(), pytest.raises(tiles.RasterUnreadable) as raised:
         tiles.read_info(str(path), tiles.TileLayer.ORTHOPHOTO, 2)
     assert str(path) not in str(raised.value)  # no key or path in the error
+
+
+async def test_a_tenant_renders_no_more_than_its_share(monkeypatch: pytest.MonkeyPatch) -> None:
+    """4 threads, 2 per tenant: tenant a's six tiles queue behind each other, and tenant b's
+    tile, asked last, renders before a's third (rendering is a stand-in that sleeps)."""
+    settings = GatewaySettings()
+    settings.tiles.worker_threads = 4
+    settings.tiles.renders_per_tenant = 2
+    service = tiles.TileService(settings)
+    lock = threading.Lock()
+    running = {"a": 0, "b": 0}
+    most = {"a": 0, "b": 0}
+    started: list[str] = []
+
+    def render(_path: str, _info: object, _z: int, x: int, _y: int) -> bytes:
+        tenant = "b" if x >= 100 else "a"
+        with lock:
+            running[tenant] += 1
+            most[tenant] = max(most[tenant], running[tenant])
+            started.append(tenant)
+        time.sleep(0.2)
+        with lock:
+            running[tenant] -= 1
+        return b"png"
+
+    monkeypatch.setattr(tiles, "render_tile", render)
+    monkeypatch.setattr(tiles, "tile_may_intersect", lambda *_: True)
+    url = S3Url("bucket", "tasks/t/outputs/odm_orthophoto/odm_orthophoto.tif")
+    info: Any = types.SimpleNamespace(bounds=(0.0, 0.0, 1.0, 1.0))  # for the stand-ins
+    layer = tiles.TileLayer.ORTHOPHOTO
+    calls = [service.tile(tiles.TileKey("t1", 1, layer, 10, i, 0), url, info, "a")
+             for i in range(6)]
+    calls.append(service.tile(tiles.TileKey("t2", 1, layer, 10, 100, 0), url, info, "b"))
+    assert await asyncio.gather(*calls) == [b"png"] * 7
+    assert most == {"a": 2, "b": 1}
+    assert started.index("b") < 3
+    assert not service._shares  # nothing kept for tenants with nothing to render

@@ -377,6 +377,12 @@ class TilesSettings(BaseModel):
         "in worker threads, never on the event loop); further requests wait, within the S3 "
         "request deadline.",
     )
+    renders_per_tenant: int = Field(
+        2, ge=1, le=64,
+        description="Tiles of one tenant rendered at once per gateway process (of "
+        "`worker_threads`): a tenant's map cannot hold every thread while others wait; its "
+        "further tiles wait their turn, within the S3 request deadline.",
+    )
     max_zoom_over_native: int = Field(
         2, ge=0, le=8,
         description="Zoom levels served beyond a raster's native resolution (upsampled); deeper "

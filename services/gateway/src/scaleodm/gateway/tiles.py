@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import enum
 import functools
 import math
@@ -50,7 +51,7 @@ import threading
 import time
 import urllib.parse
 import zlib
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from dataclasses import dataclass
 from typing import Any, Generic, NamedTuple, TypeVar, cast
 
@@ -419,6 +420,31 @@ class TileService:
             BoundedLRU(METADATA_ENTRIES, lambda _: 1))
         self._inflight: dict[Hashable, asyncio.Task[Any]] = {}
         self._running: set[asyncio.Future[Any]] = set()  # GDAL work, its caller gone or not
+        # Per tenant: [its renders' semaphore, callers using it] (dropped when none does).
+        self._shares: dict[str, list[Any]] = {}
+
+    @contextlib.asynccontextmanager
+    async def _share_of(self, tenant: str) -> AsyncIterator[None]:
+        """One of ``tenant``'s ``renders_per_tenant`` turns, waited for within the deadline:
+        a tenant's many tiles queue behind each other, not in front of other tenants'."""
+        share = self._shares.setdefault(
+            tenant, [asyncio.Semaphore(self.settings.renders_per_tenant), 0])
+        share[1] += 1
+        try:
+            try:
+                async with asyncio.timeout(self.deadline_s):
+                    await share[0].acquire()
+            except TimeoutError:
+                raise RasterUnavailable(
+                    f"no turn to render within {self.deadline_s:g} s") from None
+            try:
+                yield
+            finally:
+                share[0].release()
+        finally:
+            share[1] -= 1
+            if share[1] == 0:
+                del self._shares[tenant]
 
     def _in_gdal_env(self, work: Callable[..., V], *args: Any) -> V:
         with rasterio.Env(session=self._session, **self._options):
@@ -509,9 +535,9 @@ class TileService:
 
         return await self._once(("info", *key), load)
 
-    async def tile(self, key: TileKey, url: S3Url, info: RasterInfo) -> bytes:
+    async def tile(self, key: TileKey, url: S3Url, info: RasterInfo, tenant: str) -> bytes:
         """The PNG of a tile of the grid (``key``: within ``info``'s zoom range), from the cache
-        or rendered; ``BLANK_TILE`` outside the raster."""
+        or rendered in one of ``tenant``'s turns; ``BLANK_TILE`` outside the raster."""
         if not tile_may_intersect(info.bounds, key.z, key.x, key.y):
             metrics.TILES.labels(key.layer.value, "blank").inc()
             return BLANK_TILE
@@ -534,4 +560,5 @@ class TileService:
             self.tiles.put(key, png)
             return png
 
-        return await self._once(key, render)
+        async with self._share_of(tenant):
+            return await self._once(key, render)

@@ -136,7 +136,7 @@ async def read_tile(uuid: str, z: int, x: int, y: int, res: ResourcesDep, caller
         return _map_error(404, f"No tile {z}/{x}/{y} (zoom {info.minzoom}-{info.maxzoom})")
     key = tiles.TileKey(doc["_id"], int(doc.get("attempt", 1)), layer, z, x, y)
     try:
-        png = await service.tile(key, url, info)
+        png = await service.tile(key, url, info, caller.name)
     except tiles.RasterUnreadable:
         return _map_error(404, f"The {layer.value} cannot be read as a raster")
     except tiles.RasterUnavailable:
