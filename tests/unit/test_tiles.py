@@ -26,6 +26,7 @@ from rio_tiler.colormap import cmap
 from scaleodm.common.settings import GatewaySettings, S3Settings
 from scaleodm.common.store.s3 import S3Url
 from scaleodm.gateway import tiles
+from scaleodm.gateway.cached import BoundedLRU
 from tests.harness import data
 
 TMS = morecantile.tms.get("WebMercatorQuad")
@@ -57,7 +58,7 @@ def test_tile_may_intersect() -> None:
 
 
 def test_lru_is_bounded_in_bytes_and_drops_the_least_recently_used() -> None:
-    cache: tiles.BoundedLRU[str, bytes] = tiles.BoundedLRU(10, len)
+    cache: BoundedLRU[str, bytes] = BoundedLRU(10, len)
     cache.put("a", b"1234")
     cache.put("b", b"1234")
     assert cache.get("a") == b"1234"  # "b" is now the least recently used
@@ -68,7 +69,7 @@ def test_lru_is_bounded_in_bytes_and_drops_the_least_recently_used() -> None:
     assert cache.size == 6
     cache.put("big", b"x" * 11)  # larger than the whole bound: not kept, nothing dropped
     assert cache.get("big") is None and cache.size == 6
-    off: tiles.BoundedLRU[str, bytes] = tiles.BoundedLRU(0, len)
+    off: BoundedLRU[str, bytes] = BoundedLRU(0, len)
     off.put("a", b"1")
     assert off.get("a") is None
 

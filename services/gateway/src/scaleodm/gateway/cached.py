@@ -1,4 +1,7 @@
-"""A value read from the store at most once per interval, shared by concurrent callers.
+"""Per-process caches of the gateway: ``CachedValue`` and ``BoundedLRU``.
+
+``CachedValue``: a value read from the store at most once per interval, shared by concurrent
+callers.
 
 ``/info`` is polled by every WebODM and ClusterODM client; its ``taskQueueCount`` is a count over
 the tasks collection. Caching it briefly (``SCALEODM_INFO_CACHE_S``) and letting concurrent
@@ -9,11 +12,14 @@ cached: the next caller tries again.
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Hashable
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
 
 
 class CachedValue(Generic[T]):
@@ -39,3 +45,41 @@ class CachedValue(Generic[T]):
             return value
         finally:
             self._pending = None
+
+
+class BoundedLRU(Generic[K, V]):
+    """Least-recently-used mapping holding at most ``max_size`` units, each value costing
+    ``size_of(value)`` (bytes of tiles or Items, 1 for metadata), and at most ``max_entries``
+    values when given. A value larger than the whole bound is not kept. Used from the event
+    loop only: no locking."""
+
+    def __init__(self, max_size: int, size_of: Callable[[V], int],
+                 max_entries: int | None = None) -> None:
+        self.max_size = max_size
+        self.max_entries = max_entries
+        self._size_of = size_of
+        self._items: collections.OrderedDict[K, V] = collections.OrderedDict()
+        self.size = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key: K) -> V | None:
+        value = self._items.get(key)
+        if value is not None:
+            self._items.move_to_end(key)
+        return value
+
+    def put(self, key: K, value: V) -> None:
+        cost = self._size_of(value)
+        old = self._items.pop(key, None)
+        if old is not None:
+            self.size -= self._size_of(old)
+        if cost > self.max_size:
+            return
+        self._items[key] = value
+        self.size += cost
+        while self.size > self.max_size or (
+                self.max_entries is not None and len(self._items) > self.max_entries):
+            _, dropped = self._items.popitem(last=False)
+            self.size -= self._size_of(dropped)

@@ -20,6 +20,7 @@ from fastapi import Depends, Query, Request
 from faststream.nats import NatsBroker
 
 from scaleodm.common import failpoints, splitmerge, tenants
+from scaleodm.common.contracts.ids import canonical_task_id
 from scaleodm.common.domain.status import ACTIVE_STATES, TaskState
 from scaleodm.common.emitting import Emitter
 from scaleodm.common.settings import GatewaySettings
@@ -30,7 +31,7 @@ from scaleodm.common.store.uploads import UploadStore
 from scaleodm.common.store.usage import UsageStore
 from scaleodm.gateway.actions import TaskActions
 from scaleodm.gateway.cached import CachedValue
-from scaleodm.gateway.errors import NodeOdmError
+from scaleodm.gateway.errors import NodeOdmError, not_found
 from scaleodm.gateway.eventstream import EventHub
 from scaleodm.gateway.readmodel import ReadModel
 from scaleodm.gateway.stacitems import ItemCache
@@ -192,6 +193,17 @@ def visible(doc: dict[str, Any] | None, caller: tenants.Tenant) -> dict[str, Any
     route, no task at all (routes read it as they would any task, then ask this)."""
     if doc is None or not caller.may_access(doc.get("tenant"), doc.get("parent")):
         return None
+    return doc
+
+
+async def task_or_not_found(res: Resources, uuid: str, caller: tenants.Tenant
+                            ) -> dict[str, Any]:
+    """The task a client-given ``{uuid}`` names (any spelling of its id) if ``caller`` may see
+    it, else NodeODM's ``<uuid> not found``: no such task and another tenant's answer alike."""
+    task_id = canonical_task_id(uuid)
+    doc = visible(await res.get_task(task_id) if task_id is not None else None, caller)
+    if doc is None:
+        raise not_found(uuid)
     return doc
 
 

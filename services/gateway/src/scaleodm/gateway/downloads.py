@@ -83,11 +83,6 @@ def _headers(length: int) -> dict[str, str]:
     }
 
 
-def _as_prefix(url: S3Url) -> S3Url:
-    """``tasks/x/outputs`` and ``tasks/x/outputs/`` name the same folder."""
-    return url if url.is_prefix else S3Url(url.bucket, url.key + "/")
-
-
 def _safe_name(rel: str) -> bool:
     """A relative key usable as an archive name: no traversal, no empty segment, no NUL."""
     if not rel or "\x00" in rel or rel.startswith("/"):
@@ -100,8 +95,8 @@ def _safe_name(rel: str) -> bool:
 
 async def all_zip(s3: S3, output_prefix: S3Url) -> Download | None:
     """The task's ``all.zip``: the stored one, else one built on the fly; None if no outputs."""
-    prefix = _as_prefix(output_prefix)
-    stored = S3Url(prefix.bucket, prefix.key + ARCHIVE_NAME)
+    prefix = output_prefix.folder
+    stored = prefix.child(ARCHIVE_NAME)
     size = await s3.size(stored)
     if size is not None:
         return Download(_headers(size), s3.iter_object(stored, CHUNK_SIZE))
@@ -131,8 +126,7 @@ async def single_file(s3: S3, output_prefix: S3Url, rel: str, name: str,
     it); anything else (several ranges, another unit, bad syntax, ``If-Range``, which would
     need validators this does not keep) gets the whole file, as RFC 9110 allows.
     """
-    prefix = _as_prefix(output_prefix)
-    url = S3Url(prefix.bucket, prefix.key + rel)
+    url = output_prefix.child(rel)
     size = await s3.size(url)
     if size is None:
         return None
@@ -240,7 +234,7 @@ class _OnTheFlyZip:
             if rel.endswith("/"):
                 self._zip.add(None, rel)  # an empty folder: a directory entry, no data
                 continue
-            reader = _ObjectChunks(s3, S3Url(prefix.bucket, prefix.key + rel))
+            reader = _ObjectChunks(s3, prefix.child(rel))
             self._readers.append(reader)
             self._zip.add(reader, rel, size=size)
         self.size = int(len(self._zip))

@@ -19,7 +19,6 @@ times), and anything else is dropped, links included. The cache is bounded in by
 
 from __future__ import annotations
 
-import collections
 import datetime as dt
 import json
 import math
@@ -30,6 +29,7 @@ from scaleodm.common.domain.status import TaskState
 from scaleodm.common.logging import get_logger
 from scaleodm.common.store import s3 as s3mod
 from scaleodm.common.store.s3 import S3
+from scaleodm.gateway.cached import BoundedLRU
 
 log = get_logger(__name__)
 
@@ -49,19 +49,23 @@ Item = dict[str, Any]
 
 
 class ItemCache:
-    """Stored Items by (task, attempt), least recently used first out; None = has none. And
+    """Stored Items by (task, attempt), least recently used first out (None: has none); and
     their footprints, for searches (``footprint``)."""
 
     def __init__(self, entries: int = ITEM_CACHE_ENTRIES, max_bytes: int = ITEM_CACHE_BYTES,
                  footprint_entries: int = FOOTPRINT_ENTRIES) -> None:
-        self._entries = entries
-        self._max_bytes = max_bytes
-        self.bytes = 0
-        self._items: collections.OrderedDict[tuple[str, int], tuple[Item | None, int]] = (
-            collections.OrderedDict())
-        self._footprint_entries = footprint_entries
-        self._footprints: collections.OrderedDict[tuple[str, int], Item] = (
-            collections.OrderedDict())
+        # Each Item costs the bytes it was read from.
+        self._items: BoundedLRU[tuple[str, int], tuple[Item | None, int]] = BoundedLRU(
+            max_bytes, lambda found: found[1], max_entries=entries)
+        self._footprints: BoundedLRU[tuple[str, int], Item] = BoundedLRU(
+            footprint_entries, lambda _: 1)
+
+    async def item(self, s3: S3, doc: dict[str, Any]) -> Item:
+        """Task ``doc``'s Item as stored by its run, else its bare Item (``bare_item``)."""
+        stored = None
+        if doc.get("state") == TaskState.COMPLETED.value:
+            stored = await self.stored(s3, doc)
+        return stored if stored is not None else bare_item(doc)
 
     async def footprint(self, s3: S3, doc: dict[str, Any]) -> Item:
         """The part of task ``doc``'s Item a search filters on: ``bbox`` (when it has one) and
@@ -69,43 +73,28 @@ class ItemCache:
         key = (str(doc["_id"]), int(doc["attempt"]))
         found = self._footprints.get(key)
         if found is not None:
-            self._footprints.move_to_end(key)
             return found
-        stored = None
-        if doc.get("state") == TaskState.COMPLETED.value:
-            stored = await self.stored(s3, doc)
-        item = stored if stored is not None else bare_item(doc)
+        item = await self.item(s3, doc)
         found = {"properties": {k: item["properties"][k] for k in _FOOTPRINT_PROPERTIES
                                 if k in item["properties"]}}
         if item.get("bbox") is not None:
             found["bbox"] = item["bbox"]
-        self._footprints[key] = found
-        while len(self._footprints) > self._footprint_entries:
-            self._footprints.popitem(last=False)
+        self._footprints.put(key, found)
         return found
 
     async def stored(self, s3: S3, doc: dict[str, Any]) -> Item | None:
         key = (str(doc["_id"]), int(doc["attempt"]))
-        if key in self._items:
-            self._items.move_to_end(key)
-            return self._items[key][0]
+        cached = self._items.get(key)
+        if cached is not None:
+            return cached[0]
         item, size = await _read(s3, doc)
-        old = self._items.pop(key, None)  # read meanwhile by a concurrent search
-        if old is not None:
-            self.bytes -= old[1]
-        self._items[key] = (item, size)
-        self.bytes += size
-        while len(self._items) > self._entries or self.bytes > self._max_bytes:
-            _, (_, dropped) = self._items.popitem(last=False)
-            self.bytes -= dropped
+        self._items.put(key, (item, size))
         return item
 
 
 async def _read(s3: S3, doc: dict[str, Any]) -> tuple[Item | None, int]:
     """The stored Item, sanitized (None: none, or not usable), and the bytes it was read from."""
-    prefix = s3mod.parse_s3_url(doc["output_prefix"])
-    base = prefix.key if prefix.key.endswith("/") else prefix.key + "/"
-    url = s3mod.S3Url(prefix.bucket, base + stac.ITEM_FILE)
+    url = s3mod.parse_s3_url(doc["output_prefix"]).child(stac.ITEM_FILE)
     size = await s3.size(url)
     if size is None:
         return None, 0
@@ -197,10 +186,7 @@ def bare_item(doc: dict[str, Any]) -> Item:
 
 async def task_item(cache: ItemCache, s3: S3, doc: dict[str, Any], base_url: str) -> Item:
     """The Item of task ``doc`` with hrefs under ``base_url`` (the gateway's public root)."""
-    stored = None
-    if doc.get("state") == TaskState.COMPLETED.value:
-        stored = await cache.stored(s3, doc)
-    item = dict(stored) if stored is not None else bare_item(doc)
+    item = dict(await cache.item(s3, doc))
     item["id"] = str(doc["_id"])  # whatever the file says, it describes this task
     task_url = f"{base_url.rstrip('/')}/task/{doc['_id']}"
     return stac.with_hrefs(item, task_url=task_url, self_url=f"{task_url}/stac")

@@ -41,7 +41,6 @@ read from S3, ``blank``: outside the raster, the constant transparent tile) and
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import enum
 import functools
@@ -53,7 +52,7 @@ import urllib.parse
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from dataclasses import dataclass
-from typing import Any, Generic, NamedTuple, TypeVar, cast
+from typing import Any, NamedTuple, TypeVar, cast
 
 import anyio
 import anyio.to_thread
@@ -68,11 +67,12 @@ from rio_tiler.constants import WEB_MERCATOR_TMS, WGS84_CRS
 from rio_tiler.errors import RioTilerError, TileOutsideBounds
 from rio_tiler.io import Reader
 
-from scaleodm.common import metrics, store
+from scaleodm.common import metrics, stac, store
 from scaleodm.common.logging import get_logger
 from scaleodm.common.settings import GatewaySettings, S3Settings
 from scaleodm.common.store import s3 as s3store
 from scaleodm.common.store.s3 import S3, S3Url
+from scaleodm.gateway.cached import BoundedLRU
 
 log = get_logger(__name__)
 
@@ -98,18 +98,11 @@ class TileLayer(enum.StrEnum):
     @property
     def key(self) -> str:
         """The raster's path under the task's output prefix (ODM's layout)."""
-        return LAYER_KEYS[self]
+        return stac.RASTERS[self.value][0]
 
     @property
     def colour_mapped(self) -> bool:
         return self is not TileLayer.ORTHOPHOTO
-
-
-LAYER_KEYS = {
-    TileLayer.ORTHOPHOTO: "odm_orthophoto/odm_orthophoto.tif",
-    TileLayer.DSM: "odm_dem/dsm.tif",
-    TileLayer.DTM: "odm_dem/dtm.tif",
-}
 
 
 class RasterAbsent(Exception):
@@ -219,9 +212,7 @@ def vsis3_path(url: S3Url) -> str:
 
 def raster_url(output_prefix: str, layer: TileLayer) -> S3Url:
     """The S3 object of ``layer`` under a task's ``output_prefix`` (``s3://bucket/prefix/``)."""
-    prefix = s3store.parse_s3_url(output_prefix)
-    key = prefix.key if prefix.key.endswith("/") or not prefix.key else prefix.key + "/"
-    return S3Url(prefix.bucket, key + layer.key)
+    return s3store.parse_s3_url(output_prefix).child(layer.key)
 
 
 def _png_chunk(kind: bytes, body: bytes) -> bytes:
@@ -240,42 +231,7 @@ def blank_png(size: int = TILE_SIZE) -> bytes:
 # A tile of the grid outside the raster's bounds: the same bytes every time.
 BLANK_TILE = blank_png()
 
-K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
-
-
-class BoundedLRU(Generic[K, V]):
-    """Least-recently-used mapping holding at most ``max_size`` units, each value costing
-    ``size_of(value)`` (bytes for tiles, 1 for metadata). A value larger than the whole bound
-    is not kept. Used from the event loop only: no locking."""
-
-    def __init__(self, max_size: int, size_of: Callable[[V], int]) -> None:
-        self.max_size = max_size
-        self._size_of = size_of
-        self._items: collections.OrderedDict[K, V] = collections.OrderedDict()
-        self.size = 0
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def get(self, key: K) -> V | None:
-        value = self._items.get(key)
-        if value is not None:
-            self._items.move_to_end(key)
-        return value
-
-    def put(self, key: K, value: V) -> None:
-        cost = self._size_of(value)
-        old = self._items.pop(key, None)
-        if old is not None:
-            self.size -= self._size_of(old)
-        if cost > self.max_size:
-            return
-        self._items[key] = value
-        self.size += cost
-        while self.size > self.max_size:
-            _, dropped = self._items.popitem(last=False)
-            self.size -= self._size_of(dropped)
 
 
 def tilejson(*, tiles_url: str, name: str, info: RasterInfo) -> dict[str, Any]:

@@ -344,6 +344,15 @@ class S3Url:
     def is_prefix(self) -> bool:
         return self.key == "" or self.key.endswith("/")
 
+    @property
+    def folder(self) -> S3Url:
+        """This URL as a prefix: ``tasks/x/outputs`` and ``tasks/x/outputs/`` name one folder."""
+        return self if self.is_prefix else S3Url(self.bucket, self.key + "/")
+
+    def child(self, rel: str) -> S3Url:
+        """The object ``rel`` (a relative key) in this folder."""
+        return S3Url(self.bucket, self.folder.key + rel)
+
 
 def parse_s3_url(url: str) -> S3Url:
     if not url.startswith("s3://"):

@@ -37,8 +37,8 @@ from scaleodm.common.domain.text import shown
 from scaleodm.common.logging import get_logger
 from scaleodm.common.store import s3 as s3mod
 from scaleodm.gateway import actions, bodies, deps, downloads, models, openapi, submission
-from scaleodm.gateway.deps import CallerDep, CallerRequired, Resources, ResourcesDep
-from scaleodm.gateway.errors import NodeOdmError, not_found
+from scaleodm.gateway.deps import CallerDep, CallerRequired, ResourcesDep
+from scaleodm.gateway.errors import NodeOdmError
 from scaleodm.gateway.responses import JsonResponse
 
 log = get_logger(__name__)
@@ -97,22 +97,6 @@ async def list_tasks(res: ResourcesDep, caller: CallerDep) -> JsonResponse:
                                                                              caller.parent)])
 
 
-async def _find_task(res: Resources, uuid: str, caller: tenants.Tenant
-                     ) -> dict[str, Any] | None:
-    """The task a client-given ``uuid`` names (any spelling of its id), if ``caller`` may see
-    it; else None, whether there is no such task or it is another tenant's."""
-    task_id = canonical_task_id(uuid)
-    return deps.visible(await res.get_task(task_id) if task_id is not None else None, caller)
-
-
-async def _task_or_error(res: Resources, uuid: str, caller: tenants.Tenant) -> dict[str, Any]:
-    """The task a ``{uuid}`` path parameter names, else NodeODM's ``<uuid> not found``."""
-    doc = await _find_task(res, uuid, caller)
-    if doc is None:
-        raise not_found(uuid)
-    return doc
-
-
 @router.get("/task/{uuid}/info", operation_id="nodeodm-read_task_info", response_model=None,
             responses=openapi.ok(models.TaskInfo, "The task.", path_params=True))
 async def read_task_info(
@@ -123,7 +107,7 @@ async def read_task_info(
     with_output: Annotated[str | None, Query()] = None,
 ) -> JsonResponse:
     """Task information; ``with_output=N`` adds console lines from N on (NodeODM §3.6)."""
-    doc = await _task_or_error(res, uuid, caller)
+    doc = await deps.task_or_not_found(res, uuid, caller)
     info = taskinfo.task_info(doc, clock.now_ms())
     if doc["state"] == TaskState.QUEUED.value and not doc.get("admitted"):
         position = (await res.queue_positions.get()).get(doc["_id"])
@@ -160,7 +144,7 @@ async def read_task_output(
     line: Annotated[str | None, Query()] = None,
 ) -> JsonResponse:
     """Console output from line N on; negative N = the last |N| lines (NodeODM §3.7)."""
-    doc = await _task_or_error(res, uuid, caller)
+    doc = await deps.task_or_not_found(res, uuid, caller)
     return JsonResponse(await _output(res, doc, taskinfo.parse_line_param(line)))
 
 
@@ -289,7 +273,7 @@ async def download_asset(uuid: str, asset: str, request: Request, res: Resources
     NodeODM's clients never meet, the orthophoto, DSM and DTM alone (``orthophoto.tif``,
     ``dsm.tif``, ``dtm.tif``: the STAC Item's asset links), which answer ``Range`` requests
     (``downloads.single_file``) so that GIS software reads the COGs remotely."""
-    doc = await _task_or_error(res, uuid, caller)
+    doc = await deps.task_or_not_found(res, uuid, caller)
     if asset != "all.zip" and asset not in stac.DOWNLOADS:
         raise NodeOdmError("Invalid asset")
     if doc["state"] != TaskState.COMPLETED.value:

@@ -27,10 +27,8 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
 from scaleodm.common import stac
-from scaleodm.common.contracts.ids import canonical_task_id
 from scaleodm.gateway import deps, stacitems
 from scaleodm.gateway.deps import CallerDep, CallerRequired, ResourcesDep
-from scaleodm.gateway.errors import not_found
 from scaleodm.gateway.responses import JsonResponse
 
 router = APIRouter(tags=["stac"], dependencies=[CallerRequired])
@@ -68,10 +66,7 @@ def _geojson(body: dict[str, Any]) -> JsonResponse:
 async def read_task_item(uuid: str, request: Request, res: ResourcesDep, caller: CallerDep
                          ) -> JsonResponse:
     """The task's STAC Item; asset hrefs are this gateway's downloads (add your ``?token=``)."""
-    task_id = canonical_task_id(uuid)
-    doc = deps.visible(await res.get_task(task_id) if task_id is not None else None, caller)
-    if doc is None:
-        raise not_found(uuid)
+    doc = await deps.task_or_not_found(res, uuid, caller)
     return _geojson(await stacitems.task_item(res.stac_items, res.s3, doc,
                                               str(request.base_url)))
 

@@ -24,12 +24,10 @@ from fastapi.responses import Response
 from typing_extensions import TypedDict
 
 from scaleodm.common import tenants
-from scaleodm.common.contracts.ids import canonical_task_id
 from scaleodm.common.domain.status import TaskState
 from scaleodm.common.store.s3 import S3Url
 from scaleodm.gateway import deps, models, openapi, tiles
 from scaleodm.gateway.deps import CallerDep, CallerRequired, Resources, ResourcesDep
-from scaleodm.gateway.errors import not_found
 from scaleodm.gateway.responses import JsonResponse
 
 router = APIRouter(tags=["tiles"], dependencies=[CallerRequired])
@@ -96,10 +94,7 @@ async def _raster(res: Resources, service: tiles.TileService, uuid: str,
                   caller: tenants.Tenant, layer: tiles.TileLayer
                   ) -> tuple[dict[str, Any], S3Url, tiles.RasterInfo] | Response:
     """The task's document, its raster's object and metadata; or the error to answer."""
-    task_id = canonical_task_id(uuid)
-    doc = deps.visible(await res.get_task(task_id) if task_id is not None else None, caller)
-    if doc is None:
-        raise not_found(uuid)  # NodeODM: HTTP 200 (nodeodm-api §1.1), as any task route
+    doc = await deps.task_or_not_found(res, uuid, caller)  # NodeODM's, as any task route
     if doc["state"] != TaskState.COMPLETED.value or not doc.get("output_prefix"):
         return _map_error(404, NOT_COMPLETED)
     url = tiles.raster_url(doc["output_prefix"], layer)
